@@ -1,0 +1,111 @@
+"""Command-line entry points.
+
+``segtrain`` is a Hydra app: ``segtrain [group=option ...] [key=value ...]``,
+``segtrain -m ...`` for sweeps, ``segtrain --help`` for the config groups.
+User errors (bad values, unknown keys or options, missing files) are printed
+as one line, ``segtrain: error: ...``, with a non-zero exit and no traceback;
+``HYDRA_FULL_ERROR=1`` or ``trainer.debug_errors=true`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+# Before albumentations is imported anywhere: it would otherwise check PyPI for updates.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from segtrain.config import register_configs, validate  # noqa: E402
+from segtrain.errors import SegtrainError  # noqa: E402
+
+log = logging.getLogger("segtrain")
+
+
+def config_dir() -> str:
+    """The shipped configs: ``segtrain/configs`` in a wheel, the repo's ``configs/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise SystemExit("segtrain: error: cannot find the shipped configs (config.yaml); reinstall segtrain")
+
+
+def _train(cfg: DictConfig) -> float:
+    from segtrain.trainer import Trainer
+
+    validate(cfg)
+    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    summary = Trainer(cfg, run_dir).fit()
+    return summary["best_miou"]
+
+
+def _one_line(exc: BaseException) -> str:
+    """Fold an exception (and Hydra/OmegaConf causes) into one informative line."""
+    parts = []
+    e: BaseException | None = exc
+    while e is not None and len(parts) < 3:
+        text = str(e).strip()
+        if text:
+            full_key = re.search(r"full_key:\s*(\S+)", text)
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
+            msg = "; ".join(lines)
+            msg = msg.replace("Available options in", "available options in")
+            if full_key and full_key.group(1) not in msg:
+                msg += f" (key: {full_key.group(1)})"
+            if msg not in parts:
+                parts.append(msg)
+        e = e.__cause__ or (e.__context__ if not e.__suppress_context__ else None)
+    return ": ".join(parts) if parts else type(exc).__name__
+
+
+def _hint(msg: str) -> str:
+    if "not in struct" in msg or "not in '" in msg or "Could not override" in msg:
+        return " (check the key's spelling: `segtrain --cfg job` prints every key)"
+    if "Could not find" in msg or "Could not load" in msg:
+        return " (`segtrain --help` lists every group and option)"
+    return ""
+
+
+def run_hydra_app(task, config_name: str = "config") -> None:
+    """Run ``task`` as a Hydra app with segtrain's error handling."""
+    register_configs()
+    argv_debug = any(a.replace(" ", "") in ("trainer.debug_errors=true", "trainer.debug_errors=True") for a in sys.argv)
+    full_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or argv_debug
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message
+    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
+    try:
+        app()
+    except SegtrainError as e:
+        if full_errors:
+            raise
+        print(f"segtrain: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("segtrain: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # Hydra/OmegaConf composition errors and anything unexpected
+        if full_errors:
+            raise
+        msg = _one_line(e)
+        user_error = type(e).__module__.split(".")[0] in ("hydra", "omegaconf")
+        if not user_error:
+            msg = f"{type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
+        print(f"segtrain: error: {msg}{_hint(msg)}", file=sys.stderr)
+        sys.exit(2 if user_error else 1)
+
+
+def main() -> None:
+    """``segtrain``: train a network."""
+    run_hydra_app(_train)
+
+
+if __name__ == "__main__":
+    main()

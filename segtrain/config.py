@@ -1,0 +1,244 @@
+"""The typed config schema.
+
+Every YAML file under ``configs/`` is merged onto these dataclasses, so a
+misspelled key, a wrong type or a value outside an enum fails at compose
+time and names the key.  :func:`validate` then checks the values that a type
+cannot express (``lr > 0``, ``num_classes >= 2`` ...).
+
+The schema is registered in Hydra's ConfigStore as ``segtrain_schema`` and is
+the first entry of ``configs/config.yaml``'s defaults list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from segtrain.errors import ConfigError
+
+
+class Precision(str, Enum):
+    auto = "auto"  # fp16 on CUDA, bf16 on a CPU with native bf16, else fp32
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class DeviceType(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # unet | fcn | deconvnet | pspnet | deeplabv3 | deeplabv3plus
+    base_channels: int = 16  # width of from-scratch networks (U-Net, DeconvNet)
+    # Encoder networks (FCN, PSPNet, DeepLab, U-Net with an encoder):
+    backbone: Optional[str] = None  # resnet18/34/50/101, vgg16, vgg16_bn, mobilenet_v3_large, timm:NAME
+    pretrained: bool = False  # torchvision ImageNet weights
+    output_stride: Optional[int] = None  # 8, 16 or 32; None: the network's default
+    aux: bool = False  # auxiliary FCN head on stage 3 (train only)
+    variant: Optional[str] = None  # network-specific: fcn 32s/16s/8s, deconvnet deconvnet/segnet
+    dropout: float = 0.1
+    norm: str = "bn"  # bn | none (from-scratch networks)
+    init_from: Optional[str] = None  # partial weight load for fine-tuning
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # synthetic | voc | ...
+    root: Optional[str] = None  # on-disk data sets
+    num_classes: int = 6
+    class_names: Optional[List[str]] = None
+    image_size: Any = 96  # synthetic: int or [h, w]
+    num_train: int = 800  # synthetic
+    num_val: int = 160  # synthetic
+    crop_size: Any = None  # int or [h, w]; None: no crop
+    batch_size: int = 16
+    val_batch_size: Optional[int] = None  # None: batch_size
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    ignore_index: int = 255
+    seed: int = 0  # synthetic: content seed (independent of the training seed)
+    augment: bool = True  # flips / scale jitter on the training split
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING  # sgd | adamw
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING  # poly | cosine | constant
+    power: float = 0.9  # poly
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1  # warmup starts at lr * warmup_ratio
+
+
+@dataclass
+class LossConfig:
+    name: str = MISSING  # ce
+    class_weights: Optional[List[float]] = None
+    aux_weight: float = 0.4
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DeviceConfig:
+    type: DeviceType = DeviceType.auto
+    precision: Precision = Precision.auto
+    channels_last: bool = True
+    compile: bool = False
+    cudnn_benchmark: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: Optional[int] = 10
+    max_iters: Optional[int] = None  # wins over max_epochs when set
+    val_interval: Optional[int] = None  # iterations between validations; None: every epoch
+    log_interval: int = 10  # iterations between TensorBoard scalars
+    grad_clip: Optional[float] = None  # max grad norm
+    resume: Optional[str] = None  # PATH or "auto" (last.pt of this run dir, if any)
+    deterministic: bool = False
+    num_vis: int = 4  # images in the TensorBoard grid per validation
+    progress: bool = True  # tqdm bars
+    debug_errors: bool = False  # show full tracebacks
+
+
+@dataclass
+class SegtrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 42
+    run_dir: Optional[str] = None  # None: Hydra's run dir (the working directory of the job)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="segtrain_schema", node=SegtrainConfig)
+
+
+# ---------------------------------------------------------------------------
+# Validation of values a type cannot express.
+
+
+def as_hw(value: Any, key: str) -> tuple[int, int]:
+    """An int or [h, w] -> (h, w), with a ConfigError naming ``key`` otherwise."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        vals = list(value)
+        if len(vals) == 1:
+            vals = vals * 2
+        if len(vals) != 2:
+            raise ConfigError(f"{key} must be an int or [h, w], got {list(value)}")
+    else:
+        vals = [value, value]
+    try:
+        h, w = (int(v) for v in vals)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be an int or [h, w], got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    return h, w
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line, naming the key) for an impossible value."""
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    d, o, s, t, lo = cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
+    check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
+    check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    check(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    check(d.num_classes >= 2, f"data.num_classes must be >= 2, got {d.num_classes}")
+    check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    check(
+        d.val_batch_size is None or d.val_batch_size >= 1,
+        f"data.val_batch_size must be >= 1, got {d.val_batch_size}",
+    )
+    check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    check(
+        0 <= d.ignore_index < 256 or d.ignore_index == -100,
+        f"data.ignore_index must be in [0, 255] (or -100), got {d.ignore_index}",
+    )
+    check(
+        not (0 <= d.ignore_index < d.num_classes),
+        f"data.ignore_index={d.ignore_index} is a class id (num_classes={d.num_classes}); use 255",
+    )
+    if d.name == "synthetic":
+        check(d.num_train >= 1, f"data.num_train must be >= 1, got {d.num_train}")
+        check(d.num_val >= 1, f"data.num_val must be >= 1, got {d.num_val}")
+        as_hw(d.image_size, "data.image_size")
+    if d.crop_size is not None:
+        as_hw(d.crop_size, "data.crop_size")
+    if d.class_names is not None:
+        check(
+            len(d.class_names) == d.num_classes,
+            f"data.class_names has {len(d.class_names)} names but data.num_classes={d.num_classes}",
+        )
+    check(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (RGB)")
+    check(all(v > 0 for v in d.std), f"data.std must be > 0, got {list(d.std)}")
+
+    check(s.power > 0, f"scheduler.power must be > 0, got {s.power}")
+    check(s.min_lr >= 0, f"scheduler.min_lr must be >= 0, got {s.min_lr}")
+    check(s.warmup_iters >= 0, f"scheduler.warmup_iters must be >= 0, got {s.warmup_iters}")
+    check(0 < s.warmup_ratio <= 1, f"scheduler.warmup_ratio must be in (0, 1], got {s.warmup_ratio}")
+
+    if lo.class_weights is not None:
+        check(
+            len(lo.class_weights) == d.num_classes,
+            f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}",
+        )
+        check(all(w >= 0 for w in lo.class_weights), "loss.class_weights must be >= 0")
+    check(lo.aux_weight >= 0, f"loss.aux_weight must be >= 0, got {lo.aux_weight}")
+    check(0 <= lo.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {lo.label_smoothing}")
+
+    check(
+        t.max_iters is not None or t.max_epochs is not None,
+        "set trainer.max_epochs or trainer.max_iters",
+    )
+    check(t.max_iters is None or t.max_iters >= 1, f"trainer.max_iters must be >= 1, got {t.max_iters}")
+    check(
+        t.max_epochs is None or t.max_epochs >= 1,
+        f"trainer.max_epochs must be >= 1, got {t.max_epochs}",
+    )
+    check(
+        t.val_interval is None or t.val_interval >= 1,
+        f"trainer.val_interval must be >= 1 (or null for every epoch), got {t.val_interval}",
+    )
+    check(t.log_interval >= 1, f"trainer.log_interval must be >= 1, got {t.log_interval}")
+    check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0, got {t.grad_clip}")
+    m = cfg.model
+    check(
+        m.output_stride in (None, 8, 16, 32),
+        f"model.output_stride must be 8, 16 or 32, got {m.output_stride}",
+    )
+    check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
+    check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Each one is printed by the CLI as a single line (``segtrain: error: ...``)
+with a non-zero exit and no traceback.  Raise them for anything a user can
+fix: a bad path, a bad value, a foreign checkpoint.
+"""
+
+
+class SegtrainError(Exception):
+    """A problem the user can fix; the message says what and how."""
+
+    exit_code = 2
+
+
+class ConfigError(SegtrainError):
+    """An impossible or inconsistent config value."""
+
+
+class DataError(SegtrainError):
+    """A missing, unreadable or inconsistent data set."""
+
+
+class CheckpointError(SegtrainError):
+    """A missing, corrupt, unsafe or foreign checkpoint."""
+
+
+class NonFiniteLossError(SegtrainError):
+    """The loss became NaN or inf."""
+
+    exit_code = 3

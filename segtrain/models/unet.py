@@ -1,0 +1,64 @@
+"""U-Net (Ronneberger et al., 2015).
+
+    contracting path                                expanding path
+    x -> [conv3x3 x2] ------------------------------ concat -> [conv3x3 x2] -> 1x1 -> logits
+           | maxpool 2                                  ^ up-conv 2x2
+           [conv3x3 x2] ------------------------ concat -> [conv3x3 x2]
+             | maxpool 2                            ^ up-conv 2x2
+             ...  4 poolings down, 4 transposed-conv ups  ...
+                        [conv3x3 x2]  (bottleneck, 16 x base_channels)
+
+Differences from the paper, all standard today: padded convolutions (so the
+output has the input's size and no cropping is needed), BatchNorm after each
+conv (``model.norm=none`` removes it), and a size fix-up after each up-conv so
+that any input size works: an odd size loses a row when pooled, and the
+up-sampled map is padded back to the size of its skip connection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtrain.models.blocks import ConvBNReLU
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, norm: str = "bn"):
+        super().__init__(ConvBNReLU(cin, cout, 3, norm=norm), ConvBNReLU(cout, cout, 3, norm=norm))
+
+
+class Up(nn.Module):
+    """2x2 transposed conv (halves the channels), concat with the skip, double conv."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "bn"):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
+        self.conv = DoubleConv(2 * cout, cout, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dh or dw:  # odd input sizes: pad (or crop) to the skip's size
+            x = F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, base_channels: int = 64, norm: str = "bn", depth: int = 4):
+        super().__init__()
+        widths = [base_channels * 2**i for i in range(depth + 1)]  # 64, 128, 256, 512, 1024 in the paper
+        self.inc = DoubleConv(in_channels, widths[0], norm)
+        self.down = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm) for i in range(depth))
+        self.up = nn.ModuleList(Up(widths[i + 1], widths[i], norm) for i in reversed(range(depth)))
+        self.classifier = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for block in self.down:
+            skips.append(block(F.max_pool2d(skips[-1], 2)))
+        y = skips.pop()
+        for block in self.up:
+            y = block(y, skips.pop())
+        return self.classifier(y)

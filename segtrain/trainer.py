@@ -1,0 +1,384 @@
+"""The one training loop.
+
+Read it top to bottom: ``Trainer.__init__`` builds everything from the config
+(device and precision, data, model, loss, optimizer, schedule, resume state),
+``Trainer.fit`` runs the iterations and validations, ``Trainer.evaluate`` fills
+a confusion matrix.  Every network, data set and recipe goes through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from segtrain import checkpoint
+from segtrain.config import to_yaml
+from segtrain.data import build_datasets, build_loader
+from segtrain.errors import CheckpointError, ConfigError, NonFiniteLossError
+from segtrain.logger import TensorBoard, default_palette, format_table, overlay, write_json
+from segtrain.losses import build_loss
+from segtrain.metrics import ConfusionMatrix
+from segtrain.models import build_model, count_parameters
+from segtrain.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("segtrain")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        fn = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(fn and fn())
+
+
+def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
+    """(device, precision) from ``cfg.device``, with the auto rules applied."""
+    kind = str(cfg.type.value if hasattr(cfg.type, "value") else cfg.type)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available here; use device=auto or device=cpu")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(kind)
+    precision = str(cfg.precision.value if hasattr(cfg.precision, "value") else cfg.precision)
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("device.precision=bf16 but this GPU has no bf16 support; use device.precision=fp16")
+    return device, precision
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rank, self.world_size = 0, 1
+        self.is_main = self.rank == 0
+
+        # --- device, precision, determinism -------------------------------------------------
+        self.device, self.precision = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        if cfg.trainer.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.device.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.amp_dtype = DTYPES[self.precision]
+        self.use_amp = self.precision != "fp32"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        # --- data ---------------------------------------------------------------------------
+        d = cfg.data
+        self.train_set, self.val_set = build_datasets(d, cfg.seed)
+        self.num_classes = d.num_classes
+        self.class_names = list(self.train_set.class_names or [str(i) for i in range(self.num_classes)])
+        if len(self.class_names) != self.num_classes:
+            self.class_names = [str(i) for i in range(self.num_classes)]
+        self.palette = self.train_set.palette if self.train_set.palette is not None else default_palette(self.num_classes)
+        self.train_loader = build_loader(self.train_set, d, True, cfg.seed, self.rank, self.world_size)
+        self.val_loader = build_loader(self.val_set, d, False, cfg.seed, self.rank, self.world_size)
+        self.iters_per_epoch = len(self.train_loader)
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"the training set has {len(self.train_set)} images, fewer than data.batch_size={d.batch_size}")
+        t = cfg.trainer
+        self.max_iters = t.max_iters if t.max_iters is not None else t.max_epochs * self.iters_per_epoch
+        mean = torch.tensor(list(d.mean), device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(list(d.std), device=self.device).view(1, 3, 1, 1)
+        self.norm_scale, self.norm_shift = 1.0 / (255.0 * std), -mean / std
+
+        # --- model, loss, optimizer, schedule -------------------------------------------------
+        self.model = build_model(cfg.model, self.num_classes).to(self.device)
+        self.num_params = count_parameters(self.model)
+        self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.criterion = build_loss(cfg.loss, self.num_classes, d.ignore_index).to(self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, self.max_iters, cfg.optimizer.lr)
+
+        # --- state (possibly restored) ----------------------------------------------------------
+        self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.best_miou, self.last_metrics, self.history = float("nan"), None, []
+        self.train_time, self.train_images, self.skipped_steps = 0.0, 0, 0
+        self.resumed_from = self._maybe_resume(t.resume)
+        self.forward = torch.compile(self.model) if cfg.device.compile else self.model
+        self.tb = TensorBoard(self.run_dir / "tb") if self.is_main else TensorBoard(None)
+
+    # ------------------------------------------------------------------------------------------
+    def to_device(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> normalised float on the device (channels_last); masks -> int64."""
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float() * self.norm_scale + self.norm_shift
+        x = x.contiguous(memory_format=self.memory_format)
+        y = masks.to(self.device, non_blocking=True).long()
+        return x, y
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        log.info(
+            "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s",
+            cfg.model.name, f"{self.num_params:,}", self.device, self.precision, cfg.device.channels_last, cfg.device.compile,
+        )
+        log.info(
+            "data %s: %d train / %d val images, batch %d, %d iterations (%.1f epochs) | run dir %s",
+            cfg.data.name, len(self.train_set), len(self.val_set), cfg.data.batch_size, self.max_iters,
+            self.max_iters / self.iters_per_epoch, self.run_dir,
+        )
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.max_iters, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (t.progress and self.is_main), leave=True)
+        loss_avg, t_start = None, time.perf_counter()
+        self.model.train()
+        while self.step < self.max_iters:
+            self.train_loader.sampler.set_epoch(self.epoch, start=self.epoch_step * self.train_loader.batch_size)
+            for images, masks in self.train_loader:
+                t0 = time.perf_counter()
+                x, y = self.to_device(images, masks)
+                with self.autocast():
+                    out = self.forward(x)
+                    loss = self.criterion(out, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if t.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                loss_val = loss.item()
+                if not math.isfinite(loss_val):
+                    if self.precision == "fp16" and self.scaler.get_scale() < scale_before:
+                        self.skipped_steps += 1  # the scaler skipped this step and lowered its scale
+                    else:
+                        raise NonFiniteLossError(
+                            f"loss is {loss_val} (non-finite) at step {self.step + 1}: lower optimizer.lr, set "
+                            f"trainer.grad_clip, or try another device.precision (now {self.precision}); "
+                            "checkpoints were not overwritten"
+                        )
+                self.scheduler.step()
+                self.step += 1
+                self.epoch_step += 1
+                if self.step > 2:  # the first steps include warm-up (allocator, compile, cudnn autotune)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    self.train_time += time.perf_counter() - t0
+                    self.train_images += x.shape[0] * self.world_size
+                if math.isfinite(loss_val):
+                    loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
+                lr = self.optimizer.param_groups[0]["lr"]
+                ips = self.train_images / self.train_time if self.train_time > 0 else float("nan")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_avg:.4f}" if loss_avg is not None else "nan", lr=f"{lr:.2e}",
+                                img_s=f"{ips:.1f}", epoch=self.epoch, refresh=False)
+                if self.step % t.log_interval == 0 or self.step == 1:
+                    self.tb.scalars({"train/loss": loss_val, "train/lr": lr, "train/img_per_s": ips,
+                                     "train/epoch": self.epoch}, self.step)
+                epoch_done = self.epoch_step >= self.iters_per_epoch
+                if epoch_done:
+                    self.epoch, self.epoch_step = self.epoch + 1, 0
+                due = (self.step % t.val_interval == 0) if t.val_interval else epoch_done
+                if due or self.step >= self.max_iters:
+                    self.validate()
+                    self.model.train()
+                if epoch_done or self.step >= self.max_iters:
+                    break
+            else:  # the loader ran out early (can only happen with an unusual sampler length)
+                self.epoch, self.epoch_step = self.epoch + 1, 0
+        bar.close()
+        summary = self.summary(time.perf_counter() - t_start)
+        if self.last_metrics is not None:
+            log.info("final validation (step %d):\n%s", self.step, format_table(self.last_metrics, self.class_names))
+        log.info("best val mIoU %.4f | %.1f train img/s | outputs in %s", summary["best_miou"],
+                 summary["train_images_per_sec"] or float("nan"), self.run_dir)
+        self.tb.hparams(self.hparams(), {"hparams/best_miou": summary["best_miou"], "hparams/last_miou": summary["last_miou"]})
+        self.tb.close()
+        return summary
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        m = self.evaluate()
+        self.last_metrics = m
+        improved = not (m["miou"] <= self.best_miou)  # also True when best is NaN (first validation)
+        if improved:
+            self.best_miou = m["miou"]
+        self.history.append({"step": self.step, "epoch": self.epoch, "miou": m["miou"], "aacc": m["aacc"],
+                             "macc": m["macc"], "mdice": m["mdice"], "loss": m["loss"]})
+        scalars = {"val/mIoU": m["miou"], "val/aAcc": m["aacc"], "val/mAcc": m["macc"], "val/mDice": m["mdice"],
+                   "val/loss": m["loss"]}
+        scalars.update({f"val_iou/{n}": v for n, v in zip(self.class_names, m["iou"])})
+        self.tb.scalars(scalars, self.step)
+        if self.is_main:
+            tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
+                       + ("  (best)" if improved else ""))
+            state = self.state_dict()
+            checkpoint.save_atomic(state, self.ckpt_dir / "last.pt")
+            if improved:
+                checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
+            write_json(self.run_dir / "metrics.json", self.summary(None))
+        return m
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Whole-image evaluation of the validation set: metrics dict (see segtrain.metrics) plus ``loss``."""
+        self.model.eval()
+        cm = ConfusionMatrix(self.num_classes, self.cfg.data.ignore_index, self.device, self.class_names)
+        loss_sum, n_batches, vis = torch.zeros((), device=self.device), 0, None
+        for images, masks in tqdm(self.val_loader, desc="val", leave=False, dynamic_ncols=True,
+                                  disable=not (self.cfg.trainer.progress and self.is_main)):
+            x, y = self.to_device(images, masks)
+            with self.autocast():
+                logits = self.forward(x)
+            loss_sum += self.criterion(logits, y).detach()
+            n_batches += 1
+            pred = logits.argmax(1)
+            cm.update(pred, y)
+            if vis is None and self.cfg.trainer.num_vis > 0:
+                k = self.cfg.trainer.num_vis
+                vis = (images[:k], masks[:k], pred[:k].cpu())
+        cm.all_reduce()
+        m = cm.compute()
+        m["loss"] = float(loss_sum) / max(n_batches, 1)
+        if vis is not None and images.dtype == torch.uint8:
+            self.log_images(*vis)
+        return m
+
+    def log_images(self, images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor) -> None:
+        """A grid: one row per image with input, ground-truth overlay and prediction overlay."""
+        from torchvision.utils import make_grid
+
+        ignore = self.cfg.data.ignore_index
+        rows = torch.stack([images, overlay(images, masks, self.palette, ignore), overlay(images, pred, self.palette, ignore)], 1)
+        grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2, pad_value=255)
+        self.tb.image("val/input_gt_pred", grid, self.step)
+
+    # ------------------------------------------------------------------------------------------
+    def summary(self, wall_time: Optional[float]) -> dict:
+        m = self.last_metrics or {}
+        out = {
+            "best_miou": self.best_miou,
+            "last_miou": m.get("miou", float("nan")),
+            "aacc": m.get("aacc"), "macc": m.get("macc"), "mdice": m.get("mdice"),
+            "per_class_iou": m.get("per_class_iou", {}),
+            "num_params": self.num_params,
+            "train_images_per_sec": self.train_images / self.train_time if self.train_time > 0 else None,
+            "step": self.step, "epoch": self.epoch, "max_iters": self.max_iters,
+            "skipped_steps": self.skipped_steps,
+            "model": self.cfg.model.name, "data": self.cfg.data.name,
+            "device": str(self.device), "precision": self.precision, "world_size": self.world_size,
+            "resumed_from": self.resumed_from,
+            "history": self.history,
+        }
+        if wall_time is not None:
+            out["wall_time_sec"] = wall_time
+        return out
+
+    def hparams(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"model": c.model.name, "backbone": str(c.model.backbone), "data": c.data.name,
+                "optimizer": c.optimizer.name, "lr": c.optimizer.lr, "weight_decay": c.optimizer.weight_decay,
+                "scheduler": c.scheduler.name, "batch_size": c.data.batch_size, "crop_size": str(c.data.crop_size),
+                "max_iters": self.max_iters, "precision": self.precision, "seed": c.seed}
+
+    def state_dict(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
+            "best_miou": self.best_miou, "history": self.history,
+            "train_time": self.train_time, "train_images": self.train_images, "skipped_steps": self.skipped_steps,
+            "rng": checkpoint.rng_state(),
+            "config": to_yaml(self.cfg),
+            "meta": {"model": self.cfg.model.name, "num_classes": self.num_classes, "class_names": self.class_names,
+                     "segtrain_version": _version()},
+        }
+
+    def _maybe_resume(self, resume: Optional[str]) -> Optional[str]:
+        if not resume:
+            return None
+        if resume == "auto":
+            path = self.ckpt_dir / "last.pt"
+            if not path.is_file():
+                log.info("trainer.resume=auto: no %s yet, starting from scratch", path)
+                return None
+        else:
+            path = Path(resume).expanduser()
+            if not path.is_file():
+                raise CheckpointError(f"trainer.resume={resume}: no such file")
+        state = checkpoint.load(path)
+        meta = state.get("meta", {})
+        diffs = []
+        if meta.get("model") != self.cfg.model.name:
+            diffs.append(f"model {meta.get('model')} != {self.cfg.model.name}")
+        if meta.get("num_classes") != self.num_classes:
+            diffs.append(f"num_classes {meta.get('num_classes')} != {self.num_classes}")
+        if diffs:
+            raise CheckpointError(f"cannot resume from {path}: checkpoint differs from the config ({'; '.join(diffs)})")
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"cannot resume from {path}: the weights do not fit model={self.cfg.model.name} "
+                                  f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.best_miou, self.history = state["best_miou"], list(state.get("history", []))
+        self.train_time, self.train_images = state.get("train_time", 0.0), state.get("train_images", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        return str(path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _version() -> str:
+    from segtrain import __version__
+
+    return __version__
+
+
+def config_from_checkpoint(state: dict) -> DictConfig:
+    return OmegaConf.create(state["config"])
+
+
+__all__ = ["Trainer", "resolve_device", "F"]
