@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -39,36 +39,36 @@ class ModelConfig:
     name: str = MISSING  # unet | fcn | deconvnet | pspnet | deeplabv3 | deeplabv3plus
     base_channels: int = 16  # width of from-scratch networks (U-Net, DeconvNet)
     # Encoder networks (FCN, PSPNet, DeepLab, U-Net with an encoder):
-    backbone: Optional[str] = None  # resnet18/34/50/101, vgg16, vgg16_bn, mobilenet_v3_large, timm:NAME
+    backbone: str | None = None  # resnet18/34/50/101, vgg16, vgg16_bn, mobilenet_v3_large, timm:NAME
     pretrained: bool = False  # torchvision ImageNet weights
-    output_stride: Optional[int] = None  # 8, 16 or 32; None: the network's default
+    output_stride: int | None = None  # 8, 16 or 32; None: the network's default
     aux: bool = False  # auxiliary FCN head on stage 3 (train only)
-    variant: Optional[str] = None  # network-specific: fcn 32s/16s/8s, deconvnet deconvnet/segnet
+    variant: str | None = None  # network-specific: fcn 32s/16s/8s, deconvnet deconvnet/segnet
     dropout: float = 0.1
     norm: str = "bn"  # bn | none (from-scratch networks)
-    init_from: Optional[str] = None  # partial weight load for fine-tuning
+    init_from: str | None = None  # partial weight load for fine-tuning
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING  # synthetic | voc | ...
-    root: Optional[str] = None  # on-disk data sets
+    root: str | None = None  # on-disk data sets
     num_classes: int = 6
-    class_names: Optional[List[str]] = None
+    class_names: list[str] | None = None
     image_size: Any = 96  # synthetic: int or [h, w]
     num_train: int = 800  # synthetic
     num_val: int = 160  # synthetic
     crop_size: Any = None  # int or [h, w]; None: no crop
     batch_size: int = 16
-    val_batch_size: Optional[int] = None  # None: batch_size
+    val_batch_size: int | None = None  # None: batch_size
     num_workers: int = 2
     pin_memory: bool = True
     persistent_workers: bool = True
     ignore_index: int = 255
     seed: int = 0  # synthetic: content seed (independent of the training seed)
     augment: bool = True  # flips / scale jitter on the training split
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -78,7 +78,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
 
 
 @dataclass
@@ -93,7 +93,7 @@ class SchedulerConfig:
 @dataclass
 class LossConfig:
     name: str = MISSING  # ce
-    class_weights: Optional[List[float]] = None
+    class_weights: list[float] | None = None
     aux_weight: float = 0.4
     label_smoothing: float = 0.0
 
@@ -109,12 +109,12 @@ class DeviceConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: Optional[int] = 10
-    max_iters: Optional[int] = None  # wins over max_epochs when set
-    val_interval: Optional[int] = None  # iterations between validations; None: every epoch
+    max_epochs: int | None = 10
+    max_iters: int | None = None  # wins over max_epochs when set
+    val_interval: int | None = None  # iterations between validations; None: every epoch
     log_interval: int = 10  # iterations between TensorBoard scalars
-    grad_clip: Optional[float] = None  # max grad norm
-    resume: Optional[str] = None  # PATH or "auto" (last.pt of this run dir, if any)
+    grad_clip: float | None = None  # max grad norm
+    resume: str | None = None  # PATH or "auto" (last.pt of this run dir, if any)
     deterministic: bool = False
     num_vis: int = 4  # images in the TensorBoard grid per validation
     progress: bool = True  # tqdm bars
@@ -131,7 +131,7 @@ class SegtrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 42
-    run_dir: Optional[str] = None  # None: Hydra's run dir (the working directory of the job)
+    run_dir: str | None = None  # None: Hydra's run dir (the working directory of the job)
 
 
 def register_configs() -> None:

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch
 def format_table(metrics: dict, class_names: list[str]) -> str:
     """The per-class table, values in percent; absent classes show as '-'."""
 
-    def pct(v: Optional[float]) -> str:
+    def pct(v: float | None) -> str:
         return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
 
     width = max(10, *(len(n) for n in class_names))
@@ -75,7 +75,7 @@ def default_palette(num_classes: int) -> np.ndarray:
 class TensorBoard:
     """A thin SummaryWriter wrapper that can be disabled (non-zero ranks)."""
 
-    def __init__(self, log_dir: Optional[str | Path]):
+    def __init__(self, log_dir: str | Path | None):
         self.writer = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter

@@ -5,8 +5,6 @@ and the target, and returns the weighted total.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -18,7 +16,7 @@ from segtrain.errors import ConfigError
 class CrossEntropy(nn.Module):
     """Pixel-wise cross entropy with ignore_index, class weights and label smoothing."""
 
-    def __init__(self, ignore_index: int = 255, weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
+    def __init__(self, ignore_index: int = 255, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.register_buffer("weight", weight, persistent=False)

@@ -28,14 +28,13 @@ All values are fractions in [0, 1].
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 __all__ = ["ConfusionMatrix", "compute_metrics", "confusion_matrix"]
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: Optional[int] = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
     """``K x K`` int64 confusion matrix (rows: target, columns: prediction) of one batch.
 
     Pixels whose target is ``ignore_index`` or outside ``[0, K)`` are excluded.
@@ -49,7 +48,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def compute_metrics(cm: torch.Tensor, class_names: Optional[list[str]] = None) -> dict:
+def compute_metrics(cm: torch.Tensor, class_names: list[str] | None = None) -> dict:
     """Metrics from a confusion matrix; see the module docstring for definitions.
 
     Returns ``miou, aacc, macc, mdice`` (floats) and ``iou, acc, dice`` (lists
@@ -86,7 +85,7 @@ def compute_metrics(cm: torch.Tensor, class_names: Optional[list[str]] = None) -
 class ConfusionMatrix:
     """A data-set-level confusion matrix accumulated on ``device``."""
 
-    def __init__(self, num_classes: int, ignore_index: Optional[int] = 255, device: torch.device | str = "cpu", class_names: Optional[list[str]] = None):
+    def __init__(self, num_classes: int, ignore_index: int | None = 255, device: torch.device | str = "cpu", class_names: list[str] | None = None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = class_names

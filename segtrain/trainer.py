@@ -14,7 +14,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -285,7 +285,7 @@ class Trainer:
         self.tb.image("val/input_gt_pred", grid, self.step)
 
     # ------------------------------------------------------------------------------------------
-    def summary(self, wall_time: Optional[float]) -> dict:
+    def summary(self, wall_time: float | None) -> dict:
         m = self.last_metrics or {}
         out = {
             "best_miou": self.best_miou,
@@ -327,7 +327,7 @@ class Trainer:
                      "segtrain_version": _version()},
         }
 
-    def _maybe_resume(self, resume: Optional[str]) -> Optional[str]:
+    def _maybe_resume(self, resume: str | None) -> str | None:
         if not resume:
             return None
         if resume == "auto":

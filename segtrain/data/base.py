@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ class SegDataset(Dataset):
     """Base class: subclasses implement ``__len__`` and ``load(index) -> (HxWx3 uint8 RGB, HxW uint8 mask)``."""
 
     class_names: list[str] = []
-    palette: Optional[np.ndarray] = None  # K x 3 uint8 colours for visualisation
+    palette: np.ndarray | None = None  # K x 3 uint8 colours for visualisation
 
     def __init__(self, transform: Any = None, seed: int = 0):
         self.transform = transform

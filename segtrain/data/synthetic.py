@@ -38,22 +38,22 @@ PALETTE = np.array(
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """An RGB uint8 texture: smooth colour field, stripes, or speckle."""
+def _texture(rng: np.random.Generator, h: int, w: int, contrast: float = 1.0) -> np.ndarray:
+    """An RGB float32 texture: a smooth colour field, stripes, or speckle around a base colour."""
+    base = rng.integers(0, 256, size=3).astype(np.float32)
     kind = rng.integers(3)
     if kind == 0:  # smooth low-frequency colour field
-        small = rng.integers(0, 256, size=(rng.integers(2, 5), rng.integers(2, 5), 3)).astype(np.float32)
-        tex = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        small = rng.normal(0, 40 * contrast, size=(int(rng.integers(2, 5)), int(rng.integers(2, 5)), 3)).astype(np.float32)
+        tex = base + cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     elif kind == 1:  # stripes at a random angle and period
-        c1, c2 = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+        delta = rng.normal(0, 40 * contrast, size=3).astype(np.float32)
         theta = rng.uniform(0, math.pi)
         period = rng.uniform(4, 16)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        s = 0.5 + 0.5 * np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * 2 * math.pi / period)
-        tex = c1 * s[..., None] + c2 * (1 - s[..., None])
-    else:  # speckle around a base colour
-        base = rng.integers(40, 216, size=3).astype(np.float32)
-        tex = base + rng.normal(0, 30, size=(h, w, 3)).astype(np.float32)
+        s = np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * 2 * math.pi / period)
+        tex = base + s[..., None] * delta
+    else:  # speckle
+        tex = base + rng.normal(0, 20 * contrast, size=(h, w, 3)).astype(np.float32)
     return np.clip(tex, 0, 255)
 
 
@@ -97,7 +97,8 @@ class SyntheticShapes(SegDataset):
     """``num_samples`` procedurally drawn images of ``image_size`` (h, w), deterministic in (seed, split, index)."""
 
     def __init__(self, num_samples: int, image_size: tuple[int, int], num_classes: int = 6, split: str = "train",
-                 seed: int = 0, transform=None, aug_seed: int = 0, cache: bool = True):
+                 seed: int = 0, transform=None, aug_seed: int = 0, cache: bool = True,
+                 colour_cue: float = 0.5):
         super().__init__(transform, aug_seed)
         if not 2 <= num_classes <= MAX_CLASSES:
             from segtrain.errors import ConfigError
@@ -107,6 +108,7 @@ class SyntheticShapes(SegDataset):
         self.split_id, self.content_seed = _SPLIT_IDS[split], seed
         self.class_names = CLASS_NAMES[:num_classes]
         self.palette = PALETTE[:num_classes]
+        self.colour_cue = colour_cue
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -127,28 +129,36 @@ class SyntheticShapes(SegDataset):
         mask = np.zeros((h, w), np.uint8)
         shapes = SHAPES[: self.num_classes - 1]
         short = min(h, w)
-        for _ in range(rng.integers(2, 7)):
+        for _ in range(int(rng.integers(1, 6))):
             cls = int(rng.integers(len(shapes)))
             kind = shapes[cls]
-            r = short * rng.uniform(0.08, 0.45) / 2 * 1.6
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+            r = short * rng.uniform(0.15, 0.5) / 2 * 1.4  # radius: the shape spans ~15%-50% of the short side
+            cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
             angle, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.0)
-            fill = _texture(rng, h, w) if rng.random() < 0.35 else None
-            color = tuple(float(v) for v in rng.integers(0, 256, size=3))
             shape_mask = np.zeros((h, w), np.uint8)
             _draw(shape_mask, kind, cx, cy, r, angle, aspect, 255, aa=True)
             if kind == "ring":  # punch the hole
                 _draw(shape_mask, "circle", cx, cy, r * rng.uniform(0.45, 0.65), 0, 1, 0, aa=True)
+            u = rng.random()
+            if u < self.colour_cue:  # the class's own hue (a cue that is right only some of the time)
+                hue = (cls * 180 / len(SHAPES) + rng.uniform(-8, 8)) % 180
+                hsv = np.array([[[hue, rng.uniform(150, 255), rng.uniform(140, 255)]]], np.float32).astype(np.uint8)
+                paint = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
+            elif u < self.colour_cue + 0.2:  # a textured shape
+                paint = _texture(rng, h, w, contrast=0.6)
+            else:  # a random flat colour, kept apart from the background under it
+                under = image[int(min(cy, h - 1)), int(min(cx, w - 1))]
+                paint = rng.integers(0, 256, size=3).astype(np.float32)
+                while np.abs(paint - under).max() < 60:
+                    paint = rng.integers(0, 256, size=3).astype(np.float32)
             alpha = shape_mask.astype(np.float32)[..., None] / 255.0
-            paint = fill if fill is not None else np.array(color, np.float32)
             image = image * (1 - alpha) + paint * alpha
             mask[shape_mask >= 128] = cls + 1
-        for _ in range(rng.integers(0, 4)):  # background clutter over everything
+        for _ in range(int(rng.integers(0, 3))):  # thin background-class clutter over everything
             p1 = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
             p2 = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
-            thick = int(rng.integers(1, 3))
-            color = tuple(float(v) for v in rng.integers(0, 256, size=3))
-            cv2.line(image, p1, p2, color, thick, cv2.LINE_AA)
-            cv2.line(mask, p1, p2, 0, thick, cv2.LINE_8)
-        image = image + rng.normal(0, 6, size=image.shape).astype(np.float32)
+            colour = tuple(float(v) for v in rng.integers(0, 256, size=3))
+            cv2.line(image, p1, p2, colour, 1, cv2.LINE_AA)
+            cv2.line(mask, p1, p2, 0, 1, cv2.LINE_8)
+        image = image + rng.normal(0, 4, size=image.shape).astype(np.float32)
         return np.clip(image, 0, 255).astype(np.uint8), mask

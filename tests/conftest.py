@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def segtrain_exe() -> list[str]:
+    """The installed ``segtrain`` console script next to this Python."""
+    exe = Path(sys.executable).parent / "segtrain"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, exe: list[str] | None = None, env: dict | None = None):
+    full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run((exe or segtrain_exe()) + list(args), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run ``segtrain ARGS`` in a temp dir; returns (CompletedProcess, run_dir)."""
+
+    def _run(*args, run_dir: str = "run", check: bool = True, **kw):
+        args = [*args, f"hydra.run.dir={run_dir}"] if not any(a == "-m" for a in args) else list(args)
+        proc = run_cli(args, tmp_path, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"segtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc, tmp_path / run_dir
+
+    _run.cwd = tmp_path
+    return _run

@@ -1,0 +1,117 @@
+"""End-to-end CLI tests: ``segtrain ...`` as a subprocess, as a user runs it."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+
+
+def scalar_tags(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_smoke_run_writes_everything(cli):
+    proc, run = cli("debug=smoke")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("best_miou", "last_miou", "per_class_iou", "num_params", "train_images_per_sec", "aacc", "macc", "mdice"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["best_miou"] <= 1.0 and 0.0 <= metrics["last_miou"] <= 1.0
+    assert set(metrics["per_class_iou"]) == {"background", "circle", "square", "triangle", "ring", "cross"}
+    assert metrics["num_params"] > 0 and metrics["train_images_per_sec"] > 0
+    assert metrics["step"] == 8 and metrics["epoch"] == 2  # 16 images / batch 4 x 2 epochs
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    acc = scalar_tags(run / "tb")
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "val/mIoU", "val/aAcc", "val_iou/circle"} <= set(tags["scalars"])
+    assert "val/input_gt_pred" in tags["images"]
+    assert [e.step for e in acc.Scalars("val/mIoU")] == [4, 8]
+    # the per-class table is printed at the end
+    assert "mean" in proc.stdout and "circle" in proc.stdout and "best val mIoU" in proc.stdout
+
+
+def test_max_iters_wins_over_epochs(cli):
+    _, run = cli("debug=smoke", "trainer.max_iters=12", "trainer.val_interval=5", "trainer.num_vis=0")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 12
+    assert [h["step"] for h in metrics["history"]] == [5, 10, 12]
+
+
+def test_checkpoint_round_trip(cli):
+    _, run = cli("debug=smoke", "model.base_channels=4")
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "config"):
+        assert key in state
+    cfg = yaml.safe_load(state["config"])
+    assert cfg["model"]["name"] == "unet" and cfg["model"]["base_channels"] == 4
+    from omegaconf import OmegaConf
+
+    from segtrain.models import build_model
+
+    model = build_model(OmegaConf.create(cfg["model"]), cfg["data"]["num_classes"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    assert model(torch.zeros(1, 3, 50, 70)).shape == (1, 6, 50, 70)
+
+
+def test_resume_auto_continues(cli):
+    cli("debug=smoke", "trainer.max_iters=4", run_dir="r")
+    proc, run = cli("debug=smoke", "trainer.max_iters=10", "trainer.resume=auto", run_dir="r")
+    assert "resumed from" in proc.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 10 and metrics["history"][0]["step"] == 4
+
+
+def test_multirun_two_jobs(cli):
+    proc, _ = cli("-m", "optimizer.lr=0.01,0.001", "debug=smoke", "trainer.num_vis=0", "hydra.sweep.dir=sweep")
+    jobs = sorted((cli.cwd / "sweep").glob("*/metrics.json"))
+    assert len(jobs) == 2, proc.stdout
+    lrs = {yaml.safe_load((j.parent / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] for j in jobs}
+    assert lrs == {0.01, 0.001}
+
+
+def test_help_lists_groups(tmp_path):
+    out = run_cli(["--help"], tmp_path).stdout
+    for group in ("model", "data", "optimizer", "scheduler", "loss", "device", "trainer", "debug"):
+        assert f"{group}:" in out, group
+    for option in ("unet", "synthetic", "adamw", "sgd", "poly", "cosine", "ce", "auto", "cuda", "smoke"):
+        assert option in out, option
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["model=nonexistent"], "model/nonexistent"),
+        (["optimizer.lrr=0.1"], "optimizer.lrr"),
+        (["optimizer.lr=abc"], "optimizer.lr"),
+        (["optimizer.lr=-1"], "optimizer.lr must be > 0"),
+        (["data.num_classes=0"], "data.num_classes must be >= 2"),
+        (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs must be >= 1"),
+        (["device.precision=fp64"], "fp64"),
+        (["device=cuda"], "no CUDA device"),
+        (["data.image_size=[1,2,3]"], "data.image_size"),
+        (["loss.class_weights=[1,2]"], "loss.class_weights has 2 values"),
+        (["trainer.resume=/nonexistent/last.pt"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, expect):
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run_cli([*args, "debug=smoke"], tmp_path)
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and "Traceback" not in proc.stdout
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("segtrain: error:") and expect in lines[0], err
+
+
+def test_debug_errors_shows_traceback(tmp_path):
+    proc = run_cli(["optimizer.lr=-1", "debug=smoke", "trainer.debug_errors=true"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
