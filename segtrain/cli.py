@@ -69,37 +69,86 @@ def _one_line(exc: BaseException) -> str:
 def _hint(msg: str) -> str:
     if "not in struct" in msg or "not in '" in msg or "Could not override" in msg:
         return " (check the key's spelling: `segtrain --cfg job` prints every key)"
-    if "Could not find" in msg or "Could not load" in msg:
+    if "no config '" in msg or "Could not load" in msg:
         return " (`segtrain --help` lists every group and option)"
     return ""
+
+
+def _missing_config(msg: str) -> str:
+    """Hydra's 'Could not find' message, without the search path, options comma-separated."""
+    m = re.search(r"Could not find '([^']+)'", msg)
+    opts = re.search(r"Available options in '([^']+)':(.*?)(Config search path|$)", msg, re.S)
+    if not m:
+        return msg
+    out = f"no config '{m.group(1)}'"
+    if opts:
+        names = [o.strip() for o in opts.group(2).split() if o.strip() and o.strip() != ";"]
+        out += f"; options in '{opts.group(1)}': {', '.join(names)}"
+    return out
+
+
+class _Failures:
+    """Jobs of a sweep that failed (the others go on)."""
+
+    jobs: list[tuple[str, str]] = []
+
+
+def _guarded(task, full_errors: bool):
+    """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
+
+    def job(cfg: DictConfig):
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            return task(cfg)
+        except SegtrainError as e:
+            if full_errors:
+                raise
+            msg, code = str(e), e.exit_code
+        except Exception as e:  # a bug or an environment fault: one line, the trace on request
+            if full_errors:
+                raise
+            msg, code = f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1
+        print(f"segtrain: error: {msg}", file=sys.stderr, flush=True)
+        if not multirun:
+            raise SystemExit(code)
+        log.error("job failed: %s", msg)
+        _Failures.jobs.append((HydraConfig.get().job.override_dirname or str(HydraConfig.get().job.num), msg))
+        return float("nan")
+
+    job.__name__ = getattr(task, "__name__", "job")
+    job.__module__ = getattr(task, "__module__", __name__)
+    return job
 
 
 def run_hydra_app(task, config_name: str = "config") -> None:
     """Run ``task`` as a Hydra app with segtrain's error handling."""
     register_configs()
-    argv_debug = any(a.replace(" ", "") in ("trainer.debug_errors=true", "trainer.debug_errors=True") for a in sys.argv)
+    argv_debug = any(a.replace(" ", "").lower() == "trainer.debug_errors=true" for a in sys.argv)
     full_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or argv_debug
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message
-    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
+    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_guarded(task, full_errors))
     try:
         app()
-    except SegtrainError as e:
-        if full_errors:
-            raise
-        print(f"segtrain: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("segtrain: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # Hydra/OmegaConf composition errors and anything unexpected
+    except Exception as e:  # Hydra/OmegaConf composition errors
         if full_errors:
             raise
         msg = _one_line(e)
+        if "Could not find" in msg:
+            msg = _missing_config(str(e))
         user_error = type(e).__module__.split(".")[0] in ("hydra", "omegaconf")
         if not user_error:
             msg = f"{type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
         print(f"segtrain: error: {msg}{_hint(msg)}", file=sys.stderr)
         sys.exit(2 if user_error else 1)
+    if _Failures.jobs:
+        print(f"segtrain: error: {len(_Failures.jobs)} job(s) of the sweep failed: "
+              + "; ".join(f"[{name}] {msg}" for name, msg in _Failures.jobs), file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -191,7 +191,7 @@ class Trainer:
                 self.scheduler.step()
                 self.step += 1
                 self.epoch_step += 1
-                if self.step > 2:  # the first steps include warm-up (allocator, compile, cudnn autotune)
+                if self.step > 1:  # the first step includes warm-up (allocator, compile, cudnn autotune)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     self.train_time += time.perf_counter() - t0

@@ -7,9 +7,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class SafeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that survives a batch with one value per channel.
+
+    Globally pooled features (PSPNet's 1x1 bin, DeepLab's image-level branch, a
+    DeconvNet fc6 on a tiny input) have ``N * H * W == 1`` when training with
+    batch size 1.  Batch statistics of a single value are meaningless (the
+    output would be ``bias`` whatever the input) and ``nn.BatchNorm2d`` raises.
+    This layer then normalises with its running statistics, as in eval mode,
+    and leaves them untouched.  For every other batch it *is* BatchNorm2d, so
+    the networks keep the papers' (and torchvision's) layers, parameter counts
+    and state-dict keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
-        return nn.BatchNorm2d(channels)
+        return SafeBatchNorm2d(channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}")
@@ -26,8 +45,74 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
+class FCNHead(nn.Sequential):
+    """3x3 conv to C/4 -> BN -> ReLU -> dropout -> 1x1 classifier.
+
+    torchvision's FCN head; every network here also uses it as its auxiliary
+    head on the backbone's stage-3 features (C4), as PSPNet introduced.
+    """
+
+    def __init__(self, cin: int, num_classes: int, dropout: float = 0.1):
+        super().__init__(ConvBNReLU(cin, cin // 4, 3), nn.Dropout(dropout), nn.Conv2d(cin // 4, num_classes, 1))
+
+
+def bilinear_kernel(factor: int) -> torch.Tensor:
+    """The ``2f x 2f`` kernel with which a stride-``f`` transposed conv does bilinear upsampling (FCN)."""
+    size = 2 * factor
+    center = factor - 0.5
+    og = torch.arange(size, dtype=torch.float32)
+    filt = 1 - (og - center).abs() / factor
+    return filt[:, None] * filt[None, :]
+
+
+class BilinearConvTranspose2d(nn.ConvTranspose2d):
+    """Learnable ``f``-times upsampling of class scores, initialised to bilinear interpolation (FCN).
+
+    Kernel ``2f``, stride ``f``, padding ``f/2``: an ``n``-pixel map becomes exactly
+    ``n * f`` pixels, each input pixel centred on its ``f x f`` output cell.
+    """
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__(channels, channels, 2 * factor, stride=factor, padding=factor // 2, bias=False)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[range(channels), range(channels)] = bilinear_kernel(factor)
+
+
+class FixedBilinearUpsample(nn.Module):
+    """The same transposed conv with its bilinear kernel frozen: the FCN paper's last upsampling layer."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", bilinear_kernel(factor).expand(channels, 1, -1, -1).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        return F.conv_transpose2d(x, self.kernel.to(x.dtype), stride=f, padding=f // 2, groups=x.shape[1])
+
+
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of logits/features to ``size`` (no-op when equal)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def fit_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad or crop ``x`` at the bottom/right to ``size``.
+
+    Strided convs and floor-mode pooling keep feature maps aligned at the
+    top-left corner, so an up-sampled map that is a row or column off its skip
+    connection is fixed up at the bottom/right.
+    """
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if dh or dw:
+        x = F.pad(x, [0, dw, 0, dh])
+    return x
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad ``x`` at the bottom/right so that its height and width are multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    return fit_to(x, (-(-h // multiple) * multiple, -(-w // multiple) * multiple))

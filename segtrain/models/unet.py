@@ -13,6 +13,14 @@ output has the input's size and no cropping is needed), BatchNorm after each
 conv (``model.norm=none`` removes it), and a size fix-up after each up-conv so
 that any input size works: an odd size loses a row when pooled, and the
 up-sampled map is padded back to the size of its skip connection.
+
+With ``model.backbone`` (e.g. ``resnet18``) an ImageNet encoder is the
+contracting path (:class:`BackboneUNet`): its pyramid C1..C5 (strides 2..32)
+gives the skips, and the expanding path climbs back with the same up-conv,
+concat, double-conv blocks, one more without a skip to full resolution.
+``model.base_channels`` sets the decoder's widths: 16 x base at stride 16,
+halving at every step down to base at full resolution (16: 256, 128, 64, 32,
+16, as segmentation_models_pytorch's U-Net; 64: the paper's 1024 ... 64).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtrain.models.blocks import ConvBNReLU
+from segtrain.models.backbones import Backbone
+from segtrain.models.blocks import ConvBNReLU, fit_to
 
 
 class DoubleConv(nn.Sequential):
@@ -61,4 +70,40 @@ class UNet(nn.Module):
         y = skips.pop()
         for block in self.up:
             y = block(y, skips.pop())
+        return self.classifier(y)
+
+
+class BackboneUp(nn.Module):
+    """Up-conv 2x2 -> concat the skip (any width, or none) -> double conv."""
+
+    def __init__(self, cin: int, cskip: int, cout: int, norm: str = "bn"):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
+        self.conv = DoubleConv(cout + cskip, cout, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+        x = fit_to(self.up(x), size)  # a row/column off when the encoder rounded an odd size up
+        return self.conv(x if skip is None else torch.cat([skip, x], dim=1))
+
+
+class BackboneUNet(nn.Module):
+    """U-Net whose contracting path is a backbone's feature pyramid (output stride 32)."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, base_channels: int = 16, norm: str = "bn"):
+        super().__init__()
+        self.backbone = backbone
+        widths = [base_channels * 2**i for i in reversed(range(5))]  # at strides 16, 8, 4, 2, 1
+        skips = [*reversed(backbone.channels[:4]), 0]  # C4, C3, C2, C1, none
+        cin = backbone.channels[4]
+        self.up = nn.ModuleList()
+        for cskip, cout in zip(skips, widths):
+            self.up.append(BackboneUp(cin, cskip, cout, norm))
+            cin = cout
+        self.classifier = nn.Conv2d(widths[-1], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.backbone(x)
+        y = c[4]
+        for block, skip in zip(self.up, [c[3], c[2], c[1], c[0], None]):
+            y = block(y, skip, x.shape[-2:] if skip is None else skip.shape[-2:])
         return self.classifier(y)

@@ -1,0 +1,334 @@
+"""ImageNet encoders as feature pyramids.
+
+Every backbone is an ImageNet classifier with its classifier removed, cut into
+five stages.  ``forward(x)`` returns the output of each stage, the pyramid
+
+    [C1, C2, C3, C4, C5]   at nominal strides 2, 4, 8, 16, 32
+
+with ``backbone.channels[i]`` channels and actual stride ``backbone.strides[i]``.
+Below ``model.output_stride`` (8 or 16) the remaining strides are replaced by
+dilation, so e.g. at output stride 8 the strides are ``[2, 4, 8, 8, 8]`` and
+C4, C5 keep the resolution of C3 with a 2x / 4x larger receptive field
+(DeepLab's atrous convolution):
+
+    name                 C1   C2    C3    C4    C5    output strides
+    resnet18/34          64   64   128   256   512    8, 16, 32
+    resnet50/101         64  256   512  1024  2048    8, 16, 32
+    vgg16, vgg16_bn      64  128   256   512   512    32 (pool1 .. pool5)
+    mobilenet_v3_large   16   24    40   112   960    8, 16, 32
+    timm:NAME            from ``timm.create_model(NAME, features_only=True)``
+
+``model.pretrained=true`` loads torchvision's ImageNet weights from the torch
+hub cache (``torch.hub.get_dir()/checkpoints/``), downloading them there first
+if they are missing.  The download gives up after a short timeout and then
+raises a one-line ConfigError that names the file, its URL and where to put
+it, so an offline machine never hangs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchvision import models as tvm
+
+from segtrain.errors import ConfigError
+
+# Seconds to wait for the weights server (connection, then each read) before giving up.
+DOWNLOAD_TIMEOUT = float(os.environ.get("SEGTRAIN_DOWNLOAD_TIMEOUT", "10"))
+
+RESNETS: dict[str, tuple[Callable[..., tvm.ResNet], Any]] = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1),
+}
+VGGS: dict[str, tuple[bool, Any]] = {  # name: (batch norm, weights)
+    "vgg16": (False, tvm.VGG16_Weights.IMAGENET1K_V1),
+    "vgg16_bn": (True, tvm.VGG16_BN_Weights.IMAGENET1K_V1),
+}
+MOBILENETS: dict[str, tuple[Callable[..., tvm.MobileNetV3], Any]] = {
+    "mobilenet_v3_large": (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+}
+NAMES = [*RESNETS, *VGGS, *MOBILENETS]
+
+
+class Backbone(nn.Module):
+    """Five stages run in sequence; ``forward`` returns each stage's output ``[C1, ..., C5]``."""
+
+    def __init__(self, name: str, stages: list[nn.Module], channels: list[int], output_stride: int):
+        super().__init__()
+        self.name = name
+        self.stages = nn.ModuleList(stages)
+        self.channels = list(channels)
+        self.output_stride = output_stride
+        self.strides = [min(2**i, output_stride) for i in range(1, 6)]
+        # VGG only: the pretrained fc6/fc7 weights, for FCN to turn into convolutions (None otherwise).
+        self.fc_state: dict[str, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+# ---------------------------------------------------------------------------
+# ResNet
+
+
+def _dilate_basic_blocks(layer: nn.Sequential, previous: int, dilation: int) -> None:
+    """``replace_stride_with_dilation`` for BasicBlock stages (ResNet-18/34), which torchvision refuses.
+
+    As torchvision does for Bottleneck: the first block drops its stride and its
+    (formerly strided) 3x3 conv keeps the previous dilation; every 3x3 conv
+    after it is dilated by ``dilation``.
+    """
+    for i, block in enumerate(layer):
+        for conv in (block.conv1, block.conv2):
+            d = previous if (i == 0 and conv is block.conv1) else dilation
+            conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+
+
+def resnet(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
+    make, weights = RESNETS[name]
+    dilate = [output_stride <= 4, output_stride <= 8, output_stride <= 16]  # layer2, layer3, layer4
+    bottleneck = name in ("resnet50", "resnet101")
+    net = make(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)
+    if pretrained:
+        net.load_state_dict(load_pretrained(weights))
+    if not bottleneck:
+        dilation = 1
+        for layer, dil in zip((net.layer2, net.layer3, net.layer4), dilate):
+            if dil:
+                _dilate_basic_blocks(layer, dilation, dilation * 2)
+                dilation *= 2
+    stages = [
+        nn.Sequential(net.conv1, net.bn1, net.relu),
+        nn.Sequential(net.maxpool, net.layer1),
+        net.layer2,
+        net.layer3,
+        net.layer4,
+    ]
+    width = 4 if bottleneck else 1
+    return Backbone(name, stages, [64, 64 * width, 128 * width, 256 * width, 512 * width], output_stride)
+
+
+# ---------------------------------------------------------------------------
+# VGG
+
+
+def vgg(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
+    """VGG16's 13 convs; stage i ends with pool i.  torchvision's layout, so its weights load as they are."""
+    if output_stride != 32:
+        raise ConfigError(
+            f"model.backbone={name} cannot run at model.output_stride={output_stride}: VGG has no dilated variant "
+            "here; set model.output_stride=32 or use a resnet or mobilenet_v3_large backbone"
+        )
+    batch_norm, weights = VGGS[name]
+    layers: list[nn.Module] = []
+    stages: list[nn.Module] = []
+    cin = 3
+    for widths in ([64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]):
+        for w in widths:
+            conv = nn.Conv2d(cin, w, 3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.BatchNorm2d(w), nn.ReLU(inplace=True)] if batch_norm else [conv, nn.ReLU(inplace=True)]
+            cin = w
+        layers.append(nn.MaxPool2d(2, 2))
+    features = nn.Sequential(*layers)
+    backbone_fc = None
+    if pretrained:
+        state = load_pretrained(weights)
+        features.load_state_dict({k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")})
+        backbone_fc = {k: v for k, v in state.items() if k.startswith(("classifier.0.", "classifier.3."))}
+    pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
+    starts = [0] + [p + 1 for p in pools[:-1]]
+    # Slices of one Sequential keep torchvision's numbering inside each stage.
+    for start, pool in zip(starts, pools):
+        stages.append(features[start : pool + 1])
+    backbone = Backbone(name, stages, [64, 128, 256, 512, 512], 32)
+    backbone.fc_state = backbone_fc
+    return backbone
+
+
+# ---------------------------------------------------------------------------
+# MobileNetV3
+
+
+def _dilate_inverted_residuals(blocks: nn.Sequential, dilation: int) -> None:
+    """torchvision's ``dilated=True``: each block's depthwise conv drops its stride and is dilated."""
+    for block in blocks:
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.kernel_size[0] > 1:
+                k = conv.kernel_size[0]
+                conv.stride, conv.dilation = (1, 1), (dilation, dilation)
+                conv.padding = ((k - 1) // 2 * dilation,) * 2
+
+
+def mobilenet(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
+    make, weights = MOBILENETS[name]
+    net = make(weights=None)
+    if pretrained:
+        net.load_state_dict(load_pretrained(weights))
+    f = net.features
+    # The blocks with stride 2 (torchvision's ``_is_cn``) start the stages: 2, 4, 7, 13 for the large model.
+    starts = [0, *(i for i, m in enumerate(f) if getattr(m, "_is_cn", False))]
+    bounds = [*starts[1:], len(f)]
+    stages = [f[s:e] for s, e in zip(starts, bounds)]
+    assert len(stages) == 5, f"{name}: expected 4 strided blocks, found {len(starts) - 1}"
+    dilation = 1
+    for stage, stride in zip(stages[3:], (8, 16)):  # C4 (stride 16) and C5 (stride 32)
+        if output_stride <= stride:
+            dilation *= 2
+            _dilate_inverted_residuals(stage, dilation)
+    return Backbone(name, stages, [stage[-1].out_channels for stage in stages], output_stride)
+
+
+# ---------------------------------------------------------------------------
+# timm (optional)
+
+
+class TimmBackbone(Backbone):
+    def __init__(self, name: str, model: nn.Module, channels: list[int], strides: list[int], output_stride: int):
+        super().__init__(name, [], channels, output_stride)
+        self.model = model
+        self.strides = strides
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(x))
+
+
+def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
+    arch = name.split(":", 1)[1]
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(
+            f"model.backbone={name} needs the timm package, which is not installed; pip install timm, "
+            f"or use one of: {', '.join(NAMES)}"
+        ) from None
+    kwargs: dict[str, Any] = {"features_only": True, "pretrained": pretrained}
+    if output_stride != 32:
+        kwargs["output_stride"] = output_stride
+    try:
+        model = timm.create_model(arch, **kwargs)
+    except Exception as e:  # unknown name, no dilation support, weights not downloadable ...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        what = "it with its pretrained weights" if pretrained else "it"
+        raise ConfigError(f"model.backbone={name}: timm could not create {what} ({reason})") from None
+    reductions = model.feature_info.reduction()
+    if len(reductions) != 5:
+        raise ConfigError(
+            f"model.backbone={name} gives {len(reductions)} feature maps (strides {reductions}); segtrain needs "
+            "five, at strides 2, 4, 8, 16, 32 (a CNN such as timm:resnet50d or timm:efficientnet_b0)"
+        )
+    strides = [min(2**i, output_stride) for i in range(1, 6)]
+    return TimmBackbone(name, model, model.feature_info.channels(), strides, output_stride)
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_backbone(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
+    """``name`` at ``output_stride`` (8, 16 or 32), ImageNet weights when ``pretrained``."""
+    if output_stride not in (8, 16, 32):
+        raise ConfigError(f"model.output_stride must be 8, 16 or 32, got {output_stride}")
+    if name.startswith("timm:"):
+        return timm_backbone(name, output_stride, pretrained)
+    if name in RESNETS:
+        return resnet(name, output_stride, pretrained)
+    if name in VGGS:
+        return vgg(name, output_stride, pretrained)
+    if name in MOBILENETS:
+        return mobilenet(name, output_stride, pretrained)
+    raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
+
+
+def backbone_from_config(cfg: DictConfig, default_output_stride: int) -> Backbone:
+    """The backbone that ``model.backbone`` / ``output_stride`` / ``pretrained`` ask for (resnet50 when unset)."""
+    os_ = cfg.output_stride if cfg.output_stride is not None else default_output_stride
+    return build_backbone(cfg.backbone or "resnet50", os_, cfg.pretrained)
+
+
+# ---------------------------------------------------------------------------
+# Pretrained weights
+
+
+def cache_path(url: str) -> Path:
+    """Where torch.hub keeps (and we look for) the file of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_pretrained(weights: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision ``Weights`` entry: from the hub cache, else downloaded there."""
+    url = weights.url
+    path = cache_path(url)
+    if not path.is_file():
+        try:
+            _download(url, path, DOWNLOAD_TIMEOUT)
+        except Exception as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ConfigError(
+                f"pretrained weights {path.name} are not in the torch hub cache and could not be downloaded from "
+                f"{url} ({reason}); download that file and place it at {path}, or set model.pretrained=false"
+            ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(
+            f"cannot read pretrained weights {path} ({reason}); delete the file to download it again"
+        ) from None
+
+
+def _download(url: str, path: Path, timeout: float) -> None:
+    """Download ``url`` to ``path``; check the sha256 prefix in its name, as torch.hub does.
+
+    ``urlopen``'s timeout does not cover name resolution, so the connection is
+    opened in a daemon thread that is abandoned after ``timeout`` seconds.
+    """
+    opened: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            opened["response"] = urllib.request.urlopen(url, timeout=timeout)
+        except BaseException as e:  # re-raised below, in the caller's thread
+            opened["error"] = e
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in opened:
+        raise opened["error"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out, opened["response"] as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        prefix = re.search(r"-([a-f0-9]{6,})\.", path.name)
+        if prefix and not digest.hexdigest().startswith(prefix.group(1)):
+            raise ValueError(f"the downloaded file's sha256 does not start with {prefix.group(1)}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

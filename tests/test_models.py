@@ -1,0 +1,408 @@
+"""The networks: the forward contract, backbones and output strides, config errors, pretrained loading."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.config import ModelConfig
+from segtrain.errors import ConfigError
+from segtrain.models import backbones, build_model, count_parameters
+from segtrain.models.blocks import BilinearConvTranspose2d, FixedBilinearUpsample, SafeBatchNorm2d
+from segtrain.models.deconvnet import DeconvNet
+from segtrain.models.fcn import VGGFullyConv
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 97, 131  # odd, and no multiple of 8, 16 or 32
+K = 3  # classes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small CPU kernels gain little from a second thread, and OpenMP threads stall badly (5x slower here) when
+    another process shares the cores; one intra-op thread keeps this file at ~20 s either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_cfg(**kw) -> DictConfig:
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), kw)
+
+
+def build(num_classes: int = K, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(model_cfg(**kw), num_classes)
+
+
+# Every network and its key variants, small enough for a 2-core CPU.
+CASES = {
+    "unet": dict(name="unet", base_channels=4),
+    "unet-resnet18": dict(name="unet", backbone="resnet18", base_channels=4),
+    "fcn32s-resnet18": dict(name="fcn", backbone="resnet18", variant="32s"),
+    "fcn16s-resnet18": dict(name="fcn", backbone="resnet18", variant="16s"),
+    "fcn8s-resnet18-aux": dict(name="fcn", backbone="resnet18", variant="8s", aux=True),
+    "fcn8s-mobilenet-os16": dict(name="fcn", backbone="mobilenet_v3_large", variant="8s", output_stride=16),
+    "deconvnet": dict(name="deconvnet", base_channels=4),
+    "segnet": dict(name="deconvnet", base_channels=4, variant="segnet"),
+    "pspnet-resnet18-aux": dict(name="pspnet", backbone="resnet18", aux=True),
+    "pspnet-mobilenet-aux": dict(name="pspnet", backbone="mobilenet_v3_large", aux=True),
+    "deeplabv3-resnet18-aux": dict(name="deeplabv3", backbone="resnet18", aux=True),
+    "deeplabv3plus-resnet18": dict(name="deeplabv3plus", backbone="resnet18"),
+    "deeplabv3plus-mobilenet-os8": dict(name="deeplabv3plus", backbone="mobilenet_v3_large", output_stride=8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_size_and_aux_only_in_training(case):
+    kw = CASES[case]
+    model = build(**kw)
+    x = torch.randn(1, 3, H, W)
+    with torch.no_grad():
+        model.eval()
+        y = model(x)
+        assert torch.is_tensor(y) and y.shape == (1, K, H, W)
+        model.train()
+        y = model(torch.randn(2, 3, H, W))
+    if kw.get("aux"):
+        assert set(y) == {"out", "aux"}
+        assert y["out"].shape == y["aux"].shape == (2, K, H, W)
+    else:
+        assert torch.is_tensor(y) and y.shape == (2, K, H, W)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_autocast_channels_last(case):
+    model = build(**CASES[case]).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(1, 3, 64, 75).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.shape == (1, K, 64, 75) and torch.isfinite(y.float()).all()
+
+
+def test_fcn_vgg16_paper_network():
+    model = build(name="fcn", backbone="vgg16", variant="8s").eval()
+    assert 134_000_000 < count_parameters(model) < 135_000_000  # the paper's FCN-8s: 134M
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 67, 93)).shape == (1, K, 67, 93)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_pspnet_batch_size_1(backbone):
+    """The 1x1 pyramid bin holds one value per channel at batch size 1: training must still work."""
+    model = build(name="pspnet", backbone=backbone, aux=True).train()
+    out = model(torch.randn(1, 3, 65, 71))
+    (out["out"].mean() + 0.4 * out["aux"].mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 65, 71)).shape == (1, K, 65, 71)
+
+
+def test_deeplab_image_pooling_batch_size_1():
+    model = build(name="deeplabv3", backbone="resnet18").train()
+    model(torch.randn(1, 3, 64, 64)).mean().backward()
+
+
+def test_safe_batchnorm():
+    torch.manual_seed(0)
+    safe, plain = SafeBatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(3, 4, 1, 1)  # two or more values: plain BatchNorm
+    assert torch.allclose(safe(x), plain(x))
+    assert torch.allclose(safe.running_mean, plain.running_mean)
+    one = torch.randn(1, 4, 1, 1)  # one value per channel: running statistics, left as they are
+    before = safe.running_mean.clone()
+    expected = (one - before[None, :, None, None]) / torch.sqrt(safe.running_var[None, :, None, None] + safe.eps)
+    assert torch.allclose(safe(one), expected, atol=1e-6)
+    assert torch.equal(safe.running_mean, before)
+
+
+@pytest.mark.parametrize("case", ["unet", "pspnet-resnet18-aux"])
+def test_loss_falls_on_a_tiny_problem(case):
+    torch.manual_seed(0)
+    target = torch.zeros(2, 48, 48, dtype=torch.long)
+    target[:, :, 24:] = 1
+    target[:, 30:, :] = 2
+    x = F.one_hot(target, 3).permute(0, 3, 1, 2).float() + 0.1 * torch.randn(2, 3, 48, 48)
+    model = build(**CASES[case]).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        out = model(x)
+        if isinstance(out, dict):
+            loss = F.cross_entropy(out["out"], target) + 0.4 * F.cross_entropy(out["aux"], target)
+        else:
+            loss = F.cross_entropy(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# --- backbones ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "vgg16"])
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_backbone_pyramid_and_output_stride(name, output_stride):
+    if name == "vgg16" and output_stride != 32:
+        with pytest.raises(ConfigError, match="output_stride=32"):
+            backbones.build_backbone(name, output_stride)
+        return
+    backbone = backbones.build_backbone(name, output_stride).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == backbone.channels
+    assert (
+        [64 // f.shape[-1] for f in features] == backbone.strides == [min(s, output_stride) for s in (2, 4, 8, 16, 32)]
+    )
+
+
+def test_resnet_basic_block_dilation_follows_torchvision():
+    """torchvision dilates only Bottleneck ResNets; ResNet-18/34 get the same rule: the strided conv keeps the
+    previous dilation, every conv after it gets the new one."""
+    backbone = backbones.build_backbone("resnet18", 8)
+    layer3, layer4 = backbone.stages[3], backbone.stages[4]
+    dilations = [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in (*layer3, *layer4)]
+    assert dilations == [(1, 2), (2, 2), (2, 4), (4, 4)]
+    assert all(m.stride == (1, 1) for m in backbone.stages[3:].modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_mobilenet_dilation_matches_torchvision():
+    ours = backbones.build_backbone("mobilenet_v3_large", 16)
+    theirs = torchvision.models.mobilenet_v3_large(dilated=True).features
+
+    def geometry(module):
+        return [(c.stride, c.dilation, c.padding) for c in module.modules() if isinstance(c, torch.nn.Conv2d)]
+
+    assert geometry(ours) == geometry(theirs)
+
+
+def test_deeplabv3_resnet50_matches_torchvision_parameter_count():
+    ours = build(21, name="deeplabv3", backbone="resnet50", output_stride=8, aux=False)
+    theirs = torchvision.models.segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=False
+    )
+    assert count_parameters(ours) == count_parameters(theirs) == 39_638_869
+
+
+def test_bilinear_upsampling_is_bilinear():
+    x = torch.randn(1, 2, 5, 6)
+    for factor in (2, 8):
+        ref = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+        inner = (slice(None), slice(None), slice(factor, -factor), slice(factor, -factor))  # borders: zero padding
+        for up in (BilinearConvTranspose2d(2, factor), FixedBilinearUpsample(2, factor)):
+            y = up(x)
+            assert y.shape == ref.shape
+            assert torch.allclose(y[inner], ref[inner], atol=1e-5)
+
+
+def test_vgg_fc_layers_become_convolutions():
+    """fc6 as a 7x7 conv on a 7x7 pool5 map computes exactly the linear layer (its centre pixel)."""
+    torch.manual_seed(0)
+    head = VGGFullyConv(512, K, width=8).eval()
+    fc6, fc7 = torch.nn.Linear(512 * 49, 8), torch.nn.Linear(8, 8)
+    head.load_fc(
+        {
+            "classifier.0.weight": fc6.weight,
+            "classifier.0.bias": fc6.bias,
+            "classifier.3.weight": fc7.weight,
+            "classifier.3.bias": fc7.bias,
+        }
+    )
+    pool5 = torch.randn(1, 512, 7, 7)
+    with torch.no_grad():
+        conv = head.fc7(head.fc6(pool5).relu())[0, :, 3, 3]
+        linear = fc7(fc6(pool5.flatten(1)).relu())[0]
+    assert torch.allclose(conv, linear, atol=1e-4)
+
+
+def test_deconvnet_encoder_takes_vgg16_bn_weights():
+    """Pretrained DeconvNet/SegNet: VGG16-BN's conv biases fold into the BN running means; same function."""
+    torch.manual_seed(0)
+    vgg = backbones.build_backbone("vgg16_bn", 32).eval()
+    for m in vgg.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    state = {"features." + k.split(".", 2)[2]: v for k, v in vgg.state_dict().items()}
+    net = DeconvNet(K, base_channels=64, variant="segnet")
+    net.load_vgg16(state)
+    net.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = x
+        for stage in net.encoder:
+            y = net.pool(stage(y))[0]
+        assert torch.allclose(y, vgg(x)[-1], atol=1e-4)
+
+
+# --- config errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(name="pspnet", backbone="resnet999"), "unknown model.backbone 'resnet999'; choose one of: resnet18"),
+        (dict(name="pspnet", backbone="vgg16"), "vgg16 cannot run at model.output_stride=8"),
+        (dict(name="deeplabv3", backbone="vgg16_bn", output_stride=16), "set model.output_stride=32"),
+        (dict(name="fcn", backbone="resnet18", variant="4s"), "unknown model.variant '4s' for fcn; choose one of"),
+        (dict(name="deconvnet", variant="unet"), "choose one of: deconvnet, segnet"),
+        (dict(name="pspnet", backbone="resnet18", variant="8s"), "model.variant=8s is not used by model=pspnet"),
+        (dict(name="deconvnet", backbone="resnet18"), "remove model.backbone"),
+        (dict(name="deconvnet", pretrained=True), "needs model.base_channels=64"),
+        (dict(name="deconvnet", aux=True), "model.aux=true is not used by model=deconvnet"),
+        (dict(name="unet", pretrained=True), "set model.backbone"),
+        (dict(name="unet", backbone="resnet18", output_stride=8), "not supported by unet"),
+        (dict(name="unet", aux=True), "model.aux=true is not used by model=unet"),
+        (dict(name="nope"), "unknown model.name 'nope'"),
+    ],
+)
+def test_config_errors_are_one_clear_line(kw, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        build(**kw)
+    assert "\n" not in str(info.value)
+
+
+def test_timm_backbone_without_timm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(ConfigError, match="needs the timm package"):
+        build(name="deeplabv3", backbone="timm:resnet50d")
+
+
+def test_timm_backbone_with_timm():
+    pytest.importorskip("timm")
+    model = build(name="deeplabv3plus", backbone="timm:resnet18d", output_stride=16).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 71)).shape == (1, K, 65, 71)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_model_yaml_files_build(path):
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    if cfg.backbone is not None:
+        cfg.backbone = "resnet18"  # the networks as configured, with a lighter encoder
+    model = build_model(cfg, K)
+    assert count_parameters(model) > 0
+
+
+# --- pretrained weights --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(backbones, "DOWNLOAD_TIMEOUT", 2.0)
+    return tmp_path / "hub" / "checkpoints"
+
+
+def _online() -> bool:
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_pretrained_offline_fails_fast_with_url_and_cache_path(torch_home):
+    if _online():
+        pytest.skip("the network is up: this would download ResNet-18")
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        build(name="pspnet", backbone="resnet18", pretrained=True)
+    assert time.monotonic() - start < 5
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in msg
+    assert str(torch_home / "resnet18-f37072fd.pth") in msg
+    assert "model.pretrained=false" in msg
+
+
+def test_pretrained_download_never_hangs(torch_home):
+    """A server that accepts the connection and never answers: a ConfigError after the timeout."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    try:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/resnet18-f37072fd.pth"
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="could not be downloaded"):
+            backbones.load_pretrained(SimpleNamespace(url=url))
+        assert time.monotonic() - start < 5
+    finally:
+        server.close()
+
+
+def test_pretrained_loads_from_the_hub_cache(torch_home):
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    torch_home.mkdir(parents=True)
+    torch.save(state, torch_home / "resnet18-f37072fd.pth")
+    model = build(name="fcn", backbone="resnet18", pretrained=True)
+    assert torch.equal(model.backbone.stages[0][0].weight, state["conv1.weight"])
+    assert torch.equal(model.backbone.stages[4][1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_pretrained_corrupt_cache_file(torch_home):
+    torch_home.mkdir(parents=True)
+    (torch_home / "resnet18-f37072fd.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="delete the file to download it again"):
+        build(name="pspnet", backbone="resnet18", pretrained=True)
+
+
+def test_pretrained_download_checks_the_hash(torch_home, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"w": torch.arange(3)}, served / "blob.pth")
+    digest = hashlib.sha256((served / "blob.pth").read_bytes()).hexdigest()
+    (served / f"tiny-{digest[:8]}.pth").write_bytes((served / "blob.pth").read_bytes())
+    (served / "bad-00000000.pth").write_bytes((served / "blob.pth").read_bytes())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        state = backbones.load_pretrained(SimpleNamespace(url=f"{base}/tiny-{digest[:8]}.pth"))
+        assert torch.equal(state["w"], torch.arange(3))
+        assert (torch_home / f"tiny-{digest[:8]}.pth").is_file()
+        with pytest.raises(ConfigError, match="sha256"):
+            backbones.load_pretrained(SimpleNamespace(url=f"{base}/bad-00000000.pth"))
+        assert not (torch_home / "bad-00000000.pth").exists()
+        assert not list(torch_home.glob("*.partial"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- torch.compile (slow on a CPU) -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["pspnet-resnet18-aux", "deconvnet", "fcn8s-resnet18-aux"])
+def test_torch_compile(case):
+    model = build(**CASES[case])
+    compiled = torch.compile(model)
+    out = compiled.train()(torch.randn(2, 3, 64, 80))
+    (out["out"] if isinstance(out, dict) else out).mean().backward()
+    with torch.no_grad():
+        assert compiled.eval()(torch.randn(2, 3, 64, 80)).shape == (2, K, 64, 80)
