@@ -115,3 +115,33 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
 def test_debug_errors_shows_traceback(tmp_path):
     proc = run_cli(["optimizer.lr=-1", "debug=smoke", "trainer.debug_errors=true"], tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=fcn", "model.backbone=resnet18"],
+        ["model=fcn", "model.variant=8s", "model.backbone=resnet18"],
+        ["model=deconvnet"],
+        ["model=deconvnet", "model.variant=segnet"],
+        ["model=unet"],
+        ["model=unet", "model.backbone=resnet18"],
+        ["model=pspnet", "model.backbone=resnet18"],
+        ["model=deeplabv3", "model.backbone=resnet18"],
+        ["model=deeplabv3plus", "model.backbone=resnet18"],
+        ["model=pspnet", "model.backbone=mobilenet_v3_large"],
+        ["model=deeplabv3plus", "model.backbone=mobilenet_v3_large"],
+        ["model=pspnet", "model.backbone=resnet18", "data.image_size=[97,131]"],
+    ],
+    ids=lambda o: "-".join(x.split("=")[1] for x in o),
+)
+def test_every_model_trains_through_the_cli(cli, overrides):
+    _, run = cli("debug=smoke", "trainer.num_vis=1", *overrides)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
+
+
+def test_deeplabv3_r50_param_count_matches_torchvision(cli):
+    _, run = cli("debug=smoke", "model=deeplabv3", "model.backbone=resnet50", "model.output_stride=8", "model.aux=false",
+                 "data.num_classes=21", "trainer.max_iters=1", "data.image_size=48", "trainer.num_vis=0")
+    assert json.loads((run / "metrics.json").read_text())["num_params"] == 39_638_869

@@ -39,8 +39,11 @@ def test_synthetic_content():
 
 def test_num_classes_bounds():
     with pytest.raises(ConfigError):
-        SyntheticShapes(1, (32, 32), MAX_CLASSES + 1)
+        SyntheticShapes(1, (32, 32), 1)
     assert SyntheticShapes(8, (32, 32), 2).load(0)[1].max() <= 1
+    wide = SyntheticShapes(8, (32, 32), 21)  # more classes than shapes: the extra ones never appear
+    assert len(wide.class_names) == 21 and len(wide.palette) == 21
+    assert max(wide.load(i)[1].max() for i in range(8)) < MAX_CLASSES
 
 
 def test_loader_batches_and_types():

@@ -14,7 +14,7 @@ star, ellipse) drawn over a textured background:
   itself is a mix of smooth gradients, stripes and noise.
 
 Class 0 is the background; ``num_classes`` (2..8) picks how many shape
-classes appear.  The task is easy to start (background vs foreground) but the
+classes appear (larger values add classes that never appear).  The task is easy to start (background vs foreground) but the
 fine classes (ring vs circle, square vs ellipse, cross vs star) separate
 architectures and training recipes.
 """
@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from segtrain.data.base import SegDataset
+from segtrain.logger import default_palette
 
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "star", "ellipse"]
 CLASS_NAMES = ["background", *SHAPES]
@@ -98,16 +99,17 @@ class SyntheticShapes(SegDataset):
 
     def __init__(self, num_samples: int, image_size: tuple[int, int], num_classes: int = 6, split: str = "train",
                  seed: int = 0, transform=None, aug_seed: int = 0, cache: bool = True,
-                 colour_cue: float = 0.5):
+                 colour_cue: float = 0.75):
         super().__init__(transform, aug_seed)
-        if not 2 <= num_classes <= MAX_CLASSES:
+        if num_classes < 2:
             from segtrain.errors import ConfigError
 
-            raise ConfigError(f"data=synthetic supports data.num_classes from 2 to {MAX_CLASSES}, got {num_classes}")
+            raise ConfigError(f"data=synthetic needs data.num_classes >= 2, got {num_classes}")
         self.num_samples, self.image_size, self.num_classes = num_samples, tuple(image_size), num_classes
         self.split_id, self.content_seed = _SPLIT_IDS[split], seed
-        self.class_names = CLASS_NAMES[:num_classes]
-        self.palette = PALETTE[:num_classes]
+        # beyond the 8 drawn classes, extra classes exist but never appear (e.g. num_classes=21 to mimic VOC's head)
+        self.class_names = (CLASS_NAMES + [f"class{i}" for i in range(MAX_CLASSES, num_classes)])[:num_classes]
+        self.palette = np.concatenate([PALETTE, default_palette(max(num_classes, MAX_CLASSES))[MAX_CLASSES:]])[:num_classes]
         self.colour_cue = colour_cue
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
@@ -129,10 +131,10 @@ class SyntheticShapes(SegDataset):
         mask = np.zeros((h, w), np.uint8)
         shapes = SHAPES[: self.num_classes - 1]
         short = min(h, w)
-        for _ in range(int(rng.integers(1, 6))):
+        for _ in range(int(rng.integers(1, 5))):
             cls = int(rng.integers(len(shapes)))
             kind = shapes[cls]
-            r = short * rng.uniform(0.15, 0.5) / 2 * 1.4  # radius: the shape spans ~15%-50% of the short side
+            r = short * rng.uniform(0.2, 0.55) / 2 * 1.4  # radius: the shape spans ~20%-55% of the short side
             cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
             angle, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.6, 1.0)
             shape_mask = np.zeros((h, w), np.uint8)
@@ -144,7 +146,7 @@ class SyntheticShapes(SegDataset):
                 hue = (cls * 180 / len(SHAPES) + rng.uniform(-8, 8)) % 180
                 hsv = np.array([[[hue, rng.uniform(150, 255), rng.uniform(140, 255)]]], np.float32).astype(np.uint8)
                 paint = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
-            elif u < self.colour_cue + 0.2:  # a textured shape
+            elif u < self.colour_cue + 0.1:  # a textured shape
                 paint = _texture(rng, h, w, contrast=0.6)
             else:  # a random flat colour, kept apart from the background under it
                 under = image[int(min(cy, h - 1)), int(min(cx, w - 1))]
