@@ -2,17 +2,23 @@
 
 import os
 import shutil
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO, run_cli
 
 
 def test_regular_install_trains_from_another_directory(tmp_path):
     venv = tmp_path / "venv"
-    # the test venv sees this environment's torch etc.; only segtrain itself is installed into it
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # the new venv sees this environment's torch etc. (a path .pth: the editable install's own .pth files
+    # in there are not processed); only segtrain itself is installed into it
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     src = tmp_path / "src"
     src.mkdir()
     for rel in ("segtrain", "configs", "pyproject.toml", "README.md"):
