@@ -79,7 +79,8 @@ def bench_overhead(args) -> None:
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"trainer.max_iters={args.iters}", f"trainer.val_interval={10**9}",
-                                           "trainer.progress=false", "trainer.num_vis=0", "data.num_val=16", *args.extra])
+                                           "trainer.progress=false", "trainer.num_vis=0", "data.num_val=16",
+                                           "data.num_train=128", *args.extra])
 
     with tempfile.TemporaryDirectory() as tmp:
         # segtrain: the real Trainer (its img/s excludes validation and the first step)

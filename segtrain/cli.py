@@ -66,6 +66,15 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(parts) if parts else type(exc).__name__
 
 
+def _user_message(exc: BaseException) -> str:
+    """The message of a SegtrainError; one raised in a DataLoader worker arrives wrapped in its traceback."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n"))
+
+
 def _hint(msg: str) -> str:
     if "not in struct" in msg or "not in '" in msg or "Could not override" in msg:
         return " (check the key's spelling: `segtrain --cfg job` prints every key)"
@@ -105,7 +114,7 @@ def _guarded(task, full_errors: bool):
         except SegtrainError as e:
             if full_errors:
                 raise
-            msg, code = str(e), e.exit_code
+            msg, code = _user_message(e), e.exit_code
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
             if full_errors:
                 raise

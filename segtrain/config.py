@@ -69,6 +69,19 @@ class DataConfig:
     augment: bool = True  # flips / scale jitter on the training split
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # On-disk data sets (voc | cityscapes | ade20k | folder), see segtrain/data/:
+    train_split: str = "train"  # voc: ImageSets/Segmentation/<split>.txt; cityscapes: train|val|test
+    val_split: str = "val"
+    base_size: Any = None  # int (short side) or [h, w] (fit, keep ratio) before scale jitter; None: own size
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random resize ratio around base_size
+    cat_max_ratio: float = 0.75  # re-draw a crop (up to 10x) when one class fills more than this share; 1: off
+    photometric: bool = True  # brightness/contrast/saturation/hue distortion in the standard train pipeline
+    val_size: Any = None  # int (short side) or [h, w] (fit, keep ratio) for validation; None: full size
+    train_pipeline: Any = None  # list of albumentations {_target_: ...} dicts; None: the standard recipe
+    val_fraction: float = 0.1  # folder: seeded hold-out when there are no split lists / folders
+    palette: Any = None  # [[r, g, b], ...] per class: visualisation, and folder RGB colour masks
+    label_map: Any = None  # {raw: new} applied to mask values before checks, e.g. {255: 1}
+    check_labels: bool = True  # scan every mask before training (cached); false: skip
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from segtrain.config import as_hw
 from segtrain.data.base import EpochSampler, SegDataset
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, DataError
 
 __all__ = ["build_datasets", "build_loader", "SegDataset", "EpochSampler"]
 
@@ -25,16 +25,52 @@ def _synthetic(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
     return train, val
 
 
-BUILDERS = {"synthetic": _synthetic}
+def _on_disk(module: str, fn: str = "build"):
+    """A builder that imports ``segtrain.data.<module>`` on first use and calls its ``fn``."""
+
+    def build(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
+        import importlib
+
+        return getattr(importlib.import_module(f"segtrain.data.{module}"), fn)(cfg, seed)
+
+    build.__name__ = f"_{module}_{fn}"
+    return build
+
+
+BUILDERS = {
+    "synthetic": _synthetic,
+    "voc": _on_disk("voc"),
+    "voc_aug": _on_disk("voc", "build_aug"),
+    "cityscapes": _on_disk("cityscapes"),
+    "ade20k": _on_disk("ade20k"),
+    "folder": _on_disk("folder"),
+}
 
 
 def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
     """(train, val) data sets for ``cfg.data``; ``seed`` seeds augmentation."""
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
+    on_disk = cfg.name != "synthetic"
+    if on_disk and cfg.get("train_pipeline") is None and cfg.crop_size is None and cfg.batch_size > 1:
+        raise ConfigError("data.crop_size is null but on-disk images differ in size: set data.crop_size=512 "
+                          "(or data.batch_size=1)")
     train, val = BUILDERS[cfg.name](cfg, seed)
     if cfg.class_names is not None:
         train.class_names = val.class_names = list(cfg.class_names)
+    if on_disk:
+        from segtrain.data.checks import DiskDataset, check_labels, palette_array
+
+        for ds, split in ((train, cfg.get("train_split", "train")), (val, cfg.get("val_split", "val"))):
+            if len(ds) == 0:
+                raise DataError(f"data={cfg.name} split {split!r} under data.root={cfg.root} holds no samples")
+        if cfg.get("palette") is not None:
+            pal = palette_array(cfg.palette, "data.palette")
+            if len(pal) != cfg.num_classes:
+                raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
+            train.palette = val.palette = pal
+        if cfg.get("check_labels", True) and isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
+            check_labels([train, val], cfg.num_classes, cfg.ignore_index)
     return train, val
 
 

@@ -1,0 +1,125 @@
+"""Your own data: ``root/images`` + ``root/masks`` with matching file stems.
+
+Splits, first match wins:
+
+1. ``root/train.txt`` and ``root/val.txt``: one image name (stem, extension optional) per line;
+2. ``root/train/{images,masks}`` and ``root/val/{images,masks}``;
+3. a seeded hold-out of ``data.val_fraction`` of ``root/images`` (seed ``data.seed``).
+
+Class names and colours come from ``root/classes.yaml`` (or ``data.class_names`` /
+``data.palette``)::
+
+    names: [background, crack]          # or a plain list of names
+    palette: [[0, 0, 0], [255, 0, 0]]   # optional; needed for RGB colour masks
+    ignore_color: [255, 255, 255]       # optional: this colour -> data.ignore_index
+
+Masks are class-index images (palette or grayscale PNG), or RGB colour masks mapped
+through the palette.  ``data.label_map`` remaps values afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig
+
+from segtrain.data import transforms
+from segtrain.data.checks import DiskDataset, label_map_lut, list_images, palette_array, read_list, resolve_root
+from segtrain.errors import DataError
+from segtrain.logger import default_palette
+
+LAYOUT = "ROOT/images/* + ROOT/masks/* with matching names [+ ROOT/{train,val}.txt], or ROOT/{train,val}/{images,masks}/*"
+
+
+def read_classes(root: Path) -> dict:
+    path = root / "classes.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
+    if isinstance(data, list):
+        data = {"names": data}
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must be a list of class names or a mapping with names: [...] and palette: [[r, g, b], ...]")
+    names = data.get("names", data.get("classes"))
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, (str, int)) for n in names)):
+        raise DataError(f"{path}: names must be a list of class names")
+    out = {"names": [str(n) for n in names] if names is not None else None, "path": path}
+    try:
+        out["palette"] = palette_array(data.get("palette"), f"{path} palette")
+    except Exception as e:
+        raise DataError(str(e)) from None
+    ic = data.get("ignore_color")
+    if ic is not None and not (isinstance(ic, list) and len(ic) == 3):
+        raise DataError(f"{path}: ignore_color must be [r, g, b], got {ic!r}")
+    out["ignore_color"] = ic
+    return out
+
+
+def _pairs(img_dir: Path, mask_dir: Path, stems: list[str] | None = None, source: str = "") -> tuple[list[Path], list[Path]]:
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(f"folder {d} is missing (expected layout: {LAYOUT})")
+    images, masks = list_images(img_dir), list_images(mask_dir)
+    if stems is None:
+        stems = sorted(images)
+        if not stems:
+            raise DataError(f"{img_dir} holds no images (.jpg/.jpeg/.png/.bmp/.tif/.tiff) (expected layout: {LAYOUT})")
+    else:
+        stems = [Path(s).stem if Path(s).suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") else s
+                 for s in stems]
+        missing = [s for s in stems if s not in images]
+        if missing:
+            raise DataError(f"{len(missing)} name(s) in {source} have no image in {img_dir}, e.g. {missing[0]!r}")
+    no_mask = [s for s in stems if s not in masks]
+    if no_mask:
+        raise DataError(f"{len(no_mask)} image(s) in {img_dir} have no mask with the same name in {mask_dir}, "
+                        f"e.g. {images[no_mask[0]].name}")
+    return [images[s] for s in stems], [masks[s] for s in stems]
+
+
+def splits(root: Path, cfg: DictConfig) -> tuple[tuple[list[Path], list[Path]], tuple[list[Path], list[Path]]]:
+    lists = [root / f"{cfg.train_split}.txt", root / f"{cfg.val_split}.txt"]
+    if any(p.is_file() for p in lists):
+        return tuple(_pairs(root / "images", root / "masks", read_list(p, LAYOUT), str(p)) for p in lists)  # type: ignore[return-value]
+    dirs = [root / cfg.train_split, root / cfg.val_split]
+    if any((d / "images").is_dir() for d in dirs):
+        return tuple(_pairs(d / "images", d / "masks") for d in dirs)  # type: ignore[return-value]
+    if not (root / "images").is_dir():
+        raise DataError(f"data.root={root} has no images/ folder (expected layout: {LAYOUT})")
+    images, masks = _pairs(root / "images", root / "masks")
+    if not 0 < cfg.val_fraction < 1:
+        raise DataError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if len(images) < 2:
+        raise DataError(f"{root / 'images'} holds {len(images)} image; a train/val hold-out needs at least 2")
+    order = np.random.default_rng(cfg.seed).permutation(len(images))
+    n_val = min(len(images) - 1, max(1, int(round(len(images) * cfg.val_fraction))))
+    val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+    return ([images[i] for i in train_idx], [masks[i] for i in train_idx]), ([images[i] for i in val_idx], [masks[i] for i in val_idx])
+
+
+def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+    root = resolve_root(cfg, LAYOUT)
+    meta = read_classes(root)
+    k = cfg.num_classes
+    names = list(cfg.class_names) if cfg.class_names is not None else meta.get("names")
+    if names is not None and len(names) != k:
+        src = "data.class_names" if cfg.class_names is not None else str(meta["path"])
+        raise DataError(f"{src} lists {len(names)} classes but data.num_classes={k}: set data.num_classes={len(names)}")
+    names = names or [f"class{i}" for i in range(k)]
+    colours = palette_array(cfg.palette, "data.palette") if cfg.palette is not None else meta.get("palette")
+    if colours is not None and len(colours) != k:
+        src = "data.palette" if cfg.palette is not None else f"{meta['path']} palette"
+        raise DataError(f"{src} has {len(colours)} colours but data.num_classes={k}: give one [r, g, b] per class")
+    palette = colours if colours is not None else default_palette(k)
+    lut = label_map_lut(cfg.label_map)
+    (tr_i, tr_m), (va_i, va_m) = splits(root, cfg)
+    common = dict(lut=lut, colour_palette=colours, ignore_color=meta.get("ignore_color"), ignore_index=cfg.ignore_index)
+    train = DiskDataset(tr_i, tr_m, names, palette, transforms.standard_train(cfg), seed, **common)
+    val = DiskDataset(va_i, va_m, names, palette, transforms.standard_val(cfg), seed, **common)
+    train.kind = val.kind = "folder"
+    return train, val

@@ -1,0 +1,73 @@
+"""PASCAL VOC 2012 segmentation: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass,
+ImageSets/Segmentation/<split>.txt}``.  Masks are palette PNGs read as class indices;
+255 (object boundaries) is ignored.  ``data.root`` may be the folder holding
+VOCdevkit, VOCdevkit itself, or VOC2012.
+
+``data=voc_aug``: trains on the SBD-augmented set already converted to
+``VOC2012/SegmentationClassAug/*.png`` (index PNGs) with the list
+``ImageSets/Segmentation/<data.train_split>.txt`` (default ``aug``: 10,582 ids, VOC val
+excluded), as mmseg's ``tools/dataset_converters/voc_aug.py`` writes them; validates on
+VOC ``val`` with ``SegmentationClass``.  (segtrain has no converter of its own.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from segtrain.data import transforms
+from segtrain.data.checks import DiskDataset, label_map_lut, read_list, resolve_root
+from segtrain.errors import DataError
+from segtrain.logger import default_palette
+
+CLASS_NAMES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+PALETTE = default_palette(len(CLASS_NAMES))
+LAYOUT = "ROOT/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/{train,val}.txt}"
+AUG_LAYOUT = "ROOT/VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug,ImageSets/Segmentation/aug.txt} (+ SegmentationClass, val.txt)"
+
+
+def find_voc2012(root: Path) -> Path:
+    for cand in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise DataError(f"data.root={root} holds no VOC data: no JPEGImages folder in it, VOCdevkit/VOC2012 or VOC2012 "
+                    f"(expected layout: {LAYOUT})")
+
+
+def voc_split(base: Path, split: str, transform, seed: int, lut, ignore_index: int, mask_dir: str = "SegmentationClass",
+              layout: str = LAYOUT) -> DiskDataset:
+    names = read_list(base / "ImageSets" / "Segmentation" / f"{split}.txt", layout)
+    images = [base / "JPEGImages" / f"{n}.jpg" for n in names]
+    masks = [base / mask_dir / f"{n}.png" for n in names]
+    for kind, paths in (("image", images), ("mask", masks)):
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} {kind}(s) listed in ImageSets/Segmentation/{split}.txt are missing, "
+                            f"e.g. {missing[0]} (expected layout: {layout})")
+    ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index)
+    ds.kind = "voc"
+    return ds
+
+
+def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+    base = find_voc2012(resolve_root(cfg, LAYOUT))
+    lut = label_map_lut(cfg.label_map)
+    train = voc_split(base, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index)
+    val = voc_split(base, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index)
+    return train, val
+
+
+def build_aug(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+    base = find_voc2012(resolve_root(cfg, AUG_LAYOUT))
+    if not (base / "SegmentationClassAug").is_dir():
+        raise DataError(f"{base / 'SegmentationClassAug'} is missing: convert SBD first, e.g. with mmseg's "
+                        f"tools/dataset_converters/voc_aug.py (expected layout: {AUG_LAYOUT})")
+    lut = label_map_lut(cfg.label_map)
+    train = voc_split(base, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index,
+                      mask_dir="SegmentationClassAug", layout=AUG_LAYOUT)
+    val = voc_split(base, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
+    train.kind = "voc_aug"
+    return train, val

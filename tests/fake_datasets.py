@@ -1,0 +1,144 @@
+"""Miniature on-disk data set trees (real JPEG/PNG files) for the data set tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from PIL import Image
+
+from segtrain.logger import default_palette
+
+SIZES = [(61, 83), (50, 70), (64, 48), (72, 90)]  # (h, w), odd on purpose
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _mask(h: int, w: int, values: list[int], border: int | None = None) -> np.ndarray:
+    """Vertical bands of ``values``; an optional 2-px ``border`` value around the first band."""
+    m = np.zeros((h, w), np.uint8)
+    for i, v in enumerate(values):
+        m[:, i * w // len(values):(i + 1) * w // len(values)] = v
+    if border is not None:
+        x = w // len(values)
+        m[:, max(0, x - 1):x + 1] = border
+    return m
+
+
+def write_jpeg(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    assert cv2.imwrite(str(path), arr)
+
+
+def write_png(path: Path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """A grayscale PNG, an RGB PNG (HxWx3), or a palette ("P") PNG when ``palette`` is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(mask)
+    if palette is not None:
+        im.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+        assert im.mode == "P"
+    im.save(path)
+
+
+def write_voc(root: Path, n_train: int = 4, n_val: int = 2, bad_value: int | None = None, aug: bool = False) -> dict[str, np.ndarray]:
+    """``root/VOCdevkit/VOC2012``; image 0 is a grayscale JPEG; masks are palette PNGs with 255 borders.
+    ``aug``: also SegmentationClassAug (grayscale PNGs) for the training ids + aug.txt.
+    Returns {name: expected mask}."""
+    base = root / "VOCdevkit" / "VOC2012"
+    pal = default_palette(256)
+    expected = {}
+    names = [f"2007_{i:06d}" for i in range(n_train + n_val)]
+    for i, name in enumerate(names):
+        h, w = SIZES[i % len(SIZES)]
+        img = _image(h, w, i)
+        write_jpeg(base / "JPEGImages" / f"{name}.jpg", img[..., 0] if i == 0 else img)
+        mask = _mask(h, w, [0, 1 + i % 20, 15], border=255)
+        if bad_value is not None and i == 1:
+            mask[:5, :5] = bad_value
+        write_png(base / "SegmentationClass" / f"{name}.png", mask, pal)
+        if aug and i < n_train:
+            write_png(base / "SegmentationClassAug" / f"{name}.png", mask)
+        expected[name] = mask
+    sets = base / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / "train.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (sets / "val.txt").write_text("\n".join(names[n_train:]) + "\n")
+    (sets / "trainval.txt").write_text("\n".join(names) + "\n")
+    if aug:
+        (sets / "aug.txt").write_text("\n".join(names[:n_train]) + "\n")
+    return expected
+
+
+def write_cityscapes(root: Path) -> dict[str, np.ndarray]:
+    """labelId masks: road (7), car (26), person (24), unlabelled (0), bicycle (33)."""
+    expected = {}
+    for split, cities in (("train", ["aachen", "bonn"]), ("val", ["frankfurt"])):
+        for ci, city in enumerate(cities):
+            for j in range(2 if split == "train" else 1):
+                h, w = SIZES[(ci + j) % len(SIZES)]
+                stem = f"{city}_{j:06d}_000019"
+                write_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", _image(h, w, ci * 10 + j))
+                mask = _mask(h, w, [7, 26, 24, 0, 33])
+                write_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", mask)
+                expected[stem] = mask
+    return expected
+
+
+def write_ade(root: Path) -> dict[str, np.ndarray]:
+    base = root / "ADEChallengeData2016"
+    expected = {}
+    for split, n in (("training", 3), ("validation", 2)):
+        for i in range(n):
+            h, w = SIZES[i % len(SIZES)]
+            stem = f"ADE_{split[:5]}_{i:08d}"
+            write_jpeg(base / "images" / split / f"{stem}.jpg", _image(h, w, i))
+            mask = _mask(h, w, [0, 1, 150, 13])
+            write_png(base / "annotations" / split / f"{stem}.png", mask)
+            expected[stem] = mask
+    return expected
+
+
+FOLDER_PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+
+
+def write_folder(root: Path, masks: str = "index", layout: str = "flat", n: int = 6, num_classes: int = 3,
+                 classes_yaml: bool = True) -> dict[str, np.ndarray]:
+    """``masks``: index (grayscale PNG), rgb (colours of FOLDER_PALETTE), binary (0/255).
+    ``layout``: flat (images/ + masks/), lists (+ train.txt/val.txt), dirs (train|val/{images,masks})."""
+    exts = [".jpg", ".PNG", ".jpeg", ".JPG", ".png", ".bmp"]
+    expected = {}
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        stem = f"img_{i:02d}"
+        sub = root if layout != "dirs" else root / ("val" if i >= n - 2 else "train")
+        ext = exts[i % len(exts)]
+        img = _image(h, w, i)
+        if ext.lower() in (".jpg", ".jpeg"):
+            write_jpeg(sub / "images" / f"{stem}{ext}", img)
+        else:
+            (sub / "images").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(sub / "images" / f"{stem}{ext}"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        if masks == "binary":
+            idx = _mask(h, w, [0, 1])
+            write_png(sub / "masks" / f"{stem}.png", (idx * 255).astype(np.uint8))
+        else:
+            idx = _mask(h, w, list(range(num_classes)))
+            if masks == "rgb":
+                write_png(sub / "masks" / f"{stem}.png", FOLDER_PALETTE[idx])
+            else:
+                write_png(sub / "masks" / f"{stem}.png", idx)
+        expected[stem] = idx
+    if layout == "lists":
+        stems = sorted(expected)
+        (root / "train.txt").write_text("\n".join(stems[:-2]) + "\n")
+        (root / "val.txt").write_text("\n".join(stems[-2:]) + "\n")
+    if classes_yaml:
+        names = ["background", "red", "green"][:num_classes]
+        (root / "classes.yaml").write_text(yaml.safe_dump({"names": names, "palette": FOLDER_PALETTE[:num_classes].tolist()}))
+    return expected

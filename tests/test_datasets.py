@@ -1,0 +1,302 @@
+"""On-disk data sets (VOC, Cityscapes, ADE20K, folder), the standard pipelines and the label check,
+on miniature real trees written by ``fake_datasets``."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_datasets import FOLDER_PALETTE, write_ade, write_cityscapes, write_folder, write_png, write_voc
+from omegaconf import OmegaConf
+from PIL import Image
+
+from segtrain.config import DataConfig
+from segtrain.data import build_datasets
+from segtrain.data import transforms as T
+from segtrain.data.base import seed_pipeline
+from segtrain.data.checks import cache_dir
+from segtrain.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def data_cfg(name: str, root, **over):
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml"))
+    cfg.root = None if root is None else str(root)
+    cfg.crop_size, cfg.batch_size = 32, 2
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v, merge=False)
+    return cfg
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# --- layouts ---------------------------------------------------------------------------------------
+
+
+def test_voc_loads_palette_indices_and_grayscale_jpeg(tmp_path):
+    expected = write_voc(tmp_path)
+    train, val = build_datasets(data_cfg("voc", tmp_path), seed=0)
+    assert len(train) == 4 and len(val) == 2 and len(train.class_names) == 21 and train.palette.shape == (21, 3)
+    assert train.palette[1].tolist() == [128, 0, 0] and train.class_names[15] == "person"
+    for i in range(len(train)):
+        image, mask = train.load(i)
+        name = Path(train.describe(i)).stem
+        assert image.dtype == np.uint8 and image.shape == (*expected[name].shape, 3)  # grayscale JPEG -> 3 channels
+        np.testing.assert_array_equal(mask, expected[name])
+    assert 255 in np.unique(train.load(0)[1])
+    # validation keeps the whole (odd-sized) image
+    img, mask = val[0]
+    assert tuple(img.shape) == (3, *expected[Path(val.describe(0)).stem].shape)
+
+
+@pytest.mark.parametrize("sub", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
+def test_voc_root_variants(tmp_path, sub):
+    write_voc(tmp_path)
+    train, _ = build_datasets(data_cfg("voc", tmp_path / sub), seed=0)
+    assert len(train) == 4
+
+
+def test_voc_trainval_split(tmp_path):
+    write_voc(tmp_path)
+    train, _ = build_datasets(data_cfg("voc", tmp_path, train_split="trainval"), seed=0)
+    assert len(train) == 6
+
+
+def test_voc_aug(tmp_path):
+    expected = write_voc(tmp_path, aug=True)
+    train, val = build_datasets(data_cfg("voc_aug", tmp_path), seed=0)
+    assert len(train) == 4 and len(val) == 2 and "SegmentationClassAug" in str(train.masks[0])
+    np.testing.assert_array_equal(train.load(1)[1], expected[Path(train.describe(1)).stem])
+    write_voc(tmp_path / "plain")
+    with pytest.raises(DataError, match="SegmentationClassAug is missing"):
+        build_datasets(data_cfg("voc_aug", tmp_path / "plain"), seed=0)
+
+
+def test_cityscapes_trainid_mapping(tmp_path):
+    expected = write_cityscapes(tmp_path)
+    train, val = build_datasets(data_cfg("cityscapes", tmp_path), seed=0)
+    assert len(train) == 4 and len(val) == 1 and len(train.class_names) == 19 and train.class_names[13] == "car"
+    _, mask = train.load(0)
+    raw = expected[Path(train.describe(0)).name.replace("_leftImg8bit.png", "")]
+    for label_id, train_id in ((7, 0), (26, 13), (24, 11), (0, 255), (33, 18)):
+        assert (mask[raw == label_id] == train_id).all()
+
+
+def test_ade20k_reduce_zero_label(tmp_path):
+    expected = write_ade(tmp_path)
+    train, val = build_datasets(data_cfg("ade20k", tmp_path), seed=0)
+    assert len(train) == 3 and len(val) == 2 and len(train.class_names) == 150 and train.class_names[0] == "wall"
+    _, mask = train.load(1)
+    raw = expected[Path(train.describe(1)).stem]
+    for raw_v, v in ((0, 255), (1, 0), (150, 149), (13, 12)):
+        assert (mask[raw == raw_v] == v).all()
+
+
+@pytest.mark.parametrize("layout,n_train,n_val", [("flat", 5, 1), ("lists", 4, 2), ("dirs", 4, 2)])
+def test_folder_layouts_and_rgb_masks(tmp_path, layout, n_train, n_val):
+    expected = write_folder(tmp_path, masks="rgb", layout=layout)
+    train, val = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
+    assert (len(train), len(val)) == (n_train, n_val)
+    assert train.class_names == ["background", "red", "green"] and train.palette.tolist() == FOLDER_PALETTE.tolist()
+    for ds in (train, val):
+        for i in range(len(ds)):
+            image, mask = ds.load(i)
+            np.testing.assert_array_equal(mask, expected[Path(ds.describe(i)).stem])
+
+
+def test_folder_holdout_is_seeded(tmp_path):
+    write_folder(tmp_path, n=10)
+    a = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)[1]
+    b = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=5)[1]  # training seed: same split
+    c = build_datasets(data_cfg("folder", tmp_path, num_classes=3, seed=1, val_fraction=0.3), seed=0)[1]
+    assert a.images == b.images and len(a) == 1 and len(c) == 3
+
+
+def test_folder_unknown_colour_names_file_and_colour(tmp_path):
+    write_folder(tmp_path, masks="rgb")
+    bad = tmp_path / "masks" / "img_03.png"
+    rgb = np.array(Image.open(bad).convert("RGB"))
+    rgb[0, 0] = (1, 2, 3)
+    write_png(bad, rgb)
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
+    msg = one_line_error(e)
+    assert "img_03.png" in msg and "(1, 2, 3)" in msg
+
+
+def test_folder_classes_yaml_count_must_match(tmp_path):
+    write_folder(tmp_path)
+    with pytest.raises(DataError, match=r"set data.num_classes=3"):
+        build_datasets(data_cfg("folder", tmp_path, num_classes=4), seed=0)
+
+
+def test_folder_binary_masks_hint_then_label_map(tmp_path):
+    expected = write_folder(tmp_path, masks="binary", classes_yaml=False)
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("folder", tmp_path, num_classes=2), seed=0)
+    assert "data.label_map={255:1}" in one_line_error(e) and "masks look binary" in str(e.value)
+    train, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=2, label_map={255: 1}), seed=0)
+    _, mask = train.load(0)
+    np.testing.assert_array_equal(mask, expected[Path(train.describe(0)).stem])
+
+
+# --- label check and errors ---------------------------------------------------------------------
+
+
+def test_value_beyond_num_classes_names_file(tmp_path):
+    write_voc(tmp_path, bad_value=40)
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("voc", tmp_path), seed=0)
+    msg = one_line_error(e)
+    assert "2007_000001.png" in msg and "[40]" in msg and "data.num_classes=41" in msg
+    build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)  # switched off: no error
+    build_datasets(data_cfg("voc", tmp_path, label_map={40: 255}), seed=0)
+
+
+def test_label_check_is_cached(tmp_path):
+    write_voc(tmp_path)
+    build_datasets(data_cfg("voc", tmp_path), seed=0)
+    files = list(cache_dir().glob("*.json"))
+    assert len(files) == 1
+    build_datasets(data_cfg("voc", tmp_path), seed=0)
+    assert list(cache_dir().glob("*.json")) == files
+    build_datasets(data_cfg("voc", tmp_path, num_classes=22, class_names=None), seed=0)  # a new key
+    assert len(list(cache_dir().glob("*.json"))) == 2
+
+
+def test_missing_split_file(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink()
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("voc", tmp_path), seed=0)
+    assert "val.txt is missing" in one_line_error(e) and "expected layout" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["voc", "cityscapes", "ade20k", "folder"])
+def test_empty_missing_and_null_root(tmp_path, name):
+    (tmp_path / "empty").mkdir()
+    for root, text in ((tmp_path / "empty", "expected layout"), (tmp_path / "nope", "does not exist"), (None, "needs data.root")):
+        with pytest.raises(DataError) as e:
+            build_datasets(data_cfg(name, root), seed=0)
+        assert text in one_line_error(e)
+
+
+def test_size_mismatch(tmp_path):
+    write_ade(tmp_path)
+    ann = tmp_path / "ADEChallengeData2016/annotations/validation/ADE_valid_00000001.png"
+    write_png(ann, np.ones((10, 12), np.uint8))
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("ade20k", tmp_path), seed=0)
+    msg = one_line_error(e)
+    assert "ADE_valid_00000001" in msg and "same size" in msg
+
+
+def test_truncated_jpeg(tmp_path):
+    write_voc(tmp_path)
+    jpg = tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000002.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("voc", tmp_path), seed=0)
+    assert "2007_000002.jpg" in one_line_error(e)
+
+
+def test_unreadable_image_at_load(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000002.jpg").write_bytes(b"not a jpeg")
+    train, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
+    with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):
+        train.load(2)
+
+
+def test_crop_size_needed_for_batches(tmp_path):
+    write_voc(tmp_path)
+    with pytest.raises(ConfigError, match="data.crop_size"):
+        build_datasets(data_cfg("voc", tmp_path, crop_size=None), seed=0)
+
+
+# --- pipelines --------------------------------------------------------------------------------------
+
+
+def test_standard_train_pipeline_crops_pads_and_is_seeded():
+    cfg = data_cfg("voc", None, crop_size=[40, 48], base_size=[30, 60], scale_range=[0.5, 1.0])
+    pipe = T.standard_train(cfg)
+    img = np.full((61, 83, 3), 200, np.uint8)
+    mask = np.zeros((61, 83), np.uint8)
+    mask[:, 40:] = 3
+    outs = []
+    for s in (1, 1, 2):
+        seed_pipeline(pipe, s)
+        outs.append(pipe(image=img, mask=mask))
+    for o in outs:
+        assert o["image"].shape == (40, 48, 3) and o["mask"].shape == (40, 48) and o["image"].dtype == np.uint8
+        assert (o["mask"] == 255).any()  # smaller than the crop after the rescale: padded with ignore_index
+    np.testing.assert_array_equal(outs[0]["image"], outs[1]["image"])
+
+
+def test_cat_max_ratio_redraws_crop():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:, 50:] = 1
+    image = np.zeros((100, 100, 3), np.uint8)
+
+    def mixed(ratio: float) -> int:
+        crop, hits = T.CatMaxRatioCrop(40, 40, cat_max_ratio=ratio), 0
+        for s in range(40):
+            crop.set_random_seed(s)
+            out = crop(image=image, mask=mask)["mask"]
+            hits += out.shape == (40, 40) and max((out == 1).mean(), (out == 0).mean()) < 0.75
+        return hits
+
+    # one draw gives a crop where neither class fills 75% ~1 time in 3; up to 10 re-draws make it ~always
+    assert mixed(1.0) < 22 and mixed(0.75) >= 34
+
+
+def test_val_pipeline_and_custom_pipeline():
+    assert T.standard_val(data_cfg("voc", None)) is None
+    out = T.standard_val(data_cfg("voc", None, val_size=32))(image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8))
+    assert out["image"].shape[0] == 32 and out["mask"].shape[0] == 32
+    cfg = data_cfg("voc", None, train_pipeline=[{"_target_": "albumentations.CenterCrop", "height": 16, "width": 16}])
+    out = T.standard_train(cfg)(image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8))
+    assert out["image"].shape == (16, 16, 3)
+    with pytest.raises(ConfigError, match="Normalize"):
+        T.standard_train(data_cfg("voc", None, train_pipeline=[{"_target_": "albumentations.Normalize"}]))
+
+
+# --- the CLI ------------------------------------------------------------------------------------------
+
+FAST = ["debug=smoke", "data.crop_size=32", "data.base_size=48", "trainer.max_iters=2", "model.base_channels=4",
+        "trainer.num_vis=0", "trainer.progress=false", "device=cpu", "data.batch_size=2"]
+
+
+@pytest.mark.parametrize("name,writer,extra", [
+    ("voc", write_voc, []),
+    ("cityscapes", write_cityscapes, []),
+    ("ade20k", write_ade, []),
+    ("folder", write_folder, ["data.num_classes=3"]),
+])
+def test_cli_trains_on_each_tree(cli, name, writer, extra):
+    root = cli.cwd / "data"
+    writer(root)
+    proc, run = cli(f"data={name}", f"data.root={root}", *FAST, *extra, env={"SEGTRAIN_CACHE": str(cli.cwd / "cache")})
+    assert (run / "metrics.json").is_file(), proc.stdout
+
+
+def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
+    root = cli.cwd / "data"
+    write_folder(root, masks="binary", classes_yaml=False)
+    env = {"SEGTRAIN_CACHE": str(cli.cwd / "cache")}
+    proc, _ = cli("data=folder", f"data.root={root}", *FAST, check=False, env=env)
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("segtrain: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr and "masks" in err[0] and "img_0" in err[0] and "data.label_map={255:1}" in err[0]
+    proc, run = cli("data=folder", f"data.root={root}", *FAST, "data.label_map={255:1}", env=env)
+    assert (run / "metrics.json").is_file()
