@@ -1,0 +1,431 @@
+"""``segtrain-data``: download, verify, extract and convert data sets into the layouts segtrain reads.
+
+* ``segtrain-data voc --root DIR``: PASCAL VOC 2012 trainval (``DIR/VOCdevkit/VOC2012``).
+* ``segtrain-data sbd --root DIR``: SBD (``benchmark.tgz``) converted to
+  ``VOC2012/SegmentationClassAug/*.png`` + ``ImageSets/Segmentation/aug.txt`` for ``data=voc_aug``
+  (like mmseg's ``tools/dataset_converters/voc_aug.py``); needs VOC in ``DIR`` first.
+* ``segtrain-data cityscapes --root DIR``: ``*_gtFine_labelTrainIds.png`` next to every
+  ``*_gtFine_labelIds.png`` (no download: Cityscapes needs a login).
+
+Archives are md5-verified (``--md5`` overrides the expected sum, ``--no-verify`` skips it) and
+extracted safely (absolute paths, ``..`` and links leaving the root are refused).  Every failure is
+one line on stderr, ``segtrain-data: error: ...``, with a non-zero exit (progress goes to stdout);
+``SEGTRAIN_DATA_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import sys
+import tarfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from segtrain.errors import DataError, SegtrainError
+
+PROG = "segtrain-data"
+TIMEOUT_S = 10.0
+
+VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
+VOC_LAYOUT = "DIR/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}"
+SBD_URL = "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
+SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
+SBD_LAYOUT = "DIR/benchmark_RELEASE/dataset/{cls/*.mat,train.txt,val.txt}"
+CITYSCAPES_LAYOUT = "DIR/gtFine/{train,val,test}/CITY/*_gtFine_labelIds.png (+ DIR/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png)"
+CITYSCAPES_ZIPS = "gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip"
+
+MARKER_DIR = ".segtrain-data"
+
+
+# ----------------------------------------------------------------------------------------------------- download
+
+
+def _resolve_host(host: str, port: int, timeout: float) -> None:
+    """Resolve ``host`` in a daemon thread so that a stuck resolver cannot hang the command."""
+    result: dict[str, BaseException | None] = {"err": None}
+
+    def work():
+        try:
+            socket.getaddrinfo(host, port)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            result["err"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise OSError(f"resolving {host} timed out after {timeout:.0f} s")
+    if result["err"] is not None:
+        raise OSError(f"cannot resolve {host}: {result['err']}")
+
+
+def download(url: str, dest: Path, timeout: float = TIMEOUT_S) -> Path:
+    """Fetch ``url`` into ``dest`` (via ``dest.part``); every socket operation times out after ``timeout`` s."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise OSError(f"not an http(s) URL: {url}")
+    if not (os.environ.get("http_proxy") or os.environ.get("HTTP_PROXY") or os.environ.get("https_proxy")
+            or os.environ.get("HTTPS_PROXY")):
+        _resolve_host(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), timeout)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    req = urllib.request.Request(url, headers={"User-Agent": "segtrain-data"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as f:
+        total = int(resp.headers.get("Content-Length") or 0)
+        done = 0
+        last = -1
+        while True:
+            chunk = resp.read(1 << 20)
+            if not chunk:
+                break
+            f.write(chunk)
+            done += len(chunk)
+            if total and sys.stdout.isatty():
+                pct = 100 * done // total
+                if pct != last:
+                    print(f"\r{dest.name}: {pct}% of {total / 2**20:.0f} MiB", end="", file=sys.stdout, flush=True)
+                    last = pct
+        if total and sys.stdout.isatty():
+            print(file=sys.stdout)
+    if total and done != total:
+        raise OSError(f"download of {url} stopped after {done} of {total} bytes")
+    part.replace(dest)
+    return dest
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name: str, layout: str,
+                  what: str, sub: str) -> Path:
+    """The verified archive: ``--archive`` or ``root/name`` if present, else downloaded from ``url``."""
+    expected = (args.md5 or md5).lower()
+    if args.archive is not None:
+        path = Path(args.archive).expanduser()
+        if not path.is_file():
+            raise DataError(f"--archive {path} is not a file")
+    else:
+        path = root / name
+        if not path.is_file():
+            print(f"{PROG}: downloading {url} -> {path}", file=sys.stdout)
+            try:
+                download(url, path)
+            except (OSError, urllib.error.URLError, ValueError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise DataError(f"cannot download {what} from {url} ({reason}); fetch it by hand and run "
+                                f"'{PROG} {sub} --root {root} --archive /path/to/{name}' (expected layout "
+                                f"after extraction: {layout})") from e
+    if args.no_verify:
+        print(f"{PROG}: not verifying {path} (--no-verify)", file=sys.stdout)
+    else:
+        got = md5sum(path)
+        if got != expected:
+            raise DataError(f"{path} is corrupt or incomplete: md5 {got} != expected {expected}; delete it and "
+                            f"download {url} again (or pass --md5 / --no-verify for a different archive)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- extract
+
+
+def _unsafe_name(name: str) -> bool:
+    p = PurePosixPath(name.replace("\\", "/"))
+    return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar(.gz) into ``dest``, refusing absolute paths, ``..``, links leaving ``dest`` and devices."""
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                if _unsafe_name(m.name):
+                    raise DataError(f"refusing to extract {archive}: member {m.name!r} has an absolute path or '..'")
+                if m.issym() or m.islnk():
+                    target = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
+                    if _unsafe_name(m.linkname) or ".." in PurePosixPath(os.path.normpath(str(target))).parts:
+                        raise DataError(f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} "
+                                        f"points outside the extraction folder")
+                if m.isdev() or m.isfifo():
+                    raise DataError(f"refusing to extract {archive}: member {m.name!r} is a device or FIFO")
+            dest.mkdir(parents=True, exist_ok=True)
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - Python without PEP 706
+                tf.extractall(dest, members=members)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, tarfile.FilterError):
+            raise DataError(f"refusing to extract {archive}: {e}") from e
+        raise DataError(f"cannot extract {archive}: {e} (corrupt or not a tar archive?)") from e
+
+
+def extract_once(archive: Path, root: Path, done_check, tag: str, force: bool) -> None:
+    """Extract unless already done: a marker from a finished run, or ``done_check()`` true without an unfinished run."""
+    markers = root / MARKER_DIR
+    done, running = markers / f"{tag}.extracted", markers / f"{tag}.extracting"
+    if not force and (done.exists() or (done_check() and not running.exists())):
+        print(f"{PROG}: {tag} already extracted in {root}; skipping (--force re-extracts)", file=sys.stdout)
+        return
+    markers.mkdir(parents=True, exist_ok=True)
+    running.touch()
+    print(f"{PROG}: extracting {archive} -> {root}", file=sys.stdout)
+    safe_extract(archive, root)
+    running.unlink()
+    done.touch()
+
+
+# ----------------------------------------------------------------------------------------------------- VOC
+
+
+def voc_base(root: Path) -> Path:
+    return root / "VOCdevkit" / "VOC2012"
+
+
+def voc_complete(root: Path) -> bool:
+    base = voc_base(root)
+    return all((base / d).is_dir() for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))
+
+
+def cmd_voc(args: argparse.Namespace) -> None:
+    root = Path(args.root).expanduser()
+    if not args.force and voc_complete(root) and args.archive is None:
+        print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", VOC_LAYOUT,
+                            "PASCAL VOC 2012", "voc")
+    extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
+    if not voc_complete(root):
+        raise DataError(f"{archive} did not yield the expected layout {VOC_LAYOUT} under {root}")
+    print(f"{PROG}: VOC 2012 ready: data=voc data.root={root}", file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------- SBD
+
+
+def _read_ids(path: Path, layout: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing (expected layout: {layout})")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _convert_mat(job: tuple[str, str]) -> str | None:
+    """SBD ``cls/ID.mat`` -> index PNG; returns an error message or None."""
+    src, dst = job
+    try:
+        from PIL import Image
+        from scipy.io import loadmat
+
+        seg = loadmat(src)["GTcls"][0]["Segmentation"][0]
+        seg = np.asarray(seg)
+        if seg.ndim != 2:
+            return f"{src}: GTcls.Segmentation has shape {seg.shape}, expected HxW"
+        Image.fromarray(seg.astype(np.uint8)).save(dst)
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        return f"cannot convert {src}: {type(e).__name__}: {e}"
+    return None
+
+
+def _copy_voc_png(job: tuple[str, str]) -> str | None:
+    """VOC palette PNG -> index (grayscale) PNG."""
+    src, dst = job
+    try:
+        from PIL import Image
+
+        with Image.open(src) as im:
+            if im.mode not in ("P", "L"):
+                return f"{src}: mode {im.mode}, expected a palette (P) or index (L) PNG"
+            arr = np.array(im)
+        Image.fromarray(arr.astype(np.uint8)).save(dst)
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        return f"cannot convert {src}: {type(e).__name__}: {e}"
+    return None
+
+
+def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
+    if not jobs:
+        return
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        errors = [r for r in map(fn, jobs) if r]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            errors = [r for r in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))) if r]
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+
+
+def cmd_sbd(args: argparse.Namespace) -> None:
+    root = Path(args.root).expanduser()
+    if not voc_complete(root):
+        raise DataError(f"no PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first "
+                        f"(expected layout: {VOC_LAYOUT})")
+    try:
+        import scipy.io  # noqa: F401
+    except ImportError as e:
+        raise DataError("the SBD conversion needs scipy: pip install scipy") from e
+    sbd = root / "benchmark_RELEASE" / "dataset"
+
+    def sbd_complete() -> bool:
+        return (sbd / "cls").is_dir() and (sbd / "train.txt").is_file() and (sbd / "val.txt").is_file()
+
+    if args.force or args.archive is not None or not sbd_complete():
+        archive = fetch_archive(args, root, SBD_URL, SBD_MD5, "benchmark.tgz", SBD_LAYOUT, "SBD", "sbd")
+        extract_once(archive, root, sbd_complete, "sbd", args.force)
+    if not sbd_complete():
+        raise DataError(f"SBD is incomplete in {root} (expected layout: {SBD_LAYOUT})")
+
+    base = voc_base(root)
+    sets = base / "ImageSets" / "Segmentation"
+    voc_train = _read_ids(sets / "train.txt", VOC_LAYOUT)
+    voc_val = _read_ids(sets / "val.txt", VOC_LAYOUT)
+    sbd_ids = _read_ids(sbd / "train.txt", SBD_LAYOUT) + _read_ids(sbd / "val.txt", SBD_LAYOUT)
+    aug = sorted(set(sbd_ids + voc_train) - set(voc_val))
+
+    out = base / "SegmentationClassAug"
+    out.mkdir(parents=True, exist_ok=True)
+    mats = sorted((sbd / "cls").glob("*.mat"))
+    if not mats:
+        raise DataError(f"{sbd / 'cls'} holds no .mat files (expected layout: {SBD_LAYOUT})")
+    workers = args.workers or min(8, os.cpu_count() or 1)
+    print(f"{PROG}: converting {len(mats)} SBD masks -> {out} ({workers} workers)", file=sys.stdout)
+    _run_jobs(_convert_mat, [(str(m), str(out / f"{m.stem}.png")) for m in mats], workers)
+    # VOC's own annotations come second, so they win where an image is in both
+    voc_pngs = sorted((base / "SegmentationClass").glob("*.png"))
+    print(f"{PROG}: copying {len(voc_pngs)} VOC masks as index PNGs -> {out}", file=sys.stdout)
+    _run_jobs(_copy_voc_png, [(str(p), str(out / p.name)) for p in voc_pngs], workers)
+
+    no_mask = [n for n in aug if not (out / f"{n}.png").is_file()]
+    no_img = [n for n in aug if not (base / "JPEGImages" / f"{n}.jpg").is_file()]
+    if no_mask or no_img:
+        kind, missing = ("mask", no_mask) if no_mask else ("image", no_img)
+        raise DataError(f"{len(missing)} id(s) of the aug list have no {kind}, e.g. {missing[0]} "
+                        f"(SBD and VOC in {root} do not match)")
+    (sets / "aug.txt").write_text("".join(f"{n}\n" for n in aug))
+    print(f"{PROG}: wrote {sets / 'aug.txt'} ({len(aug)} ids); ready: data=voc_aug data.root={root}", file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------- Cityscapes
+
+
+def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
+    src, dst = job
+    try:
+        from PIL import Image
+
+        with Image.open(src) as im:
+            arr = np.array(im)
+        if arr.ndim != 2:
+            return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
+        Image.fromarray(lut[arr.astype(np.uint8)]).save(dst)
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        return f"cannot convert {src}: {type(e).__name__}: {e}"
+    return None
+
+
+def cmd_cityscapes(args: argparse.Namespace) -> None:
+    root = Path(args.root).expanduser()
+    hint = (f"Cityscapes needs a login, so {PROG} cannot download it: get {CITYSCAPES_ZIPS} from "
+            f"https://www.cityscapes-dataset.com/downloads/ and unzip both into {root} (expected layout: "
+            f"{CITYSCAPES_LAYOUT})")
+    cands = [c for c in (root, root / "cityscapes") if (c / "gtFine").is_dir()]
+    if not cands:
+        raise DataError(f"no gtFine/ folder in {root}. {hint}")
+    base = cands[0]
+    labels = sorted((base / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
+    if not labels:
+        raise DataError(f"{base / 'gtFine'} holds no SPLIT/CITY/*_gtFine_labelIds.png. {hint}")
+    jobs = []
+    for p in labels:
+        dst = p.with_name(p.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
+        if args.force or not dst.is_file():
+            jobs.append((str(p), str(dst)))
+    workers = args.workers or min(8, os.cpu_count() or 1)
+    print(f"{PROG}: writing {len(jobs)} labelTrainIds PNGs ({len(labels) - len(jobs)} already there) "
+          f"({workers} workers)", file=sys.stdout)
+    from segtrain.data.cityscapes import trainid_lut  # the table training uses
+
+    _run_jobs(partial(_trainid_png, lut=trainid_lut(255)), jobs, workers)
+    if not (base / "leftImg8bit").is_dir():
+        print(f"{PROG}: warning: {base / 'leftImg8bit'} is missing; training needs it too ({hint})", file=sys.stdout)
+    print(f"{PROG}: Cityscapes labels ready: data=cityscapes data.root={base}", file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        print(f"{PROG}: error: {message} (see {PROG} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Download, verify, extract and convert data sets for segtrain.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{voc,sbd,cityscapes}", parser_class=_Parser)
+
+    def archive_opts(sp, what):
+        sp.add_argument("--root", required=True, help="folder that receives the data (data.root for training)")
+        sp.add_argument("--archive", metavar="PATH", help=f"use this local {what} instead of downloading")
+        sp.add_argument("--md5", metavar="HEX", help="expected md5 of the archive (default: the official one)")
+        sp.add_argument("--no-verify", action="store_true", help="skip the md5 check")
+        sp.add_argument("--force", action="store_true", help="download/extract again even if already done")
+
+    v = sub.add_parser("voc", help="PASCAL VOC 2012 trainval -> ROOT/VOCdevkit/VOC2012")
+    archive_opts(v, "VOCtrainval_11-May-2012.tar")
+    v.add_argument("--url", default=VOC_URL, help=f"download URL (default: {VOC_URL})")
+    v.set_defaults(func=cmd_voc)
+
+    s = sub.add_parser("sbd", help="SBD benchmark.tgz -> VOC2012/SegmentationClassAug + aug.txt (data=voc_aug)")
+    archive_opts(s, "benchmark.tgz")
+    s.add_argument("--workers", type=int, default=0, help="conversion processes (default: min(8, CPUs))")
+    s.set_defaults(func=cmd_sbd)
+
+    c = sub.add_parser("cityscapes", help="gtFine labelIds -> labelTrainIds PNGs (no download: needs a login)")
+    c.add_argument("--root", required=True, help="folder holding gtFine/ and leftImg8bit/")
+    c.add_argument("--workers", type=int, default=0, help="conversion processes (default: min(8, CPUs))")
+    c.add_argument("--force", action="store_true", help="rewrite existing labelTrainIds PNGs")
+    c.set_defaults(func=cmd_cityscapes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "workers", 0) < 0:
+        print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("SEGTRAIN_DATA_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, SegtrainError):
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
