@@ -49,7 +49,7 @@ def compose(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray) ->
         region = image[y:y + size, x:x + size]
         image[y:y + size, x:x + size] = region * (1 - glyph) + ink * glyph
         fg = glyph > 0.35
-        band = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+        band = (cv2.dilate(fg.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & ~fg  # a 1-px outline outside the ink
         sub = mask[y:y + size, x:x + size]
         sub[fg] = labels[k] + 1
         sub[band] = 255
