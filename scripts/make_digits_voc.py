@@ -21,18 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-
-def voc_palette() -> list[int]:
-    pal = []
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+from segtrain.logger import default_palette
 
 
 def compose(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +59,7 @@ def main() -> None:
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (base / d).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    pal = voc_palette()
+    pal = default_palette(256).flatten().tolist()
     pools = {"train": (data.images[:1400], data.target[:1400]), "val": (data.images[1400:], data.target[1400:])}
     for split, n in (("train", args.train), ("val", args.val)):
         names = []

@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
@@ -377,8 +376,4 @@ def _version() -> str:
     return __version__
 
 
-def config_from_checkpoint(state: dict) -> DictConfig:
-    return OmegaConf.create(state["config"])
-
-
-__all__ = ["Trainer", "resolve_device", "F"]
+__all__ = ["Trainer", "resolve_device"]

@@ -26,9 +26,6 @@ def synthetic_train(cfg: DictConfig) -> A.Compose:
     return A.Compose(ops if cfg.augment else ops[2:])
 
 
-def no_augment(cfg: DictConfig) -> A.Compose | None:
-    return None
-
 
 # ---------------------------------------------------------------------------
 # On-disk data sets: the standard recipe (mmseg-style) and custom pipelines.
