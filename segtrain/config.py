@@ -92,6 +92,8 @@ class OptimizerConfig:
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    head_lr_mult: float = 1.0  # lr multiplier for everything outside the backbone (decoder, heads)
+    no_decay_norm_bias: bool = False  # no weight decay on norm layers and biases
 
 
 @dataclass
@@ -105,10 +107,16 @@ class SchedulerConfig:
 
 @dataclass
 class LossConfig:
-    name: str = MISSING  # ce
-    class_weights: list[float] | None = None
-    aux_weight: float = 0.4
-    label_smoothing: float = 0.0
+    name: str = MISSING  # ce | ohem | dice | focal, or a weighted sum of them such as ce+dice
+    weights: dict[str, float] | None = None  # per-term weights of a sum, e.g. {ce: 1.0, dice: 3.0}; default 1 each
+    class_weights: Any = None  # [w_0, ..., w_K-1], or "auto": median-frequency weights from the training masks
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss (same terms)
+    label_smoothing: float = 0.0  # ce, ohem
+    ohem_thresh: float = 0.7  # ohem: pixels whose true-class probability is below this are hard
+    ohem_min_kept: int = 100000  # ohem: keep at least this many pixels per batch (the hardest ones)
+    focal_gamma: float = 2.0  # focal: (1 - p_t) ** gamma
+    focal_alpha: float | None = None  # focal: optional scalar alpha
+    dice_smooth: float = 1.0  # dice: (2|X.Y| + s) / (|X| + |Y| + s)
 
 
 @dataclass
@@ -121,12 +129,24 @@ class DeviceConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How validation (during training) and ``segtrain-eval`` predict a full image."""
+
+    mode: str = "whole"  # whole: one forward pass per image | slide: overlapping crops, overlaps averaged
+    crop_size: Any = None  # slide: int or [h, w]; None: data.crop_size
+    stride: Any = None  # slide: int or [h, w]; None: 2/3 of the crop
+    scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time augmentation
+    flip: bool = False  # add horizontally flipped views (probabilities are averaged over views)
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int | None = 10
     max_iters: int | None = None  # wins over max_epochs when set
     val_interval: int | None = None  # iterations between validations; None: every epoch
     log_interval: int = 10  # iterations between TensorBoard scalars
     grad_clip: float | None = None  # max grad norm
+    accumulate: int = 1  # micro-batches per optimizer step (effective batch = data.batch_size x accumulate)
     resume: str | None = None  # PATH or "auto" (last.pt of this run dir, if any)
     deterministic: bool = False
     num_vis: int = 4  # images in the TensorBoard grid per validation
@@ -143,6 +163,7 @@ class SegtrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
     run_dir: str | None = None  # None: Hydra's run dir (the working directory of the job)
 
@@ -219,7 +240,13 @@ def validate(cfg: DictConfig) -> None:
     check(s.warmup_iters >= 0, f"scheduler.warmup_iters must be >= 0, got {s.warmup_iters}")
     check(0 < s.warmup_ratio <= 1, f"scheduler.warmup_ratio must be in (0, 1], got {s.warmup_ratio}")
 
-    if lo.class_weights is not None:
+    if isinstance(lo.class_weights, str):
+        check(lo.class_weights == "auto", f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}")
+    elif lo.class_weights is not None:
+        check(
+            isinstance(lo.class_weights, (list, ListConfig)),
+            f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}",
+        )
         check(
             len(lo.class_weights) == d.num_classes,
             f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}",
@@ -227,6 +254,22 @@ def validate(cfg: DictConfig) -> None:
         check(all(w >= 0 for w in lo.class_weights), "loss.class_weights must be >= 0")
     check(lo.aux_weight >= 0, f"loss.aux_weight must be >= 0, got {lo.aux_weight}")
     check(0 <= lo.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {lo.label_smoothing}")
+    check(0 < lo.ohem_thresh <= 1, f"loss.ohem_thresh must be in (0, 1], got {lo.ohem_thresh}")
+    check(lo.ohem_min_kept >= 0, f"loss.ohem_min_kept must be >= 0, got {lo.ohem_min_kept}")
+    check(lo.focal_gamma >= 0, f"loss.focal_gamma must be >= 0, got {lo.focal_gamma}")
+    check(lo.dice_smooth >= 0, f"loss.dice_smooth must be >= 0, got {lo.dice_smooth}")
+    check(o.head_lr_mult > 0, f"optimizer.head_lr_mult must be > 0, got {o.head_lr_mult}")
+    check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
+    e = cfg.eval
+    check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
+    check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
+    if e.mode == "slide":
+        check(e.crop_size is not None or d.crop_size is not None,
+              "eval.mode=slide needs eval.crop_size (or data.crop_size)")
+    if e.crop_size is not None:
+        as_hw(e.crop_size, "eval.crop_size")
+    if e.stride is not None:
+        as_hw(e.stride, "eval.stride")
 
     check(
         t.max_iters is not None or t.max_epochs is not None,
