@@ -168,8 +168,16 @@ class SegtrainConfig:
     run_dir: str | None = None  # None: Hydra's run dir (the working directory of the job)
 
 
+@dataclass
+class EvalAppConfig(SegtrainConfig):
+    """``segtrain-eval``: the training schema plus the checkpoint to evaluate."""
+
+    ckpt: str = MISSING  # PATH to a segtrain checkpoint (best.pt / last.pt)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="segtrain_schema", node=SegtrainConfig)
+    ConfigStore.instance().store(name="segtrain_eval_schema", node=EvalAppConfig)
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,44 @@ def overlay(images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ign
     return out.clamp(0, 255).to(torch.uint8)
 
 
+def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], path: str | Path) -> None:
+    """Write the row-normalised confusion matrix (rows: ground truth, columns: prediction) as a PNG heat map.
+
+    Up to 40 classes, each cell shows its percentage and rows carry class names; larger matrices
+    (ADE20K's 150 classes) are drawn as a plain heat map with small cells.
+    """
+    import cv2
+
+    mat = np.asarray(cm, dtype=np.float64)
+    k = mat.shape[0]
+    rows = mat.sum(1, keepdims=True)
+    norm = np.divide(mat, rows, out=np.zeros_like(mat), where=rows > 0)
+    cell = 36 if k <= 20 else 22 if k <= 40 else max(4, 900 // k)
+    labelled = k <= 40
+    left = (max(len(n) for n in class_names) * 8 + 16) if labelled else 8
+    top, font = 40, cv2.FONT_HERSHEY_SIMPLEX
+    heat = cv2.applyColorMap((norm * 255).round().astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    heat = cv2.resize(heat, (k * cell, k * cell), interpolation=cv2.INTER_NEAREST)
+    canvas = np.full((top + k * cell + 8, left + k * cell + 8, 3), 255, np.uint8)
+    canvas[top:top + k * cell, left:left + k * cell] = heat
+    cv2.putText(canvas, "rows: ground truth, columns: prediction (row-normalised)", (4, 14), font, 0.4, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    if labelled:
+        for i, name in enumerate(class_names):
+            y = top + i * cell + cell // 2 + 4
+            cv2.putText(canvas, name, (4, y), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(canvas, str(i), (left + i * cell + 2, top - 6), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            for j in range(k):
+                if mat[i, j] > 0:
+                    v = norm[i, j]
+                    colour = (0, 0, 0) if v > 0.5 else (255, 255, 255)
+                    text = f"{100 * v:.0f}" if cell >= 30 or v >= 0.1 else ""
+                    cv2.putText(canvas, text, (left + j * cell + 3, y), font, 0.33, colour, 1, cv2.LINE_AA)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"cannot write {path}")
+
+
 def default_palette(num_classes: int) -> np.ndarray:
     """The PASCAL VOC bit-interleaved colour map."""
     pal = np.zeros((num_classes, 3), np.uint8)

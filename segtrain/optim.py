@@ -10,9 +10,46 @@ from torch import nn
 
 from segtrain.errors import ConfigError
 
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(cfg: DictConfig, model: nn.Module) -> list[dict]:
+    """Split the trainable parameters into up to four groups (mmseg's ``paramwise_cfg``).
+
+    * backbone vs. head: parameters under ``model.backbone`` keep ``lr``; all others (decoder,
+      heads) get ``lr * head_lr_mult``.  A network without a backbone (a from-scratch U-Net)
+      has only head parameters, so the multiplier does not apply there.
+    * ``no_decay_norm_bias``: norm-layer weights/biases and every bias get ``weight_decay=0``.
+
+    Each group carries ``lr_mult`` so the schedule scales every group from its own base lr.
+    """
+    backbone = getattr(model, "backbone", None)
+    in_backbone = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    mult = cfg.head_lr_mult if in_backbone else 1.0
+    no_decay: set[int] = set()
+    if cfg.no_decay_norm_bias:
+        for m in model.modules():
+            if isinstance(m, NORM_TYPES):
+                no_decay.update(id(p) for p in m.parameters(recurse=False))
+        no_decay.update(id(p) for n, p in model.named_parameters() if n.endswith(".bias"))
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (id(p) in in_backbone, id(p) in no_decay)
+        if key not in groups:
+            is_backbone, skip_decay = key
+            lr_mult = 1.0 if is_backbone else mult
+            groups[key] = {"params": [], "names": [], "lr": cfg.lr * lr_mult, "lr_mult": lr_mult,
+                           "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
+                           "group": ("backbone" if is_backbone else "head") + ("/no_decay" if skip_decay else "")}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(cfg, model)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain import checkpoint
-from segtrain.config import to_yaml
+from segtrain.config import as_hw, to_yaml
 from segtrain.data import build_datasets, build_loader
 from segtrain.errors import CheckpointError, ConfigError, NonFiniteLossError
 from segtrain.logger import TensorBoard, default_palette, format_table, overlay, write_json
@@ -105,21 +105,20 @@ class Trainer:
         self.palette = self.train_set.palette if self.train_set.palette is not None else default_palette(self.num_classes)
         self.train_loader = build_loader(self.train_set, d, True, cfg.seed, self.rank, self.world_size)
         self.val_loader = build_loader(self.val_set, d, False, cfg.seed, self.rank, self.world_size)
-        self.iters_per_epoch = len(self.train_loader)
-        if self.iters_per_epoch == 0:
-            raise ConfigError(f"the training set has {len(self.train_set)} images, fewer than data.batch_size={d.batch_size}")
         t = cfg.trainer
+        self.iters_per_epoch = len(self.train_loader) // t.accumulate  # optimizer steps per epoch
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"the training set has {len(self.train_set)} images, fewer than data.batch_size="
+                              f"{d.batch_size} x trainer.accumulate={t.accumulate}")
         self.max_iters = t.max_iters if t.max_iters is not None else t.max_epochs * self.iters_per_epoch
-        mean = torch.tensor(list(d.mean), device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(list(d.std), device=self.device).view(1, 3, 1, 1)
-        self.norm_scale, self.norm_shift = 1.0 / (255.0 * std), -mean / std
 
         # --- model, loss, optimizer, schedule -------------------------------------------------
         self.model = build_model(cfg.model, self.num_classes).to(self.device)
         self.num_params = count_parameters(self.model)
         self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
-        self.criterion = build_loss(cfg.loss, self.num_classes, d.ignore_index).to(self.device)
+        self.batch_to_device = BatchToDevice(self.device, d.mean, d.std, self.memory_format)
+        self.criterion = build_loss(cfg.loss, self.num_classes, d.ignore_index, self.train_set).to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, self.max_iters, cfg.optimizer.lr)
 
@@ -132,15 +131,6 @@ class Trainer:
         self.tb = TensorBoard(self.run_dir / "tb") if self.is_main else TensorBoard(None)
 
     # ------------------------------------------------------------------------------------------
-    def to_device(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images -> normalised float on the device (channels_last); masks -> int64."""
-        x = images.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float() * self.norm_scale + self.norm_shift
-        x = x.contiguous(memory_format=self.memory_format)
-        y = masks.to(self.device, non_blocking=True).long()
-        return x, y
-
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
@@ -161,32 +151,17 @@ class Trainer:
                    disable=not (t.progress and self.is_main), leave=True)
         loss_avg, t_start = None, time.perf_counter()
         self.model.train()
+        k = t.accumulate
         while self.step < self.max_iters:
-            self.train_loader.sampler.set_epoch(self.epoch, start=self.epoch_step * self.train_loader.batch_size)
-            for images, masks in self.train_loader:
+            self.train_loader.sampler.set_epoch(self.epoch, start=self.epoch_step * k * self.train_loader.batch_size)
+            micro: list = []
+            for batch in self.train_loader:
+                micro.append(batch)
+                if len(micro) < k:
+                    continue
                 t0 = time.perf_counter()
-                x, y = self.to_device(images, masks)
-                with self.autocast():
-                    out = self.forward(x)
-                    loss = self.criterion(out, y)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if t.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                loss_val = loss.item()
-                if not math.isfinite(loss_val):
-                    if self.precision == "fp16" and self.scaler.get_scale() < scale_before:
-                        self.skipped_steps += 1  # the scaler skipped this step and lowered its scale
-                    else:
-                        raise NonFiniteLossError(
-                            f"loss is {loss_val} (non-finite) at step {self.step + 1}: lower optimizer.lr, set "
-                            f"trainer.grad_clip, or try another device.precision (now {self.precision}); "
-                            "checkpoints were not overwritten"
-                        )
+                loss_val, n_images = self.train_step(micro)
+                micro = []
                 self.scheduler.step()
                 self.step += 1
                 self.epoch_step += 1
@@ -194,10 +169,10 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     self.train_time += time.perf_counter() - t0
-                    self.train_images += x.shape[0] * self.world_size
+                    self.train_images += n_images * self.world_size
                 if math.isfinite(loss_val):
                     loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
                 ips = self.train_images / self.train_time if self.train_time > 0 else float("nan")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_avg:.4f}" if loss_avg is not None else "nan", lr=f"{lr:.2e}",
@@ -226,6 +201,38 @@ class Trainer:
         self.tb.close()
         return summary
 
+    def train_step(self, micro: list) -> tuple[float, int]:
+        """One optimizer step over ``trainer.accumulate`` micro-batches: (loss, images)."""
+        t = self.cfg.trainer
+        self.optimizer.zero_grad(set_to_none=True)
+        total, n_images = 0.0, 0
+        for images, masks in micro:
+            x, y = self.batch_to_device(images, masks)
+            with self.autocast():
+                loss = self.criterion(self.forward(x), y) / len(micro)
+            self.scaler.scale(loss).backward()
+            total = total + loss.detach()
+            n_images += x.shape[0]
+        if t.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss_val = float(total)
+        if not math.isfinite(loss_val):
+            if self.precision == "fp16" and self.scaler.get_scale() < scale_before:
+                self.skipped_steps += 1  # the scaler skipped this step and lowered its scale
+                log.warning("step %d: non-finite fp16 gradients, step skipped (%d so far)", self.step + 1,
+                            self.skipped_steps)
+            else:
+                raise NonFiniteLossError(
+                    f"loss is {loss_val} (non-finite) at step {self.step + 1}: lower optimizer.lr, set "
+                    f"trainer.grad_clip, or try another device.precision (now {self.precision}); "
+                    "checkpoints were not overwritten"
+                )
+        return loss_val, n_images
+
     # ------------------------------------------------------------------------------------------
     def validate(self) -> dict:
         m = self.evaluate()
@@ -249,28 +256,14 @@ class Trainer:
             write_json(self.run_dir / "metrics.json", self.summary(None))
         return m
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Whole-image evaluation of the validation set: metrics dict (see segtrain.metrics) plus ``loss``."""
+        """Evaluate the validation set with ``cfg.eval`` (whole / slide / TTA): metrics dict plus ``loss``."""
         self.model.eval()
-        cm = ConfusionMatrix(self.num_classes, self.cfg.data.ignore_index, self.device, self.class_names)
-        loss_sum, n_batches, vis = torch.zeros((), device=self.device), 0, None
-        for images, masks in tqdm(self.val_loader, desc="val", leave=False, dynamic_ncols=True,
-                                  disable=not (self.cfg.trainer.progress and self.is_main)):
-            x, y = self.to_device(images, masks)
-            with self.autocast():
-                logits = self.forward(x)
-            loss_sum += self.criterion(logits, y).detach()
-            n_batches += 1
-            pred = logits.argmax(1)
-            cm.update(pred, y)
-            if vis is None and self.cfg.trainer.num_vis > 0:
-                k = self.cfg.trainer.num_vis
-                vis = (images[:k], masks[:k], pred[:k].cpu())
-        cm.all_reduce()
-        m = cm.compute()
-        m["loss"] = float(loss_sum) / max(n_batches, 1)
-        if vis is not None and images.dtype == torch.uint8:
+        m, _, vis = evaluate_loader(
+            self.forward, self.val_loader, self.batch_to_device, self.autocast, self.cfg, self.class_names,
+            criterion=self.criterion, progress=self.cfg.trainer.progress and self.is_main,
+        )
+        if vis is not None:
             self.log_images(*vis)
         return m
 
@@ -364,6 +357,66 @@ class Trainer:
         return str(path)
 
 
+class BatchToDevice:
+    """uint8 images -> normalised float on the device (in ``memory_format``); masks -> int64."""
+
+    def __init__(self, device: torch.device, mean, std, memory_format=torch.contiguous_format):
+        self.device, self.memory_format = device, memory_format
+        mean = torch.tensor(list(mean), device=device).view(1, 3, 1, 1)
+        std = torch.tensor(list(std), device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float() * self.scale + self.shift
+        x = x.contiguous(memory_format=self.memory_format)
+        return x, masks.to(self.device, non_blocking=True).long()
+
+
+def eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.eval`` as keyword arguments of :func:`segtrain.inference.predict`."""
+    e = cfg.eval
+    crop = stride = None
+    if e.mode == "slide":
+        crop = as_hw(e.crop_size if e.crop_size is not None else cfg.data.crop_size, "eval.crop_size")
+        stride = as_hw(e.stride, "eval.stride") if e.stride is not None else None
+    return {"mode": e.mode, "crop_size": crop, "stride": stride, "scales": [float(v) for v in e.scales], "flip": e.flip}
+
+
+@torch.no_grad()
+def evaluate_loader(forward, loader, batch_to_device, autocast, cfg: DictConfig, class_names: list[str],
+                    criterion: nn.Module | None = None, progress: bool = False):
+    """Predict every batch of ``loader`` with ``cfg.eval`` and fill a confusion matrix.
+
+    Returns (metrics, confusion matrix, first images for visualisation or None).  ``forward`` must be
+    in eval mode.  ``metrics["loss"]`` is the criterion on the (possibly TTA-averaged) scores.
+    """
+    from segtrain.inference import predict
+
+    settings = eval_settings(cfg)
+    num_classes = cfg.data.num_classes
+    device = batch_to_device.device
+    cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device, class_names)
+    loss_sum, n_batches, vis = torch.zeros((), device=device), 0, None
+    for images, masks in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
+        x, y = batch_to_device(images, masks)
+        with autocast():
+            scores = predict(forward, x, num_classes, **settings)
+        if criterion is not None:
+            loss_sum += criterion(scores, y).detach()
+        n_batches += 1
+        pred = scores.argmax(1)
+        cm.update(pred, y)
+        k = cfg.trainer.num_vis
+        if vis is None and k > 0 and images.dtype == torch.uint8:
+            vis = (images[:k], masks[:k], pred[:k].cpu())
+    cm.all_reduce()
+    m = cm.compute()
+    m["loss"] = float(loss_sum) / max(n_batches, 1) if criterion is not None else float("nan")
+    return m, cm, vis
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -376,4 +429,4 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["Trainer", "resolve_device"]
+__all__ = ["Trainer", "BatchToDevice", "evaluate_loader", "resolve_device"]

@@ -1,0 +1,137 @@
+"""``segtrain-eval ckpt=PATH``: evaluate a checkpoint on its validation set (or another one).
+
+A Hydra app like ``segtrain`` (same override syntax; outputs in its own run dir,
+``hydra.run.dir`` honoured).  The model, data and eval settings are those stored in
+the checkpoint; ``data.KEY=...`` / ``data=NAME`` and ``eval.KEY=...`` on the command
+line replace them, and ``device.*`` applies to this machine.  It prints the
+per-class table and writes ``metrics.json`` (``miou``, ``aacc``, ``macc``, ``mdice``,
+``per_class_iou``, the confusion matrix and the settings used) and
+``confusion_matrix.png`` (row-normalised) into the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from segtrain import checkpoint
+from segtrain.config import validate
+from segtrain.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("segtrain")
+
+
+def _overridden_keys() -> list[str]:
+    """The keys given on the command line (``data.root=x`` -> ``data.root``)."""
+    keys = []
+    for item in HydraConfig.get().overrides.task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        keys.append(key)
+    return keys
+
+
+def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
+    """The checkpoint's config with this command line's data/eval/device/trainer choices applied."""
+    out = stored.copy()
+    keys = _overridden_keys()
+    with open_dict(out):
+        out.device = cfg.device  # this machine
+        if HydraConfig.get().runtime.choices.get("data") not in (None, "null"):
+            out.data = cfg.data  # data=NAME: a different data set
+        for key in keys:
+            top = key.split(".", 1)[0]
+            if top in ("data", "eval", "trainer", "seed") and "." in key or key == "seed":
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
+            elif top in ("model", "optimizer", "scheduler", "loss"):
+                raise ConfigError(f"segtrain-eval takes {top} from the checkpoint; drop the override {key}")
+        out.model.pretrained = False  # the checkpoint holds every weight
+        out.model.init_from = None
+    return out
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    from segtrain.data import build_datasets, build_loader
+    from segtrain.logger import confusion_matrix_png, format_table, write_json
+    from segtrain.models import build_model
+    from segtrain.trainer import DTYPES, BatchToDevice, evaluate_loader, resolve_device, unwrap
+
+    run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    path = Path(cfg.ckpt).expanduser()
+    state = checkpoint.load(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
+    stored = OmegaConf.create(state["config"])
+    from segtrain.config import SegtrainConfig
+
+    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored)  # older checkpoints lack newer keys
+    ecfg = merge_config(cfg, stored)
+    validate(ecfg)
+    meta = state.get("meta", {})
+    num_classes = ecfg.data.num_classes
+    if meta.get("num_classes", num_classes) != num_classes:
+        raise ConfigError(f"the checkpoint predicts {meta['num_classes']} classes but data.num_classes={num_classes}")
+
+    device, precision = resolve_device(ecfg.device)
+    _, val_set = build_datasets(ecfg.data, ecfg.seed)
+    loader = build_loader(val_set, ecfg.data, False, ecfg.seed)
+    model = build_model(ecfg.model, num_classes)
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {path} do not fit model={ecfg.model.name}: "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+    memory_format = torch.channels_last if ecfg.device.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    class_names = list(val_set.class_names or meta.get("class_names") or [str(i) for i in range(num_classes)])
+    if len(class_names) != num_classes:
+        class_names = [str(i) for i in range(num_classes)]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+    e = ecfg.eval
+    log.info("evaluating %s (%s, step %s) on data %s split %s: %d images | eval %s%s%s | %s %s", path,
+             ecfg.model.name, state.get("step"), ecfg.data.name, ecfg.data.get("val_split"), len(val_set), e.mode,
+             f" crop {e.crop_size} stride {e.stride}" if e.mode == "slide" else "",
+             f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "", device, precision)
+    t0 = time.perf_counter()
+    with open_dict(ecfg):
+        ecfg.trainer.num_vis = 0
+    metrics, cm, _ = evaluate_loader(model, loader, BatchToDevice(device, ecfg.data.mean, ecfg.data.std, memory_format),
+                                     autocast, ecfg, class_names, progress=ecfg.trainer.progress)
+    elapsed = time.perf_counter() - t0
+    print(format_table(metrics, class_names), flush=True)
+    out = {k: metrics[k] for k in ("miou", "aacc", "macc", "mdice", "per_class_iou", "iou", "acc", "dice")}
+    out.update({
+        "checkpoint": str(path.resolve()), "step": state.get("step"), "model": ecfg.model.name,
+        "data": ecfg.data.name, "root": ecfg.data.get("root"), "split": ecfg.data.get("val_split"),
+        "num_images": len(val_set), "eval": OmegaConf.to_container(ecfg.eval), "device": str(device),
+        "precision": precision, "seconds": elapsed, "class_names": class_names,
+        "confusion_matrix": cm.mat.cpu().tolist(),
+    })
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "metrics.json", out)
+    confusion_matrix_png(cm.mat.cpu(), class_names, run_dir / "confusion_matrix.png")
+    log.info("mIoU %.4f  aAcc %.4f  mAcc %.4f | %.1f s | %s", metrics["miou"], metrics["aacc"], metrics["macc"],
+             elapsed, run_dir)
+    return out
+
+
+def _eval(cfg: DictConfig) -> float:
+    return evaluate_checkpoint(cfg)["miou"]
+
+
+def main() -> None:
+    """``segtrain-eval``: evaluate a checkpoint."""
+    from segtrain.cli import run_hydra_app
+
+    run_hydra_app(_eval, config_name="eval")
+
+
+if __name__ == "__main__":
+    main()

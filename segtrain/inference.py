@@ -1,0 +1,187 @@
+"""Full-image prediction: whole, sliding window, and test-time augmentation.
+
+Three ways to turn a network into per-pixel scores for an image of any size:
+
+* ``whole``: one forward pass over the full image (networks here accept any
+  size and return logits at the input resolution).
+* ``slide``: overlapping ``crop_size`` windows every ``stride`` pixels, as
+  mmsegmentation's ``slide_inference``: ``ceil((H - crop) / stride) + 1`` rows
+  (at least one), the last window of a row/column shifted back to end at the
+  border, and windows never padded (a crop larger than the image is clipped to
+  it, so a crop covering the image is exactly ``whole``). The **logits** of
+  the windows are summed and divided by the number of windows covering each
+  pixel. ``stride=None`` means ``ceil(2/3 * crop)`` per dimension.
+* test-time augmentation (``scales`` and/or ``flip``): the input is resized
+  bilinearly to ``round(H * s), round(W * s)`` for every scale (and also
+  mirrored horizontally when ``flip``), each view is predicted with ``whole``
+  or ``slide`` (same crop and stride, in the resized image's pixels), its
+  logits are resized back to ``H, W`` (and un-mirrored), and the softmax
+  **probabilities** of the views are averaged. Their log is returned so the
+  result is still usable as logits (argmax, cross-entropy).
+
+A single view (``scales=[1.0]``, no flip) returns that view's raw logits:
+single-view ``whole`` is exactly the model's output (cast to float32).
+
+The caller handles ``torch.no_grad()``/autocast and ``model.eval()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("whole", "slide")
+_PROB_FLOOR = 1e-8  # log(0) guard when returning log-probabilities of averaged views
+
+
+def _hw(value: Any, name: str) -> tuple[int, int]:
+    """An int or (h, w) / [h, w] / [s] -> (h, w) of positive ints, else ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive int or (h, w), got {value!r}")
+    if isinstance(value, int):
+        vals = [value, value]
+    else:
+        try:
+            vals = list(value)
+        except TypeError:
+            raise ValueError(f"{name} must be a positive int or (h, w), got {value!r}") from None
+        if len(vals) == 1:
+            vals = vals * 2
+    try:
+        ok = len(vals) == 2 and not any(isinstance(v, bool) or int(v) != v for v in vals)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive int or (h, w), got {value!r}")
+    h, w = (int(v) for v in vals)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return h, w
+
+
+def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
+    """ceil(2/3 of the crop) per dimension: every pixel seen by one or two windows."""
+    return math.ceil(2 * crop[0] / 3), math.ceil(2 * crop[1] / 3)
+
+
+def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """The (y1, y2, x1, x2) windows of ``slide`` mode for an image of ``height`` x ``width``."""
+    (ch, cw), (sh, sw) = crop, stride
+    h_grids = max(height - ch + sh - 1, 0) // sh + 1
+    w_grids = max(width - cw + sw - 1, 0) // sw + 1
+    windows = []
+    for i in range(h_grids):
+        y2 = min(i * sh + ch, height)
+        y1 = max(y2 - ch, 0)
+        for j in range(w_grids):
+            x2 = min(j * sw + cw, width)
+            x1 = max(x2 - cw, 0)
+            windows.append((y1, y2, x1, x2))
+    return windows
+
+
+def _logits(model: Callable, images: torch.Tensor) -> torch.Tensor:
+    out = model(images)
+    if isinstance(out, dict):
+        out = out["out"]
+    return out.float()
+
+
+def _whole(model: Callable, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    logits = _logits(model, images)
+    if logits.dim() != 4 or logits.shape[1] != num_classes or logits.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"model returned logits of shape {tuple(logits.shape)}, expected "
+            f"[{images.shape[0]}, {num_classes}, {images.shape[-2]}, {images.shape[-1]}]"
+        )
+    return logits
+
+
+def _slide(model: Callable, images: torch.Tensor, num_classes: int, crop: tuple[int, int],
+           stride: tuple[int, int]) -> torch.Tensor:
+    n, _, height, width = images.shape
+    windows = slide_windows(height, width, crop, stride)
+    if len(windows) == 1:  # the crop covers the image: exactly whole mode
+        return _whole(model, images, num_classes)
+    total = images.new_zeros((n, num_classes, height, width), dtype=torch.float32)
+    count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for y1, y2, x1, x2 in windows:  # each window is one batch of all N images
+        total[:, :, y1:y2, x1:x2] += _whole(model, images[:, :, y1:y2, x1:x2], num_classes)
+        count[:, :, y1:y2, x1:x2] += 1
+    if bool((count == 0).any()):  # cannot happen with stride <= crop (validated)
+        raise RuntimeError("slide inference left pixels uncovered; stride must not exceed crop_size")
+    return total / count
+
+
+def predict(
+    model: Callable,
+    images: torch.Tensor,
+    num_classes: int,
+    mode: str = "whole",
+    crop_size: Any = None,
+    stride: Any = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Float32 scores [N, K, H, W] for normalised ``images`` [N, 3, H, W].
+
+    ``model`` returns logits [N, K, h, w] at its input size (or a dict with
+    ``"out"``). ``mode``: ``"whole"`` or ``"slide"`` (needs ``crop_size``; an
+    int or (h, w); ``stride`` likewise, None = ceil(2/3 of the crop)).
+    One view (``scales == [1.0]``, ``flip=False``): that view's logits; several
+    views: log of the mean of their softmax probabilities (clamped at 1e-8).
+    """
+    if mode not in MODES:
+        raise ValueError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    crop = stride_hw = None
+    if mode == "slide":
+        if crop_size is None:
+            raise ValueError("slide inference needs crop_size (an int or (h, w))")
+        crop = _hw(crop_size, "crop_size")
+        stride_hw = default_stride(crop) if stride is None else _hw(stride, "stride")
+        if stride_hw[0] > crop[0] or stride_hw[1] > crop[1]:
+            raise ValueError(f"stride {stride_hw} must not exceed crop_size {crop} (pixels would be skipped)")
+    scales = [scales] if isinstance(scales, (int, float)) else list(scales)
+    if not scales:
+        raise ValueError("scales must list at least one scale")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"scales must be positive numbers, got {s!r}")
+
+    height, width = images.shape[-2:]
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        if mode == "slide":
+            return _slide(model, x, num_classes, crop, stride_hw)
+        return _whole(model, x, num_classes)
+
+    def scaled(x: torch.Tensor, s: float) -> torch.Tensor:
+        size = (max(1, round(height * s)), max(1, round(width * s)))
+        if size == (height, width):
+            return view(x)
+        logits = view(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+
+    flips = (False, True) if flip else (False,)
+    if len(scales) * len(flips) == 1:
+        return scaled(images, float(scales[0]))
+
+    probs = None
+    for s in scales:
+        for mirrored in flips:
+            if mirrored:
+                logits = scaled(images.flip(-1), float(s)).flip(-1)
+            else:
+                logits = scaled(images, float(s))
+            p = logits.softmax(dim=1)
+            probs = p if probs is None else probs + p
+    probs = probs / (len(scales) * len(flips))
+    return probs.clamp_min(_PROB_FLOOR).log()
