@@ -6,7 +6,7 @@
     segtrain data=voc data.root=/tmp/digits_voc model=unet data.num_classes=11 \\
         'data.class_names=[background,0,1,2,3,4,5,6,7,8,9]' data.base_size=null data.crop_size=96
 
-Each picture (odd sizes, 90-130 x 100-160 px) holds 2-4 upscaled handwritten digits on a noisy paper-like
+Each picture (odd sizes, 64-96 x 72-120 px) holds 2-4 upscaled (18-30 px) handwritten digits on a noisy paper-like
 background; a third of the JPEGs are grayscale.  Masks are palette PNGs: 0 background, digit d -> class d+1,
 and a 255 (ignore) band along every digit's outline, as VOC marks object boundaries.  Train and val use
 digits by disjoint writers' scans (the first 1,400 scans vs the rest), so validation is on unseen handwriting.
@@ -25,13 +25,13 @@ from segtrain.logger import default_palette
 
 
 def compose(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h, w = int(rng.integers(90, 131)), int(rng.integers(100, 161))
+    h, w = int(rng.integers(64, 97)), int(rng.integers(72, 121))
     paper = rng.uniform(170, 245)
     image = np.full((h, w), paper, np.float32) + rng.normal(0, 6, (h, w)).astype(np.float32)
     mask = np.zeros((h, w), np.uint8)
     for _ in range(int(rng.integers(2, 5))):
         k = int(rng.integers(len(digits)))
-        size = int(rng.integers(28, 56))
+        size = int(rng.integers(18, 31))
         glyph = cv2.resize(digits[k].astype(np.float32) / 16.0, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
         y, x = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
         ink = rng.uniform(10, 90)
@@ -48,8 +48,8 @@ def compose(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path)
-    p.add_argument("--train", type=int, default=600)
-    p.add_argument("--val", type=int, default=150)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     from sklearn.datasets import load_digits

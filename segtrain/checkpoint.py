@@ -46,6 +46,40 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         pass
 
 
+def numbered(path: Path, i: int) -> Path:
+    """``last.pt`` -> ``last-1.pt`` (i=1) ...; i=0 is the path itself."""
+    return path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+
+
+def save_rotating(obj: Any, path: str | Path, keep: int) -> None:
+    """Atomically replace ``path``, keeping its ``keep`` previous versions as ``NAME-1.pt`` ... ``NAME-keep.pt``.
+
+    The current file is hard-linked (copied where links fail) to ``NAME-1.pt`` before the new one is
+    renamed over it, so at every moment ``path`` holds a complete checkpoint.
+    """
+    path = Path(path)
+    if keep > 0 and path.is_file():
+        for i in range(keep - 1, 0, -1):
+            if numbered(path, i).is_file():
+                os.replace(numbered(path, i), numbered(path, i + 1))
+        tmp = path.with_name(f".{path.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copy2(path, tmp)
+        os.replace(tmp, numbered(path, 1))
+    save_atomic(obj, path)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete ``.*.tmp`` files a killed process left behind (never a complete checkpoint)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; every failure is a one-line CheckpointError."""
     path = Path(path)

@@ -97,34 +97,72 @@ def _missing_config(msg: str) -> str:
 
 
 class _Failures:
-    """Jobs of a sweep that failed (the others go on)."""
+    """Jobs of a sweep that failed (the others go on).
+
+    Each job writes ``status.json`` in its dir; :meth:`report` reads those of the current sweep, so it
+    works with launchers that run jobs in other processes (joblib, SLURM).  ``jobs`` (the failures of
+    jobs run in this process) is the fallback when the sweep dir is unknown (no SweepSummary callback).
+    """
 
     jobs: list[tuple[str, str]] = []
+
+    @classmethod
+    def report(cls, summarise: bool = False) -> bool:
+        """Print the failed jobs of this sweep (from their status.json) on one line; True if any.
+        ``summarise``: also write the sweep summary (a sweep that stopped part-way skips the callback)."""
+        from segtrain import sweep
+
+        current = sweep.current_sweep()
+        if summarise and current:
+            sweep.summarise(current[0])
+        failures = (sweep.failed_jobs(*current) if current else []) or list(cls.jobs)
+        if failures:
+            print(f"segtrain: error: {len(failures)} job(s) of the sweep failed: "
+                  + "; ".join(f"[{name}] {msg}" for name, msg in failures), file=sys.stderr, flush=True)
+        return bool(failures)
 
 
 def _guarded(task, full_errors: bool):
     """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
 
     def job(cfg: DictConfig):
+        import time
+
         from hydra.types import RunMode
 
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        from segtrain.sweep import write_status
+
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        main_rank = os.environ.get("RANK", "0") == "0"
+        start = time.perf_counter()
+
+        def status(state: str, error: str | None, result=None) -> None:
+            if main_rank:
+                write_status(hc.runtime.output_dir, state, error, list(hc.overrides.task),
+                             time.perf_counter() - start, result)
+
         try:
-            return task(cfg)
+            result = task(cfg)
+            status("done", None, result)
+            return result
         except SegtrainError as e:
-            if full_errors:
-                raise
             msg, code = _user_message(e), e.exit_code
-        except Exception as e:  # a bug or an environment fault: one line, the trace on request
             if full_errors:
+                status("failed", msg)
                 raise
+        except Exception as e:  # a bug or an environment fault: one line, the trace on request
             msg, code = f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1
+            if full_errors:
+                status("failed", msg)
+                raise
         print(f"segtrain: error: {msg}", file=sys.stderr, flush=True)
+        status("failed", msg)
         if not multirun:
             raise SystemExit(code)
         log.error("job failed: %s", msg)
-        _Failures.jobs.append((HydraConfig.get().job.override_dirname or str(HydraConfig.get().job.num), msg))
-        return float("nan")
+        _Failures.jobs.append((str(hc.job.num), msg))
+        return None  # not NaN: the optuna sweeper records None as a failed trial (NaN would abort the study)
 
     job.__name__ = getattr(task, "__name__", "job")
     job.__module__ = getattr(task, "__module__", __name__)
@@ -146,6 +184,7 @@ def run_hydra_app(task, config_name: str = "config") -> None:
     except Exception as e:  # Hydra/OmegaConf composition errors
         if full_errors:
             raise
+        _Failures.report(summarise=True)  # a sweep stopped part-way: what its jobs did so far
         msg = _one_line(e)
         if "Could not find" in msg:
             msg = _missing_config(str(e))
@@ -154,9 +193,7 @@ def run_hydra_app(task, config_name: str = "config") -> None:
             msg = f"{type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
         print(f"segtrain: error: {msg}{_hint(msg)}", file=sys.stderr)
         sys.exit(2 if user_error else 1)
-    if _Failures.jobs:
-        print(f"segtrain: error: {len(_Failures.jobs)} job(s) of the sweep failed: "
-              + "; ".join(f"[{name}] {msg}" for name, msg in _Failures.jobs), file=sys.stderr)
+    if _Failures.report():
         sys.exit(1)
 
 

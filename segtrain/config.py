@@ -148,6 +148,8 @@ class TrainerConfig:
     grad_clip: float | None = None  # max grad norm
     accumulate: int = 1  # micro-batches per optimizer step (effective batch = data.batch_size x accumulate)
     resume: str | None = None  # PATH or "auto" (last.pt of this run dir, if any)
+    keep_last: int = 1  # previous last.pt files kept as last-1.pt ... (a fallback if the newest is unreadable)
+    stop_at: int | None = None  # stop after this iteration as if preempted (writes last.pt, exit code 75)
     deterministic: bool = False
     num_vis: int = 4  # images in the TensorBoard grid per validation
     progress: bool = True  # tqdm bars
@@ -268,6 +270,8 @@ def validate(cfg: DictConfig) -> None:
     check(lo.dice_smooth >= 0, f"loss.dice_smooth must be >= 0, got {lo.dice_smooth}")
     check(o.head_lr_mult > 0, f"optimizer.head_lr_mult must be > 0, got {o.head_lr_mult}")
     check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
+    check(t.keep_last >= 0, f"trainer.keep_last must be >= 0, got {t.keep_last}")
+    check(t.stop_at is None or t.stop_at >= 1, f"trainer.stop_at must be >= 1, got {t.stop_at}")
     e = cfg.eval
     check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
     check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")

@@ -28,3 +28,21 @@ class NonFiniteLossError(SegtrainError):
     """The loss became NaN or inf."""
 
     exit_code = 3
+
+
+class Preempted(SegtrainError):
+    """SIGINT/SIGTERM (or trainer.stop_at): last.pt was written and the run can be resumed."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again (resume)
+
+
+class OutputError(SegtrainError):
+    """The run dir cannot be written (permissions, full disk)."""
+
+    exit_code = 4
+
+
+class ResourceError(SegtrainError):
+    """Out of (GPU) memory."""
+
+    exit_code = 5

@@ -7,7 +7,7 @@ VOCdevkit, VOCdevkit itself, or VOC2012.
 ``VOC2012/SegmentationClassAug/*.png`` (index PNGs) with the list
 ``ImageSets/Segmentation/<data.train_split>.txt`` (default ``aug``: 10,582 ids, VOC val
 excluded), as mmseg's ``tools/dataset_converters/voc_aug.py`` writes them; validates on
-VOC ``val`` with ``SegmentationClass``.  (segtrain has no converter of its own.)"""
+VOC ``val`` with ``SegmentationClass``.  ``segtrain-data sbd`` writes this layout."""
 
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""Sweeps: per-job status.json, the sweep summary (segtrain/sweep.py), Optuna search, the joblib launcher."""
+
+import csv
+import json
+import time
+
+import pytest
+
+from segtrain import sweep
+
+FAST = ["debug=smoke", "trainer.max_iters=2", "trainer.num_vis=0"]
+
+
+def read_summary(sweep_dir):
+    with (sweep_dir / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def make_job(root, name, status, best=None, error=None, overrides=("a=1",), wall=1.0):
+    d = root / name
+    d.mkdir(parents=True)
+    sweep.write_status(d, status, error, list(overrides), wall)
+    if best is not None:
+        (d / "metrics.json").write_text(json.dumps({"best_miou": best, "step": 4, "max_iters": 8}))
+    return d
+
+
+def test_collect_and_write_summary_sort_best_first_failed_last(tmp_path):
+    make_job(tmp_path, "0", "done", 0.5, overrides=["optimizer.lr=0.1", "model=unet"])
+    make_job(tmp_path, "1", "failed", error="optimizer.lr must be > 0, got -1.0", wall=0.1)
+    make_job(tmp_path, "2", "done", 0.7)
+    make_job(tmp_path, "10", "done", 0.5)
+    make_job(tmp_path, "3", "done")  # done but no metrics.json: after the scored jobs
+    (tmp_path / "not_a_job").mkdir()
+    rows = sweep.collect(tmp_path)
+    assert [r["job"] for r in rows] == ["2", "0", "10", "3", "1"]
+    assert rows[1]["overrides"] == "optimizer.lr=0.1 model=unet" and rows[1]["steps"] == "4/8"
+    assert rows[-1]["status"] == "failed" and rows[-1]["best_miou"] is None
+
+    sweep.write_summary(tmp_path, rows)
+    table = read_summary(tmp_path)
+    assert list(table[0]) == list(sweep.COLUMNS)
+    assert [r["job"] for r in table] == ["2", "0", "10", "3", "1"]
+    assert float(table[0]["best_miou"]) == 0.7 and table[3]["best_miou"] == ""
+    assert table[4]["error"] == "optimizer.lr must be > 0, got -1.0"
+    md = (tmp_path / "summary.md").read_text().splitlines()
+    assert md[0].startswith("| job | status | best_miou") and len(md) == 2 + 5
+    assert md[2].startswith("| 2 | done | 0.7000 | 4/8 |")
+
+    assert sweep.failed_jobs(tmp_path) == [("1", "optimizer.lr must be > 0, got -1.0")]
+    assert sweep.failed_jobs(tmp_path, since=time.time() + 60) == []  # an earlier sweep's failures do not count
+
+
+def test_single_run_writes_status(cli):
+    proc, run = cli("optimizer.lr=-1", *FAST, check=False)
+    assert proc.returncode != 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and "optimizer.lr" in status["error"] and "optimizer.lr=-1" in status["overrides"]
+
+
+def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
+    proc, _ = cli("-m", "optimizer.lr=0.01,-1,0.001", *FAST, f"hydra.sweep.dir={cli.cwd / 'sw'}", check=False)
+    sw = cli.cwd / "sw"
+    assert proc.returncode == 1, proc.stderr
+    assert (sw / "0" / "metrics.json").is_file() and (sw / "2" / "metrics.json").is_file()
+    assert "1 job(s) of the sweep failed: [1] optimizer.lr must be > 0" in proc.stderr
+    rows = read_summary(sw)
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert rows[2]["job"] == "1" and "optimizer.lr" in rows[2]["error"] and "optimizer.lr=-1" in rows[2]["overrides"]
+    assert all(r["steps"] == "2/2" for r in rows[:2]) and float(rows[0]["best_miou"]) >= float(rows[1]["best_miou"])
+    assert (sw / "summary.md").is_file() and "| job | status |" in proc.stdout
+    assert json.loads((sw / "0" / "status.json").read_text())["status"] == "done"
+    assert list((sw / "0" / "tb").glob("events.out.tfevents.*"))  # tensorboard --logdir SWEEP_DIR sees every job
+
+
+def test_joblib_sweep_derives_failures_from_status_files(cli):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc, _ = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.01,-1", *FAST,
+                  f"hydra.sweep.dir={cli.cwd / 'sw'}", check=False, env={"OMP_NUM_THREADS": "1"})
+    sw = cli.cwd / "sw"
+    assert proc.returncode == 1, proc.stderr
+    assert (sw / "0" / "metrics.json").is_file()
+    # the jobs ran in loky worker processes: the parent learns of the failure from 1/status.json
+    assert "1 job(s) of the sweep failed: [1] optimizer.lr must be > 0" in proc.stderr, proc.stderr
+    rows = read_summary(sw)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "done"), ("1", "failed")]
+
+
+def test_optuna_search_runs_trials_and_summarises(cli):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # model=unet / data.crop_size=48: fixed values leave the search space (and keep the test fast)
+    proc, _ = cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "model=unet", "data.crop_size=48",
+                  *FAST, f"hydra.sweep.dir={cli.cwd / 'opt'}")
+    sw = cli.cwd / "opt"
+    rows = read_summary(sw)
+    assert len(rows) == 3 and all(r["status"] == "done" for r in rows), rows
+    lrs = {r["overrides"].split()[0] for r in rows}
+    assert len(lrs) == 3 and all(lr.startswith("optimizer.lr=") for lr in lrs)
+    assert all("model=unet" in r["overrides"] and "data.batch_size=" in r["overrides"] for r in rows)
+    assert (sw / "optimization_results.yaml").is_file()
+
+
+def test_optuna_failed_trials_are_recorded_and_the_study_goes_on(cli):
+    # A failed job returns None (a FAILED trial); NaN would make the sweeper abort at the first failure.
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc, _ = cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model=unet", "optimizer.lr=choice(-1,-2)",
+                  *FAST, f"hydra.sweep.dir={cli.cwd / 'opt'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 job(s) of the sweep failed: [0] optimizer.lr must be > 0" in proc.stderr, proc.stderr
+    rows = read_summary(cli.cwd / "opt")  # written although Optuna ends with "No trials are completed yet"
+    assert [r["status"] for r in rows] == ["failed", "failed"] and all("optimizer.lr" in r["error"] for r in rows)
