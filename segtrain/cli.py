@@ -148,16 +148,17 @@ def _guarded(task, full_errors: bool):
             return result
         except SegtrainError as e:
             msg, code = _user_message(e), e.exit_code
+            kind = "stopped" if code == 75 else "error"  # Preempted: resumable, not a failure of the config
             if full_errors:
                 status("failed", msg)
                 raise
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
-            msg, code = f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1
+            msg, code, kind = f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1, "error"
             if full_errors:
                 status("failed", msg)
                 raise
-        print(f"segtrain: error: {msg}", file=sys.stderr, flush=True)
-        status("failed", msg)
+        print(f"segtrain: {kind}: {msg}", file=sys.stderr, flush=True)
+        status("failed" if kind == "error" else "stopped", msg)
         if not multirun:
             raise SystemExit(code)
         log.error("job failed: %s", msg)

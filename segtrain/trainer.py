@@ -12,20 +12,25 @@ import logging
 import math
 import os
 import random
+import shlex
+import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
 from segtrain import checkpoint
 from segtrain.config import as_hw, to_yaml
 from segtrain.data import build_datasets, build_loader
-from segtrain.errors import CheckpointError, ConfigError, NonFiniteLossError
+from segtrain.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError, Preempted, ResourceError
 from segtrain.logger import TensorBoard, default_palette, format_table, overlay, write_json
 from segtrain.losses import build_loss
 from segtrain.metrics import ConfusionMatrix
@@ -126,6 +131,11 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou, self.last_metrics, self.history = float("nan"), None, []
         self.train_time, self.train_images, self.skipped_steps = 0.0, 0, 0
+        if self.is_main:
+            check_writable(self.ckpt_dir, self.num_params)
+            checkpoint.remove_stale_temporaries(self.ckpt_dir)
+        if cfg.model.init_from:
+            self._init_from(cfg.model.init_from)
         self.resumed_from = self._maybe_resume(t.resume)
         self.forward = torch.compile(self.model) if cfg.device.compile else self.model
         self.tb = TensorBoard(self.run_dir / "tb") if self.is_main else TensorBoard(None)
@@ -136,6 +146,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``max_iters``; SIGINT/SIGTERM stop after the current step with a resumable last.pt."""
+        with StopSignals() as self.signals:
+            try:
+                return self._fit()
+            except torch.cuda.OutOfMemoryError:
+                raise ResourceError(self._oom_message()) from None
+
+    def _oom_message(self) -> str:
+        d, t = self.cfg.data, self.cfg.trainer
+        where = "in validation" if getattr(self, "_in_validation", False) else f"at step {self.step + 1}"
+        fix = ("eval.mode=slide with a smaller eval.crop_size, or data.val_size" if "validation" in where else
+               f"data.batch_size={max(1, d.batch_size // 2)} trainer.accumulate={2 * t.accumulate} (same effective "
+               "batch), device.precision=fp16, or a smaller data.crop_size")
+        return (f"out of GPU memory {where} (data.batch_size={d.batch_size}, crop {d.crop_size}, precision "
+                f"{self.precision}, model {self.cfg.model.name}): try {fix}")
+
+    def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         log.info(
             "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s",
@@ -187,6 +214,10 @@ class Trainer:
                 if due or self.step >= self.max_iters:
                     self.validate()
                     self.model.train()
+                stop = self.signals.received or (t.stop_at is not None and self.step >= t.stop_at)
+                if stop and self.step < self.max_iters:
+                    bar.close()
+                    self._preempt(self.signals.received or "trainer.stop_at")
                 if epoch_done or self.step >= self.max_iters:
                     break
             else:  # the loader ran out early (can only happen with an unusual sampler length)
@@ -234,8 +265,34 @@ class Trainer:
         return loss_val, n_images
 
     # ------------------------------------------------------------------------------------------
+    def save(self, best: bool = False) -> None:
+        """last.pt (the previous one kept as last-1.pt ...), best.pt when ``best``, and metrics.json."""
+        state = self.state_dict()
+        target = self.ckpt_dir / "last.pt"
+        try:
+            checkpoint.save_rotating(state, target, self.cfg.trainer.keep_last)
+            if best:
+                target = self.ckpt_dir / "best.pt"
+                checkpoint.save_atomic(state, target)
+            write_json(self.run_dir / "metrics.json", self.summary(None))
+        except OSError as e:
+            raise OutputError(f"cannot write {target}: {e.strerror or e}; the previous checkpoint is kept; free space "
+                              "or make the run dir writable, then resume with trainer.resume=auto") from None
+
+    def _preempt(self, reason: str) -> None:
+        """Write last.pt and stop with Preempted (exit code 75), printing the command that resumes."""
+        self.save()
+        self.tb.close()
+        cmd = resume_command(self.run_dir)
+        log.warning("stopped by %s at step %d of %d; wrote %s", reason, self.step, self.max_iters,
+                    self.ckpt_dir / "last.pt")
+        raise Preempted(f"stopped by {reason} at step {self.step}/{self.max_iters}; {self.ckpt_dir / 'last.pt'} "
+                        f"written; resume with: {cmd}")
+
     def validate(self) -> dict:
+        self._in_validation = True
         m = self.evaluate()
+        self._in_validation = False
         self.last_metrics = m
         improved = not (m["miou"] <= self.best_miou)  # also True when best is NaN (first validation)
         if improved:
@@ -249,11 +306,7 @@ class Trainer:
         if self.is_main:
             tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
                        + ("  (best)" if improved else ""))
-            state = self.state_dict()
-            checkpoint.save_atomic(state, self.ckpt_dir / "last.pt")
-            if improved:
-                checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
-            write_json(self.run_dir / "metrics.json", self.summary(None))
+            self.save(best=improved)
         return m
 
     def evaluate(self) -> dict:
@@ -323,28 +376,30 @@ class Trainer:
         if not resume:
             return None
         if resume == "auto":
-            path = self.ckpt_dir / "last.pt"
-            if not path.is_file():
-                log.info("trainer.resume=auto: no %s yet, starting from scratch", path)
+            last = self.ckpt_dir / "last.pt"
+            candidates = [checkpoint.numbered(last, i) for i in range(self.cfg.trainer.keep_last + 1)]
+            candidates = [p for p in candidates if p.is_file()]
+            if not candidates:
+                log.info("trainer.resume=auto: no %s yet, starting from scratch", last)
                 return None
+            for i, path in enumerate(candidates):
+                try:
+                    state = checkpoint.load(path)
+                    break
+                except CheckpointError as e:
+                    if i == len(candidates) - 1:
+                        raise
+                    log.warning("trainer.resume=auto: %s; trying %s", e, candidates[i + 1])
         else:
             path = Path(resume).expanduser()
             if not path.is_file():
                 raise CheckpointError(f"trainer.resume={resume}: no such file")
-        state = checkpoint.load(path)
-        meta = state.get("meta", {})
-        diffs = []
-        if meta.get("model") != self.cfg.model.name:
-            diffs.append(f"model {meta.get('model')} != {self.cfg.model.name}")
-        if meta.get("num_classes") != self.num_classes:
-            diffs.append(f"num_classes {meta.get('num_classes')} != {self.num_classes}")
+            state = checkpoint.load(path)
+        diffs = self._differences(state)
         if diffs:
-            raise CheckpointError(f"cannot resume from {path}: checkpoint differs from the config ({'; '.join(diffs)})")
-        try:
-            unwrap(self.model).load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"cannot resume from {path}: the weights do not fit model={self.cfg.model.name} "
-                                  f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+            raise CheckpointError(f"cannot resume from {path}: it differs from this config: {'; '.join(diffs)}")
+        self._warn_changed(state)
+        unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -353,8 +408,144 @@ class Trainer:
         self.train_time, self.train_images = state.get("train_time", 0.0), state.get("train_images", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
         checkpoint.set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        log.info("resumed from %s at step %d of %d (epoch %d)", path, self.step, self.max_iters, self.epoch)
         return str(path)
+
+    def _warn_changed(self, state: dict) -> None:
+        """Say which training settings differ from the checkpoint's: its optimizer and schedule state win."""
+        try:
+            stored = OmegaConf.create(state["config"])
+        except Exception:
+            return
+        changed = []
+        for group in ("optimizer", "scheduler", "loss", "data", "trainer"):
+            ours, theirs = self.cfg.get(group), stored.get(group)
+            if ours is None or theirs is None:
+                continue
+            for key, value in OmegaConf.to_container(ours, resolve=True).items():
+                if key in ("resume", "stop_at", "progress", "debug_errors", "num_workers", "root", "max_iters",
+                           "max_epochs", "val_interval", "log_interval"):
+                    continue
+                old = theirs.get(key) if key in theirs else None
+                if key in theirs and str(old) != str(value):
+                    changed.append(f"{group}.{key} {old} -> {value}")
+        if changed:
+            log.warning("resuming with settings that differ from the checkpoint's: %s (the optimizer and "
+                        "schedule state come from the checkpoint)", ", ".join(changed[:8]))
+
+    def _differences(self, state: dict) -> list[str]:
+        """What makes ``state`` unusable for this model: config keys, class count, tensor names/shapes."""
+        meta, diffs = state.get("meta", {}), []
+        if meta.get("model") != self.cfg.model.name:
+            diffs.append(f"model {meta.get('model')} (here {self.cfg.model.name})")
+        if meta.get("num_classes") != self.num_classes:
+            diffs.append(f"num_classes {meta.get('num_classes')} (here {self.num_classes})")
+        try:
+            stored = OmegaConf.create(state["config"]).get("model", {}) if "config" in state else {}
+        except Exception:  # an unparsable stored config is not a reason to refuse good weights
+            stored = {}
+        for key in ("backbone", "variant", "output_stride", "aux", "base_channels", "norm"):
+            if key in stored and stored[key] != self.cfg.model.get(key):
+                diffs.append(f"model.{key} {stored[key]} (here {self.cfg.model.get(key)})")
+        ours = unwrap(self.model).state_dict()
+        theirs = state["model"]
+        missing = [k for k in ours if k not in theirs]
+        extra = [k for k in theirs if k not in ours]
+        shapes = [f"{k} {list(theirs[k].shape)} (here {list(v.shape)})" for k, v in ours.items()
+                  if k in theirs and hasattr(theirs[k], "shape") and theirs[k].shape != v.shape]
+        for label, items in (("missing tensors", missing), ("unexpected tensors", extra), ("shape", shapes)):
+            if items:
+                diffs.append(f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
+        return diffs
+
+    def _init_from(self, path_str: str) -> None:
+        """model.init_from: load every tensor whose name and shape match; report what was skipped."""
+        path = Path(path_str).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"model.init_from={path_str}: no such file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            obj = checkpoint.load(path)  # raises the one-line CheckpointError (unsafe, truncated, ...)
+        theirs = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+        if not isinstance(theirs, dict):
+            raise CheckpointError(f"model.init_from={path_str} holds no state dict")
+        theirs = {k.removeprefix("module."): v for k, v in theirs.items() if isinstance(v, torch.Tensor)}
+        ours = unwrap(self.model).state_dict()
+        load = {k: v for k, v in theirs.items() if k in ours and v.shape == ours[k].shape}
+        if not load:
+            raise CheckpointError(f"model.init_from={path_str}: no tensor matches model={self.cfg.model.name} by name "
+                                  f"and shape (e.g. {next(iter(theirs), 'none')}); is it a checkpoint of this network?")
+        unwrap(self.model).load_state_dict(load, strict=False)
+        shape = [k for k in theirs if k in ours and k not in load]
+        absent = [k for k in ours if k not in theirs]
+        unused = [k for k in theirs if k not in ours]
+        log.info("model.init_from=%s: loaded %d of %d tensors; kept fresh: %d (shape differs: %s; not in the file: "
+                 "%d); unused from the file: %d", path, len(load), len(ours), len(ours) - len(load),
+                 ", ".join(shape[:4]) or "none", len(absent), len(unused))
+
+
+PREEMPT_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+class StopSignals:
+    """Within the block, the first SIGINT/SIGTERM sets ``received`` (the loop stops after its step);
+    a second one aborts at once.  A no-op outside the main thread."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:  # the second signal: abort now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        sys.stderr.write(f"\nsegtrain: {name}: stopping after this step and writing last.pt "
+                         f"(send it again to abort at once)\n")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in PREEMPT_SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line of this run, with trainer.resume=auto and its run dir."""
+    drop = ("trainer.resume=", "hydra.run.dir=", "trainer.stop_at=", "run_dir=")
+    args = [a for a in sys.argv[1:] if not a.startswith(drop)]
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "segtrain"
+    prog = "segtrain" if prog in ("__main__.py", "") else prog
+    return " ".join(shlex.quote(a) for a in [prog, *args, "trainer.resume=auto", f"hydra.run.dir={run_dir}"])
+
+
+def check_writable(folder: Path, num_params: int) -> None:
+    """Fail before training when ``folder`` cannot take a checkpoint (permissions, or too little free space)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}.tmp"
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write to the run dir {folder}: {e.strerror or e}; choose a writable one with "
+                          "hydra.run.dir=PATH") from None
+    need = num_params * 4 * 3 * 3  # weights + optimizer state, for last.pt, last-1.pt and best.pt
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputError(f"only {free / 2**20:.0f} MiB free in {folder}, checkpoints need about "
+                          f"{need / 2**20:.0f} MiB; free space or choose another hydra.run.dir")
 
 
 class BatchToDevice:

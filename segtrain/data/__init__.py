@@ -75,6 +75,12 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
 
 
 def _worker_init(worker_id: int) -> None:
+    import signal
+
+    # Ctrl-C / SIGTERM reach the whole process group: the main process handles them (finishes its step,
+    # writes last.pt) and shuts the workers down; a worker dying first would crash the loader instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(0)  # one OpenCV thread per worker: workers are the parallelism
     cv2.ocl.setUseOpenCL(False)
     torch.set_num_threads(1)
@@ -94,4 +100,8 @@ def build_loader(dataset: SegDataset, cfg: DictConfig, train: bool, seed: int, r
         drop_last=train and len(sampler) >= batch * 2,
         worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: creating an iterator then draws worker seeds without touching the global torch
+        # RNG (dropout's), so a resumed run consumes that RNG exactly as an uninterrupted one.  Augmentation
+        # is seeded per sample (SegDataset), so worker seeds do not change the data.
+        generator=torch.Generator().manual_seed(seed + (0 if train else 1)),
     )
