@@ -173,6 +173,16 @@ def _guarded(task, full_errors: bool):
 def run_hydra_app(task, config_name: str = "config") -> None:
     """Run ``task`` as a Hydra app with segtrain's error handling."""
     register_configs()
+    from segtrain import distributed
+
+    scratch = distributed.scratch_run_dir()
+    if scratch:  # torchrun rank > 0: Hydra works in a throw-away dir, rank 0 owns the run dir and the logs
+        import atexit
+        import shutil
+
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                     "hydra/hydra_logging=disabled"]
+        atexit.register(shutil.rmtree, scratch, True)
     argv_debug = any(a.replace(" ", "").lower() == "trainer.debug_errors=true" for a in sys.argv)
     full_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or argv_debug
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message

@@ -126,6 +126,7 @@ class DeviceConfig:
     channels_last: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True
+    sync_bn: bool = True  # DDP on CUDA: BatchNorm statistics over all processes (off with one process / on CPU)
 
 
 @dataclass

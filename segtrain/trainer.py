@@ -8,6 +8,7 @@ a confusion matrix.  Every network, data set and recipe goes through here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import checkpoint
+from segtrain import checkpoint, distributed
 from segtrain.config import as_hw, to_yaml
 from segtrain.data import build_datasets, build_loader
 from segtrain.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError, Preempted, ResourceError
@@ -82,11 +83,17 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.rank, self.world_size = 0, 1
-        self.is_main = self.rank == 0
-
-        # --- device, precision, determinism -------------------------------------------------
+        # --- device, precision, processes, determinism -----------------------------------------
         self.device, self.precision = resolve_device(cfg.device)
+        self.dist = distributed.setup(self.device.type)
+        self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
+        if self.dist.enabled:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            self.run_dir = Path(distributed.broadcast_object(str(self.run_dir), self.dist))  # rank 0's run dir
+            self.ckpt_dir = self.run_dir / "checkpoints"
+            if not self.is_main:
+                log.setLevel(logging.WARNING)
         seed_everything(cfg.seed)
         if cfg.trainer.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -131,12 +138,20 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou, self.last_metrics, self.history = float("nan"), None, []
         self.train_time, self.train_images, self.skipped_steps = 0.0, 0, 0
+        self._peer_stop = False
         if self.is_main:
             check_writable(self.ckpt_dir, self.num_params)
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
         if cfg.model.init_from:
             self._init_from(cfg.model.init_from)
         self.resumed_from = self._maybe_resume(t.resume)
+        self.sync_bn = False
+        if self.dist.enabled:
+            self.sync_bn = cfg.device.sync_bn and self.device.type == "cuda"  # SyncBatchNorm needs CUDA
+            if self.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.forward = torch.compile(self.model) if cfg.device.compile else self.model
         self.tb = TensorBoard(self.run_dir / "tb") if self.is_main else TensorBoard(None)
 
@@ -152,6 +167,8 @@ class Trainer:
                 return self._fit()
             except torch.cuda.OutOfMemoryError:
                 raise ResourceError(self._oom_message()) from None
+            finally:
+                distributed.cleanup()
 
     def _oom_message(self) -> str:
         d, t = self.cfg.data, self.cfg.trainer
@@ -169,10 +186,13 @@ class Trainer:
             cfg.model.name, f"{self.num_params:,}", self.device, self.precision, cfg.device.channels_last, cfg.device.compile,
         )
         log.info(
-            "data %s: %d train / %d val images, batch %d, %d iterations (%.1f epochs) | run dir %s",
-            cfg.data.name, len(self.train_set), len(self.val_set), cfg.data.batch_size, self.max_iters,
+            "data %s: %d train / %d val images, batch %d x %d process(es) x accumulate %d = %d, %d iterations "
+            "(%.1f epochs) | run dir %s", cfg.data.name, len(self.train_set), len(self.val_set), cfg.data.batch_size,
+            self.world_size, t.accumulate, cfg.data.batch_size * self.world_size * t.accumulate, self.max_iters,
             self.max_iters / self.iters_per_epoch, self.run_dir,
         )
+        log.info("world size %d%s", self.world_size, f" (backend {self.dist.backend}, SyncBN {self.sync_bn})"
+                 if self.dist.enabled else "")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=self.max_iters, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and self.is_main), leave=True)
@@ -214,7 +234,7 @@ class Trainer:
                 if due or self.step >= self.max_iters:
                     self.validate()
                     self.model.train()
-                stop = self.signals.received or (t.stop_at is not None and self.step >= t.stop_at)
+                stop = self._peer_stop or (t.stop_at is not None and self.step >= t.stop_at)
                 if stop and self.step < self.max_iters:
                     bar.close()
                     self._preempt(self.signals.received or "trainer.stop_at")
@@ -237,11 +257,13 @@ class Trainer:
         t = self.cfg.trainer
         self.optimizer.zero_grad(set_to_none=True)
         total, n_images = 0.0, 0
-        for images, masks in micro:
+        for i, (images, masks) in enumerate(micro):
             x, y = self.batch_to_device(images, masks)
-            with self.autocast():
-                loss = self.criterion(self.forward(x), y) / len(micro)
-            self.scaler.scale(loss).backward()
+            sync = i == len(micro) - 1 or not self.dist.enabled  # DDP: all-reduce gradients on the last one only
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self.autocast():
+                    loss = self.criterion(self.forward(x), y) / len(micro)
+                self.scaler.scale(loss).backward()
             total = total + loss.detach()
             n_images += x.shape[0]
         if t.grad_clip:
@@ -251,6 +273,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         loss_val = float(total)
+        self._peer_stop = self.signals.received is not None
+        if self.dist.enabled:  # one collective: the mean loss, and whether any process got a stop signal
+            buf = torch.tensor([loss_val, float(self._peer_stop)], device=self.device, dtype=torch.float64)
+            distributed.all_reduce(buf)
+            loss_val, self._peer_stop = float(buf[0]) / self.world_size, bool(buf[1] > 0)
         if not math.isfinite(loss_val):
             if self.precision == "fp16" and self.scaler.get_scale() < scale_before:
                 self.skipped_steps += 1  # the scaler skipped this step and lowered its scale
@@ -281,8 +308,11 @@ class Trainer:
 
     def _preempt(self, reason: str) -> None:
         """Write last.pt and stop with Preempted (exit code 75), printing the command that resumes."""
-        self.save()
+        if self.is_main:
+            self.save()
         self.tb.close()
+        if self.dist.enabled:
+            torch.distributed.barrier()  # no process exits (and gets the others killed) before last.pt is written
         cmd = resume_command(self.run_dir)
         log.warning("stopped by %s at step %d of %d; wrote %s", reason, self.step, self.max_iters,
                     self.ckpt_dir / "last.pt")
@@ -312,8 +342,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """Evaluate the validation set with ``cfg.eval`` (whole / slide / TTA): metrics dict plus ``loss``."""
         self.model.eval()
+        forward = unwrap(self.model) if self.dist.enabled else self.forward  # no DDP hooks in evaluation
         m, _, vis = evaluate_loader(
-            self.forward, self.val_loader, self.batch_to_device, self.autocast, self.cfg, self.class_names,
+            forward, self.val_loader, self.batch_to_device, self.autocast, self.cfg, self.class_names,
             criterion=self.criterion, progress=self.cfg.trainer.progress and self.is_main,
         )
         if vis is not None:
@@ -603,8 +634,10 @@ def evaluate_loader(forward, loader, batch_to_device, autocast, cfg: DictConfig,
         if vis is None and k > 0 and images.dtype == torch.uint8:
             vis = (images[:k], masks[:k], pred[:k].cpu())
     cm.all_reduce()
+    totals = distributed.all_reduce(torch.stack([loss_sum.double(), torch.tensor(float(n_batches), device=device,
+                                                                                 dtype=torch.float64)]))
     m = cm.compute()
-    m["loss"] = float(loss_sum) / max(n_batches, 1) if criterion is not None else float("nan")
+    m["loss"] = float(totals[0] / totals[1].clamp(min=1)) if criterion is not None else float("nan")
     return m, cm, vis
 
 

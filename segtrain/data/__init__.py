@@ -87,7 +87,9 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_loader(dataset: SegDataset, cfg: DictConfig, train: bool, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=False)
+    # Validation shards are not padded: every image is scored exactly once over all ranks.
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=False,
+                           pad=train)
     workers = cfg.num_workers
     batch = cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size)
     return DataLoader(

@@ -60,9 +60,10 @@ class SegDataset(Dataset):
 class EpochSampler(Sampler):
     """Seeded per-epoch order of ``(epoch, index)`` keys, sharded over ranks, resumable mid-epoch."""
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 pad: bool = True):
         self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size, self.drop_last, self.pad = rank, world_size, drop_last, pad
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -78,7 +79,7 @@ class EpochSampler(Sampler):
         if self.world_size > 1:
             if self.drop_last:
                 order = order[: len(order) - len(order) % self.world_size]
-            else:  # pad by wrapping so every rank gets the same count
+            elif self.pad:  # pad by wrapping so every rank gets the same count (training)
                 order += order[: (-len(order)) % self.world_size]
             order = order[self.rank :: self.world_size]
         return order

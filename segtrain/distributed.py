@@ -1,0 +1,95 @@
+"""torch.distributed (DDP) through torchrun: ``torchrun --nproc_per_node=N -m segtrain ...``.
+
+torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; :func:`setup` joins the process group
+(NCCL on CUDA, gloo on CPU) and returns this process's place in it.  Rank 0 owns the Hydra run dir,
+the logs, TensorBoard and the checkpoints; the other ranks run in a throw-away Hydra dir
+(:func:`scratch_run_dir`) and learn rank 0's run dir by broadcast.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _export_slurm_env() -> None:
+    """Under Hydra's submitit launcher (hydra/launcher=slurm_ddp) each SLURM task runs the trainer with
+    SLURM_* variables only: let submitit translate them into torch.distributed's RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT."""
+    if "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def launched() -> bool:
+    """True under torchrun, or a SLURM job of several tasks started by submitit."""
+    _export_slurm_env()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def scratch_run_dir() -> str | None:
+    """For ranks > 0: a temporary Hydra run dir, so only rank 0 creates the real one."""
+    if launched() and env_rank() > 0:
+        return tempfile.mkdtemp(prefix=f"segtrain-rank{env_rank()}-")
+    return None
+
+
+def setup(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun; a single process otherwise."""
+    if not launched():
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_backend())
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place sum (or ``op``) over ranks; a no-op in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

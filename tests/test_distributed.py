@@ -1,0 +1,64 @@
+"""DDP through torchrun with gloo on the CPU (2 processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+COMMON = ["debug=smoke", "device=cpu", "device.precision=fp32", "model.norm=none", "optimizer=sgd",
+          "data.augment=false", "trainer.max_iters=3", "trainer.val_interval=3", "trainer.progress=false",
+          "trainer.deterministic=true"]
+
+
+def torchrun(args, cwd, nproc=2):
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "segtrain", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_two_process_gloo_matches_one_process(tmp_path):
+    proc = torchrun([*COMMON, "data.batch_size=2", "hydra.run.dir=ddp"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "world size 2 (backend gloo" in proc.stdout
+    runs = [p for p in tmp_path.rglob("metrics.json")]
+    assert runs == [tmp_path / "ddp" / "metrics.json"]  # one run dir, written by rank 0 only
+    m = json.loads(runs[0].read_text())
+    assert m["world_size"] == 2 and m["step"] == 3
+
+    single = run_cli([*COMMON, "data.batch_size=4", "hydra.run.dir=single"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    s = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert m["best_miou"] == pytest.approx(s["best_miou"], abs=1e-4)  # validation shards cover each image once
+    assert m["history"][-1]["loss"] == pytest.approx(s["history"][-1]["loss"], rel=1e-4)
+
+
+def test_slurm_tasks_map_onto_torch_distributed(tmp_path):
+    """Under hydra/launcher=slurm_ddp each SLURM task finds its rank via submitit's environment."""
+    pytest.importorskip("submitit")
+    env = {"PATH": os.environ["PATH"], "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123", "SLURM_NTASKS": "8",
+           "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]"}
+    code = ("from segtrain import distributed as d; import os, json; "
+            "print(json.dumps([d.launched()] + [os.environ.get(k) for k in ('RANK','WORLD_SIZE','LOCAL_RANK','MASTER_ADDR')]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [True, "5", "8", "1", "gpu01"]
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = run_cli(["hydra/launcher=slurm_ddp", "--cfg", "hydra"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "SlurmLauncher" in proc.stdout and "tasks_per_node: 4" in proc.stdout and "gpus_per_node: 4" in proc.stdout
