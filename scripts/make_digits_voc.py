@@ -4,12 +4,13 @@
     pip install scikit-learn
     python scripts/make_digits_voc.py /tmp/digits_voc
     segtrain data=voc data.root=/tmp/digits_voc model=unet data.num_classes=11 \\
-        'data.class_names=[background,0,1,2,3,4,5,6,7,8,9]' data.base_size=null data.crop_size=96
+        'data.class_names=[background,0,1,2,3,4,5,6,7,8,9]' data.base_size=null data.crop_size=64 \\
+        'data.scale_range=[0.75,1.25]' data.batch_size=16 data.num_workers=2 trainer.max_iters=2500 trainer.val_interval=500
 
 Each picture (odd sizes, 64-96 x 72-120 px) holds 2-4 upscaled (18-30 px) handwritten digits on a noisy paper-like
 background; a third of the JPEGs are grayscale.  Masks are palette PNGs: 0 background, digit d -> class d+1,
 and a 255 (ignore) band along every digit's outline, as VOC marks object boundaries.  Train and val use
-digits by disjoint writers' scans (the first 1,400 scans vs the rest), so validation is on unseen handwriting.
+digits from disjoint sets of scans (the first 1,400 vs the remaining 397), so no validation digit was seen in training.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def overlay(images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ign
 def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], path: str | Path) -> None:
     """Write the row-normalised confusion matrix (rows: ground truth, columns: prediction) as a PNG heat map.
 
-    Up to 40 classes, each cell shows its percentage and rows carry class names; larger matrices
+    Up to 40 classes, each cell shows its percentage, rows carry class names and columns their first
+    letters (up to 20 classes) or indices; larger matrices
     (ADE20K's 150 classes) are drawn as a plain heat map with small cells.
     """
     import cv2
@@ -84,7 +85,8 @@ def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], 
         for i, name in enumerate(class_names):
             y = top + i * cell + cell // 2 + 4
             cv2.putText(canvas, name, (4, y), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-            cv2.putText(canvas, str(i), (left + i * cell + 2, top - 6), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            col = name[:4] if cell >= 30 else str(i)  # short names fit above wide cells, else the index
+            cv2.putText(canvas, col, (left + i * cell + 2, top - 6), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
             for j in range(k):
                 if mat[i, j] > 0:
                     v = norm[i, j]
