@@ -138,7 +138,7 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou, self.last_metrics, self.history = float("nan"), None, []
         self.train_time, self.train_images, self.skipped_steps = 0.0, 0, 0
-        self._peer_stop = False
+        self._peer_stop, self._skips_in_row = False, 0
         if self.is_main:
             check_writable(self.ckpt_dir, self.num_params)
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
@@ -278,17 +278,21 @@ class Trainer:
             buf = torch.tensor([loss_val, float(self._peer_stop)], device=self.device, dtype=torch.float64)
             distributed.all_reduce(buf)
             loss_val, self._peer_stop = float(buf[0]) / self.world_size, bool(buf[1] > 0)
-        if not math.isfinite(loss_val):
-            if self.precision == "fp16" and self.scaler.get_scale() < scale_before:
-                self.skipped_steps += 1  # the scaler skipped this step and lowered its scale
-                log.warning("step %d: non-finite fp16 gradients, step skipped (%d so far)", self.step + 1,
-                            self.skipped_steps)
-            else:
-                raise NonFiniteLossError(
-                    f"loss is {loss_val} (non-finite) at step {self.step + 1}: lower optimizer.lr, set "
-                    f"trainer.grad_clip, or try another device.precision (now {self.precision}); "
-                    "checkpoints were not overwritten"
-                )
+        # fp16: the GradScaler skips a step whose gradients hold inf/NaN and lowers its scale
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        if skipped:
+            self.skipped_steps += 1
+            self._skips_in_row += 1
+            log.warning("step %d: fp16 gradients overflowed, the scaler skipped the step (%d so far, scale now %g)",
+                        self.step + 1, self.skipped_steps, self.scaler.get_scale())
+        else:
+            self._skips_in_row = 0
+        if (not math.isfinite(loss_val) and not skipped) or self._skips_in_row >= MAX_SKIPS_IN_ROW:
+            what = f"loss is {loss_val} (non-finite)" if not skipped else f"{MAX_SKIPS_IN_ROW} fp16 steps in a row overflowed"
+            raise NonFiniteLossError(
+                f"{what} at step {self.step + 1}: lower optimizer.lr, set trainer.grad_clip, or try another "
+                f"device.precision (now {self.precision}); checkpoints were not overwritten"
+            )
         return loss_val, n_images
 
     # ------------------------------------------------------------------------------------------
@@ -517,6 +521,7 @@ class Trainer:
 
 
 PREEMPT_SIGNALS = ("SIGINT", "SIGTERM")
+MAX_SKIPS_IN_ROW = 25  # fp16 steps skipped in a row before the run is stopped as diverged
 
 
 class StopSignals:

@@ -276,3 +276,50 @@ def test_more_bad_inputs_are_one_line(tmp_path, ckpts, args, expect):
     args = [a.format(**ckpts) for a in args]
     proc = run_cli([*args, "debug=smoke"], tmp_path)
     one_line_error(proc, expect)
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch, caplog):
+    """fp16 autocast + GradScaler on the CPU: two steps with overflowing gradients are skipped, not fatal."""
+    from segtrain.trainer import Trainer
+    from tests.test_config import composed
+
+    trainer = Trainer(composed("debug=smoke", "device=cpu", "device.precision=fp16", "trainer.max_iters=4",
+                               "trainer.progress=false"), tmp_path / "run")
+    criterion, calls = trainer.criterion, []
+
+    def blow_up(out, y):
+        calls.append(1)
+        loss = criterion(out, y)
+        return loss * 1e8 if len(calls) <= 2 else loss  # the first two steps overflow fp16 gradients
+
+    monkeypatch.setattr(trainer, "criterion", blow_up)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with caplog.at_level("WARNING", logger="segtrain"):
+        summary = trainer.fit()
+    assert summary["skipped_steps"] == 2 and summary["step"] == 4
+    assert "scaler skipped the step" in caplog.text
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_steps"] == 2
+
+
+def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
+    """SIGKILL at arbitrary moments of a run that writes last.pt every step: last.pt always loads."""
+    args = ["debug=smoke", "trainer.max_iters=100000", "trainer.val_interval=1", "trainer.progress=false",
+            "trainer.num_vis=0", "hydra.run.dir=run", "trainer.resume=auto"]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    steps = []
+    for delay in (0.7, 1.3, 0.45):
+        proc = subprocess.Popen(segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        seen = last.stat().st_mtime_ns if last.is_file() else None
+        deadline = time.time() + 120
+        while time.time() < deadline and (not last.is_file() or last.stat().st_mtime_ns == seen):
+            time.sleep(0.05)  # until this process has written its first checkpoint
+        time.sleep(delay)  # somewhere in a step, a validation or a checkpoint write
+        proc.kill()
+        proc.wait()
+        steps.append(checkpoint.load(last)["step"])  # never torn
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # each start resumed where the last one died
