@@ -323,3 +323,22 @@ def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
         proc.wait()
         steps.append(checkpoint.load(last)["step"])  # never torn
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each start resumed where the last one died
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_first_signal_is_noted_second_aborts(name):
+    code = f"""
+import os, signal, sys, time
+from segtrain.trainer import StopSignals
+with StopSignals() as s:
+    os.kill(os.getpid(), signal.{name})
+    time.sleep(0.2)
+    print("received", s.received, flush=True)
+    os.kill(os.getpid(), signal.{name})  # the second one: default action, the process dies now
+    time.sleep(5)
+    print("still alive", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert f"received {name}" in proc.stdout and "still alive" not in proc.stdout
+    assert proc.returncode == -getattr(signal, name)
+    assert "stopping after this step" in proc.stderr
