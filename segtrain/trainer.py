@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
@@ -630,6 +631,8 @@ def evaluate_loader(forward, loader, batch_to_device, autocast, cfg: DictConfig,
         x, y = batch_to_device(images, masks)
         with autocast():
             scores = predict(forward, x, num_classes, **settings)
+        if scores.shape[-2:] != y.shape[-2:]:  # data.val_size rescaled the image: score at the mask's size
+            scores = F.interpolate(scores, size=y.shape[-2:], mode="bilinear", align_corners=False)
         if criterion is not None:
             loss_sum += criterion(scores, y).detach()
         n_batches += 1
@@ -637,7 +640,10 @@ def evaluate_loader(forward, loader, batch_to_device, autocast, cfg: DictConfig,
         cm.update(pred, y)
         k = cfg.trainer.num_vis
         if vis is None and k > 0 and images.dtype == torch.uint8:
-            vis = (images[:k], masks[:k], pred[:k].cpu())
+            shown = images[:k]
+            if shown.shape[-2:] != masks.shape[-2:]:
+                shown = F.interpolate(shown.float(), size=masks.shape[-2:], mode="bilinear").round().to(torch.uint8)
+            vis = (shown, masks[:k], pred[:k].cpu())
     cm.all_reduce()
     totals = distributed.all_reduce(torch.stack([loss_sum.double(), torch.tensor(float(n_batches), device=device,
                                                                                  dtype=torch.float64)]))

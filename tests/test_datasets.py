@@ -262,7 +262,7 @@ def test_cat_max_ratio_redraws_crop():
 def test_val_pipeline_and_custom_pipeline():
     assert T.standard_val(data_cfg("voc", None)) is None
     out = T.standard_val(data_cfg("voc", None, val_size=32))(image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8))
-    assert out["image"].shape[0] == 32 and out["mask"].shape[0] == 32
+    assert out["image"].shape[0] == 32 and out["mask"].shape == (61, 83)  # scored at the original size
     cfg = data_cfg("voc", None, train_pipeline=[{"_target_": "albumentations.CenterCrop", "height": 16, "width": 16}])
     out = T.standard_train(cfg)(image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8))
     assert out["image"].shape == (16, 16, 3)
@@ -287,6 +287,30 @@ def test_cli_trains_on_each_tree(cli, name, writer, extra):
     writer(root)
     proc, run = cli(f"data={name}", f"data.root={root}", *FAST, *extra, env={"SEGTRAIN_CACHE": str(cli.cwd / "cache")})
     assert (run / "metrics.json").is_file(), proc.stdout
+
+
+def test_val_size_scores_at_the_original_mask_size(cli):
+    """data.val_size rescales validation images only; the predictions are resized back to each mask (mmseg)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import run_cli
+
+    root = cli.cwd / "data"
+    expected = write_voc(root)
+    env = {"SEGTRAIN_CACHE": str(cli.cwd / "cache")}
+    fast = [a for a in FAST if not a.startswith("trainer.num_vis")]
+    _, run = cli("data=voc", f"data.root={root}", *fast, "data.val_size=24", "trainer.num_vis=2", env=env)
+    assert (run / "metrics.json").is_file()
+    exe = [str(Path(sys.executable).parent / "segtrain-eval")]
+    proc = run_cli([f"ckpt={run / 'checkpoints' / 'last.pt'}", "hydra.run.dir=ev", "trainer.progress=false"], cli.cwd,
+                   exe=exe, env=env)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((cli.cwd / "ev" / "metrics.json").read_text())
+    val = sorted(expected)[-2:]  # write_voc: the last n_val=2 ids are the val split
+    labelled = sum(int((expected[n] != 255).sum()) for n in val)
+    assert sum(map(sum, m["confusion_matrix"])) == labelled
 
 
 def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):

@@ -47,10 +47,12 @@ def _target_size(h: int, w: int, size: tuple[int, int] | int, ratio: float = 1.0
 class RescaleKeepRatio(A.DualTransform):
     """Resize keeping the aspect ratio to ``size`` (None: the image's own size) times a ratio drawn from ``ratio_range``."""
 
-    def __init__(self, size: Any, ratio_range: tuple[float, float] = (1.0, 1.0), p: float = 1.0):
+    def __init__(self, size: Any, ratio_range: tuple[float, float] = (1.0, 1.0), resize_mask: bool = True,
+                 p: float = 1.0):
         super().__init__(p=p)
         self.size = size if size is None or isinstance(size, int) else tuple(int(v) for v in size)
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.resize_mask = resize_mask  # False: evaluation scores at the mask's original size
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         h, w = params["shape"][:2]
@@ -64,12 +66,12 @@ class RescaleKeepRatio(A.DualTransform):
         return cv2.resize(img, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
 
     def apply_to_mask(self, mask: np.ndarray, out_hw: tuple[int, int] = (1, 1), **params: Any) -> np.ndarray:
-        if mask.shape[:2] == out_hw:
+        if mask.shape[:2] == out_hw or not self.resize_mask:
             return mask
         return cv2.resize(mask, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_NEAREST)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("size", "ratio_range")
+        return ("size", "ratio_range", "resize_mask")
 
 
 class CatMaxRatioCrop(A.DualTransform):
@@ -172,6 +174,9 @@ def standard_train(cfg: DictConfig) -> A.Compose:
 
 
 def standard_val(cfg: DictConfig) -> A.Compose | None:
-    """No augmentation, the whole image; a keep-ratio resize to ``data.val_size`` when set."""
+    """No augmentation, the whole image; a keep-ratio resize of the image to ``data.val_size`` when set.
+
+    The mask keeps its original size: the evaluation resizes the predicted scores back to it, so metrics
+    are computed on the original annotation (as mmsegmentation does), whatever the test scale."""
     size = _size_or_none(cfg.get("val_size"), "data.val_size")
-    return None if size is None else A.Compose([RescaleKeepRatio(size)])
+    return None if size is None else A.Compose([RescaleKeepRatio(size, resize_mask=False)])
