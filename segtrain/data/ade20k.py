@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, list_images, resolve_root
+from segtrain.data.checks import DiskDataset, label_map_lut, list_images, require_files, resolve_root
 from segtrain.errors import DataError
 from segtrain.logger import default_palette
 
@@ -64,9 +64,7 @@ def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ign
     if not images:
         raise DataError(f"{img_dir} holds no images (expected layout: {LAYOUT})")
     masks = [ann_dir / f"{stem}.png" for stem in images]
-    missing = [m for m in masks if not m.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} annotation(s) are missing, e.g. {missing[0]} (expected layout: {LAYOUT})")
+    require_files(masks, "annotation(s) are", LAYOUT)
     ds = DiskDataset(list(images.values()), masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index)
     ds.kind = "ade20k-reduce-zero"
     return ds
@@ -74,10 +72,7 @@ def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ign
 
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
-    lut = reduce_zero_lut(cfg.ignore_index)
-    user = label_map_lut(cfg.label_map)
-    if user is not None:
-        lut = user[lut]
+    lut = label_map_lut(cfg.label_map, base=reduce_zero_lut(cfg.ignore_index))
     train = ade_split(root, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index)
     val = ade_split(root, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index)
     return train, val

@@ -53,10 +53,15 @@ def resolve_root(cfg: DictConfig, layout: str) -> Path:
     return root
 
 
-def label_map_lut(label_map: Any) -> np.ndarray | None:
-    """``data.label_map`` ({raw: new}) as a 256-entry uint8 lookup table (None when unset)."""
+def label_map_lut(label_map: Any, base: np.ndarray | None = None) -> np.ndarray | None:
+    """``data.label_map`` ({raw: new}) as a 256-entry uint8 lookup table (None when unset and no ``base``).
+
+    ``base`` is a layout's own table (Cityscapes labelId -> trainId, ADE20K reduce-zero); the user's map
+    then applies to its output."""
     if label_map is None:
-        return None
+        return base
+    if base is not None:
+        return label_map_lut(label_map)[base]
     if isinstance(label_map, DictConfig):
         label_map = OmegaConf.to_container(label_map)
     if not isinstance(label_map, dict):
@@ -293,6 +298,13 @@ def check_labels(datasets: list[DiskDataset], num_classes: int, ignore_index: in
 
 # ---------------------------------------------------------------------------
 # Listing files.
+
+
+def require_files(paths: list[Path], what: str, layout: str) -> None:
+    """A one-line DataError naming how many of ``paths`` are missing and the first one."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} {what} missing, e.g. {missing[0]} (expected layout: {layout})")
 
 
 def list_images(folder: Path) -> dict[str, Path]:

@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, resolve_root
+from segtrain.data.checks import DiskDataset, label_map_lut, require_files, resolve_root
 from segtrain.errors import DataError
 
 CLASS_NAMES = [
@@ -52,9 +52,7 @@ def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarr
         raise DataError(f"{img_dir} holds no CITY/*_leftImg8bit.png images (expected layout: {LAYOUT})")
     masks = [root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
              for p in images]
-    missing = [m for m in masks if not m.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} gtFine label file(s) are missing, e.g. {missing[0]} (expected layout: {LAYOUT})")
+    require_files(masks, "gtFine label file(s) are", LAYOUT)
     ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index)
     ds.kind = "cityscapes-trainid"
     return ds
@@ -62,10 +60,7 @@ def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarr
 
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
-    lut = trainid_lut(cfg.ignore_index)
-    user = label_map_lut(cfg.label_map)
-    if user is not None:
-        lut = user[lut]
+    lut = label_map_lut(cfg.label_map, base=trainid_lut(cfg.ignore_index))
     train = cityscapes_split(root, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index)
     val = cityscapes_split(root, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index)
     return train, val

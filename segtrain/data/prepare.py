@@ -21,7 +21,6 @@ import os
 import socket
 import sys
 import tarfile
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +31,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from segtrain.errors import DataError, SegtrainError
+from segtrain.utils import call_with_timeout
 
 PROG = "segtrain-data"
 TIMEOUT_S = 10.0
@@ -53,21 +53,12 @@ MARKER_DIR = ".segtrain-data"
 
 def _resolve_host(host: str, port: int, timeout: float) -> None:
     """Resolve ``host`` in a daemon thread so that a stuck resolver cannot hang the command."""
-    result: dict[str, BaseException | None] = {"err": None}
-
-    def work():
-        try:
-            socket.getaddrinfo(host, port)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            result["err"] = e
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise OSError(f"resolving {host} timed out after {timeout:.0f} s")
-    if result["err"] is not None:
-        raise OSError(f"cannot resolve {host}: {result['err']}")
+    try:
+        call_with_timeout(lambda: socket.getaddrinfo(host, port), timeout)
+    except TimeoutError:
+        raise OSError(f"resolving {host} timed out after {timeout:.0f} s") from None
+    except Exception as e:
+        raise OSError(f"cannot resolve {host}: {e}") from None
 
 
 def download(url: str, dest: Path, timeout: float = TIMEOUT_S) -> Path:

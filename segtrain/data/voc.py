@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, read_list, resolve_root
+from segtrain.data.checks import DiskDataset, label_map_lut, read_list, require_files, resolve_root
 from segtrain.errors import DataError
 from segtrain.logger import default_palette
 
@@ -43,10 +43,7 @@ def voc_split(base: Path, split: str, transform, seed: int, lut, ignore_index: i
     images = [base / "JPEGImages" / f"{n}.jpg" for n in names]
     masks = [base / mask_dir / f"{n}.png" for n in names]
     for kind, paths in (("image", images), ("mask", masks)):
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise DataError(f"{len(missing)} {kind}(s) listed in ImageSets/Segmentation/{split}.txt are missing, "
-                            f"e.g. {missing[0]} (expected layout: {layout})")
+        require_files(paths, f"{kind}(s) listed in ImageSets/Segmentation/{split}.txt are", layout)
     ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index)
     ds.kind = "voc"
     return ds
@@ -63,8 +60,8 @@ def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
 def build_aug(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     base = find_voc2012(resolve_root(cfg, AUG_LAYOUT))
     if not (base / "SegmentationClassAug").is_dir():
-        raise DataError(f"{base / 'SegmentationClassAug'} is missing: convert SBD first, e.g. with mmseg's "
-                        f"tools/dataset_converters/voc_aug.py (expected layout: {AUG_LAYOUT})")
+        raise DataError(f"{base / 'SegmentationClassAug'} is missing: convert SBD first with "
+                        f"`segtrain-data sbd --root DIR` (expected layout: {AUG_LAYOUT})")
     lut = label_map_lut(cfg.label_map)
     train = voc_split(base, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index,
                       mask_dir="SegmentationClassAug", layout=AUG_LAYOUT)

@@ -31,7 +31,6 @@ import hashlib
 import os
 import re
 import tempfile
-import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from segtrain.errors import ConfigError
+from segtrain.utils import call_with_timeout
 
 # Seconds to wait for the weights server (connection, then each read) before giving up.
 DOWNLOAD_TIMEOUT = float(os.environ.get("SEGTRAIN_DOWNLOAD_TIMEOUT", "10"))
@@ -302,26 +302,12 @@ def _download(url: str, path: Path, timeout: float) -> None:
     ``urlopen``'s timeout does not cover name resolution, so the connection is
     opened in a daemon thread that is abandoned after ``timeout`` seconds.
     """
-    opened: dict[str, Any] = {}
-
-    def connect() -> None:
-        try:
-            opened["response"] = urllib.request.urlopen(url, timeout=timeout)
-        except BaseException as e:  # re-raised below, in the caller's thread
-            opened["error"] = e
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {timeout:g} s")
-    if "error" in opened:
-        raise opened["error"]
+    response = call_with_timeout(lambda: urllib.request.urlopen(url, timeout=timeout), timeout)
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
     try:
-        with os.fdopen(fd, "wb") as out, opened["response"] as response:
+        with os.fdopen(fd, "wb") as out, response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
