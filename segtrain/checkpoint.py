@@ -80,8 +80,10 @@ def remove_stale_temporaries(folder: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; every failure is a one-line CheckpointError."""
+def load(path: str | Path, map_location: str | torch.device = "cpu", require_model: bool = True) -> Any:
+    """Load a checkpoint with ``weights_only=True``; every failure is a one-line CheckpointError.
+
+    ``require_model=False`` also accepts files that are not segtrain checkpoints (plain state dicts)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -96,7 +98,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first[:200]}") from None
-    if not isinstance(obj, dict) or "model" not in obj:
+    if require_model and (not isinstance(obj, dict) or "model" not in obj):
         raise CheckpointError(f"{path} is not a segtrain checkpoint (no 'model' entry)")
     return obj
 

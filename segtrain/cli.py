@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from segtrain.config import register_configs, validate  # noqa: E402
-from segtrain.errors import SegtrainError  # noqa: E402
+from segtrain.errors import Preempted, SegtrainError  # noqa: E402
 
 log = logging.getLogger("segtrain")
 
@@ -148,7 +148,7 @@ def _guarded(task, full_errors: bool):
             return result
         except SegtrainError as e:
             msg, code = _user_message(e), e.exit_code
-            kind = "stopped" if code == 75 else "error"  # Preempted: resumable, not a failure of the config
+            kind = "stopped" if isinstance(e, Preempted) else "error"  # resumable, not a failure of the config
             if full_errors:
                 status("failed", msg)
                 raise

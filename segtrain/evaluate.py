@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain import checkpoint
-from segtrain.config import validate
+from segtrain.config import SegtrainConfig, validate
 from segtrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("segtrain")
@@ -28,11 +28,7 @@ log = logging.getLogger("segtrain")
 
 def _overridden_keys() -> list[str]:
     """The keys given on the command line (``data.root=x`` -> ``data.root``)."""
-    keys = []
-    for item in HydraConfig.get().overrides.task:
-        key = item.split("=", 1)[0].lstrip("+~")
-        keys.append(key)
-    return keys
+    return [item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task]
 
 
 def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
@@ -45,7 +41,7 @@ def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
             out.data = cfg.data  # data=NAME: a different data set
         for key in keys:
             top = key.split(".", 1)[0]
-            if top in ("data", "eval", "trainer", "seed") and "." in key or key == "seed":
+            if key == "seed" or (top in ("data", "eval", "trainer") and "." in key):
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
             elif top in ("model", "optimizer", "scheduler", "loss"):
                 raise ConfigError(f"segtrain-eval takes {top} from the checkpoint; drop the override {key}")
@@ -58,17 +54,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from segtrain.data import build_datasets, build_loader
     from segtrain.logger import confusion_matrix_png, format_table, write_json
     from segtrain.models import build_model
-    from segtrain.trainer import DTYPES, BatchToDevice, evaluate_loader, resolve_device, unwrap
+    from segtrain.trainer import BatchToDevice, autocast, evaluate_loader, resolve_device, stored_config
 
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     path = Path(cfg.ckpt).expanduser()
     state = checkpoint.load(path)
     if "config" not in state:
         raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
-    stored = OmegaConf.create(state["config"])
-    from segtrain.config import SegtrainConfig
-
-    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored)  # older checkpoints lack newer keys
+    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))  # older ones lack newer keys
     ecfg = merge_config(cfg, stored)
     validate(ecfg)
     meta = state.get("meta", {})
@@ -81,7 +74,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     loader = build_loader(val_set, ecfg.data, False, ecfg.seed)
     model = build_model(ecfg.model, num_classes)
     try:
-        unwrap(model).load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"the weights in {path} do not fit model={ecfg.model.name}: "
                               f"{str(e).splitlines()[-1].strip()}") from None
@@ -90,9 +83,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     class_names = list(val_set.class_names or meta.get("class_names") or [str(i) for i in range(num_classes)])
     if len(class_names) != num_classes:
         class_names = [str(i) for i in range(num_classes)]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
     e = ecfg.eval
     log.info("evaluating %s (%s, step %s) on data %s split %s: %d images | eval %s%s%s | %s %s", path,
@@ -103,7 +93,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     with open_dict(ecfg):
         ecfg.trainer.num_vis = 0
     metrics, cm, _ = evaluate_loader(model, loader, BatchToDevice(device, ecfg.data.mean, ecfg.data.std, memory_format),
-                                     autocast, ecfg, class_names, progress=ecfg.trainer.progress)
+                                     lambda: autocast(device, precision), ecfg, class_names,
+                                     progress=ecfg.trainer.progress)
     elapsed = time.perf_counter() - t0
     print(format_table(metrics, class_names), flush=True)
     out = {k: metrics[k] for k in ("miou", "aacc", "macc", "mdice", "per_class_iou", "iou", "acc", "dice")}

@@ -73,6 +73,11 @@ def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
     return device, precision
 
 
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (fp32: disabled)."""
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile / DDP wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -104,8 +109,6 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.device.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.amp_dtype = DTYPES[self.precision]
-        self.use_amp = self.precision != "fp32"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         # --- data ---------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+        return autocast(self.device, self.precision)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -431,10 +434,11 @@ class Trainer:
             if not path.is_file():
                 raise CheckpointError(f"trainer.resume={resume}: no such file")
             state = checkpoint.load(path)
-        diffs = self._differences(state)
+        stored = stored_config(state)
+        diffs = self._differences(state, stored)
         if diffs:
             raise CheckpointError(f"cannot resume from {path}: it differs from this config: {'; '.join(diffs)}")
-        self._warn_changed(state)
+        self._warn_changed(stored)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -447,12 +451,8 @@ class Trainer:
         log.info("resumed from %s at step %d of %d (epoch %d)", path, self.step, self.max_iters, self.epoch)
         return str(path)
 
-    def _warn_changed(self, state: dict) -> None:
+    def _warn_changed(self, stored: DictConfig) -> None:
         """Say which training settings differ from the checkpoint's: its optimizer and schedule state win."""
-        try:
-            stored = OmegaConf.create(state["config"])
-        except Exception:
-            return
         changed = []
         for group in ("optimizer", "scheduler", "loss", "data", "trainer"):
             ours, theirs = self.cfg.get(group), stored.get(group)
@@ -469,20 +469,17 @@ class Trainer:
             log.warning("resuming with settings that differ from the checkpoint's: %s (the optimizer and "
                         "schedule state come from the checkpoint)", ", ".join(changed[:8]))
 
-    def _differences(self, state: dict) -> list[str]:
+    def _differences(self, state: dict, stored: DictConfig) -> list[str]:
         """What makes ``state`` unusable for this model: config keys, class count, tensor names/shapes."""
         meta, diffs = state.get("meta", {}), []
         if meta.get("model") != self.cfg.model.name:
             diffs.append(f"model {meta.get('model')} (here {self.cfg.model.name})")
         if meta.get("num_classes") != self.num_classes:
             diffs.append(f"num_classes {meta.get('num_classes')} (here {self.num_classes})")
-        try:
-            stored = OmegaConf.create(state["config"]).get("model", {}) if "config" in state else {}
-        except Exception:  # an unparsable stored config is not a reason to refuse good weights
-            stored = {}
+        model = stored.get("model") or {}
         for key in ("backbone", "variant", "output_stride", "aux", "base_channels", "norm"):
-            if key in stored and stored[key] != self.cfg.model.get(key):
-                diffs.append(f"model.{key} {stored[key]} (here {self.cfg.model.get(key)})")
+            if key in model and model[key] != self.cfg.model.get(key):
+                diffs.append(f"model.{key} {model[key]} (here {self.cfg.model.get(key)})")
         ours = unwrap(self.model).state_dict()
         theirs = state["model"]
         missing = [k for k in ours if k not in theirs]
@@ -499,10 +496,7 @@ class Trainer:
         path = Path(path_str).expanduser()
         if not path.is_file():
             raise CheckpointError(f"model.init_from={path_str}: no such file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            obj = checkpoint.load(path)  # raises the one-line CheckpointError (unsafe, truncated, ...)
+        obj = checkpoint.load(path, require_model=False)  # also a plain state dict
         theirs = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
         if not isinstance(theirs, dict):
             raise CheckpointError(f"model.init_from={path_str} holds no state dict")
@@ -563,6 +557,14 @@ def resume_command(run_dir: Path) -> str:
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "segtrain"
     prog = "segtrain" if prog in ("__main__.py", "") else prog
     return " ".join(shlex.quote(a) for a in [prog, *args, "trainer.resume=auto", f"hydra.run.dir={run_dir}"])
+
+
+def stored_config(state: dict) -> DictConfig:
+    """The config a checkpoint was trained with (empty when absent or unparsable: weights still count)."""
+    try:
+        return OmegaConf.create(state.get("config") or {})
+    except Exception:
+        return OmegaConf.create({})
 
 
 def check_writable(folder: Path, num_params: int) -> None:

@@ -92,6 +92,13 @@ class FixedBilinearUpsample(nn.Module):
         return F.conv_transpose2d(x, self.kernel.to(x.dtype), stride=f, padding=f // 2, groups=x.shape[1])
 
 
+def with_aux(out: torch.Tensor, aux_head: nn.Module | None, feature: torch.Tensor, size, training: bool):
+    """The network output: in training with an aux head ``{"out", "aux"}`` (aux resized to ``size``), else ``out``."""
+    if aux_head is None or not training:
+        return out
+    return {"out": out, "aux": resize_to(aux_head(feature), size)}
+
+
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of logits/features to ``size`` (no-op when equal)."""
     if tuple(x.shape[-2:]) == tuple(size):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones import Backbone
-from segtrain.models.blocks import ConvBNReLU, FCNHead, resize_to
+from segtrain.models.blocks import ConvBNReLU, FCNHead, resize_to, with_aux
 
 
 def atrous_rates(output_stride: int) -> tuple[int, int, int]:
@@ -84,9 +84,7 @@ class DeepLabV3(nn.Module):
         size = x.shape[-2:]
         c = self.backbone(x)
         out = resize_to(self.head(c[4]), size)
-        if self.aux_head is not None and self.training:
-            return {"out": out, "aux": resize_to(self.aux_head(c[3]), size)}
-        return out
+        return with_aux(out, self.aux_head, c[3], size, self.training)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -115,6 +113,4 @@ class DeepLabV3Plus(nn.Module):
         low = self.low_level(c[1])
         y = torch.cat([resize_to(self.aspp(c[4]), low.shape[-2:]), low], dim=1)
         out = resize_to(self.decoder(y), size)
-        if self.aux_head is not None and self.training:
-            return {"out": out, "aux": resize_to(self.aux_head(c[3]), size)}
-        return out
+        return with_aux(out, self.aux_head, c[3], size, self.training)

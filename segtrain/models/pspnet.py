@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones import Backbone
-from segtrain.models.blocks import ConvBNReLU, FCNHead, resize_to
+from segtrain.models.blocks import ConvBNReLU, FCNHead, resize_to, with_aux
 
 
 class PyramidPooling(nn.Module):
@@ -65,6 +65,4 @@ class PSPNet(nn.Module):
         size = x.shape[-2:]
         c = self.backbone(x)
         out = resize_to(self.head(self.ppm(c[4])), size)
-        if self.aux_head is not None and self.training:
-            return {"out": out, "aux": resize_to(self.aux_head(c[3]), size)}
-        return out
+        return with_aux(out, self.aux_head, c[3], size, self.training)
