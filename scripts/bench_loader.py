@@ -60,12 +60,16 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_tree(Path(tmp), args.images)
-        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig(name="voc")),
-                              OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "voc.yaml"))
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(DataConfig(name="voc")),
+            OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "voc.yaml"),
+        )
         cfg.root, cfg.batch_size, cfg.check_labels = tmp, args.batch_size, False
         train, _ = build_datasets(cfg, seed=0)
-        print(f"VOC recipe, crop {cfg.crop_size}, batch {cfg.batch_size}, {args.images} JPEGs of 500x375, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"VOC recipe, crop {cfg.crop_size}, batch {cfg.batch_size}, {args.images} JPEGs of 500x375, "
+            f"{os.cpu_count()} CPUs"
+        )
         print("| workers | img/s |\n|---|---|")
         for w in (int(x) for x in args.workers.split(",")):
             cfg.num_workers = w

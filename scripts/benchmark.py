@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Benchmarks, each reporting numbers measured in the same run (the machine may be shared and noisy).
 
-    python scripts/benchmark.py overhead [--iters 60]
-        segtrain's training loop vs a bare PyTorch loop (same model, data, precision, batch):
-        img/s of each and their ratio.  Both get warm-up iterations first.
+python scripts/benchmark.py overhead [--iters 60]
+    segtrain's training loop vs a bare PyTorch loop (same model, data, precision, batch):
+    img/s of each and their ratio.  Both get warm-up iterations first.
 
-    python scripts/benchmark.py models [--iters 400] [--models unet,fcn,...] [--image-size 64]
-        each network trained with the same budget (iterations, batch, optimizer) on the built-in
-        data set through the real CLI; prints a markdown table of val mIoU, train img/s, params.
+python scripts/benchmark.py models [--iters 400] [--models unet,fcn,...] [--image-size 64]
+    each network trained with the same budget (iterations, batch, optimizer) on the built-in
+    data set through the real CLI; prints a markdown table of val mIoU, train img/s, params.
 """
 
 from __future__ import annotations
@@ -47,10 +47,18 @@ def bench_models(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             run = Path(tmp) / name
-            cmd = segtrain_cmd() + MODELS[name] + [
-                f"trainer.max_iters={args.iters}", f"trainer.val_interval={args.iters}", "trainer.progress=false",
-                f"data.image_size={args.image_size}", f"hydra.run.dir={run}", *args.extra,
-            ]
+            cmd = (
+                segtrain_cmd()
+                + MODELS[name]
+                + [
+                    f"trainer.max_iters={args.iters}",
+                    f"trainer.val_interval={args.iters}",
+                    "trainer.progress=false",
+                    f"data.image_size={args.image_size}",
+                    f"hydra.run.dir={run}",
+                    *args.extra,
+                ]
+            )
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t0
@@ -78,9 +86,18 @@ def bench_overhead(args) -> None:
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[f"trainer.max_iters={args.iters}", f"trainer.val_interval={10**9}",
-                                           "trainer.progress=false", "trainer.num_vis=0", "data.num_val=16",
-                                           "data.num_train=128", *args.extra])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"trainer.max_iters={args.iters}",
+                f"trainer.val_interval={10**9}",
+                "trainer.progress=false",
+                "trainer.num_vis=0",
+                "data.num_val=16",
+                "data.num_train=128",
+                *args.extra,
+            ],
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         # segtrain: the real Trainer (its img/s excludes validation and the first step)
@@ -100,8 +117,8 @@ def bench_overhead(args) -> None:
         for it in range(args.iters):
             j = (it * bs) % (len(xs) - bs + 1)
             t0 = time.perf_counter()
-            x = (xs[j:j + bs].to(device).float() / 255).contiguous(memory_format=trainer.memory_format)
-            y = ys[j:j + bs].to(device)
+            x = (xs[j : j + bs].to(device).float() / 255).contiguous(memory_format=trainer.memory_format)
+            y = ys[j : j + bs].to(device)
             with trainer.autocast():
                 loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
             opt.zero_grad(set_to_none=True)

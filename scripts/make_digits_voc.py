@@ -36,11 +36,11 @@ def compose(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray) ->
         glyph = cv2.resize(digits[k].astype(np.float32) / 16.0, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
         y, x = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
         ink = rng.uniform(10, 90)
-        region = image[y:y + size, x:x + size]
-        image[y:y + size, x:x + size] = region * (1 - glyph) + ink * glyph
+        region = image[y : y + size, x : x + size]
+        image[y : y + size, x : x + size] = region * (1 - glyph) + ink * glyph
         fg = glyph > 0.35
         band = (cv2.dilate(fg.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & ~fg  # a 1-px outline outside the ink
-        sub = mask[y:y + size, x:x + size]
+        sub = mask[y : y + size, x : x + size]
         sub[fg] = labels[k] + 1
         sub[band] = 255
     return np.clip(image, 0, 255).astype(np.uint8), mask

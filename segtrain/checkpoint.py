@@ -97,7 +97,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require_mod
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first[:200]}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first[:200]}"
+        ) from None
     if require_model and (not isinstance(obj, dict) or "model" not in obj):
         raise CheckpointError(f"{path} is not a segtrain checkpoint (no 'model' entry)")
     return obj
@@ -112,8 +114,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -117,8 +117,12 @@ class _Failures:
             sweep.summarise(current[0])
         failures = (sweep.failed_jobs(*current) if current else []) or list(cls.jobs)
         if failures:
-            print(f"segtrain: error: {len(failures)} job(s) of the sweep failed: "
-                  + "; ".join(f"[{name}] {msg}" for name, msg in failures), file=sys.stderr, flush=True)
+            print(
+                f"segtrain: error: {len(failures)} job(s) of the sweep failed: "
+                + "; ".join(f"[{name}] {msg}" for name, msg in failures),
+                file=sys.stderr,
+                flush=True,
+            )
         return bool(failures)
 
 
@@ -139,8 +143,9 @@ def _guarded(task, full_errors: bool):
 
         def status(state: str, error: str | None, result=None) -> None:
             if main_rank:
-                write_status(hc.runtime.output_dir, state, error, list(hc.overrides.task),
-                             time.perf_counter() - start, result)
+                write_status(
+                    hc.runtime.output_dir, state, error, list(hc.overrides.task), time.perf_counter() - start, result
+                )
 
         try:
             result = task(cfg)
@@ -153,7 +158,11 @@ def _guarded(task, full_errors: bool):
                 status("failed", msg)
                 raise
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
-            msg, code, kind = f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1, "error"
+            msg, code, kind = (
+                f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)",
+                1,
+                "error",
+            )
             if full_errors:
                 status("failed", msg)
                 raise
@@ -180,8 +189,12 @@ def run_hydra_app(task, config_name: str = "config") -> None:
         import atexit
         import shutil
 
-        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
-                     "hydra/hydra_logging=disabled"]
+        sys.argv += [
+            f"hydra.run.dir={scratch}",
+            "hydra.output_subdir=null",
+            "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled",
+        ]
         atexit.register(shutil.rmtree, scratch, True)
     argv_debug = any(a.replace(" ", "").lower() == "trainer.debug_errors=true" for a in sys.argv)
     full_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or argv_debug

@@ -277,8 +277,10 @@ def validate(cfg: DictConfig) -> None:
     check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
     check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
     if e.mode == "slide":
-        check(e.crop_size is not None or d.crop_size is not None,
-              "eval.mode=slide needs eval.crop_size (or data.crop_size)")
+        check(
+            e.crop_size is not None or d.crop_size is not None,
+            "eval.mode=slide needs eval.crop_size (or data.crop_size)",
+        )
     if e.crop_size is not None:
         as_hw(e.crop_size, "eval.crop_size")
     if e.stride is not None:

@@ -76,8 +76,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"the weights in {path} do not fit model={ecfg.model.name}: "
-                              f"{str(e).splitlines()[-1].strip()}") from None
+        raise CheckpointError(
+            f"the weights in {path} do not fit model={ecfg.model.name}: {str(e).splitlines()[-1].strip()}"
+        ) from None
     memory_format = torch.channels_last if ecfg.device.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     class_names = list(val_set.class_names or meta.get("class_names") or [str(i) for i in range(num_classes)])
@@ -85,31 +86,63 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         class_names = [str(i) for i in range(num_classes)]
 
     e = ecfg.eval
-    log.info("evaluating %s (%s, step %s) on data %s split %s: %d images | eval %s%s%s | %s %s", path,
-             ecfg.model.name, state.get("step"), ecfg.data.name, ecfg.data.get("val_split"), len(val_set), e.mode,
-             f" crop {e.crop_size} stride {e.stride}" if e.mode == "slide" else "",
-             f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "", device, precision)
+    log.info(
+        "evaluating %s (%s, step %s) on data %s split %s: %d images | eval %s%s%s | %s %s",
+        path,
+        ecfg.model.name,
+        state.get("step"),
+        ecfg.data.name,
+        ecfg.data.get("val_split"),
+        len(val_set),
+        e.mode,
+        f" crop {e.crop_size} stride {e.stride}" if e.mode == "slide" else "",
+        f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "",
+        device,
+        precision,
+    )
     t0 = time.perf_counter()
     with open_dict(ecfg):
         ecfg.trainer.num_vis = 0
-    metrics, cm, _ = evaluate_loader(model, loader, BatchToDevice(device, ecfg.data.mean, ecfg.data.std, memory_format),
-                                     lambda: autocast(device, precision), ecfg, class_names,
-                                     progress=ecfg.trainer.progress)
+    metrics, cm, _ = evaluate_loader(
+        model,
+        loader,
+        BatchToDevice(device, ecfg.data.mean, ecfg.data.std, memory_format),
+        lambda: autocast(device, precision),
+        ecfg,
+        class_names,
+        progress=ecfg.trainer.progress,
+    )
     elapsed = time.perf_counter() - t0
     print(format_table(metrics, class_names), flush=True)
     out = {k: metrics[k] for k in ("miou", "aacc", "macc", "mdice", "per_class_iou", "iou", "acc", "dice")}
-    out.update({
-        "checkpoint": str(path.resolve()), "step": state.get("step"), "model": ecfg.model.name,
-        "data": ecfg.data.name, "root": ecfg.data.get("root"), "split": ecfg.data.get("val_split"),
-        "num_images": len(val_set), "eval": OmegaConf.to_container(ecfg.eval), "device": str(device),
-        "precision": precision, "seconds": elapsed, "class_names": class_names,
-        "confusion_matrix": cm.mat.cpu().tolist(),
-    })
+    out.update(
+        {
+            "checkpoint": str(path.resolve()),
+            "step": state.get("step"),
+            "model": ecfg.model.name,
+            "data": ecfg.data.name,
+            "root": ecfg.data.get("root"),
+            "split": ecfg.data.get("val_split"),
+            "num_images": len(val_set),
+            "eval": OmegaConf.to_container(ecfg.eval),
+            "device": str(device),
+            "precision": precision,
+            "seconds": elapsed,
+            "class_names": class_names,
+            "confusion_matrix": cm.mat.cpu().tolist(),
+        }
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "metrics.json", out)
     confusion_matrix_png(cm.mat.cpu(), class_names, run_dir / "confusion_matrix.png")
-    log.info("mIoU %.4f  aAcc %.4f  mAcc %.4f | %.1f s | %s", metrics["miou"], metrics["aacc"], metrics["macc"],
-             elapsed, run_dir)
+    log.info(
+        "mIoU %.4f  aAcc %.4f  mAcc %.4f | %.1f s | %s",
+        metrics["miou"],
+        metrics["aacc"],
+        metrics["macc"],
+        elapsed,
+        run_dir,
+    )
     return out
 
 

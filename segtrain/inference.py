@@ -68,7 +68,9 @@ def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
     return math.ceil(2 * crop[0] / 3), math.ceil(2 * crop[1] / 3)
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """The (y1, y2, x1, x2) windows of ``slide`` mode for an image of ``height`` x ``width``."""
     (ch, cw), (sh, sw) = crop, stride
     h_grids = max(height - ch + sh - 1, 0) // sh + 1
@@ -101,8 +103,9 @@ def _whole(model: Callable, images: torch.Tensor, num_classes: int) -> torch.Ten
     return logits
 
 
-def _slide(model: Callable, images: torch.Tensor, num_classes: int, crop: tuple[int, int],
-           stride: tuple[int, int]) -> torch.Tensor:
+def _slide(
+    model: Callable, images: torch.Tensor, num_classes: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
     n, _, height, width = images.shape
     windows = slide_windows(height, width, crop, stride)
     if len(windows) == 1:  # the crop covers the image: exactly whole mode

@@ -47,7 +47,9 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def overlay(images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ignore_index: int, alpha: float = 0.6) -> torch.Tensor:
+def overlay(
+    images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ignore_index: int, alpha: float = 0.6
+) -> torch.Tensor:
     """uint8 [N,3,H,W] images blended with class colours of [N,H,W] labels (ignore pixels stay white-ish)."""
     pal = torch.as_tensor(palette, dtype=torch.float32, device=labels.device)
     lab = labels.long()
@@ -78,9 +80,17 @@ def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], 
     heat = cv2.applyColorMap((norm * 255).round().astype(np.uint8), cv2.COLORMAP_VIRIDIS)
     heat = cv2.resize(heat, (k * cell, k * cell), interpolation=cv2.INTER_NEAREST)
     canvas = np.full((top + k * cell + 8, left + k * cell + 8, 3), 255, np.uint8)
-    canvas[top:top + k * cell, left:left + k * cell] = heat
-    cv2.putText(canvas, "rows: ground truth, columns: prediction (row-normalised)", (4, 14), font, 0.4, (0, 0, 0), 1,
-                cv2.LINE_AA)
+    canvas[top : top + k * cell, left : left + k * cell] = heat
+    cv2.putText(
+        canvas,
+        "rows: ground truth, columns: prediction (row-normalised)",
+        (4, 14),
+        font,
+        0.4,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
     if labelled:
         for i, name in enumerate(class_names):
             y = top + i * cell + cell // 2 + 4

@@ -89,8 +89,14 @@ class CrossEntropy(nn.Module):
 
     def pixel_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``[N, H, W]`` per-pixel losses (already multiplied by ``w_t``; 0 at ignored pixels)."""
-        return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing, reduction="none")
+        return F.cross_entropy(
+            logits.float(),
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid = target != self.ignore_index
@@ -100,8 +106,14 @@ class CrossEntropy(nn.Module):
 class OhemCrossEntropy(CrossEntropy):
     """Cross entropy averaged over the hard pixels only (see the module docstring)."""
 
-    def __init__(self, ignore_index: int = 255, weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                 thresh: float = 0.7, min_kept: int = 100000):
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        thresh: float = 0.7,
+        min_kept: int = 100000,
+    ):
         super().__init__(ignore_index, weight, label_smoothing)
         self.thresh, self.min_kept = float(thresh), int(min_kept)
 
@@ -153,8 +165,13 @@ class DiceLoss(nn.Module):
 class FocalLoss(nn.Module):
     """``-a (1 - p_t)^g log p_t``, class-weighted mean over labelled pixels (see the module docstring)."""
 
-    def __init__(self, ignore_index: int = 255, weight: torch.Tensor | None = None, gamma: float = 2.0,
-                 alpha: float | None = None):
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        weight: torch.Tensor | None = None,
+        gamma: float = 2.0,
+        alpha: float | None = None,
+    ):
         super().__init__()
         self.ignore_index, self.gamma, self.alpha = ignore_index, float(gamma), alpha
         self.register_buffer("weight", weight, persistent=False)
@@ -214,8 +231,9 @@ def _mask_reader(dataset: Any) -> Callable[[int], Any]:
     return lambda i: dataset.load(i)[1]
 
 
-def class_frequencies(dataset: Any, num_classes: int, ignore_index: int,
-                      workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def class_frequencies(
+    dataset: Any, num_classes: int, ignore_index: int, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Count labels over the un-augmented masks of ``dataset``.
 
     Returns ``(pixel_counts, image_pixel_totals)``, both int64 ``[num_classes]``:
@@ -277,8 +295,10 @@ def _auto_class_weights(train_set: Any, num_classes: int, ignore_index: int) -> 
     absent = [c for c in range(num_classes) if counts[c] == 0 and c != ignore_index]
     if absent:
         log.warning("loss.class_weights=auto: classes %s never appear in the training masks; weight 1.0", absent)
-    log.info("loss.class_weights=auto (median frequency): %s",
-             " ".join(f"{c}:{w:.4g}" for c, w in enumerate(weights.tolist())))
+    log.info(
+        "loss.class_weights=auto (median frequency): %s",
+        " ".join(f"{c}:{w:.4g}" for c, w in enumerate(weights.tolist())),
+    )
     return weights
 
 
@@ -290,8 +310,10 @@ def parse_terms(name: str) -> list[str]:
     terms = [t.strip() for t in str(name).split("+")]
     bad = [t for t in terms if t not in TERMS]
     if bad:
-        raise ConfigError(f"unknown loss term {bad[0]!r} in loss.name={name!r}; valid terms: {', '.join(TERMS)} "
-                          f"(or a sum such as ce+dice)")
+        raise ConfigError(
+            f"unknown loss term {bad[0]!r} in loss.name={name!r}; valid terms: {', '.join(TERMS)} "
+            f"(or a sum such as ce+dice)"
+        )
     if len(set(terms)) != len(terms):
         raise ConfigError(f"loss.name={name!r} repeats a term; use loss.weights to weight it")
     return terms
@@ -322,8 +344,10 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: 
     weights = dict(cfg.get("weights") or {})
     extra = [k for k in weights if k not in terms]
     if extra:
-        raise ConfigError(f"loss.weights has {', '.join(map(repr, extra))}, not a term of loss.name={cfg.name!r}; "
-                          f"valid terms: {', '.join(TERMS)}")
+        raise ConfigError(
+            f"loss.weights has {', '.join(map(repr, extra))}, not a term of loss.name={cfg.name!r}; "
+            f"valid terms: {', '.join(TERMS)}"
+        )
     weight = _class_weights(cfg, num_classes, ignore_index, train_set)
 
     def make(term: str) -> nn.Module:
@@ -331,8 +355,13 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: 
         if term == "ce":
             return CrossEntropy(ignore_index, w, cfg.get("label_smoothing", 0.0))
         if term == "ohem":
-            return OhemCrossEntropy(ignore_index, w, cfg.get("label_smoothing", 0.0), cfg.get("ohem_thresh", 0.7),
-                                    cfg.get("ohem_min_kept", 100000))
+            return OhemCrossEntropy(
+                ignore_index,
+                w,
+                cfg.get("label_smoothing", 0.0),
+                cfg.get("ohem_thresh", 0.7),
+                cfg.get("ohem_min_kept", 100000),
+            )
         if term == "dice":
             return DiceLoss(ignore_index, w, cfg.get("dice_smooth", 1.0))
         return FocalLoss(ignore_index, w, cfg.get("focal_gamma", 2.0), cfg.get("focal_alpha"))

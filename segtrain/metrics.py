@@ -34,7 +34,9 @@ import torch
 __all__ = ["ConfusionMatrix", "compute_metrics", "confusion_matrix"]
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255
+) -> torch.Tensor:
     """``K x K`` int64 confusion matrix (rows: target, columns: prediction) of one batch.
 
     Pixels whose target is ``ignore_index`` or outside ``[0, K)`` are excluded.
@@ -85,7 +87,13 @@ def compute_metrics(cm: torch.Tensor, class_names: list[str] | None = None) -> d
 class ConfusionMatrix:
     """A data-set-level confusion matrix accumulated on ``device``."""
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255, device: torch.device | str = "cpu", class_names: list[str] | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int | None = 255,
+        device: torch.device | str = "cpu",
+        class_names: list[str] | None = None,
+    ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = class_names
@@ -97,7 +105,9 @@ class ConfusionMatrix:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``pred`` are class ids (``[N, H, W]``), not logits."""
-        self.mat += confusion_matrix(pred.to(self.mat.device), target.to(self.mat.device), self.num_classes, self.ignore_index)
+        self.mat += confusion_matrix(
+            pred.to(self.mat.device), target.to(self.mat.device), self.num_classes, self.ignore_index
+        )
 
     def all_reduce(self) -> None:
         """Sum the matrix over processes (DDP); a no-op without torch.distributed."""

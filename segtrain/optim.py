@@ -40,9 +40,14 @@ def param_groups(cfg: DictConfig, model: nn.Module) -> list[dict]:
         if key not in groups:
             is_backbone, skip_decay = key
             lr_mult = 1.0 if is_backbone else mult
-            groups[key] = {"params": [], "names": [], "lr": cfg.lr * lr_mult, "lr_mult": lr_mult,
-                           "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
-                           "group": ("backbone" if is_backbone else "head") + ("/no_decay" if skip_decay else "")}
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr": cfg.lr * lr_mult,
+                "lr_mult": lr_mult,
+                "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
+                "group": ("backbone" if is_backbone else "head") + ("/no_decay" if skip_decay else ""),
+            }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
@@ -51,8 +56,13 @@ def param_groups(cfg: DictConfig, model: nn.Module) -> list[dict]:
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = param_groups(cfg, model)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+        )
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown optimizer.name {cfg.name!r}; choose one of: sgd, adamw")

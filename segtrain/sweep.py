@@ -62,14 +62,20 @@ def _job_key(job: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", job)]
 
 
-def write_status(run_dir: str | Path, status: str, error: str | None, overrides: list[str], wall_time: float,
-                 result: Any = None) -> None:
+def write_status(
+    run_dir: str | Path, status: str, error: str | None, overrides: list[str], wall_time: float, result: Any = None
+) -> None:
     """Write a job's ``status.json`` (never raises: the record must not fail the job)."""
     try:
         path = Path(run_dir) / STATUS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"status": status, "error": error, "overrides": [str(o) for o in overrides],
-                  "wall_time_sec": round(float(wall_time), 3), "result": _number(result)}
+        record = {
+            "status": status,
+            "error": error,
+            "overrides": [str(o) for o in overrides],
+            "wall_time_sec": round(float(wall_time), 3),
+            "result": _number(result),
+        }
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(path)
@@ -94,16 +100,18 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         if wall is None:
             wall = _number(metrics.get("wall_time_sec"))
         overrides = status.get("overrides") or []
-        rows.append({
-            "job": job_dir.relative_to(sweep_dir).as_posix(),
-            "status": str(status.get("status") or "failed"),
-            "best_miou": best,
-            "steps": steps,
-            "wall_time_sec": None if wall is None else round(wall, 1),
-            "overrides": " ".join(str(o) for o in overrides) if isinstance(overrides, list) else str(overrides),
-            "error": status.get("error") or "",
-            "mtime": status_path.stat().st_mtime,
-        })
+        rows.append(
+            {
+                "job": job_dir.relative_to(sweep_dir).as_posix(),
+                "status": str(status.get("status") or "failed"),
+                "best_miou": best,
+                "steps": steps,
+                "wall_time_sec": None if wall is None else round(wall, 1),
+                "overrides": " ".join(str(o) for o in overrides) if isinstance(overrides, list) else str(overrides),
+                "error": status.get("error") or "",
+                "mtime": status_path.stat().st_mtime,
+            }
+        )
 
     def key(r: dict):
         failed = r["status"] != "done"
@@ -157,8 +165,11 @@ def summarise(sweep_dir: str | Path) -> list[dict]:
 
 def failed_jobs(sweep_dir: str | Path, since: float | None = None) -> list[tuple[str, str]]:
     """(job, error) of the failed jobs under ``sweep_dir`` whose status was written at or after ``since``."""
-    return [(r["job"], r["error"]) for r in collect(sweep_dir)
-            if r["status"] != "done" and (since is None or r["mtime"] >= since)]
+    return [
+        (r["job"], r["error"])
+        for r in collect(sweep_dir)
+        if r["status"] != "done" and (since is None or r["mtime"] >= since)
+    ]
 
 
 def current_sweep() -> tuple[Path, float] | None:

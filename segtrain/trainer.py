@@ -118,14 +118,18 @@ class Trainer:
         self.class_names = list(self.train_set.class_names or [str(i) for i in range(self.num_classes)])
         if len(self.class_names) != self.num_classes:
             self.class_names = [str(i) for i in range(self.num_classes)]
-        self.palette = self.train_set.palette if self.train_set.palette is not None else default_palette(self.num_classes)
+        self.palette = (
+            self.train_set.palette if self.train_set.palette is not None else default_palette(self.num_classes)
+        )
         self.train_loader = build_loader(self.train_set, d, True, cfg.seed, self.rank, self.world_size)
         self.val_loader = build_loader(self.val_set, d, False, cfg.seed, self.rank, self.world_size)
         t = cfg.trainer
         self.iters_per_epoch = len(self.train_loader) // t.accumulate  # optimizer steps per epoch
         if self.iters_per_epoch == 0:
-            raise ConfigError(f"the training set has {len(self.train_set)} images, fewer than data.batch_size="
-                              f"{d.batch_size} x trainer.accumulate={t.accumulate}")
+            raise ConfigError(
+                f"the training set has {len(self.train_set)} images, fewer than data.batch_size="
+                f"{d.batch_size} x trainer.accumulate={t.accumulate}"
+            )
         self.max_iters = t.max_iters if t.max_iters is not None else t.max_epochs * self.iters_per_epoch
 
         # --- model, loss, optimizer, schedule -------------------------------------------------
@@ -177,29 +181,56 @@ class Trainer:
     def _oom_message(self) -> str:
         d, t = self.cfg.data, self.cfg.trainer
         where = "in validation" if getattr(self, "_in_validation", False) else f"at step {self.step + 1}"
-        fix = ("eval.mode=slide with a smaller eval.crop_size, or data.val_size" if "validation" in where else
-               f"data.batch_size={max(1, d.batch_size // 2)} trainer.accumulate={2 * t.accumulate} (same effective "
-               "batch), device.precision=fp16, or a smaller data.crop_size")
-        return (f"out of GPU memory {where} (data.batch_size={d.batch_size}, crop {d.crop_size}, precision "
-                f"{self.precision}, model {self.cfg.model.name}): try {fix}")
+        fix = (
+            "eval.mode=slide with a smaller eval.crop_size, or data.val_size"
+            if "validation" in where
+            else f"data.batch_size={max(1, d.batch_size // 2)} trainer.accumulate={2 * t.accumulate} (same effective "
+            "batch), device.precision=fp16, or a smaller data.crop_size"
+        )
+        return (
+            f"out of GPU memory {where} (data.batch_size={d.batch_size}, crop {d.crop_size}, precision "
+            f"{self.precision}, model {self.cfg.model.name}): try {fix}"
+        )
 
     def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         log.info(
             "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s",
-            cfg.model.name, f"{self.num_params:,}", self.device, self.precision, cfg.device.channels_last, cfg.device.compile,
+            cfg.model.name,
+            f"{self.num_params:,}",
+            self.device,
+            self.precision,
+            cfg.device.channels_last,
+            cfg.device.compile,
         )
         log.info(
             "data %s: %d train / %d val images, batch %d x %d process(es) x accumulate %d = %d, %d iterations "
-            "(%.1f epochs) | run dir %s", cfg.data.name, len(self.train_set), len(self.val_set), cfg.data.batch_size,
-            self.world_size, t.accumulate, cfg.data.batch_size * self.world_size * t.accumulate, self.max_iters,
-            self.max_iters / self.iters_per_epoch, self.run_dir,
+            "(%.1f epochs) | run dir %s",
+            cfg.data.name,
+            len(self.train_set),
+            len(self.val_set),
+            cfg.data.batch_size,
+            self.world_size,
+            t.accumulate,
+            cfg.data.batch_size * self.world_size * t.accumulate,
+            self.max_iters,
+            self.max_iters / self.iters_per_epoch,
+            self.run_dir,
         )
-        log.info("world size %d%s", self.world_size, f" (backend {self.dist.backend}, SyncBN {self.sync_bn})"
-                 if self.dist.enabled else "")
+        log.info(
+            "world size %d%s",
+            self.world_size,
+            f" (backend {self.dist.backend}, SyncBN {self.sync_bn})" if self.dist.enabled else "",
+        )
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.max_iters, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (t.progress and self.is_main), leave=True)
+        bar = tqdm(
+            total=self.max_iters,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (t.progress and self.is_main),
+            leave=True,
+        )
         loss_avg, t_start = None, time.perf_counter()
         self.model.train()
         k = t.accumulate
@@ -226,11 +257,18 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
                 ips = self.train_images / self.train_time if self.train_time > 0 else float("nan")
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_avg:.4f}" if loss_avg is not None else "nan", lr=f"{lr:.2e}",
-                                img_s=f"{ips:.1f}", epoch=self.epoch, refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_avg:.4f}" if loss_avg is not None else "nan",
+                    lr=f"{lr:.2e}",
+                    img_s=f"{ips:.1f}",
+                    epoch=self.epoch,
+                    refresh=False,
+                )
                 if self.step % t.log_interval == 0 or self.step == 1:
-                    self.tb.scalars({"train/loss": loss_val, "train/lr": lr, "train/img_per_s": ips,
-                                     "train/epoch": self.epoch}, self.step)
+                    self.tb.scalars(
+                        {"train/loss": loss_val, "train/lr": lr, "train/img_per_s": ips, "train/epoch": self.epoch},
+                        self.step,
+                    )
                 epoch_done = self.epoch_step >= self.iters_per_epoch
                 if epoch_done:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
@@ -250,9 +288,15 @@ class Trainer:
         summary = self.summary(time.perf_counter() - t_start)
         if self.last_metrics is not None:
             log.info("final validation (step %d):\n%s", self.step, format_table(self.last_metrics, self.class_names))
-        log.info("best val mIoU %.4f | %.1f train img/s | outputs in %s", summary["best_miou"],
-                 summary["train_images_per_sec"] or float("nan"), self.run_dir)
-        self.tb.hparams(self.hparams(), {"hparams/best_miou": summary["best_miou"], "hparams/last_miou": summary["last_miou"]})
+        log.info(
+            "best val mIoU %.4f | %.1f train img/s | outputs in %s",
+            summary["best_miou"],
+            summary["train_images_per_sec"] or float("nan"),
+            self.run_dir,
+        )
+        self.tb.hparams(
+            self.hparams(), {"hparams/best_miou": summary["best_miou"], "hparams/last_miou": summary["last_miou"]}
+        )
         self.tb.close()
         return summary
 
@@ -287,12 +331,20 @@ class Trainer:
         if skipped:
             self.skipped_steps += 1
             self._skips_in_row += 1
-            log.warning("step %d: fp16 gradients overflowed, the scaler skipped the step (%d so far, scale now %g)",
-                        self.step + 1, self.skipped_steps, self.scaler.get_scale())
+            log.warning(
+                "step %d: fp16 gradients overflowed, the scaler skipped the step (%d so far, scale now %g)",
+                self.step + 1,
+                self.skipped_steps,
+                self.scaler.get_scale(),
+            )
         else:
             self._skips_in_row = 0
         if (not math.isfinite(loss_val) and not skipped) or self._skips_in_row >= MAX_SKIPS_IN_ROW:
-            what = f"loss is {loss_val} (non-finite)" if not skipped else f"{MAX_SKIPS_IN_ROW} fp16 steps in a row overflowed"
+            what = (
+                f"loss is {loss_val} (non-finite)"
+                if not skipped
+                else f"{MAX_SKIPS_IN_ROW} fp16 steps in a row overflowed"
+            )
             raise NonFiniteLossError(
                 f"{what} at step {self.step + 1}: lower optimizer.lr, set trainer.grad_clip, or try another "
                 f"device.precision (now {self.precision}); checkpoints were not overwritten"
@@ -311,8 +363,10 @@ class Trainer:
                 checkpoint.save_atomic(state, target)
             write_json(self.run_dir / "metrics.json", self.summary(None))
         except OSError as e:
-            raise OutputError(f"cannot write {target}: {e.strerror or e}; the previous checkpoint is kept; free space "
-                              "or make the run dir writable, then resume with trainer.resume=auto") from None
+            raise OutputError(
+                f"cannot write {target}: {e.strerror or e}; the previous checkpoint is kept; free space "
+                "or make the run dir writable, then resume with trainer.resume=auto"
+            ) from None
 
     def _preempt(self, reason: str) -> None:
         """Write last.pt and stop with Preempted (exit code 75), printing the command that resumes."""
@@ -322,10 +376,13 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()  # no process exits (and gets the others killed) before last.pt is written
         cmd = resume_command(self.run_dir)
-        log.warning("stopped by %s at step %d of %d; wrote %s", reason, self.step, self.max_iters,
-                    self.ckpt_dir / "last.pt")
-        raise Preempted(f"stopped by {reason} at step {self.step}/{self.max_iters}; {self.ckpt_dir / 'last.pt'} "
-                        f"written; resume with: {cmd}")
+        log.warning(
+            "stopped by %s at step %d of %d; wrote %s", reason, self.step, self.max_iters, self.ckpt_dir / "last.pt"
+        )
+        raise Preempted(
+            f"stopped by {reason} at step {self.step}/{self.max_iters}; {self.ckpt_dir / 'last.pt'} "
+            f"written; resume with: {cmd}"
+        )
 
     def validate(self) -> dict:
         self._in_validation = True
@@ -335,15 +392,31 @@ class Trainer:
         improved = not (m["miou"] <= self.best_miou)  # also True when best is NaN (first validation)
         if improved:
             self.best_miou = m["miou"]
-        self.history.append({"step": self.step, "epoch": self.epoch, "miou": m["miou"], "aacc": m["aacc"],
-                             "macc": m["macc"], "mdice": m["mdice"], "loss": m["loss"]})
-        scalars = {"val/mIoU": m["miou"], "val/aAcc": m["aacc"], "val/mAcc": m["macc"], "val/mDice": m["mdice"],
-                   "val/loss": m["loss"]}
+        self.history.append(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "miou": m["miou"],
+                "aacc": m["aacc"],
+                "macc": m["macc"],
+                "mdice": m["mdice"],
+                "loss": m["loss"],
+            }
+        )
+        scalars = {
+            "val/mIoU": m["miou"],
+            "val/aAcc": m["aacc"],
+            "val/mAcc": m["macc"],
+            "val/mDice": m["mdice"],
+            "val/loss": m["loss"],
+        }
         scalars.update({f"val_iou/{n}": v for n, v in zip(self.class_names, m["iou"])})
         self.tb.scalars(scalars, self.step)
         if self.is_main:
-            tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
-                       + ("  (best)" if improved else ""))
+            tqdm.write(
+                f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
+                + ("  (best)" if improved else "")
+            )
             self.save(best=improved)
         return m
 
@@ -352,8 +425,14 @@ class Trainer:
         self.model.eval()
         forward = unwrap(self.model) if self.dist.enabled else self.forward  # no DDP hooks in evaluation
         m, _, vis = evaluate_loader(
-            forward, self.val_loader, self.batch_to_device, self.autocast, self.cfg, self.class_names,
-            criterion=self.criterion, progress=self.cfg.trainer.progress and self.is_main,
+            forward,
+            self.val_loader,
+            self.batch_to_device,
+            self.autocast,
+            self.cfg,
+            self.class_names,
+            criterion=self.criterion,
+            progress=self.cfg.trainer.progress and self.is_main,
         )
         if vis is not None:
             self.log_images(*vis)
@@ -364,7 +443,9 @@ class Trainer:
         from torchvision.utils import make_grid
 
         ignore = self.cfg.data.ignore_index
-        rows = torch.stack([images, overlay(images, masks, self.palette, ignore), overlay(images, pred, self.palette, ignore)], 1)
+        rows = torch.stack(
+            [images, overlay(images, masks, self.palette, ignore), overlay(images, pred, self.palette, ignore)], 1
+        )
         grid = make_grid(rows.flatten(0, 1), nrow=3, padding=2, pad_value=255)
         self.tb.image("val/input_gt_pred", grid, self.step)
 
@@ -374,14 +455,21 @@ class Trainer:
         out = {
             "best_miou": self.best_miou,
             "last_miou": m.get("miou", float("nan")),
-            "aacc": m.get("aacc"), "macc": m.get("macc"), "mdice": m.get("mdice"),
+            "aacc": m.get("aacc"),
+            "macc": m.get("macc"),
+            "mdice": m.get("mdice"),
             "per_class_iou": m.get("per_class_iou", {}),
             "num_params": self.num_params,
             "train_images_per_sec": self.train_images / self.train_time if self.train_time > 0 else None,
-            "step": self.step, "epoch": self.epoch, "max_iters": self.max_iters,
+            "step": self.step,
+            "epoch": self.epoch,
+            "max_iters": self.max_iters,
             "skipped_steps": self.skipped_steps,
-            "model": self.cfg.model.name, "data": self.cfg.data.name,
-            "device": str(self.device), "precision": self.precision, "world_size": self.world_size,
+            "model": self.cfg.model.name,
+            "data": self.cfg.data.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "world_size": self.world_size,
             "resumed_from": self.resumed_from,
             "history": self.history,
         }
@@ -391,10 +479,20 @@ class Trainer:
 
     def hparams(self) -> dict[str, Any]:
         c = self.cfg
-        return {"model": c.model.name, "backbone": str(c.model.backbone), "data": c.data.name,
-                "optimizer": c.optimizer.name, "lr": c.optimizer.lr, "weight_decay": c.optimizer.weight_decay,
-                "scheduler": c.scheduler.name, "batch_size": c.data.batch_size, "crop_size": str(c.data.crop_size),
-                "max_iters": self.max_iters, "precision": self.precision, "seed": c.seed}
+        return {
+            "model": c.model.name,
+            "backbone": str(c.model.backbone),
+            "data": c.data.name,
+            "optimizer": c.optimizer.name,
+            "lr": c.optimizer.lr,
+            "weight_decay": c.optimizer.weight_decay,
+            "scheduler": c.scheduler.name,
+            "batch_size": c.data.batch_size,
+            "crop_size": str(c.data.crop_size),
+            "max_iters": self.max_iters,
+            "precision": self.precision,
+            "seed": c.seed,
+        }
 
     def state_dict(self) -> dict:
         return {
@@ -402,13 +500,22 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-            "best_miou": self.best_miou, "history": self.history,
-            "train_time": self.train_time, "train_images": self.train_images, "skipped_steps": self.skipped_steps,
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "best_miou": self.best_miou,
+            "history": self.history,
+            "train_time": self.train_time,
+            "train_images": self.train_images,
+            "skipped_steps": self.skipped_steps,
             "rng": checkpoint.rng_state(),
             "config": to_yaml(self.cfg),
-            "meta": {"model": self.cfg.model.name, "num_classes": self.num_classes, "class_names": self.class_names,
-                     "segtrain_version": _version()},
+            "meta": {
+                "model": self.cfg.model.name,
+                "num_classes": self.num_classes,
+                "class_names": self.class_names,
+                "segtrain_version": _version(),
+            },
         }
 
     def _maybe_resume(self, resume: str | None) -> str | None:
@@ -459,15 +566,28 @@ class Trainer:
             if ours is None or theirs is None:
                 continue
             for key, value in OmegaConf.to_container(ours, resolve=True).items():
-                if key in ("resume", "stop_at", "progress", "debug_errors", "num_workers", "root", "max_iters",
-                           "max_epochs", "val_interval", "log_interval"):
+                if key in (
+                    "resume",
+                    "stop_at",
+                    "progress",
+                    "debug_errors",
+                    "num_workers",
+                    "root",
+                    "max_iters",
+                    "max_epochs",
+                    "val_interval",
+                    "log_interval",
+                ):
                     continue
                 old = theirs.get(key) if key in theirs else None
                 if key in theirs and str(old) != str(value):
                     changed.append(f"{group}.{key} {old} -> {value}")
         if changed:
-            log.warning("resuming with settings that differ from the checkpoint's: %s (the optimizer and "
-                        "schedule state come from the checkpoint)", ", ".join(changed[:8]))
+            log.warning(
+                "resuming with settings that differ from the checkpoint's: %s (the optimizer and "
+                "schedule state come from the checkpoint)",
+                ", ".join(changed[:8]),
+            )
 
     def _differences(self, state: dict, stored: DictConfig) -> list[str]:
         """What makes ``state`` unusable for this model: config keys, class count, tensor names/shapes."""
@@ -484,11 +604,16 @@ class Trainer:
         theirs = state["model"]
         missing = [k for k in ours if k not in theirs]
         extra = [k for k in theirs if k not in ours]
-        shapes = [f"{k} {list(theirs[k].shape)} (here {list(v.shape)})" for k, v in ours.items()
-                  if k in theirs and hasattr(theirs[k], "shape") and theirs[k].shape != v.shape]
+        shapes = [
+            f"{k} {list(theirs[k].shape)} (here {list(v.shape)})"
+            for k, v in ours.items()
+            if k in theirs and hasattr(theirs[k], "shape") and theirs[k].shape != v.shape
+        ]
         for label, items in (("missing tensors", missing), ("unexpected tensors", extra), ("shape", shapes)):
             if items:
-                diffs.append(f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
+                diffs.append(
+                    f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+                )
         return diffs
 
     def _init_from(self, path_str: str) -> None:
@@ -504,15 +629,25 @@ class Trainer:
         ours = unwrap(self.model).state_dict()
         load = {k: v for k, v in theirs.items() if k in ours and v.shape == ours[k].shape}
         if not load:
-            raise CheckpointError(f"model.init_from={path_str}: no tensor matches model={self.cfg.model.name} by name "
-                                  f"and shape (e.g. {next(iter(theirs), 'none')}); is it a checkpoint of this network?")
+            raise CheckpointError(
+                f"model.init_from={path_str}: no tensor matches model={self.cfg.model.name} by name "
+                f"and shape (e.g. {next(iter(theirs), 'none')}); is it a checkpoint of this network?"
+            )
         unwrap(self.model).load_state_dict(load, strict=False)
         shape = [k for k in theirs if k in ours and k not in load]
         absent = [k for k in ours if k not in theirs]
         unused = [k for k in theirs if k not in ours]
-        log.info("model.init_from=%s: loaded %d of %d tensors; kept fresh: %d (shape differs: %s; not in the file: "
-                 "%d); unused from the file: %d", path, len(load), len(ours), len(ours) - len(load),
-                 ", ".join(shape[:4]) or "none", len(absent), len(unused))
+        log.info(
+            "model.init_from=%s: loaded %d of %d tensors; kept fresh: %d (shape differs: %s; not in the file: "
+            "%d); unused from the file: %d",
+            path,
+            len(load),
+            len(ours),
+            len(ours) - len(load),
+            ", ".join(shape[:4]) or "none",
+            len(absent),
+            len(unused),
+        )
 
 
 PREEMPT_SIGNALS = ("SIGINT", "SIGTERM")
@@ -534,8 +669,9 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.received = name
-        sys.stderr.write(f"\nsegtrain: {name}: stopping after this step and writing last.pt "
-                         f"(send it again to abort at once)\n")
+        sys.stderr.write(
+            f"\nsegtrain: {name}: stopping after this step and writing last.pt (send it again to abort at once)\n"
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -578,13 +714,16 @@ def check_writable(folder: Path, num_params: int) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"cannot write to the run dir {folder}: {e.strerror or e}; choose a writable one with "
-                          "hydra.run.dir=PATH") from None
+        raise OutputError(
+            f"cannot write to the run dir {folder}: {e.strerror or e}; choose a writable one with hydra.run.dir=PATH"
+        ) from None
     need = num_params * 4 * 3 * 3  # weights + optimizer state, for last.pt, last-1.pt and best.pt
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise OutputError(f"only {free / 2**20:.0f} MiB free in {folder}, checkpoints need about "
-                          f"{need / 2**20:.0f} MiB; free space or choose another hydra.run.dir")
+        raise OutputError(
+            f"only {free / 2**20:.0f} MiB free in {folder}, checkpoints need about "
+            f"{need / 2**20:.0f} MiB; free space or choose another hydra.run.dir"
+        )
 
 
 class BatchToDevice:
@@ -615,8 +754,16 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_loader(forward, loader, batch_to_device, autocast, cfg: DictConfig, class_names: list[str],
-                    criterion: nn.Module | None = None, progress: bool = False):
+def evaluate_loader(
+    forward,
+    loader,
+    batch_to_device,
+    autocast,
+    cfg: DictConfig,
+    class_names: list[str],
+    criterion: nn.Module | None = None,
+    progress: bool = False,
+):
     """Predict every batch of ``loader`` with ``cfg.eval`` and fill a confusion matrix.
 
     Returns (metrics, confusion matrix, first images for visualisation or None).  ``forward`` must be
@@ -647,8 +794,9 @@ def evaluate_loader(forward, loader, batch_to_device, autocast, cfg: DictConfig,
                 shown = F.interpolate(shown.float(), size=masks.shape[-2:], mode="bilinear").round().to(torch.uint8)
             vis = (shown, masks[:k], pred[:k].cpu())
     cm.all_reduce()
-    totals = distributed.all_reduce(torch.stack([loss_sum.double(), torch.tensor(float(n_batches), device=device,
-                                                                                 dtype=torch.float64)]))
+    totals = distributed.all_reduce(
+        torch.stack([loss_sum.double(), torch.tensor(float(n_batches), device=device, dtype=torch.float64)])
+    )
     m = cm.compute()
     m["loss"] = float(totals[0] / totals[1].clamp(min=1)) if criterion is not None else float("nan")
     return m, cm, vis

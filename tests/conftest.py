@@ -20,8 +20,9 @@ def segtrain_exe() -> list[str]:
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, exe: list[str] | None = None, env: dict | None = None):
     full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run((exe or segtrain_exe()) + list(args), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        (exe or segtrain_exe()) + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ def _mask(h: int, w: int, values: list[int], border: int | None = None) -> np.nd
     """Vertical bands of ``values``; an optional 2-px ``border`` value around the first band."""
     m = np.zeros((h, w), np.uint8)
     for i, v in enumerate(values):
-        m[:, i * w // len(values):(i + 1) * w // len(values)] = v
+        m[:, i * w // len(values) : (i + 1) * w // len(values)] = v
     if border is not None:
         x = w // len(values)
-        m[:, max(0, x - 1):x + 1] = border
+        m[:, max(0, x - 1) : x + 1] = border
     return m
 
 
@@ -46,7 +46,9 @@ def write_png(path: Path, mask: np.ndarray, palette: np.ndarray | None = None) -
     im.save(path)
 
 
-def write_voc(root: Path, n_train: int = 4, n_val: int = 2, bad_value: int | None = None, aug: bool = False) -> dict[str, np.ndarray]:
+def write_voc(
+    root: Path, n_train: int = 4, n_val: int = 2, bad_value: int | None = None, aug: bool = False
+) -> dict[str, np.ndarray]:
     """``root/VOCdevkit/VOC2012``; image 0 is a grayscale JPEG; masks are palette PNGs with 255 borders.
     ``aug``: also SegmentationClassAug (grayscale PNGs) for the training ids + aug.txt.
     Returns {name: expected mask}."""
@@ -107,8 +109,9 @@ def write_ade(root: Path) -> dict[str, np.ndarray]:
 FOLDER_PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
 
 
-def write_folder(root: Path, masks: str = "index", layout: str = "flat", n: int = 6, num_classes: int = 3,
-                 classes_yaml: bool = True) -> dict[str, np.ndarray]:
+def write_folder(
+    root: Path, masks: str = "index", layout: str = "flat", n: int = 6, num_classes: int = 3, classes_yaml: bool = True
+) -> dict[str, np.ndarray]:
     """``masks``: index (grayscale PNG), rgb (colours of FOLDER_PALETTE), binary (0/255).
     ``layout``: flat (images/ + masks/), lists (+ train.txt/val.txt), dirs (train|val/{images,masks})."""
     exts = [".jpg", ".PNG", ".jpeg", ".JPG", ".png", ".bmp"]
@@ -140,5 +143,7 @@ def write_folder(root: Path, masks: str = "index", layout: str = "flat", n: int 
         (root / "val.txt").write_text("\n".join(stems[-2:]) + "\n")
     if classes_yaml:
         names = ["background", "red", "green"][:num_classes]
-        (root / "classes.yaml").write_text(yaml.safe_dump({"names": names, "palette": FOLDER_PALETTE[:num_classes].tolist()}))
+        (root / "classes.yaml").write_text(
+            yaml.safe_dump({"names": names, "palette": FOLDER_PALETTE[:num_classes].tolist()})
+        )
     return expected

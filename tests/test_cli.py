@@ -19,7 +19,16 @@ def scalar_tags(tb_dir):
 def test_smoke_run_writes_everything(cli):
     proc, run = cli("debug=smoke")
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("best_miou", "last_miou", "per_class_iou", "num_params", "train_images_per_sec", "aacc", "macc", "mdice"):
+    for key in (
+        "best_miou",
+        "last_miou",
+        "per_class_iou",
+        "num_params",
+        "train_images_per_sec",
+        "aacc",
+        "macc",
+        "mdice",
+    ):
         assert key in metrics, key
     assert 0.0 <= metrics["best_miou"] <= 1.0 and 0.0 <= metrics["last_miou"] <= 1.0
     assert set(metrics["per_class_iou"]) == {"background", "circle", "square", "triangle", "ring", "cross"}
@@ -142,6 +151,15 @@ def test_every_model_trains_through_the_cli(cli, overrides):
 
 
 def test_deeplabv3_r50_param_count_matches_torchvision(cli):
-    _, run = cli("debug=smoke", "model=deeplabv3", "model.backbone=resnet50", "model.output_stride=8", "model.aux=false",
-                 "data.num_classes=21", "trainer.max_iters=1", "data.image_size=48", "trainer.num_vis=0")
+    _, run = cli(
+        "debug=smoke",
+        "model=deeplabv3",
+        "model.backbone=resnet50",
+        "model.output_stride=8",
+        "model.aux=false",
+        "data.num_classes=21",
+        "trainer.max_iters=1",
+        "data.image_size=48",
+        "trainer.num_vis=0",
+    )
     assert json.loads((run / "metrics.json").read_text())["num_params"] == 39_638_869

@@ -65,6 +65,8 @@ def test_poly_schedule_matches_formula(step):
 def test_warmup_and_cosine():
     cfg = OmegaConf.create({"name": "cosine", "power": 0.9, "min_lr": 0.0, "warmup_iters": 10, "warmup_ratio": 0.1})
     assert lr_factor(cfg, 0, 100, 1.0) == pytest.approx(0.1)  # warmup start
-    assert lr_factor(cfg, 5, 100, 1.0) == pytest.approx((0.1 + 0.9 * 0.5) * 0.5 * (1 + __import__("math").cos(0.05 * 3.141592653589793)))
+    assert lr_factor(cfg, 5, 100, 1.0) == pytest.approx(
+        (0.1 + 0.9 * 0.5) * 0.5 * (1 + __import__("math").cos(0.05 * 3.141592653589793))
+    )
     assert lr_factor(cfg, 50, 100, 1.0) == pytest.approx(0.5)
     assert lr_factor(cfg, 100, 100, 1.0) == pytest.approx(0.0, abs=1e-12)

@@ -47,7 +47,9 @@ def test_num_classes_bounds():
 
 
 def test_loader_batches_and_types():
-    train, val = build_datasets(data_cfg(image_size=[33, 45], num_train=10, num_val=3, batch_size=4, num_workers=0), seed=0)
+    train, val = build_datasets(
+        data_cfg(image_size=[33, 45], num_train=10, num_val=3, batch_size=4, num_workers=0), seed=0
+    )
     loader = build_loader(train, data_cfg(batch_size=4, num_workers=0), train=True, seed=0)
     images, masks = next(iter(loader))
     assert images.shape == (4, 3, 33, 45) and images.dtype == torch.uint8

@@ -184,7 +184,11 @@ def test_missing_split_file(tmp_path):
 @pytest.mark.parametrize("name", ["voc", "cityscapes", "ade20k", "folder"])
 def test_empty_missing_and_null_root(tmp_path, name):
     (tmp_path / "empty").mkdir()
-    for root, text in ((tmp_path / "empty", "expected layout"), (tmp_path / "nope", "does not exist"), (None, "needs data.root")):
+    for root, text in (
+        (tmp_path / "empty", "expected layout"),
+        (tmp_path / "nope", "does not exist"),
+        (None, "needs data.root"),
+    ):
         with pytest.raises(DataError) as e:
             build_datasets(data_cfg(name, root), seed=0)
         assert text in one_line_error(e)
@@ -261,7 +265,9 @@ def test_cat_max_ratio_redraws_crop():
 
 def test_val_pipeline_and_custom_pipeline():
     assert T.standard_val(data_cfg("voc", None)) is None
-    out = T.standard_val(data_cfg("voc", None, val_size=32))(image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8))
+    out = T.standard_val(data_cfg("voc", None, val_size=32))(
+        image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8)
+    )
     assert out["image"].shape[0] == 32 and out["mask"].shape == (61, 83)  # scored at the original size
     cfg = data_cfg("voc", None, train_pipeline=[{"_target_": "albumentations.CenterCrop", "height": 16, "width": 16}])
     out = T.standard_train(cfg)(image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8))
@@ -272,16 +278,28 @@ def test_val_pipeline_and_custom_pipeline():
 
 # --- the CLI ------------------------------------------------------------------------------------------
 
-FAST = ["debug=smoke", "data.crop_size=32", "data.base_size=48", "trainer.max_iters=2", "model.base_channels=4",
-        "trainer.num_vis=0", "trainer.progress=false", "device=cpu", "data.batch_size=2"]
+FAST = [
+    "debug=smoke",
+    "data.crop_size=32",
+    "data.base_size=48",
+    "trainer.max_iters=2",
+    "model.base_channels=4",
+    "trainer.num_vis=0",
+    "trainer.progress=false",
+    "device=cpu",
+    "data.batch_size=2",
+]
 
 
-@pytest.mark.parametrize("name,writer,extra", [
-    ("voc", write_voc, []),
-    ("cityscapes", write_cityscapes, []),
-    ("ade20k", write_ade, []),
-    ("folder", write_folder, ["data.num_classes=3"]),
-])
+@pytest.mark.parametrize(
+    "name,writer,extra",
+    [
+        ("voc", write_voc, []),
+        ("cityscapes", write_cityscapes, []),
+        ("ade20k", write_ade, []),
+        ("folder", write_folder, ["data.num_classes=3"]),
+    ],
+)
 def test_cli_trains_on_each_tree(cli, name, writer, extra):
     root = cli.cwd / "data"
     writer(root)
@@ -304,8 +322,12 @@ def test_val_size_scores_at_the_original_mask_size(cli):
     _, run = cli("data=voc", f"data.root={root}", *fast, "data.val_size=24", "trainer.num_vis=2", env=env)
     assert (run / "metrics.json").is_file()
     exe = [str(Path(sys.executable).parent / "segtrain-eval")]
-    proc = run_cli([f"ckpt={run / 'checkpoints' / 'last.pt'}", "hydra.run.dir=ev", "trainer.progress=false"], cli.cwd,
-                   exe=exe, env=env)
+    proc = run_cli(
+        [f"ckpt={run / 'checkpoints' / 'last.pt'}", "hydra.run.dir=ev", "trainer.progress=false"],
+        cli.cwd,
+        exe=exe,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     m = json.loads((cli.cwd / "ev" / "metrics.json").read_text())
     val = sorted(expected)[-2:]  # write_voc: the last n_val=2 ids are the val split
@@ -321,6 +343,11 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
     assert proc.returncode != 0
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("segtrain: error:"), proc.stderr
-    assert "Traceback" not in proc.stderr and "masks" in err[0] and "img_0" in err[0] and "data.label_map={255:1}" in err[0]
+    assert (
+        "Traceback" not in proc.stderr
+        and "masks" in err[0]
+        and "img_0" in err[0]
+        and "data.label_map={255:1}" in err[0]
+    )
     proc, run = cli("data=folder", f"data.root={root}", *FAST, "data.label_map={255:1}", env=env)
     assert (run / "metrics.json").is_file()

@@ -12,9 +12,18 @@ import torch
 from tests.conftest import run_cli
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-COMMON = ["debug=smoke", "device=cpu", "device.precision=fp32", "model.norm=none", "optimizer=sgd",
-          "data.augment=false", "trainer.max_iters=3", "trainer.val_interval=3", "trainer.progress=false",
-          "trainer.deterministic=true"]
+COMMON = [
+    "debug=smoke",
+    "device=cpu",
+    "device.precision=fp32",
+    "model.norm=none",
+    "optimizer=sgd",
+    "data.augment=false",
+    "trainer.max_iters=3",
+    "trainer.val_interval=3",
+    "trainer.progress=false",
+    "trainer.deterministic=true",
+]
 
 
 def torchrun(args, cwd, nproc=2):
@@ -48,11 +57,22 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 def test_slurm_tasks_map_onto_torch_distributed(tmp_path):
     """Under hydra/launcher=slurm_ddp each SLURM task finds its rank via submitit's environment."""
     pytest.importorskip("submitit")
-    env = {"PATH": os.environ["PATH"], "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123", "SLURM_NTASKS": "8",
-           "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]"}
-    code = ("from segtrain import distributed as d; import os, json; "
-            "print(json.dumps([d.launched()] + [os.environ.get(k) for k in ('RANK','WORLD_SIZE','LOCAL_RANK','MASTER_ADDR')]))")
+    env = {
+        "PATH": os.environ["PATH"],
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "123",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+    }
+    code = (
+        "from segtrain import distributed as d; import os, json; "
+        "print(json.dumps([d.launched()] + [os.environ.get(k) for k in ('RANK','WORLD_SIZE','LOCAL_RANK','MASTER_ADDR')]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [True, "5", "8", "1", "gpu01"]
 

@@ -68,8 +68,15 @@ def test_slide_small_crop_on_real_net_runs_windows(unet):
     assert not torch.allclose(out, predict(unet, x, K))
 
 
-@pytest.mark.parametrize("size,crop,stride", [((37, 53), (16, 16), (11, 11)), ((37, 53), (16, 24), (5, 24)),
-                                               ((20, 9), (7, 3), (7, 1)), ((5, 5), (16, 16), (11, 11))])
+@pytest.mark.parametrize(
+    "size,crop,stride",
+    [
+        ((37, 53), (16, 16), (11, 11)),
+        ((37, 53), (16, 24), (5, 24)),
+        ((20, 9), (7, 3), (7, 1)),
+        ((5, 5), (16, 16), (11, 11)),
+    ],
+)
 def test_slide_windows_cover_every_pixel(size, crop, stride):
     h, w = size
     count = torch.zeros(h, w, dtype=torch.int64)

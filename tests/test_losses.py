@@ -152,10 +152,12 @@ def test_dice_absent_class_no_nan_with_zero_smooth():
 def test_focal_gamma_zero_is_ce():
     logits, target = batch(ignore_frac=0.2, seed=4)
     w = torch.tensor([2.0, 1.0, 0.25])
-    torch.testing.assert_close(FocalLoss(IGNORE, gamma=0.0)(logits, target),
-                               F.cross_entropy(logits, target, ignore_index=IGNORE))
-    torch.testing.assert_close(FocalLoss(IGNORE, w, gamma=0.0)(logits, target),
-                               F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE))
+    torch.testing.assert_close(
+        FocalLoss(IGNORE, gamma=0.0)(logits, target), F.cross_entropy(logits, target, ignore_index=IGNORE)
+    )
+    torch.testing.assert_close(
+        FocalLoss(IGNORE, w, gamma=0.0)(logits, target), F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE)
+    )
 
 
 def test_focal_formula():
@@ -325,7 +327,13 @@ def test_cli_unknown_term_is_one_line(cli):
 
 
 def test_cli_ohem_auto_class_weights(cli):
-    proc, run = cli("debug=smoke", "loss=ohem", "loss.class_weights=auto", "loss.ohem_min_kept=1000",
-                    "trainer.num_vis=0", "trainer.max_epochs=1")
+    proc, run = cli(
+        "debug=smoke",
+        "loss=ohem",
+        "loss.class_weights=auto",
+        "loss.ohem_min_kept=1000",
+        "trainer.num_vis=0",
+        "trainer.max_epochs=1",
+    )
     assert (run / "metrics.json").is_file()
     assert "median frequency" in proc.stdout + proc.stderr

@@ -34,8 +34,7 @@ def run_prepare(*args: str, cwd: Path, timeout: int = 60) -> subprocess.Complete
     """The installed ``segtrain-data`` in a subprocess (each start costs ~3 s: ``segtrain.data`` imports torch)."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("SEGTRAIN_DATA_DEBUG", None)
-    return subprocess.run(prepare_exe() + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(prepare_exe() + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -126,8 +125,16 @@ def make_sbd_tgz(path: Path, tmp: Path) -> None:
             mat = tmp / f"{n}.mat"
             seg = sbd_mask(cls)
             # as in SBD: a 1x1 struct GTcls with Boundaries (cell), Segmentation (uint8) and CategoriesPresent
-            scipy_io.savemat(mat, {"GTcls": {"Boundaries": np.empty((1, 0), dtype=object), "Segmentation": seg,
-                                             "CategoriesPresent": np.array([[cls]], np.uint8)}})
+            scipy_io.savemat(
+                mat,
+                {
+                    "GTcls": {
+                        "Boundaries": np.empty((1, 0), dtype=object),
+                        "Segmentation": seg,
+                        "CategoriesPresent": np.array([[cls]], np.uint8),
+                    }
+                },
+            )
             back = scipy_io.loadmat(mat)["GTcls"][0]["Segmentation"][0]
             assert back.dtype == np.uint8 and back.shape == (H, W) and np.array_equal(back, seg)
             tf.add(mat, f"benchmark_RELEASE/dataset/cls/{n}.mat")
@@ -167,13 +174,13 @@ def test_voc_corrupt_archive(prep, tmp_path, archives):
     bad = tmp_path / "VOCtrainval_11-May-2012.tar"
     data = archives["voc"].read_bytes()
     bad.write_bytes(data[: len(data) // 3])  # truncated download
-    proc = prep("voc", "--root", str(tmp_path / "d"), "--archive", str(bad), "--md5", md5(archives["voc"]),
-                       cwd=tmp_path)
+    proc = prep(
+        "voc", "--root", str(tmp_path / "d"), "--archive", str(bad), "--md5", md5(archives["voc"]), cwd=tmp_path
+    )
     assert_one_line_error(proc, "corrupt", "md5")
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"not a tar" * 100)
-    proc = prep("voc", "--root", str(tmp_path / "d"), "--archive", str(garbage), "--md5", md5(garbage),
-                       cwd=tmp_path)
+    proc = prep("voc", "--root", str(tmp_path / "d"), "--archive", str(garbage), "--md5", md5(garbage), cwd=tmp_path)
     assert_one_line_error(proc, "cannot extract")
     proc = prep("voc", "--root", str(tmp_path / "d"), "--archive", str(tmp_path / "nope.tar"), cwd=tmp_path)
     assert_one_line_error(proc, "nope.tar")
@@ -206,7 +213,9 @@ def test_offline_download_fails_fast(tmp_path):
     t0 = time.monotonic()
     proc = run_prepare("voc", "--root", str(tmp_path / "d"), "--url", url, cwd=tmp_path, timeout=30)
     assert time.monotonic() - t0 < 15
-    assert_one_line_error(proc, url, "--archive", "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}")
+    assert_one_line_error(
+        proc, url, "--archive", "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}"
+    )
     assert not (tmp_path / "d" / "VOCtrainval_11-May-2012.tar").exists()
 
 
@@ -229,8 +238,9 @@ def test_sbd_conversion_and_training(prep, tmp_path, archives):
     assert proc.returncode == 0, proc.stderr
     bad = prep("sbd", "--root", str(root), "--archive", str(sbd))  # official md5
     assert_one_line_error(bad, "82b4d87ceb2ed10f6038a1cba92111cb")
-    proc = run_prepare("sbd", "--root", str(root), "--archive", str(sbd), "--md5", md5(sbd), "--workers", "2",
-                       cwd=tmp_path)
+    proc = run_prepare(
+        "sbd", "--root", str(root), "--archive", str(sbd), "--md5", md5(sbd), "--workers", "2", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     base = root / "VOCdevkit" / "VOC2012"
     # (SBD train ∪ SBD val ∪ VOC train) − VOC val, sorted
@@ -251,9 +261,20 @@ def test_sbd_conversion_and_training(prep, tmp_path, archives):
     proc = prep("sbd", "--root", str(root), "--workers", "1")
     assert proc.returncode == 0 and "benchmark.tgz" not in proc.stdout, proc.stderr
     # the converted tree trains with data=voc_aug
-    train = run_cli(["data=voc_aug", f"data.root={root}", "debug=smoke", "data.crop_size=48", "trainer.max_iters=2",
-                     "model.base_channels=4", "hydra.run.dir=run"], tmp_path, timeout=120,
-                    env={"OMP_NUM_THREADS": "1"})
+    train = run_cli(
+        [
+            "data=voc_aug",
+            f"data.root={root}",
+            "debug=smoke",
+            "data.crop_size=48",
+            "trainer.max_iters=2",
+            "model.base_channels=4",
+            "hydra.run.dir=run",
+        ],
+        tmp_path,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
 
 

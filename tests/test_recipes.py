@@ -17,8 +17,12 @@ from tests.fake_datasets import write_folder
 from tests.test_config import composed
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
-VOC = {"voc_fcn_r50": "fcn", "voc_pspnet_r50": "pspnet", "voc_deeplabv3_r50": "deeplabv3",
-       "voc_deeplabv3plus_r50": "deeplabv3plus"}
+VOC = {
+    "voc_fcn_r50": "fcn",
+    "voc_pspnet_r50": "pspnet",
+    "voc_deeplabv3_r50": "deeplabv3",
+    "voc_deeplabv3plus_r50": "deeplabv3plus",
+}
 CITY = {"cityscapes_pspnet_r50": "pspnet", "cityscapes_deeplabv3plus_r50": "deeplabv3plus"}
 
 
@@ -67,10 +71,21 @@ def test_cfg_job_prints_the_pspnet_recipe(tmp_path):
 def test_medical_recipe_trains_on_a_folder_dataset(cli, tmp_path):
     root = tmp_path / "scans"
     write_folder(root, masks="binary", n=6, num_classes=2, classes_yaml=False)
-    proc, run = cli("experiment=medical_unet_ce_dice", f"data.root={root}", "data.label_map={255:1}",
-                    "model.base_channels=4", "data.crop_size=48", "data.batch_size=2", "data.num_workers=0",
-                    "trainer.max_iters=3", "trainer.val_interval=3", "eval.crop_size=48", "eval.stride=32",
-                    "trainer.progress=false", "model.norm=bn")
+    proc, run = cli(
+        "experiment=medical_unet_ce_dice",
+        f"data.root={root}",
+        "data.label_map={255:1}",
+        "model.base_channels=4",
+        "data.crop_size=48",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "trainer.max_iters=3",
+        "trainer.val_interval=3",
+        "eval.crop_size=48",
+        "eval.stride=32",
+        "trainer.progress=false",
+        "model.norm=bn",
+    )
     m = json.loads((run / "metrics.json").read_text())
     assert m["step"] == 3 and m["best_miou"] is not None
 
@@ -80,8 +95,16 @@ def test_medical_recipe_trains_on_a_folder_dataset(cli, tmp_path):
 
 
 def _opt_cfg(**kw):
-    base = {"name": "sgd", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False,
-            "betas": [0.9, 0.999], "head_lr_mult": 1.0, "no_decay_norm_bias": False}
+    base = {
+        "name": "sgd",
+        "lr": 0.01,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,
+        "nesterov": False,
+        "betas": [0.9, 0.999],
+        "head_lr_mult": 1.0,
+        "no_decay_norm_bias": False,
+    }
     return OmegaConf.create({**base, **kw})
 
 
@@ -102,8 +125,10 @@ def test_param_groups_head_lr_and_no_decay():
     assert by_name["head/no_decay"]["weight_decay"] == 0.0 and by_name["backbone"]["weight_decay"] == 5e-4
     assert all(n.startswith("backbone.") for n in by_name["backbone"]["names"])
     assert not any(n.startswith("backbone.") for n in by_name["head"]["names"])
-    assert all(n.endswith(".bias") or ".bn" in n or "downsample.1" in n or n.split(".")[-2].isdigit() or "norm" in n
-               for n in by_name["backbone/no_decay"]["names"])
+    assert all(
+        n.endswith(".bias") or ".bn" in n or "downsample.1" in n or n.split(".")[-2].isdigit() or "norm" in n
+        for n in by_name["backbone/no_decay"]["names"]
+    )
     assert not any(n.endswith(".bias") for n in by_name["head"]["names"])
     # every conv weight decays, every BN weight does not
     bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
@@ -135,7 +160,7 @@ def test_nesterov_and_schedule_follow_each_group():
     for _ in range(50):
         opt.step()
         sched.step()
-    factor = (1 - 1e-4 / 0.01) * 0.5 ** 0.9 + 1e-4 / 0.01
+    factor = (1 - 1e-4 / 0.01) * 0.5**0.9 + 1e-4 / 0.01
     lrs = {g["group"]: g["lr"] for g in opt.param_groups}
     assert lrs["backbone"] == pytest.approx(0.01 * factor)
     assert lrs["head"] == pytest.approx(0.1 * factor)
@@ -146,8 +171,17 @@ def test_nesterov_and_schedule_follow_each_group():
 
 
 def test_accumulate_matches_a_bigger_batch(cli):
-    common = ["debug=smoke", "model.norm=none", "device=cpu", "device.precision=fp32", "trainer.max_iters=1",
-              "trainer.progress=false", "data.augment=false", "optimizer=sgd", "trainer.deterministic=true"]
+    common = [
+        "debug=smoke",
+        "model.norm=none",
+        "device=cpu",
+        "device.precision=fp32",
+        "trainer.max_iters=1",
+        "trainer.progress=false",
+        "data.augment=false",
+        "optimizer=sgd",
+        "trainer.deterministic=true",
+    ]
     _, big = cli(*common, "data.batch_size=4", run_dir="big")
     _, acc = cli(*common, "data.batch_size=2", "trainer.accumulate=2", run_dir="acc")
     _, small = cli(*common, "data.batch_size=2", run_dir="small")
@@ -176,7 +210,9 @@ def trained(tmp_path_factory):
 
 
 def _evaluate(ckpt: Path, tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    proc = run_cli([f"ckpt={ckpt}", f"hydra.run.dir={name}", "trainer.progress=false", *args], tmp_path, exe=_eval_exe())
+    proc = run_cli(
+        [f"ckpt={ckpt}", f"hydra.run.dir={name}", "trainer.progress=false", *args], tmp_path, exe=_eval_exe()
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / name
     assert (out / "confusion_matrix.png").stat().st_size > 500

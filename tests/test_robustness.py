@@ -33,9 +33,18 @@ def model_tensors(run: Path, name: str = "last.pt") -> dict:
 # ---------------------------------------------------------------------------
 # Exact resume.
 
-DETERMINISTIC = ["debug=smoke", "model=fcn", "model.backbone=resnet18", "model.variant=32s", "device=cpu",
-                 "trainer.deterministic=true", "trainer.max_iters=12", "data.num_workers=2", "trainer.num_vis=0",
-                 "trainer.progress=false"]
+DETERMINISTIC = [
+    "debug=smoke",
+    "model=fcn",
+    "model.backbone=resnet18",
+    "model.variant=32s",
+    "device=cpu",
+    "trainer.deterministic=true",
+    "trainer.max_iters=12",
+    "data.num_workers=2",
+    "trainer.num_vis=0",
+    "trainer.progress=false",
+]
 
 
 def test_resume_mid_epoch_is_bitwise_identical(cli):
@@ -52,7 +61,9 @@ def test_resume_mid_epoch_is_bitwise_identical(cli):
     assert not different, different[:5]
     ma = json.loads((straight / "metrics.json").read_text())
     mb = json.loads((part / "metrics.json").read_text())
-    assert ma["best_miou"] == mb["best_miou"] and [h["miou"] for h in ma["history"]] == [h["miou"] for h in mb["history"]]
+    assert ma["best_miou"] == mb["best_miou"] and [h["miou"] for h in ma["history"]] == [
+        h["miou"] for h in mb["history"]
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -60,12 +71,19 @@ def test_resume_mid_epoch_is_bitwise_identical(cli):
 
 
 def test_sigterm_writes_last_and_resume_continues(tmp_path):
-    args = ["debug=smoke", "trainer.max_iters=100000", "trainer.val_interval=100000", "data.num_workers=2",
-            "trainer.progress=false", "hydra.run.dir=run"]
+    args = [
+        "debug=smoke",
+        "trainer.max_iters=100000",
+        "trainer.val_interval=100000",
+        "data.num_workers=2",
+        "trainer.progress=false",
+        "hydra.run.dir=run",
+    ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen(segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     tb = tmp_path / "run" / "tb"
     deadline = time.time() + 120
     while time.time() < deadline and not (tb.is_dir() and any(tb.iterdir())):  # training has started
@@ -94,8 +112,9 @@ def test_keep_last_and_fallback_when_last_is_corrupt(cli):
     data = (ck / "last.pt").read_bytes()
     (ck / "last.pt").write_bytes(data[: len(data) // 3])  # a torn file (e.g. copied off a dying node)
     (ck / ".last.pt.abc.tmp").write_bytes(b"partial")  # what kill -9 during a write leaves
-    proc, run = cli("debug=smoke", "trainer.max_iters=10", "trainer.val_interval=4", "trainer.resume=auto",
-                    "trainer.keep_last=2")
+    proc, run = cli(
+        "debug=smoke", "trainer.max_iters=10", "trainer.val_interval=4", "trainer.resume=auto", "trainer.keep_last=2"
+    )
     assert "trying" in proc.stdout + proc.stderr and "at step 4" in proc.stdout
     assert checkpoint.load(ck / "last.pt")["step"] == 10
     assert not (ck / ".last.pt.abc.tmp").exists()
@@ -122,8 +141,15 @@ def test_save_rotating_never_leaves_the_target_missing(tmp_path, monkeypatch):
 def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli):
     _, run = cli("debug=smoke", "trainer.max_iters=4", run_dir="r")
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    proc, _ = cli("debug=smoke", "optimizer.lr=1e8", "device.precision=fp32", "trainer.max_iters=8", "trainer.progress=false",
-                  run_dir="r", check=False)  # the same run dir: its checkpoints must survive
+    proc, _ = cli(
+        "debug=smoke",
+        "optimizer.lr=1e8",
+        "device.precision=fp32",
+        "trainer.max_iters=8",
+        "trainer.progress=false",
+        run_dir="r",
+        check=False,
+    )  # the same run dir: its checkpoints must survive
     line = one_line_error(proc, "non-finite", "optimizer.lr", "device.precision")
     assert proc.returncode == 3 and "at step" in line
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
@@ -157,22 +183,37 @@ def test_pickled_code_is_refused_and_not_run(tmp_path):
 
 def test_foreign_checkpoint_lists_differences(cli):
     _, run = cli("debug=smoke", "trainer.max_iters=2", run_dir="unet")
-    proc, _ = cli("debug=smoke", "model.base_channels=4", "data.num_classes=3",
-                  f"trainer.resume={run / 'checkpoints' / 'last.pt'}", check=False)
+    proc, _ = cli(
+        "debug=smoke",
+        "model.base_channels=4",
+        "data.num_classes=3",
+        f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
+        check=False,
+    )
     one_line_error(proc, "cannot resume", "num_classes 6 (here 3)", "model.base_channels 8 (here 4)", "shape")
 
 
 def test_init_from_loads_what_fits(cli):
     _, run = cli("debug=smoke", "trainer.max_iters=2", run_dir="src")
-    proc, _ = cli("debug=smoke", "trainer.max_iters=2", "data.num_classes=3",
-                  f"model.init_from={run / 'checkpoints' / 'best.pt'}", run_dir="dst")
+    proc, _ = cli(
+        "debug=smoke",
+        "trainer.max_iters=2",
+        "data.num_classes=3",
+        f"model.init_from={run / 'checkpoints' / 'best.pt'}",
+        run_dir="dst",
+    )
     log = proc.stdout
     assert "model.init_from=" in log and "shape differs: classifier.weight" in log
     ours = model_tensors(run)
     theirs = model_tensors(cli.cwd / "dst", "last.pt")
     assert theirs["classifier.weight"].shape[0] == 3 and ours["classifier.weight"].shape[0] == 6
-    proc, _ = cli("debug=smoke", "model=fcn", "model.backbone=resnet18", f"model.init_from={run / 'checkpoints' / 'best.pt'}",
-                  check=False)
+    proc, _ = cli(
+        "debug=smoke",
+        "model=fcn",
+        "model.backbone=resnet18",
+        f"model.init_from={run / 'checkpoints' / 'best.pt'}",
+        check=False,
+    )
     one_line_error(proc, "no tensor matches")
 
 
@@ -283,8 +324,10 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatc
     from segtrain.trainer import Trainer
     from tests.test_config import composed
 
-    trainer = Trainer(composed("debug=smoke", "device=cpu", "device.precision=fp16", "trainer.max_iters=4",
-                               "trainer.progress=false"), tmp_path / "run")
+    trainer = Trainer(
+        composed("debug=smoke", "device=cpu", "device.precision=fp16", "trainer.max_iters=4", "trainer.progress=false"),
+        tmp_path / "run",
+    )
     criterion, calls = trainer.criterion, []
 
     def blow_up(out, y):
@@ -305,15 +348,23 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatc
 
 def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
     """SIGKILL at arbitrary moments of a run that writes last.pt every step: last.pt always loads."""
-    args = ["debug=smoke", "trainer.max_iters=100000", "trainer.val_interval=1", "trainer.progress=false",
-            "trainer.num_vis=0", "hydra.run.dir=run", "trainer.resume=auto"]
+    args = [
+        "debug=smoke",
+        "trainer.max_iters=100000",
+        "trainer.val_interval=1",
+        "trainer.progress=false",
+        "trainer.num_vis=0",
+        "hydra.run.dir=run",
+        "trainer.resume=auto",
+    ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     steps = []
     for delay in (0.7, 1.3, 0.45):
-        proc = subprocess.Popen(segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
         seen = last.stat().st_mtime_ns if last.is_file() else None
         deadline = time.time() + 120
         while time.time() < deadline and (not last.is_file() or last.stat().st_mtime_ns == seen):

@@ -55,7 +55,9 @@ def test_single_run_writes_status(cli):
     proc, run = cli("optimizer.lr=-1", *FAST, check=False)
     assert proc.returncode != 0
     status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "failed" and "optimizer.lr" in status["error"] and "optimizer.lr=-1" in status["overrides"]
+    assert (
+        status["status"] == "failed" and "optimizer.lr" in status["error"] and "optimizer.lr=-1" in status["overrides"]
+    )
 
 
 def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
@@ -75,8 +77,16 @@ def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
 
 def test_joblib_sweep_derives_failures_from_status_files(cli):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    proc, _ = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.01,-1", *FAST,
-                  f"hydra.sweep.dir={cli.cwd / 'sw'}", check=False, env={"OMP_NUM_THREADS": "1"})
+    proc, _ = cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "optimizer.lr=0.01,-1",
+        *FAST,
+        f"hydra.sweep.dir={cli.cwd / 'sw'}",
+        check=False,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     sw = cli.cwd / "sw"
     assert proc.returncode == 1, proc.stderr
     assert (sw / "0" / "metrics.json").is_file()
@@ -89,8 +99,15 @@ def test_joblib_sweep_derives_failures_from_status_files(cli):
 def test_optuna_search_runs_trials_and_summarises(cli):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     # model=unet / data.crop_size=48: fixed values leave the search space (and keep the test fast)
-    proc, _ = cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "model=unet", "data.crop_size=48",
-                  *FAST, f"hydra.sweep.dir={cli.cwd / 'opt'}")
+    proc, _ = cli(
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "model=unet",
+        "data.crop_size=48",
+        *FAST,
+        f"hydra.sweep.dir={cli.cwd / 'opt'}",
+    )
     sw = cli.cwd / "opt"
     rows = read_summary(sw)
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows), rows
@@ -103,8 +120,16 @@ def test_optuna_search_runs_trials_and_summarises(cli):
 def test_optuna_failed_trials_are_recorded_and_the_study_goes_on(cli):
     # A failed job returns None (a FAILED trial); NaN would make the sweeper abort at the first failure.
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc, _ = cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model=unet", "optimizer.lr=choice(-1,-2)",
-                  *FAST, f"hydra.sweep.dir={cli.cwd / 'opt'}", check=False)
+    proc, _ = cli(
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "model=unet",
+        "optimizer.lr=choice(-1,-2)",
+        *FAST,
+        f"hydra.sweep.dir={cli.cwd / 'opt'}",
+        check=False,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "2 job(s) of the sweep failed: [0] optimizer.lr must be > 0" in proc.stderr, proc.stderr
     rows = read_summary(cli.cwd / "opt")  # written although Optuna ends with "No trials are completed yet"

@@ -53,8 +53,9 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     on_disk = cfg.name != "synthetic"
     if on_disk and cfg.get("train_pipeline") is None and cfg.crop_size is None and cfg.batch_size > 1:
-        raise ConfigError("data.crop_size is null but on-disk images differ in size: set data.crop_size=512 "
-                          "(or data.batch_size=1)")
+        raise ConfigError(
+            "data.crop_size is null but on-disk images differ in size: set data.crop_size=512 (or data.batch_size=1)"
+        )
     train, val = BUILDERS[cfg.name](cfg, seed)
     if cfg.class_names is not None:
         train.class_names = val.class_names = list(cfg.class_names)
@@ -86,10 +87,13 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def build_loader(dataset: SegDataset, cfg: DictConfig, train: bool, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_loader(
+    dataset: SegDataset, cfg: DictConfig, train: bool, seed: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     # Validation shards are not padded: every image is scored exactly once over all ranks.
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=False,
-                           pad=train)
+    sampler = EpochSampler(
+        len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=False, pad=train
+    )
     workers = cfg.num_workers
     batch = cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size)
     return DataLoader(

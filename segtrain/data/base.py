@@ -60,8 +60,16 @@ class SegDataset(Dataset):
 class EpochSampler(Sampler):
     """Seeded per-epoch order of ``(epoch, index)`` keys, sharded over ranks, resumable mid-epoch."""
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 pad: bool = True):
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        pad: bool = True,
+    ):
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.pad = rank, world_size, drop_last, pad
         self.epoch, self.start = 0, 0

@@ -145,9 +145,19 @@ class DiskDataset(SegDataset):
 
     kind = "disk"  # the data set's mapping, part of the label-check cache key
 
-    def __init__(self, images: list[Path], masks: list[Path], class_names: list[str], palette: np.ndarray,
-                 transform: Any = None, seed: int = 0, lut: np.ndarray | None = None,
-                 colour_palette: np.ndarray | None = None, ignore_color: Any = None, ignore_index: int = 255):
+    def __init__(
+        self,
+        images: list[Path],
+        masks: list[Path],
+        class_names: list[str],
+        palette: np.ndarray,
+        transform: Any = None,
+        seed: int = 0,
+        lut: np.ndarray | None = None,
+        colour_palette: np.ndarray | None = None,
+        ignore_color: Any = None,
+        ignore_index: int = 255,
+    ):
         super().__init__(transform, seed)
         assert len(images) == len(masks)
         self.images, self.masks = list(images), list(masks)
@@ -174,8 +184,10 @@ class DiskDataset(SegDataset):
             elif (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
                 mask = np.ascontiguousarray(arr[..., 0])
             else:
-                raise DataError(f"mask {path} is an RGB colour image: use class-index masks (palette or grayscale PNG), or "
-                                f"(data=folder) list the class colours as palette: [[r, g, b], ...] in root/classes.yaml")
+                raise DataError(
+                    f"mask {path} is an RGB colour image: use class-index masks (palette or grayscale PNG), or "
+                    f"(data=folder) list the class colours as palette: [[r, g, b], ...] in root/classes.yaml"
+                )
         else:
             arr = np.array(im)  # a writable copy
             if arr.ndim != 2:
@@ -202,8 +214,10 @@ class DiskDataset(SegDataset):
 
 
 def _size_msg(img_path: Path, img_hw: tuple, mask_path: Path, mask_hw: tuple) -> str:
-    return (f"image {img_path} is {img_hw[1]}x{img_hw[0]} but its mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH); "
-            f"image and mask must have the same size")
+    return (
+        f"image {img_path} is {img_hw[1]}x{img_hw[0]} but its mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH); "
+        f"image and mask must have the same size"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -274,14 +288,19 @@ def check_labels(datasets: list[DiskDataset], num_classes: int, ignore_index: in
         if binary:
             hint = "masks look binary 0/255: set data.label_map={255:1}"
             first = bad_files[0] if bad_files else (str(jobs[0][0].masks[jobs[0][1]]), [255])
-            what = (f"{first[0]} has values {first[1]}" if bad_files else
-                    f"every mask holds only 0 and 255 (= data.ignore_index), e.g. {first[0]}, so class 1 never appears")
+            what = (
+                f"{first[0]} has values {first[1]}"
+                if bad_files
+                else f"every mask holds only 0 and 255 (= data.ignore_index), e.g. {first[0]}, so class 1 never appears"
+            )
         else:
             first = bad_files[0]
             bad_all = sorted({v for _, vs in bad_files for v in vs})
             top = max(bad_all)
-            hint = (f"if these are classes set data.num_classes={top + 1}, otherwise remap them with "
-                    f"data.label_map={{{bad_all[0]}:{ignore_index if 0 <= ignore_index < 256 else 255}}}")
+            hint = (
+                f"if these are classes set data.num_classes={top + 1}, otherwise remap them with "
+                f"data.label_map={{{bad_all[0]}:{ignore_index if 0 <= ignore_index < 256 else 255}}}"
+            )
             what = f"{first[0]} has values {first[1]}"
         more = f" ({len(bad_files)} mask(s) affected)" if len(bad_files) > 1 else ""
         raise DataError(
@@ -313,7 +332,9 @@ def list_images(folder: Path) -> dict[str, Path]:
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             if p.stem in out:
-                raise DataError(f"{folder} holds two files with the stem {p.stem!r} ({out[p.stem].name}, {p.name}); keep one")
+                raise DataError(
+                    f"{folder} holds two files with the stem {p.stem!r} ({out[p.stem].name}, {p.name}); keep one"
+                )
             out[p.stem] = p
     return out
 
@@ -322,7 +343,9 @@ def read_list(path: Path, layout: str) -> list[str]:
     """Non-empty lines of a split list, or a DataError naming the file and the layout."""
     if not path.is_file():
         raise DataError(f"split file {path} is missing (expected layout: {layout})")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    names = [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not names:
         raise DataError(f"split file {path} is empty (expected one image name per line)")
     return names

@@ -30,7 +30,9 @@ from segtrain.data.checks import DiskDataset, label_map_lut, list_images, palett
 from segtrain.errors import DataError
 from segtrain.logger import default_palette
 
-LAYOUT = "ROOT/images/* + ROOT/masks/* with matching names [+ ROOT/{train,val}.txt], or ROOT/{train,val}/{images,masks}/*"
+LAYOUT = (
+    "ROOT/images/* + ROOT/masks/* with matching names [+ ROOT/{train,val}.txt], or ROOT/{train,val}/{images,masks}/*"
+)
 
 
 def read_classes(root: Path) -> dict:
@@ -44,7 +46,9 @@ def read_classes(root: Path) -> dict:
     if isinstance(data, list):
         data = {"names": data}
     if not isinstance(data, dict):
-        raise DataError(f"{path} must be a list of class names or a mapping with names: [...] and palette: [[r, g, b], ...]")
+        raise DataError(
+            f"{path} must be a list of class names or a mapping with names: [...] and palette: [[r, g, b], ...]"
+        )
     names = data.get("names", data.get("classes"))
     if names is not None and not (isinstance(names, list) and all(isinstance(n, (str, int)) for n in names)):
         raise DataError(f"{path}: names must be a list of class names")
@@ -60,7 +64,9 @@ def read_classes(root: Path) -> dict:
     return out
 
 
-def _pairs(img_dir: Path, mask_dir: Path, stems: list[str] | None = None, source: str = "") -> tuple[list[Path], list[Path]]:
+def _pairs(
+    img_dir: Path, mask_dir: Path, stems: list[str] | None = None, source: str = ""
+) -> tuple[list[Path], list[Path]]:
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise DataError(f"folder {d} is missing (expected layout: {LAYOUT})")
@@ -70,15 +76,19 @@ def _pairs(img_dir: Path, mask_dir: Path, stems: list[str] | None = None, source
         if not stems:
             raise DataError(f"{img_dir} holds no images (.jpg/.jpeg/.png/.bmp/.tif/.tiff) (expected layout: {LAYOUT})")
     else:
-        stems = [Path(s).stem if Path(s).suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") else s
-                 for s in stems]
+        stems = [
+            Path(s).stem if Path(s).suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") else s
+            for s in stems
+        ]
         missing = [s for s in stems if s not in images]
         if missing:
             raise DataError(f"{len(missing)} name(s) in {source} have no image in {img_dir}, e.g. {missing[0]!r}")
     no_mask = [s for s in stems if s not in masks]
     if no_mask:
-        raise DataError(f"{len(no_mask)} image(s) in {img_dir} have no mask with the same name in {mask_dir}, "
-                        f"e.g. {images[no_mask[0]].name}")
+        raise DataError(
+            f"{len(no_mask)} image(s) in {img_dir} have no mask with the same name in {mask_dir}, "
+            f"e.g. {images[no_mask[0]].name}"
+        )
     return [images[s] for s in stems], [masks[s] for s in stems]
 
 
@@ -99,7 +109,10 @@ def splits(root: Path, cfg: DictConfig) -> tuple[tuple[list[Path], list[Path]], 
     order = np.random.default_rng(cfg.seed).permutation(len(images))
     n_val = min(len(images) - 1, max(1, int(round(len(images) * cfg.val_fraction))))
     val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
-    return ([images[i] for i in train_idx], [masks[i] for i in train_idx]), ([images[i] for i in val_idx], [masks[i] for i in val_idx])
+    return ([images[i] for i in train_idx], [masks[i] for i in train_idx]), (
+        [images[i] for i in val_idx],
+        [masks[i] for i in val_idx],
+    )
 
 
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:

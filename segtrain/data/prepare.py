@@ -42,7 +42,9 @@ VOC_LAYOUT = "DIR/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segm
 SBD_URL = "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
 SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
 SBD_LAYOUT = "DIR/benchmark_RELEASE/dataset/{cls/*.mat,train.txt,val.txt}"
-CITYSCAPES_LAYOUT = "DIR/gtFine/{train,val,test}/CITY/*_gtFine_labelIds.png (+ DIR/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png)"
+CITYSCAPES_LAYOUT = (
+    "DIR/gtFine/{train,val,test}/CITY/*_gtFine_labelIds.png (+ DIR/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png)"
+)
 CITYSCAPES_ZIPS = "gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip"
 
 MARKER_DIR = ".segtrain-data"
@@ -66,8 +68,12 @@ def download(url: str, dest: Path, timeout: float = TIMEOUT_S) -> Path:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise OSError(f"not an http(s) URL: {url}")
-    if not (os.environ.get("http_proxy") or os.environ.get("HTTP_PROXY") or os.environ.get("https_proxy")
-            or os.environ.get("HTTPS_PROXY")):
+    if not (
+        os.environ.get("http_proxy")
+        or os.environ.get("HTTP_PROXY")
+        or os.environ.get("https_proxy")
+        or os.environ.get("HTTPS_PROXY")
+    ):
         _resolve_host(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), timeout)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +109,9 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name: str, layout: str,
-                  what: str, sub: str) -> Path:
+def fetch_archive(
+    args: argparse.Namespace, root: Path, url: str, md5: str, name: str, layout: str, what: str, sub: str
+) -> Path:
     """The verified archive: ``--archive`` or ``root/name`` if present, else downloaded from ``url``."""
     expected = (args.md5 or md5).lower()
     if args.archive is not None:
@@ -119,16 +126,20 @@ def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name
                 download(url, path)
             except (OSError, urllib.error.URLError, ValueError) as e:
                 reason = getattr(e, "reason", None) or e
-                raise DataError(f"cannot download {what} from {url} ({reason}); fetch it by hand and run "
-                                f"'{PROG} {sub} --root {root} --archive /path/to/{name}' (expected layout "
-                                f"after extraction: {layout})") from e
+                raise DataError(
+                    f"cannot download {what} from {url} ({reason}); fetch it by hand and run "
+                    f"'{PROG} {sub} --root {root} --archive /path/to/{name}' (expected layout "
+                    f"after extraction: {layout})"
+                ) from e
     if args.no_verify:
         print(f"{PROG}: not verifying {path} (--no-verify)", file=sys.stdout)
     else:
         got = md5sum(path)
         if got != expected:
-            raise DataError(f"{path} is corrupt or incomplete: md5 {got} != expected {expected}; delete it and "
-                            f"download {url} again (or pass --md5 / --no-verify for a different archive)")
+            raise DataError(
+                f"{path} is corrupt or incomplete: md5 {got} != expected {expected}; delete it and "
+                f"download {url} again (or pass --md5 / --no-verify for a different archive)"
+            )
     return path
 
 
@@ -151,8 +162,10 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 if m.issym() or m.islnk():
                     target = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
                     if _unsafe_name(m.linkname) or ".." in PurePosixPath(os.path.normpath(str(target))).parts:
-                        raise DataError(f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} "
-                                        f"points outside the extraction folder")
+                        raise DataError(
+                            f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} "
+                            f"points outside the extraction folder"
+                        )
                 if m.isdev() or m.isfifo():
                     raise DataError(f"refusing to extract {archive}: member {m.name!r} is a device or FIFO")
             dest.mkdir(parents=True, exist_ok=True)
@@ -199,8 +212,9 @@ def cmd_voc(args: argparse.Namespace) -> None:
         print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
         return
     root.mkdir(parents=True, exist_ok=True)
-    archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", VOC_LAYOUT,
-                            "PASCAL VOC 2012", "voc")
+    archive = fetch_archive(
+        args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", VOC_LAYOUT, "PASCAL VOC 2012", "voc"
+    )
     extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
     if not voc_complete(root):
         raise DataError(f"{archive} did not yield the expected layout {VOC_LAYOUT} under {root}")
@@ -266,8 +280,9 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
 def cmd_sbd(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
     if not voc_complete(root):
-        raise DataError(f"no PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first "
-                        f"(expected layout: {VOC_LAYOUT})")
+        raise DataError(
+            f"no PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first (expected layout: {VOC_LAYOUT})"
+        )
     try:
         import scipy.io  # noqa: F401
     except ImportError as e:
@@ -307,8 +322,10 @@ def cmd_sbd(args: argparse.Namespace) -> None:
     no_img = [n for n in aug if not (base / "JPEGImages" / f"{n}.jpg").is_file()]
     if no_mask or no_img:
         kind, missing = ("mask", no_mask) if no_mask else ("image", no_img)
-        raise DataError(f"{len(missing)} id(s) of the aug list have no {kind}, e.g. {missing[0]} "
-                        f"(SBD and VOC in {root} do not match)")
+        raise DataError(
+            f"{len(missing)} id(s) of the aug list have no {kind}, e.g. {missing[0]} "
+            f"(SBD and VOC in {root} do not match)"
+        )
     (sets / "aug.txt").write_text("".join(f"{n}\n" for n in aug))
     print(f"{PROG}: wrote {sets / 'aug.txt'} ({len(aug)} ids); ready: data=voc_aug data.root={root}", file=sys.stdout)
 
@@ -333,9 +350,11 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
 
 def cmd_cityscapes(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    hint = (f"Cityscapes needs a login, so {PROG} cannot download it: get {CITYSCAPES_ZIPS} from "
-            f"https://www.cityscapes-dataset.com/downloads/ and unzip both into {root} (expected layout: "
-            f"{CITYSCAPES_LAYOUT})")
+    hint = (
+        f"Cityscapes needs a login, so {PROG} cannot download it: get {CITYSCAPES_ZIPS} from "
+        f"https://www.cityscapes-dataset.com/downloads/ and unzip both into {root} (expected layout: "
+        f"{CITYSCAPES_LAYOUT})"
+    )
     cands = [c for c in (root, root / "cityscapes") if (c / "gtFine").is_dir()]
     if not cands:
         raise DataError(f"no gtFine/ folder in {root}. {hint}")
@@ -349,8 +368,10 @@ def cmd_cityscapes(args: argparse.Namespace) -> None:
         if args.force or not dst.is_file():
             jobs.append((str(p), str(dst)))
     workers = args.workers or min(8, os.cpu_count() or 1)
-    print(f"{PROG}: writing {len(jobs)} labelTrainIds PNGs ({len(labels) - len(jobs)} already there) "
-          f"({workers} workers)", file=sys.stdout)
+    print(
+        f"{PROG}: writing {len(jobs)} labelTrainIds PNGs ({len(labels) - len(jobs)} already there) ({workers} workers)",
+        file=sys.stdout,
+    )
     from segtrain.data.cityscapes import trainid_lut  # the table training uses
 
     _run_jobs(partial(_trainid_png, lut=trainid_lut(255)), jobs, workers)

@@ -31,7 +31,16 @@ SHAPES = ["circle", "square", "triangle", "ring", "cross", "star", "ellipse"]
 CLASS_NAMES = ["background", *SHAPES]
 MAX_CLASSES = len(CLASS_NAMES)
 PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]],
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+    ],
     dtype=np.uint8,
 )
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
@@ -42,7 +51,9 @@ def _texture(rng: np.random.Generator, h: int, w: int, contrast: float = 1.0) ->
     base = rng.integers(0, 256, size=3).astype(np.float32)
     kind = rng.integers(3)
     if kind == 0:  # smooth low-frequency colour field
-        small = rng.normal(0, 40 * contrast, size=(int(rng.integers(2, 5)), int(rng.integers(2, 5)), 3)).astype(np.float32)
+        small = rng.normal(0, 40 * contrast, size=(int(rng.integers(2, 5)), int(rng.integers(2, 5)), 3)).astype(
+            np.float32
+        )
         tex = base + cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     elif kind == 1:  # stripes at a random angle and period
         delta = rng.normal(0, 40 * contrast, size=3).astype(np.float32)
@@ -64,11 +75,29 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float, aspect: fl
     elif kind == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     elif kind == "star":
-        pts = [((1.0 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5 - math.pi / 2),
-                (1.0 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5 - math.pi / 2)) for i in range(10)]
+        pts = [
+            (
+                (1.0 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5 - math.pi / 2),
+                (1.0 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5 - math.pi / 2),
+            )
+            for i in range(10)
+        ]
     elif kind == "cross":
         t = 0.33
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [
+            (-t, -1),
+            (t, -1),
+            (t, -t),
+            (1, -t),
+            (1, t),
+            (t, t),
+            (t, 1),
+            (-t, 1),
+            (-t, t),
+            (-1, t),
+            (-1, -t),
+            (-t, -t),
+        ]
     else:
         raise ValueError(kind)
     ca, sa = math.cos(angle), math.sin(angle)
@@ -76,7 +105,9 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float, aspect: fl
     return [np.round(np.array(out) * 16).astype(np.int32)]  # 4 fractional bits
 
 
-def _draw(canvas: np.ndarray, kind: str, cx: float, cy: float, r: float, angle: float, aspect: float, value, aa: bool) -> None:
+def _draw(
+    canvas: np.ndarray, kind: str, cx: float, cy: float, r: float, angle: float, aspect: float, value, aa: bool
+) -> None:
     """Draw one filled shape into ``canvas`` (an image with colour value, or a mask with a class id)."""
     line = cv2.LINE_AA if aa else cv2.LINE_8
     sh = 4  # fractional bits used by cv2's shift argument
@@ -95,9 +126,18 @@ def _draw(canvas: np.ndarray, kind: str, cx: float, cy: float, r: float, angle: 
 class SyntheticShapes(SegDataset):
     """``num_samples`` procedurally drawn images of ``image_size`` (h, w), deterministic in (seed, split, index)."""
 
-    def __init__(self, num_samples: int, image_size: tuple[int, int], num_classes: int = 6, split: str = "train",
-                 seed: int = 0, transform=None, aug_seed: int = 0, cache: bool = True,
-                 colour_cue: float = 0.75):
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: tuple[int, int],
+        num_classes: int = 6,
+        split: str = "train",
+        seed: int = 0,
+        transform=None,
+        aug_seed: int = 0,
+        cache: bool = True,
+        colour_cue: float = 0.75,
+    ):
         super().__init__(transform, aug_seed)
         if num_classes < 2:
             from segtrain.errors import ConfigError
@@ -107,7 +147,9 @@ class SyntheticShapes(SegDataset):
         self.split_id, self.content_seed = _SPLIT_IDS[split], seed
         # beyond the 8 drawn classes, extra classes exist but never appear (e.g. num_classes=21 to mimic VOC's head)
         self.class_names = (CLASS_NAMES + [f"class{i}" for i in range(MAX_CLASSES, num_classes)])[:num_classes]
-        self.palette = np.concatenate([PALETTE, default_palette(max(num_classes, MAX_CLASSES))[MAX_CLASSES:]])[:num_classes]
+        self.palette = np.concatenate([PALETTE, default_palette(max(num_classes, MAX_CLASSES))[MAX_CLASSES:]])[
+            :num_classes
+        ]
         self.colour_cue = colour_cue
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 

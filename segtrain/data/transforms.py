@@ -26,7 +26,6 @@ def synthetic_train(cfg: DictConfig) -> A.Compose:
     return A.Compose(ops if cfg.augment else ops[2:])
 
 
-
 # ---------------------------------------------------------------------------
 # On-disk data sets: the standard recipe (mmseg-style) and custom pipelines.
 
@@ -47,8 +46,9 @@ def _target_size(h: int, w: int, size: tuple[int, int] | int, ratio: float = 1.0
 class RescaleKeepRatio(A.DualTransform):
     """Resize keeping the aspect ratio to ``size`` (None: the image's own size) times a ratio drawn from ``ratio_range``."""
 
-    def __init__(self, size: Any, ratio_range: tuple[float, float] = (1.0, 1.0), resize_mask: bool = True,
-                 p: float = 1.0):
+    def __init__(
+        self, size: Any, ratio_range: tuple[float, float] = (1.0, 1.0), resize_mask: bool = True, p: float = 1.0
+    ):
         super().__init__(p=p)
         self.size = size if size is None or isinstance(size, int) else tuple(int(v) for v in size)
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
@@ -96,8 +96,11 @@ class CatMaxRatioCrop(A.DualTransform):
         if mask is not None and self.cat_max_ratio < 1.0:
             for _ in range(10):
                 y0, x0, y1, x1 = box
-                _, counts = np.unique(mask[y0:y1, x0:x1], return_counts=True) if self.ignore_index < 0 else \
-                    np.unique(mask[y0:y1, x0:x1][mask[y0:y1, x0:x1] != self.ignore_index], return_counts=True)
+                _, counts = (
+                    np.unique(mask[y0:y1, x0:x1], return_counts=True)
+                    if self.ignore_index < 0
+                    else np.unique(mask[y0:y1, x0:x1][mask[y0:y1, x0:x1] != self.ignore_index], return_counts=True)
+                )
                 if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
                 box = self._draw(h, w)
@@ -107,7 +110,9 @@ class CatMaxRatioCrop(A.DualTransform):
         y0, x0, y1, x1 = box
         return np.ascontiguousarray(img[y0:y1, x0:x1])
 
-    def apply_to_mask(self, mask: np.ndarray, box: tuple[int, int, int, int] = (0, 0, 0, 0), **params: Any) -> np.ndarray:
+    def apply_to_mask(
+        self, mask: np.ndarray, box: tuple[int, int, int, int] = (0, 0, 0, 0), **params: Any
+    ) -> np.ndarray:
         y0, x0, y1, x1 = box
         return np.ascontiguousarray(mask[y0:y1, x0:x1])
 
@@ -131,14 +136,20 @@ def custom_pipeline(spec: Any, key: str) -> A.Compose:
     from hydra.utils import instantiate
 
     if not isinstance(spec, (list, ListConfig)):
-        raise ConfigError(f"{key} must be a list of {{_target_: albumentations.X, ...}} dicts, got {type(spec).__name__}")
+        raise ConfigError(
+            f"{key} must be a list of {{_target_: albumentations.X, ...}} dicts, got {type(spec).__name__}"
+        )
     ops = []
     for i, item in enumerate(spec):
         target = item.get("_target_") if isinstance(item, (dict, DictConfig)) else None
         if not target:
-            raise ConfigError(f"{key}[{i}] needs a _target_ (e.g. _target_: albumentations.HorizontalFlip), got {item!r}")
+            raise ConfigError(
+                f"{key}[{i}] needs a _target_ (e.g. _target_: albumentations.HorizontalFlip), got {item!r}"
+            )
         if str(target).rsplit(".", 1)[-1] == "Normalize":
-            raise ConfigError(f"{key}[{i}] is Normalize: remove it, images are normalised on the device by data.mean/data.std")
+            raise ConfigError(
+                f"{key}[{i}] is Normalize: remove it, images are normalised on the device by data.mean/data.std"
+            )
         try:
             ops.append(instantiate(item, _convert_="all"))
         except Exception as e:  # hydra wraps import / argument errors
@@ -165,7 +176,11 @@ def standard_train(cfg: DictConfig) -> A.Compose:
         h, w = as_hw(cfg.crop_size, "data.crop_size")
         ratio = float(cfg.get("cat_max_ratio", 1.0)) if cfg.augment else 1.0
         ops.append(CatMaxRatioCrop(h, w, ratio, cfg.ignore_index))
-        ops.append(A.PadIfNeeded(h, w, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=cfg.ignore_index))
+        ops.append(
+            A.PadIfNeeded(
+                h, w, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=cfg.ignore_index
+            )
+        )
     if cfg.augment:
         ops.append(A.HorizontalFlip(p=0.5))
         if cfg.get("photometric", True):

@@ -21,8 +21,27 @@ from segtrain.errors import DataError
 from segtrain.logger import default_palette
 
 CLASS_NAMES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 ]
 PALETTE = default_palette(len(CLASS_NAMES))
 LAYOUT = "ROOT/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/{train,val}.txt}"
@@ -33,12 +52,22 @@ def find_voc2012(root: Path) -> Path:
     for cand in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
         if (cand / "JPEGImages").is_dir():
             return cand
-    raise DataError(f"data.root={root} holds no VOC data: no JPEGImages folder in it, VOCdevkit/VOC2012 or VOC2012 "
-                    f"(expected layout: {LAYOUT})")
+    raise DataError(
+        f"data.root={root} holds no VOC data: no JPEGImages folder in it, VOCdevkit/VOC2012 or VOC2012 "
+        f"(expected layout: {LAYOUT})"
+    )
 
 
-def voc_split(base: Path, split: str, transform, seed: int, lut, ignore_index: int, mask_dir: str = "SegmentationClass",
-              layout: str = LAYOUT) -> DiskDataset:
+def voc_split(
+    base: Path,
+    split: str,
+    transform,
+    seed: int,
+    lut,
+    ignore_index: int,
+    mask_dir: str = "SegmentationClass",
+    layout: str = LAYOUT,
+) -> DiskDataset:
     names = read_list(base / "ImageSets" / "Segmentation" / f"{split}.txt", layout)
     images = [base / "JPEGImages" / f"{n}.jpg" for n in names]
     masks = [base / mask_dir / f"{n}.png" for n in names]
@@ -60,11 +89,21 @@ def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
 def build_aug(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     base = find_voc2012(resolve_root(cfg, AUG_LAYOUT))
     if not (base / "SegmentationClassAug").is_dir():
-        raise DataError(f"{base / 'SegmentationClassAug'} is missing: convert SBD first with "
-                        f"`segtrain-data sbd --root DIR` (expected layout: {AUG_LAYOUT})")
+        raise DataError(
+            f"{base / 'SegmentationClassAug'} is missing: convert SBD first with "
+            f"`segtrain-data sbd --root DIR` (expected layout: {AUG_LAYOUT})"
+        )
     lut = label_map_lut(cfg.label_map)
-    train = voc_split(base, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index,
-                      mask_dir="SegmentationClassAug", layout=AUG_LAYOUT)
+    train = voc_split(
+        base,
+        cfg.train_split,
+        transforms.standard_train(cfg),
+        seed,
+        lut,
+        cfg.ignore_index,
+        mask_dir="SegmentationClassAug",
+        layout=AUG_LAYOUT,
+    )
     val = voc_split(base, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
     train.kind = "voc_aug"
     return train, val

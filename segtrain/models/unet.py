@@ -55,7 +55,9 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int = 3, base_channels: int = 64, norm: str = "bn", depth: int = 4):
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, base_channels: int = 64, norm: str = "bn", depth: int = 4
+    ):
         super().__init__()
         widths = [base_channels * 2**i for i in range(depth + 1)]  # 64, 128, 256, 512, 1024 in the paper
         self.inc = DoubleConv(in_channels, widths[0], norm)
