@@ -1,45 +1,79 @@
 #!/usr/bin/env bash
-# GPU check: install what is missing, then train each network for a few dozen iterations at 512x512
-# with AMP (fp16), printing img/s, peak memory and loss.  Usage: bash scripts/gpu_check.sh [ITERS]
+# GPU check, run from the repo root on the (offline) GPU machine:  bash scripts/gpu_check.sh OUTDIR
+# Installs the carried wheels in .whl/ into /tmp/site when hydra is missing, then runs the test suite,
+# the quick benchmark and a torch.compile smoke run, each under a timeout, and prints a summary.
+# Each step's timeout is also cut to what is left of GPU_CHECK_BUDGET seconds (default 450) for the whole.
+# For a dry run elsewhere: GPU_CHECK_PYTEST_ARGS replaces the test selection ("tests"),
+# GPU_CHECK_DEVICE replaces "cuda", PYTHON replaces python3.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-ITERS=${1:-40}
-python -c "import torch, torchvision" 2>/dev/null || pip install -q torch torchvision
-pip install -q --no-deps -e . && pip install -q hydra-core 'omegaconf<2.4' albumentations tqdm tensorboard opencv-python-headless
-python - "$ITERS" <<'PY'
-import sys, time, torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
-from segtrain.config import ModelConfig
-from segtrain.models import build_model, count_parameters
-iters = int(sys.argv[1])
-print(torch.__version__, torch.cuda.get_device_name(0))
-nets = {"unet (base 64)": dict(name="unet", base_channels=64), "fcn8s-r50": dict(name="fcn", backbone="resnet50", variant="8s"),
-        "deconvnet (base 64)": dict(name="deconvnet", base_channels=64), "pspnet-r50-d8": dict(name="pspnet", backbone="resnet50", output_stride=8, aux=True),
-        "deeplabv3-r50-d8": dict(name="deeplabv3", backbone="resnet50", output_stride=8),
-        "deeplabv3plus-r50-d16": dict(name="deeplabv3plus", backbone="resnet50", output_stride=16)}
-bs = 8
-for label, kw in nets.items():
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), kw)
-    model = build_model(cfg, 21).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda")
-    x = torch.randn(bs, 3, 512, 512, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 21, (bs, 512, 512), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(iters):
-        if i == 5:
-            torch.cuda.synchronize(); t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = model(x)
-            loss = F.cross_entropy(out["out"].float(), y) + 0.4 * F.cross_entropy(out["aux"].float(), y) if isinstance(out, dict) else F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-    torch.cuda.synchronize()
-    ips = bs * (iters - 5) / (time.perf_counter() - t0)
-    print(f"{label:24s} params {count_parameters(model)/1e6:6.2f}M  {ips:7.1f} img/s  peak {torch.cuda.max_memory_allocated()/2**30:5.2f} GiB  loss {loss.item():.3f}", flush=True)
-    del model, opt, x, y
-    torch.cuda.empty_cache()
-PY
-# the CLI end to end on the GPU (fp16 AMP by default)
-segtrain debug=smoke device=cuda hydra.run.dir=/tmp/gpu_smoke trainer.progress=false | tail -3
+OUT=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3} DEV=${GPU_CHECK_DEVICE:-cuda} DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-450}))
+read -ra TESTS <<<"${GPU_CHECK_PYTEST_ARGS:-tests}"
+export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # `pip install -e .` fails offline: use the checkout
+SUMMARY=()
+
+step() {  # step NAME MAX_SECONDS FUNCTION: runs FUNCTION with $T = its timeout, records rc and wall time
+  local name=$1 t0=$SECONDS rc left=$((DEADLINE - SECONDS - 20))
+  T=$(($2 < left ? $2 : left))
+  echo; echo "=== $name (timeout ${T}s)"
+  if ((T < 30)); then rc=skipped; else "$3"; rc=$?; fi
+  SUMMARY+=("$(printf '%-9s rc=%-7s %4ss' "$name" "$rc" $((SECONDS - t0)))")
+}
+
+install_wheels() {
+  if "$PY" -c "import hydra, albumentations" 2>/dev/null; then echo "hydra importable: install skipped"; return 0; fi
+  if "$PY" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  else  # a venv without pip: a wheel is a zip of site-packages (only scripts/headers in *.data/ are lost)
+    echo "no pip: unzipping the wheels"; for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" /tmp/site || return; done
+  fi && export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH#"$PWD"}  # checkout first, then the wheels
+}
+
+print_versions() {
+  command -v nvidia-smi >/dev/null && nvidia-smi -L
+  "$PY" - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+for m in ("torch", "torchvision", "hydra", "omegaconf", "albumentations", "optuna"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m:15s}{mod.__version__:14s}{mod.__file__}")
+    except Exception as e:
+        print(f"{m:15s}FAILED: {e!r}")
+import torch
+print("CUDA", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no CUDA device)")
+EOF
+}
+
+run_tests() {
+  timeout -k 15 "$T" "$PY" -m pytest -q -rfE -n 12 --timeout 240 -p no:cacheprovider -o addopts="" \
+    -m "not slow" "${TESTS[@]}" 2>&1 | tee "$OUT/pytest.log"
+  local rc=$?
+  echo "--- failing tests:"; grep -E '^(FAILED|ERROR)' "$OUT/pytest.log"
+  echo "--- $(grep -cE '^(FAILED|ERROR)' "$OUT/pytest.log") failing"
+  return $rc
+}
+
+run_bench() {
+  timeout -k 15 "$T" "$PY" scripts/benchmark.py --quick --out "$OUT/bench" device="$DEV" 2>&1 | tee "$OUT/bench.log"
+}
+
+run_compile() {  # a fresh run dir: an old last.pt there would be resumed
+  rm -rf /tmp/gpu_compile
+  local t0=$SECONDS
+  timeout -k 15 "$T" "$PY" -m segtrain debug=smoke device="$DEV" device.compile=true trainer.progress=false \
+    hydra.run.dir=/tmp/gpu_compile >"$OUT/compile.log" 2>&1
+  local rc=$?
+  tail -n 5 "$OUT/compile.log"; echo "--- torch.compile smoke run: rc=$rc wall $((SECONDS - t0))s"
+  return $rc
+}
+
+step install 120 install_wheels
+step versions 60 print_versions
+step pytest 300 run_tests
+step bench 200 run_bench
+step compile 150 run_compile
+echo; echo "=== summary (total ${SECONDS}s)"; printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
