@@ -82,6 +82,7 @@ def bench_overhead(args) -> None:
 
     from segtrain.cli import config_dir
     from segtrain.config import register_configs
+    from segtrain.runtime import autocast
     from segtrain.trainer import Trainer
 
     register_configs()
@@ -119,7 +120,7 @@ def bench_overhead(args) -> None:
             t0 = time.perf_counter()
             x = (xs[j : j + bs].to(device).float() / 255).contiguous(memory_format=trainer.memory_format)
             y = ys[j : j + bs].to(device)
-            with trainer.autocast():
+            with autocast(trainer.device, trainer.precision):
                 loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
             opt.zero_grad(set_to_none=True)
             loss.backward()

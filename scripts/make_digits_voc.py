@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segtrain.logger import default_palette
+from segtrain.data.palette import default_palette
 
 
 def compose(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

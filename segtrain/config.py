@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from segtrain.errors import ConfigError
+from segtrain.utils import as_hw, as_size
 
 
 class Precision(str, Enum):
@@ -187,25 +188,6 @@ def register_configs() -> None:
 # Validation of values a type cannot express.
 
 
-def as_hw(value: Any, key: str) -> tuple[int, int]:
-    """An int or [h, w] -> (h, w), with a ConfigError naming ``key`` otherwise."""
-    if isinstance(value, (list, tuple, ListConfig)):
-        vals = list(value)
-        if len(vals) == 1:
-            vals = vals * 2
-        if len(vals) != 2:
-            raise ConfigError(f"{key} must be an int or [h, w], got {list(value)}")
-    else:
-        vals = [value, value]
-    try:
-        h, w = (int(v) for v in vals)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an int or [h, w], got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise ConfigError(f"{key} must be positive, got {value!r}")
-    return h, w
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line, naming the key) for an impossible value."""
 
@@ -238,6 +220,13 @@ def validate(cfg: DictConfig) -> None:
         as_hw(d.image_size, "data.image_size")
     if d.crop_size is not None:
         as_hw(d.crop_size, "data.crop_size")
+    as_size(d.base_size, "data.base_size")
+    as_size(d.val_size, "data.val_size")
+    check(
+        len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
+        f"data.scale_range must be [low, high] with 0 < low <= high, got {list(d.scale_range)}",
+    )
+    check(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {d.cat_max_ratio}")
     if d.class_names is not None:
         check(
             len(d.class_names) == d.num_classes,

@@ -93,3 +93,20 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device) -> tuple[float, bool]:
+    """The mean of ``value`` over ranks and whether any rank's ``flag`` is set, in one collective."""
+    if not info.enabled:
+        return value, flag
+    buf = torch.tensor([value, float(flag)], device=device, dtype=torch.float64)
+    all_reduce(buf)
+    return float(buf[0]) / info.world_size, bool(buf[1] > 0)
+
+
+def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (BatchNorm made SyncBatchNorm when ``sync_bn``)."""
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

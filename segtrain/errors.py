@@ -12,8 +12,8 @@ class SegtrainError(Exception):
     exit_code = 2
 
 
-class ConfigError(SegtrainError):
-    """An impossible or inconsistent config value."""
+class ConfigError(SegtrainError, ValueError):
+    """An impossible or inconsistent config value (also a ValueError, for the Python API)."""
 
 
 class DataError(SegtrainError):

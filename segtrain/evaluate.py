@@ -52,9 +52,12 @@ def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from segtrain.data import build_datasets, build_loader
-    from segtrain.logger import confusion_matrix_png, format_table, write_json
+    from segtrain.evaluation import class_names as names_of
+    from segtrain.evaluation import evaluate_loader
     from segtrain.models import build_model
-    from segtrain.trainer import BatchToDevice, autocast, evaluate_loader, resolve_device, stored_config
+    from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table, write_json
+    from segtrain.resume import stored_config
+    from segtrain.runtime import BatchToDevice, autocast, resolve_device
 
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     path = Path(cfg.ckpt).expanduser()
@@ -81,9 +84,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         ) from None
     memory_format = torch.channels_last if ecfg.device.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
-    class_names = list(val_set.class_names or meta.get("class_names") or [str(i) for i in range(num_classes)])
-    if len(class_names) != num_classes:
-        class_names = [str(i) for i in range(num_classes)]
+    class_names = names_of(val_set, num_classes, meta.get("class_names"))
 
     e = ecfg.eval
     log.info(
@@ -101,8 +102,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         precision,
     )
     t0 = time.perf_counter()
-    with open_dict(ecfg):
-        ecfg.trainer.num_vis = 0
     metrics, cm, _ = evaluate_loader(
         model,
         loader,
@@ -110,7 +109,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         lambda: autocast(device, precision),
         ecfg,
         class_names,
-        progress=ecfg.trainer.progress,
+        progress=bars_wanted(ecfg.trainer.progress),
     )
     elapsed = time.perf_counter() - t0
     print(format_table(metrics, class_names), flush=True)

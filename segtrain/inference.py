@@ -34,33 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from segtrain.utils import as_hw
+
 MODES = ("whole", "slide")
 _PROB_FLOOR = 1e-8  # log(0) guard when returning log-probabilities of averaged views
-
-
-def _hw(value: Any, name: str) -> tuple[int, int]:
-    """An int or (h, w) / [h, w] / [s] -> (h, w) of positive ints, else ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int or (h, w), got {value!r}")
-    if isinstance(value, int):
-        vals = [value, value]
-    else:
-        try:
-            vals = list(value)
-        except TypeError:
-            raise ValueError(f"{name} must be a positive int or (h, w), got {value!r}") from None
-        if len(vals) == 1:
-            vals = vals * 2
-    try:
-        ok = len(vals) == 2 and not any(isinstance(v, bool) or int(v) != v for v in vals)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a positive int or (h, w), got {value!r}")
-    h, w = (int(v) for v in vals)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return h, w
 
 
 def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
@@ -148,8 +125,8 @@ def predict(
     if mode == "slide":
         if crop_size is None:
             raise ValueError("slide inference needs crop_size (an int or (h, w))")
-        crop = _hw(crop_size, "crop_size")
-        stride_hw = default_stride(crop) if stride is None else _hw(stride, "stride")
+        crop = as_hw(crop_size, "crop_size")
+        stride_hw = default_stride(crop) if stride is None else as_hw(stride, "stride")
         if stride_hw[0] > crop[0] or stride_hw[1] > crop[1]:
             raise ValueError(f"stride {stride_hw} must not exceed crop_size {crop} (pixels would be skipped)")
     scales = [scales] if isinstance(scales, (int, float)) else list(scales)

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
 from segtrain.errors import ConfigError, DataError
@@ -241,7 +241,7 @@ def class_frequencies(
     ``image_pixel_totals[c]`` the number of labelled pixels (classes ``0..K-1``,
     not ``ignore_index``) of the images in which ``c`` appears.  Values outside
     ``0..K-1`` are not counted.  Masks come from ``dataset.read_mask(i)`` when the
-    data set has it (:class:`segtrain.data.checks.DiskDataset`: no image decode),
+    data set has it (:class:`segtrain.data.disk.DiskDataset`: no image decode),
     else ``dataset.load(i)[1]``; ``data.label_map`` is already applied by both.
     ``workers``: threads (default ``min(8, cpu_count)``).
     """
@@ -320,28 +320,22 @@ def parse_terms(name: str) -> list[str]:
 
 
 def _class_weights(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: Any) -> torch.Tensor | None:
-    cw = cfg.get("class_weights")
+    """``loss.class_weights`` (validated by segtrain.config) as a tensor; ``auto`` reads the training masks."""
+    cw = cfg.class_weights
     if cw is None:
         return None
-    if isinstance(cw, str):
-        if cw != "auto":
-            raise ConfigError(f"loss.class_weights must be a list or 'auto', got {cw!r}")
+    if cw == "auto":
         if train_set is None:
             raise ConfigError("loss.class_weights=auto needs the training set: pass train_set to build_loss")
         return _auto_class_weights(train_set, num_classes, ignore_index)
-    if not isinstance(cw, (list, tuple, ListConfig)):
-        raise ConfigError(f"loss.class_weights must be a list or 'auto', got {cw!r}")
-    weight = torch.tensor([float(w) for w in cw], dtype=torch.float32)
-    if weight.numel() != num_classes:
-        raise ConfigError(f"loss.class_weights has {weight.numel()} values but data.num_classes={num_classes}")
-    return weight
+    return torch.tensor([float(w) for w in cw], dtype=torch.float32)
 
 
 def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: Any = None) -> SegLoss:
     """The criterion of ``cfg`` (the ``loss`` config).  ``train_set`` (un-augmented masks are read
     from it) is needed only for ``class_weights: auto``."""
     terms = parse_terms(cfg.name)
-    weights = dict(cfg.get("weights") or {})
+    weights = dict(cfg.weights or {})
     extra = [k for k in weights if k not in terms]
     if extra:
         raise ConfigError(
@@ -353,21 +347,15 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: 
     def make(term: str) -> nn.Module:
         w = None if weight is None else weight.clone()
         if term == "ce":
-            return CrossEntropy(ignore_index, w, cfg.get("label_smoothing", 0.0))
+            return CrossEntropy(ignore_index, w, cfg.label_smoothing)
         if term == "ohem":
-            return OhemCrossEntropy(
-                ignore_index,
-                w,
-                cfg.get("label_smoothing", 0.0),
-                cfg.get("ohem_thresh", 0.7),
-                cfg.get("ohem_min_kept", 100000),
-            )
+            return OhemCrossEntropy(ignore_index, w, cfg.label_smoothing, cfg.ohem_thresh, cfg.ohem_min_kept)
         if term == "dice":
-            return DiceLoss(ignore_index, w, cfg.get("dice_smooth", 1.0))
-        return FocalLoss(ignore_index, w, cfg.get("focal_gamma", 2.0), cfg.get("focal_alpha"))
+            return DiceLoss(ignore_index, w, cfg.dice_smooth)
+        return FocalLoss(ignore_index, w, cfg.focal_gamma, cfg.focal_alpha)
 
     if len(terms) == 1 and float(weights.get(terms[0], 1.0)) == 1.0:
         criterion = make(terms[0])
     else:
         criterion = WeightedSum({t: make(t) for t in terms}, weights)
-    return SegLoss(criterion, cfg.get("aux_weight", 0.4))
+    return SegLoss(criterion, cfg.aux_weight)

@@ -33,6 +33,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from segtrain.utils import atomic_write
+
 STATUS_FILE = "status.json"
 COLUMNS = ("job", "status", "best_miou", "steps", "wall_time_sec", "overrides", "error")
 
@@ -76,9 +78,7 @@ def write_status(
             "wall_time_sec": round(float(wall_time), 3),
             "result": _number(result),
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(record, indent=2) + "\n", durable=False)
     except Exception:  # noqa: BLE001 - a full disk or a read-only dir: the job's own outcome stands
         pass
 

@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from segtrain.logger import default_palette
+from segtrain.data.palette import default_palette
 
 SIZES = [(61, 83), (50, 70), (64, 48), (72, 90)]  # (h, w), odd on purpose
 

@@ -11,7 +11,7 @@ from fake_datasets import write_png
 from omegaconf import OmegaConf
 
 from segtrain.config import LossConfig
-from segtrain.data.checks import DiskDataset
+from segtrain.data.disk import DiskDataset
 from segtrain.errors import ConfigError
 from segtrain.losses import (
     CrossEntropy,

@@ -231,7 +231,7 @@ def test_full_disk_is_caught_before_training(monkeypatch, tmp_path):
     import shutil
 
     from segtrain.errors import OutputError
-    from segtrain.trainer import check_writable
+    from segtrain.rundir import check_writable
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(OutputError, match="MiB free"):
@@ -380,7 +380,7 @@ def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
 def test_first_signal_is_noted_second_aborts(name):
     code = f"""
 import os, signal, sys, time
-from segtrain.trainer import StopSignals
+from segtrain.runtime import StopSignals
 with StopSignals() as s:
     os.kill(os.getpid(), signal.{name})
     time.sleep(0.2)

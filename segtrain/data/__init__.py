@@ -7,9 +7,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from segtrain.config import as_hw
 from segtrain.data.base import EpochSampler, SegDataset
 from segtrain.errors import ConfigError, DataError
+from segtrain.utils import as_hw
 
 __all__ = ["build_datasets", "build_loader", "SegDataset", "EpochSampler"]
 
@@ -52,7 +52,7 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     on_disk = cfg.name != "synthetic"
-    if on_disk and cfg.get("train_pipeline") is None and cfg.crop_size is None and cfg.batch_size > 1:
+    if on_disk and cfg.train_pipeline is None and cfg.crop_size is None and cfg.batch_size > 1:
         raise ConfigError(
             "data.crop_size is null but on-disk images differ in size: set data.crop_size=512 (or data.batch_size=1)"
         )
@@ -60,17 +60,19 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
     if cfg.class_names is not None:
         train.class_names = val.class_names = list(cfg.class_names)
     if on_disk:
-        from segtrain.data.checks import DiskDataset, check_labels, palette_array
+        from segtrain.data.checks import check_labels
+        from segtrain.data.disk import DiskDataset
+        from segtrain.data.palette import palette_array
 
-        for ds, split in ((train, cfg.get("train_split", "train")), (val, cfg.get("val_split", "val"))):
+        for ds, split in ((train, cfg.train_split), (val, cfg.val_split)):
             if len(ds) == 0:
                 raise DataError(f"data={cfg.name} split {split!r} under data.root={cfg.root} holds no samples")
-        if cfg.get("palette") is not None:
+        if cfg.palette is not None:
             pal = palette_array(cfg.palette, "data.palette")
             if len(pal) != cfg.num_classes:
                 raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
             train.palette = val.palette = pal
-        if cfg.get("check_labels", True) and isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
+        if cfg.check_labels and isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
             check_labels([train, val], cfg.num_classes, cfg.ignore_index)
     return train, val
 

@@ -10,9 +10,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, list_images, require_files, resolve_root
+from segtrain.data.disk import DiskDataset, label_map_lut, list_images, require_files, resolve_root
+from segtrain.data.palette import default_palette
 from segtrain.errors import DataError
-from segtrain.logger import default_palette
 
 # the 150 SceneParsing classes in id order (1..150 in the files, 0..149 after reduce-zero-label)
 CLASS_NAMES = [

@@ -1,10 +1,4 @@
-"""On-disk data sets: reading files, and the label check run before training.
-
-:class:`DiskDataset` holds parallel lists of image and mask paths.  Masks are
-read with PIL (palette PNGs give their indices), mapped by a per-data-set
-lookup table (Cityscapes labelId -> trainId, ADE20K reduce-zero-label) and then
-by ``data.label_map``; folder data sets may also map RGB colour masks through
-their palette.
+"""The label check run before training.
 
 :func:`check_labels` reads every image and mask once, in a thread pool, and
 raises a one-line :class:`DataError` for a value outside ``[0, num_classes)``
@@ -22,202 +16,13 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
 
-from segtrain.data.base import SegDataset
-from segtrain.errors import ConfigError, DataError
+from segtrain.data.disk import DiskDataset, open_pil, size_message
+from segtrain.errors import DataError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-
-
-# ---------------------------------------------------------------------------
-# Config helpers shared by the builders.
-
-
-def resolve_root(cfg: DictConfig, layout: str) -> Path:
-    """``data.root`` as an existing folder, or a one-line DataError naming the expected layout."""
-    if cfg.root is None or str(cfg.root).strip() == "":
-        raise DataError(f"data={cfg.name} needs data.root: set data.root=/path/to/data (expected layout: {layout})")
-    root = Path(os.path.expandvars(str(cfg.root))).expanduser()
-    if not root.exists():
-        raise DataError(f"data.root={root} does not exist (expected layout: {layout})")
-    if not root.is_dir():
-        raise DataError(f"data.root={root} is not a folder (expected layout: {layout})")
-    return root
-
-
-def label_map_lut(label_map: Any, base: np.ndarray | None = None) -> np.ndarray | None:
-    """``data.label_map`` ({raw: new}) as a 256-entry uint8 lookup table (None when unset and no ``base``).
-
-    ``base`` is a layout's own table (Cityscapes labelId -> trainId, ADE20K reduce-zero); the user's map
-    then applies to its output."""
-    if label_map is None:
-        return base
-    if base is not None:
-        return label_map_lut(label_map)[base]
-    if isinstance(label_map, DictConfig):
-        label_map = OmegaConf.to_container(label_map)
-    if not isinstance(label_map, dict):
-        raise ConfigError(f"data.label_map must be a dict like {{255: 1}}, got {label_map!r}")
-    lut = np.arange(256, dtype=np.uint8)
-    for k, v in label_map.items():
-        try:
-            k, v = int(k), int(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"data.label_map needs integer keys and values in [0, 255], got {k!r}: {v!r}") from None
-        if not (0 <= k < 256 and 0 <= v < 256):
-            raise ConfigError(f"data.label_map needs integer keys and values in [0, 255], got {k}: {v}")
-        lut[k] = v
-    return lut
-
-
-def palette_array(value: Any, key: str) -> np.ndarray | None:
-    """A K x 3 uint8 palette from a list of [r, g, b], or None."""
-    if value is None:
-        return None
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value)
-    try:
-        pal = np.asarray(value, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a list of [r, g, b] colours, got {value!r}") from None
-    if pal.ndim != 2 or pal.shape[1] != 3 or pal.min(initial=0) < 0 or pal.max(initial=0) > 255:
-        raise ConfigError(f"{key} must be a list of [r, g, b] colours with values in [0, 255]")
-    return pal.astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------
-# Reading files.
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An HxWx3 uint8 RGB image (grayscale files become 3-channel), or a DataError naming the file."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        what = "is missing" if not Path(path).exists() else "cannot be read as an image (corrupt or unsupported format)"
-        raise DataError(f"image {path} {what}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def open_pil(path: Path, kind: str) -> Image.Image:
-    """Open and fully decode ``path`` with PIL (truncated files fail here)."""
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except FileNotFoundError:
-        raise DataError(f"{kind} {path} is missing") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{kind} {path} cannot be read as an image (corrupt or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = " ".join(str(e).split())
-        raise DataError(f"{kind} {path} is unreadable or truncated ({msg}); re-copy or remove it") from None
-
-
-def _map_colours(rgb: np.ndarray, palette: np.ndarray, path: Path, ignore_color: Any, ignore_index: int) -> np.ndarray:
-    codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2].astype(np.int32)
-    table = {int(r) << 16 | int(g) << 8 | int(b): i for i, (r, g, b) in enumerate(palette)}
-    if ignore_color is not None:
-        r, g, b = (int(v) for v in ignore_color)
-        table[r << 16 | g << 8 | b] = ignore_index
-    uniq, inv = np.unique(codes, return_inverse=True)
-    out = np.empty(len(uniq), np.uint8)
-    for j, c in enumerate(uniq.tolist()):
-        if c not in table:
-            colour = (c >> 16 & 255, c >> 8 & 255, c & 255)
-            raise DataError(
-                f"mask {path} has colour {colour} that is not in the palette; add it to the palette in root/classes.yaml "
-                f"(or data.palette), or set ignore_color in root/classes.yaml"
-            )
-        out[j] = table[c]
-    return out[inv.reshape(codes.shape)]
-
-
-class DiskDataset(SegDataset):
-    """Images and masks as files.  ``lut``: a 256-entry uint8 table applied to the mask's values."""
-
-    kind = "disk"  # the data set's mapping, part of the label-check cache key
-
-    def __init__(
-        self,
-        images: list[Path],
-        masks: list[Path],
-        class_names: list[str],
-        palette: np.ndarray,
-        transform: Any = None,
-        seed: int = 0,
-        lut: np.ndarray | None = None,
-        colour_palette: np.ndarray | None = None,
-        ignore_color: Any = None,
-        ignore_index: int = 255,
-    ):
-        super().__init__(transform, seed)
-        assert len(images) == len(masks)
-        self.images, self.masks = list(images), list(masks)
-        self.class_names, self.palette = list(class_names), palette
-        self.lut = lut
-        self.colour_palette, self.ignore_color, self.ignore_index = colour_palette, ignore_color, ignore_index
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def describe(self, index: int) -> str:
-        return str(self.images[index])
-
-    def read_mask(self, index: int, im: Image.Image | None = None) -> np.ndarray:
-        """The HxW uint8 mask of sample ``index`` after the data set's mapping and ``data.label_map``."""
-        path = self.masks[index]
-        im = im if im is not None else open_pil(path, "mask")
-        if im.mode in ("LA", "PA"):  # an alpha channel on an index mask: keep the indices
-            im = im.getchannel(0)
-        if im.mode in ("RGB", "RGBA"):
-            arr = np.asarray(im.convert("RGB"))
-            if self.colour_palette is not None:
-                mask = _map_colours(arr, self.colour_palette, path, self.ignore_color, self.ignore_index)
-            elif (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
-                mask = np.ascontiguousarray(arr[..., 0])
-            else:
-                raise DataError(
-                    f"mask {path} is an RGB colour image: use class-index masks (palette or grayscale PNG), or "
-                    f"(data=folder) list the class colours as palette: [[r, g, b], ...] in root/classes.yaml"
-                )
-        else:
-            arr = np.array(im)  # a writable copy
-            if arr.ndim != 2:
-                raise DataError(f"mask {path} has shape {arr.shape}; expected a single-channel class-index image")
-            if arr.dtype != np.uint8:
-                if arr.size and (arr.min() < 0 or arr.max() > 255):
-                    raise DataError(f"mask {path} has values up to {int(arr.max())}; class indices must be in [0, 255]")
-                arr = arr.astype(np.uint8)
-            mask = arr
-        if self.lut is not None:
-            mask = self.lut[mask]
-        return mask
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(self.images[index])
-        mask = self.read_mask(index)
-        if image.shape[:2] != mask.shape[:2]:
-            raise DataError(_size_msg(self.images[index], image.shape[:2], self.masks[index], mask.shape[:2]))
-        return image, mask
-
-    def cache_key(self) -> str:
-        pal = None if self.colour_palette is None else self.colour_palette.tolist()
-        return json.dumps([self.kind, None if self.lut is None else self.lut.tolist(), pal, self.ignore_color])
-
-
-def _size_msg(img_path: Path, img_hw: tuple, mask_path: Path, mask_hw: tuple) -> str:
-    return (
-        f"image {img_path} is {img_hw[1]}x{img_hw[0]} but its mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH); "
-        f"image and mask must have the same size"
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -250,7 +55,7 @@ def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None]:
         mask = ds.read_mask(i)
         w, h = img.size
         if mask.shape != (h, w):
-            return None, _size_msg(ds.images[i], (h, w), ds.masks[i], mask.shape)
+            return None, size_message(ds.images[i], (h, w), ds.masks[i], mask.shape)
         return np.bincount(mask.ravel(), minlength=256) > 0, None
     except DataError as e:
         return None, str(e)
@@ -313,39 +118,3 @@ def check_labels(datasets: list[DiskDataset], num_classes: int, ignore_index: in
     except OSError as e:  # a read-only home is no reason to stop
         log.warning("label check: cannot write cache %s: %s", cache, e)
     log.info("label check: %d samples ok (values %s)", len(jobs), values)
-
-
-# ---------------------------------------------------------------------------
-# Listing files.
-
-
-def require_files(paths: list[Path], what: str, layout: str) -> None:
-    """A one-line DataError naming how many of ``paths`` are missing and the first one."""
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} {what} missing, e.g. {missing[0]} (expected layout: {layout})")
-
-
-def list_images(folder: Path) -> dict[str, Path]:
-    """{stem: path} of the image files in ``folder`` (any letter case of the known extensions)."""
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            if p.stem in out:
-                raise DataError(
-                    f"{folder} holds two files with the stem {p.stem!r} ({out[p.stem].name}, {p.name}); keep one"
-                )
-            out[p.stem] = p
-    return out
-
-
-def read_list(path: Path, layout: str) -> list[str]:
-    """Non-empty lines of a split list, or a DataError naming the file and the layout."""
-    if not path.is_file():
-        raise DataError(f"split file {path} is missing (expected layout: {layout})")
-    names = [
-        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not names:
-        raise DataError(f"split file {path} is empty (expected one image name per line)")
-    return names

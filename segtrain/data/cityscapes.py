@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, require_files, resolve_root
+from segtrain.data.disk import DiskDataset, label_map_lut, require_files, resolve_root
 from segtrain.errors import DataError
 
 CLASS_NAMES = [

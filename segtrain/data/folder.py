@@ -26,9 +26,9 @@ import yaml
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, list_images, palette_array, read_list, resolve_root
+from segtrain.data.disk import DiskDataset, label_map_lut, list_images, read_list, resolve_root
+from segtrain.data.palette import default_palette, palette_array
 from segtrain.errors import DataError
-from segtrain.logger import default_palette
 
 LAYOUT = (
     "ROOT/images/* + ROOT/masks/* with matching names [+ ROOT/{train,val}.txt], or ROOT/{train,val}/{images,masks}/*"

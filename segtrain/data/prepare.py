@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
 import sys
 import tarfile
 import urllib.error
@@ -31,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from segtrain.errors import DataError, SegtrainError
-from segtrain.utils import call_with_timeout
+from segtrain.utils import download
 
 PROG = "segtrain-data"
 TIMEOUT_S = 10.0
@@ -51,54 +50,6 @@ MARKER_DIR = ".segtrain-data"
 
 
 # ----------------------------------------------------------------------------------------------------- download
-
-
-def _resolve_host(host: str, port: int, timeout: float) -> None:
-    """Resolve ``host`` in a daemon thread so that a stuck resolver cannot hang the command."""
-    try:
-        call_with_timeout(lambda: socket.getaddrinfo(host, port), timeout)
-    except TimeoutError:
-        raise OSError(f"resolving {host} timed out after {timeout:.0f} s") from None
-    except Exception as e:
-        raise OSError(f"cannot resolve {host}: {e}") from None
-
-
-def download(url: str, dest: Path, timeout: float = TIMEOUT_S) -> Path:
-    """Fetch ``url`` into ``dest`` (via ``dest.part``); every socket operation times out after ``timeout`` s."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise OSError(f"not an http(s) URL: {url}")
-    if not (
-        os.environ.get("http_proxy")
-        or os.environ.get("HTTP_PROXY")
-        or os.environ.get("https_proxy")
-        or os.environ.get("HTTPS_PROXY")
-    ):
-        _resolve_host(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), timeout)
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    req = urllib.request.Request(url, headers={"User-Agent": "segtrain-data"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as f:
-        total = int(resp.headers.get("Content-Length") or 0)
-        done = 0
-        last = -1
-        while True:
-            chunk = resp.read(1 << 20)
-            if not chunk:
-                break
-            f.write(chunk)
-            done += len(chunk)
-            if total and sys.stdout.isatty():
-                pct = 100 * done // total
-                if pct != last:
-                    print(f"\r{dest.name}: {pct}% of {total / 2**20:.0f} MiB", end="", file=sys.stdout, flush=True)
-                    last = pct
-        if total and sys.stdout.isatty():
-            print(file=sys.stdout)
-    if total and done != total:
-        raise OSError(f"download of {url} stopped after {done} of {total} bytes")
-    part.replace(dest)
-    return dest
 
 
 def md5sum(path: Path) -> str:
@@ -123,7 +74,7 @@ def fetch_archive(
         if not path.is_file():
             print(f"{PROG}: downloading {url} -> {path}", file=sys.stdout)
             try:
-                download(url, path)
+                download(url, path, TIMEOUT_S)
             except (OSError, urllib.error.URLError, ValueError) as e:
                 reason = getattr(e, "reason", None) or e
                 raise DataError(

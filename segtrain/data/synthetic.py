@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from segtrain.data.base import SegDataset
-from segtrain.logger import default_palette
+from segtrain.data.palette import default_palette
 
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "star", "ellipse"]
 CLASS_NAMES = ["background", *SHAPES]

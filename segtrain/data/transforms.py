@@ -1,7 +1,7 @@
 """Albumentations pipelines.
 
 Pipelines produce uint8 images; normalisation by ``data.mean``/``data.std``
-happens on the device in the trainer (see ``segtrain.trainer.Normalize``).
+happens on the device (``segtrain.runtime.BatchToDevice``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 
-from segtrain.config import as_hw
 from segtrain.errors import ConfigError
+from segtrain.utils import as_hw, as_size
 
 
 def synthetic_train(cfg: DictConfig) -> A.Compose:
@@ -120,17 +120,6 @@ class CatMaxRatioCrop(A.DualTransform):
         return ("height", "width", "cat_max_ratio", "ignore_index")
 
 
-def _size_or_none(value: Any, key: str) -> Any:
-    """None, an int, or an (h, w) tuple for ``data.base_size`` / ``data.val_size``."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-        return value
-    return as_hw(value, key)
-
-
 def custom_pipeline(spec: Any, key: str) -> A.Compose:
     """``data.train_pipeline``: a list of ``{_target_: albumentations.X, ...}`` dicts -> ``A.Compose``."""
     from hydra.utils import instantiate
@@ -161,20 +150,18 @@ def custom_pipeline(spec: Any, key: str) -> A.Compose:
 def standard_train(cfg: DictConfig) -> A.Compose:
     """Rescale (base_size x scale_range), cat_max_ratio crop, pad (image 0, mask ignore_index),
     horizontal flip, photometric distortion; or ``data.train_pipeline`` when given."""
-    if cfg.get("train_pipeline") is not None:
+    if cfg.train_pipeline is not None:
         return custom_pipeline(cfg.train_pipeline, "data.train_pipeline")
     ops: list = []
-    base = _size_or_none(cfg.get("base_size"), "data.base_size")
-    lo, hi = (float(v) for v in cfg.get("scale_range", [1.0, 1.0]))
-    if not 0 < lo <= hi:
-        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+    base = as_size(cfg.base_size, "data.base_size")
+    lo, hi = (float(v) for v in cfg.scale_range)
     if not cfg.augment:
         lo = hi = 1.0
     if base is not None or (lo, hi) != (1.0, 1.0):  # no base_size: jitter around the image's own size
         ops.append(RescaleKeepRatio(base, (lo, hi)))
     if cfg.crop_size is not None:
         h, w = as_hw(cfg.crop_size, "data.crop_size")
-        ratio = float(cfg.get("cat_max_ratio", 1.0)) if cfg.augment else 1.0
+        ratio = float(cfg.cat_max_ratio) if cfg.augment else 1.0
         ops.append(CatMaxRatioCrop(h, w, ratio, cfg.ignore_index))
         ops.append(
             A.PadIfNeeded(
@@ -183,7 +170,7 @@ def standard_train(cfg: DictConfig) -> A.Compose:
         )
     if cfg.augment:
         ops.append(A.HorizontalFlip(p=0.5))
-        if cfg.get("photometric", True):
+        if cfg.photometric:
             ops.append(A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5))
     return A.Compose(ops)
 
@@ -193,5 +180,5 @@ def standard_val(cfg: DictConfig) -> A.Compose | None:
 
     The mask keeps its original size: the evaluation resizes the predicted scores back to it, so metrics
     are computed on the original annotation (as mmsegmentation does), whatever the test scale."""
-    size = _size_or_none(cfg.get("val_size"), "data.val_size")
+    size = as_size(cfg.val_size, "data.val_size")
     return None if size is None else A.Compose([RescaleKeepRatio(size, resize_mask=False)])

@@ -16,9 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain.data import transforms
-from segtrain.data.checks import DiskDataset, label_map_lut, read_list, require_files, resolve_root
+from segtrain.data.disk import DiskDataset, label_map_lut, read_list, require_files, resolve_root
+from segtrain.data.palette import default_palette
 from segtrain.errors import DataError
-from segtrain.logger import default_palette
 
 CLASS_NAMES = [
     "background",

@@ -70,15 +70,19 @@ def _unet(cfg: DictConfig, num_classes: int) -> nn.Module:
 
 
 def _fcn(cfg: DictConfig, num_classes: int) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
+    from segtrain.models.backbones import VGGS, backbone_from_config, imagenet_weights, load_pretrained
     from segtrain.models.fcn import FCN, VARIANTS
 
     variant = _variant(cfg, "fcn", tuple(VARIANTS), "8s")
-    return FCN(backbone_from_config(cfg, 32), num_classes, variant, cfg.dropout, cfg.aux)
+    vgg_state = None  # VGG: FCN also turns the pretrained fc6/fc7 into convolutions
+    if cfg.pretrained and cfg.backbone in VGGS:
+        vgg_state = load_pretrained(imagenet_weights(cfg.backbone))
+    backbone = backbone_from_config(cfg, 32, state=vgg_state)
+    return FCN(backbone, num_classes, variant, cfg.dropout, cfg.aux, vgg_fc=vgg_state)
 
 
 def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
-    from segtrain.models.backbones import VGGS, load_pretrained
+    from segtrain.models.backbones import imagenet_weights, load_pretrained
     from segtrain.models.deconvnet import VARIANTS, DeconvNet
 
     variant = _variant(cfg, "deconvnet", VARIANTS, "deconvnet")
@@ -97,7 +101,7 @@ def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
         )
     model = DeconvNet(num_classes, cfg.base_channels, variant, cfg.norm)
     if cfg.pretrained:
-        model.load_vgg16(load_pretrained(VGGS["vgg16_bn" if cfg.norm == "bn" else "vgg16"][1]))
+        model.load_vgg16(load_pretrained(imagenet_weights("vgg16_bn" if cfg.norm == "bn" else "vgg16")))
     return model
 
 

@@ -27,11 +27,8 @@ it, so an offline machine never hangs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import tempfile
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from segtrain.errors import ConfigError
-from segtrain.utils import call_with_timeout
+from segtrain.utils import download
 
 # Seconds to wait for the weights server (connection, then each read) before giving up.
 DOWNLOAD_TIMEOUT = float(os.environ.get("SEGTRAIN_DOWNLOAD_TIMEOUT", "10"))
@@ -73,8 +70,6 @@ class Backbone(nn.Module):
         self.channels = list(channels)
         self.output_stride = output_stride
         self.strides = [min(2**i, output_stride) for i in range(1, 6)]
-        # VGG only: the pretrained fc6/fc7 weights, for FCN to turn into convolutions (None otherwise).
-        self.fc_state: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
@@ -103,13 +98,13 @@ def _dilate_basic_blocks(layer: nn.Sequential, previous: int, dilation: int) -> 
             block.downsample[0].stride = (1, 1)
 
 
-def resnet(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
-    make, weights = RESNETS[name]
+def resnet(name: str, output_stride: int = 32, state: dict | None = None) -> Backbone:
+    make, _ = RESNETS[name]
     dilate = [output_stride <= 4, output_stride <= 8, output_stride <= 16]  # layer2, layer3, layer4
     bottleneck = name in ("resnet50", "resnet101")
     net = make(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)
-    if pretrained:
-        net.load_state_dict(load_pretrained(weights))
+    if state is not None:
+        net.load_state_dict(state)
     if not bottleneck:
         dilation = 1
         for layer, dil in zip((net.layer2, net.layer3, net.layer4), dilate):
@@ -131,14 +126,17 @@ def resnet(name: str, output_stride: int = 32, pretrained: bool = False) -> Back
 # VGG
 
 
-def vgg(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
-    """VGG16's 13 convs; stage i ends with pool i.  torchvision's layout, so its weights load as they are."""
+def vgg(name: str, output_stride: int = 32, state: dict | None = None) -> Backbone:
+    """VGG16's 13 convs; stage i ends with pool i.  torchvision's layout, so its weights load as they are.
+
+    ``state``: torchvision's VGG state dict; its ``features.*`` fill the convs (FCN turns its classifier into
+    convolutions itself, see ``fcn.VGGFullyConv.load_fc``)."""
     if output_stride != 32:
         raise ConfigError(
             f"model.backbone={name} cannot run at model.output_stride={output_stride}: VGG has no dilated variant "
             "here; set model.output_stride=32 or use a resnet or mobilenet_v3_large backbone"
         )
-    batch_norm, weights = VGGS[name]
+    batch_norm, _ = VGGS[name]
     layers: list[nn.Module] = []
     stages: list[nn.Module] = []
     cin = 3
@@ -151,19 +149,14 @@ def vgg(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbon
             cin = w
         layers.append(nn.MaxPool2d(2, 2))
     features = nn.Sequential(*layers)
-    backbone_fc = None
-    if pretrained:
-        state = load_pretrained(weights)
+    if state is not None:
         features.load_state_dict({k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")})
-        backbone_fc = {k: v for k, v in state.items() if k.startswith(("classifier.0.", "classifier.3."))}
     pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
     starts = [0] + [p + 1 for p in pools[:-1]]
     # Slices of one Sequential keep torchvision's numbering inside each stage.
     for start, pool in zip(starts, pools):
         stages.append(features[start : pool + 1])
-    backbone = Backbone(name, stages, [64, 128, 256, 512, 512], 32)
-    backbone.fc_state = backbone_fc
-    return backbone
+    return Backbone(name, stages, [64, 128, 256, 512, 512], 32)
 
 
 # ---------------------------------------------------------------------------
@@ -180,11 +173,11 @@ def _dilate_inverted_residuals(blocks: nn.Sequential, dilation: int) -> None:
                 conv.padding = ((k - 1) // 2 * dilation,) * 2
 
 
-def mobilenet(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
-    make, weights = MOBILENETS[name]
+def mobilenet(name: str, output_stride: int = 32, state: dict | None = None) -> Backbone:
+    make, _ = MOBILENETS[name]
     net = make(weights=None)
-    if pretrained:
-        net.load_state_dict(load_pretrained(weights))
+    if state is not None:
+        net.load_state_dict(state)
     f = net.features
     # The blocks with stride 2 (torchvision's ``_is_cn``) start the stages: 2, 4, 7, 13 for the large model.
     starts = [0, *(i for i, m in enumerate(f) if getattr(m, "_is_cn", False))]
@@ -244,25 +237,31 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False) 
 # ---------------------------------------------------------------------------
 
 
-def build_backbone(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
-    """``name`` at ``output_stride`` (8, 16 or 32), ImageNet weights when ``pretrained``."""
-    if output_stride not in (8, 16, 32):
-        raise ConfigError(f"model.output_stride must be 8, 16 or 32, got {output_stride}")
-    if name.startswith("timm:"):
-        return timm_backbone(name, output_stride, pretrained)
-    if name in RESNETS:
-        return resnet(name, output_stride, pretrained)
-    if name in VGGS:
-        return vgg(name, output_stride, pretrained)
-    if name in MOBILENETS:
-        return mobilenet(name, output_stride, pretrained)
+def imagenet_weights(name: str) -> Any:
+    """The torchvision ``Weights`` entry of backbone ``name`` (not timm)."""
+    for table in (RESNETS, VGGS, MOBILENETS):
+        if name in table:
+            return table[name][1]
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
 
 
-def backbone_from_config(cfg: DictConfig, default_output_stride: int) -> Backbone:
+def build_backbone(name: str, output_stride: int = 32, pretrained: bool = False, state: dict | None = None) -> Backbone:
+    """``name`` at ``output_stride`` (8, 16 or 32, checked by the config); ImageNet weights when
+    ``pretrained`` (or the given torchvision ``state``)."""
+    if name.startswith("timm:"):
+        return timm_backbone(name, output_stride, pretrained)
+    if state is None and pretrained:
+        state = load_pretrained(imagenet_weights(name))
+    for table, make in ((RESNETS, resnet), (VGGS, vgg), (MOBILENETS, mobilenet)):
+        if name in table:
+            return make(name, output_stride, state)
+    raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
+
+
+def backbone_from_config(cfg: DictConfig, default_output_stride: int, state: dict | None = None) -> Backbone:
     """The backbone that ``model.backbone`` / ``output_stride`` / ``pretrained`` ask for (resnet50 when unset)."""
     os_ = cfg.output_stride if cfg.output_stride is not None else default_output_stride
-    return build_backbone(cfg.backbone or "resnet50", os_, cfg.pretrained)
+    return build_backbone(cfg.backbone or "resnet50", os_, cfg.pretrained, state)
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +279,8 @@ def load_pretrained(weights: Any) -> dict[str, torch.Tensor]:
     path = cache_path(url)
     if not path.is_file():
         try:
-            _download(url, path, DOWNLOAD_TIMEOUT)
+            prefix = re.search(r"-([a-f0-9]{6,})\.", path.name)
+            download(url, path, DOWNLOAD_TIMEOUT, prefix.group(1) if prefix else None)
         except Exception as e:
             reason = " ".join(str(e).split()) or type(e).__name__
             raise ConfigError(
@@ -294,27 +294,3 @@ def load_pretrained(weights: Any) -> dict[str, torch.Tensor]:
         raise ConfigError(
             f"cannot read pretrained weights {path} ({reason}); delete the file to download it again"
         ) from None
-
-
-def _download(url: str, path: Path, timeout: float) -> None:
-    """Download ``url`` to ``path``; check the sha256 prefix in its name, as torch.hub does.
-
-    ``urlopen``'s timeout does not cover name resolution, so the connection is
-    opened in a daemon thread that is abandoned after ``timeout`` seconds.
-    """
-    response = call_with_timeout(lambda: urllib.request.urlopen(url, timeout=timeout), timeout)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out, response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        prefix = re.search(r"-([a-f0-9]{6,})\.", path.name)
-        if prefix and not digest.hexdigest().startswith(prefix.group(1)):
-            raise ValueError(f"the downloaded file's sha256 does not start with {prefix.group(1)}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -99,6 +99,14 @@ def with_aux(out: torch.Tensor, aux_head: nn.Module | None, feature: torch.Tenso
     return {"out": out, "aux": resize_to(aux_head(feature), size)}
 
 
+def crop_to(out: torch.Tensor | dict[str, torch.Tensor], size: tuple[int, int]):
+    """The top-left ``size`` of a network output (a tensor or ``{"out", "aux"}``): undoes bottom/right padding."""
+    h, w = size
+    if isinstance(out, dict):
+        return {k: v[..., :h, :w] for k, v in out.items()}
+    return out[..., :h, :w]
+
+
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of logits/features to ``size`` (no-op when equal)."""
     if tuple(x.shape[-2:]) == tuple(size):

@@ -54,8 +54,6 @@ class DeconvBNReLU(nn.Sequential):
 class DeconvNet(nn.Module):
     def __init__(self, num_classes: int, base_channels: int = 64, variant: str = "deconvnet", norm: str = "bn"):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown deconvnet model.variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
         b = base_channels
         widths = [b, 2 * b, 4 * b, 8 * b, 8 * b]
 

@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones import Backbone
-from segtrain.models.blocks import BilinearConvTranspose2d, FCNHead, FixedBilinearUpsample, pad_to_multiple, resize_to
+from segtrain.models.blocks import (
+    BilinearConvTranspose2d,
+    FCNHead,
+    FixedBilinearUpsample,
+    crop_to,
+    pad_to_multiple,
+    with_aux,
+)
 
 VARIANTS = {"32s": 0, "16s": 1, "8s": 2}  # number of skip connections
 
@@ -86,7 +93,9 @@ class FCN(nn.Module):
         variant: str = "8s",
         dropout: float = 0.1,
         aux: bool = False,
+        vgg_fc: dict[str, torch.Tensor] | None = None,
     ):
+        """``vgg_fc``: torchvision's pretrained VGG16 state dict, whose fc6/fc7 initialise the VGG head."""
         super().__init__()
         self.backbone = backbone
         self.skips = VARIANTS[variant]
@@ -94,9 +103,8 @@ class FCN(nn.Module):
         s3, s4, s5 = backbone.strides[2:]
         if backbone.name.startswith("vgg"):
             self.head = VGGFullyConv(c5, num_classes, dropout)
-            if backbone.fc_state is not None:  # pretrained
-                self.head.load_fc(backbone.fc_state)
-                backbone.fc_state = None
+            if vgg_fc is not None:
+                self.head.load_fc(vgg_fc)
         else:
             self.head = FCNHead(c5, num_classes, dropout)
         stride = s5
@@ -120,8 +128,5 @@ class FCN(nn.Module):
             score = self.up_pool4(score) + self.score_pool4(c[3])
         if self.skips >= 2:
             score = self.up_pool3(score) + self.score_pool3(c[2])
-        out = self.upsample(score)[..., :h, :w]
-        if self.aux_head is not None and self.training:
-            aux = resize_to(self.aux_head(c[3]), padded.shape[-2:])
-            return {"out": out, "aux": aux[..., :h, :w]}
-        return out
+        out = with_aux(self.upsample(score), self.aux_head, c[3], padded.shape[-2:], self.training)
+        return crop_to(out, (h, w))

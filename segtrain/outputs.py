@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from segtrain.utils import atomic_write
+
+
+def bars_wanted(enabled: bool) -> bool:
+    """Progress bars only on a terminal that can redraw them (not a pipe or file, TERM=dumb or NO_COLOR);
+    otherwise the trainer logs a plain line every ``trainer.log_interval`` steps."""
+    dumb = os.environ.get("TERM") == "dumb" or "NO_COLOR" in os.environ
+    return enabled and not dumb and sys.stderr.isatty()
 
 
 def format_table(metrics: dict, class_names: list[str]) -> str:
@@ -30,7 +40,7 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (NaN becomes null)."""
+    """Write JSON atomically (NaN and inf become null)."""
 
     def clean(x):
         if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
@@ -41,10 +51,7 @@ def write_json(path: str | Path, obj: Any) -> None:
             return [clean(v) for v in x]
         return x
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(clean(obj), indent=2) + "\n")
 
 
 def overlay(
@@ -58,6 +65,14 @@ def overlay(
     colours[ignore.unsqueeze(1).expand_as(colours)] = 255.0
     out = images.float() * (1 - alpha) + colours * alpha
     return out.clamp(0, 255).to(torch.uint8)
+
+
+def prediction_grid(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, palette, ignore_index: int):
+    """A CHW uint8 grid with one row per image: the input, the ground truth and the prediction as overlays."""
+    from torchvision.utils import make_grid
+
+    rows = [images, overlay(images, masks, palette, ignore_index), overlay(images, pred, palette, ignore_index)]
+    return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, padding=2, pad_value=255)
 
 
 def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], path: str | Path) -> None:
@@ -108,18 +123,23 @@ def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], 
         raise OSError(f"cannot write {path}")
 
 
-def default_palette(num_classes: int) -> np.ndarray:
-    """The PASCAL VOC bit-interleaved colour map."""
-    pal = np.zeros((num_classes, 3), np.uint8)
-    for i in range(num_classes):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
+def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
+    """The settings that identify a run in TensorBoard's HPARAMS tab (and other loggers)."""
+    c = cfg
+    return {
+        "model": c.model.name,
+        "backbone": str(c.model.backbone),
+        "data": c.data.name,
+        "optimizer": c.optimizer.name,
+        "lr": c.optimizer.lr,
+        "weight_decay": c.optimizer.weight_decay,
+        "scheduler": c.scheduler.name,
+        "batch_size": c.data.batch_size,
+        "crop_size": str(c.data.crop_size),
+        "max_iters": max_iters,
+        "precision": precision,
+        "seed": c.seed,
+    }
 
 
 class TensorBoard:

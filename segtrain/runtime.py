@@ -1,0 +1,237 @@
+"""Where and how the numbers are computed: device, precision, autocast, batches on the device, seeds,
+and the stop signals.  Shared by training, ``segtrain-eval`` and prediction."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from segtrain.errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger("segtrain")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        fn = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(fn and fn())
+
+
+def _value(x) -> str:
+    return str(x.value if hasattr(x, "value") else x)
+
+
+def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
+    """(device, precision) from ``cfg.device``, with the auto rules applied."""
+    kind = _value(cfg.type)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available here; use device=auto or device=cpu")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(kind)
+    precision = _value(cfg.precision)
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("device.precision=bf16 but this GPU has no bf16 support; use device.precision=fp16")
+    return device, precision
+
+
+def configure_backends(device: torch.device, deterministic: bool, cudnn_benchmark: bool) -> None:
+    """Deterministic algorithms, or cuDNN autotuning and TF32 matmuls on CUDA."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (fp32: disabled)."""
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class BatchToDevice:
+    """uint8 images -> normalised float on the device (in ``memory_format``); masks -> int64."""
+
+    def __init__(self, device: torch.device, mean, std, memory_format=torch.contiguous_format):
+        self.device, self.memory_format = device, memory_format
+        mean = torch.tensor(list(mean), device=device).view(1, -1, 1, 1)
+        std = torch.tensor(list(std), device=device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float() * self.scale + self.shift
+        return x.contiguous(memory_format=self.memory_format)
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images(images), masks.to(self.device, non_blocking=True).long()
+
+
+PREEMPT_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+class StopSignals:
+    """Within the block, the first SIGINT/SIGTERM sets ``received`` (the loop stops after its step);
+    a second one aborts at once.  A no-op outside the main thread."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:  # the second signal: abort now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        sys.stderr.write(
+            f"\nsegtrain: {name}: stopping after this step and writing last.pt (send it again to abort at once)\n"
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in PREEMPT_SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+MAX_SKIPS_IN_ROW = 25  # fp16 steps skipped in a row before the run is stopped as diverged
+
+
+class DivergenceGuard:
+    """Stops a run whose loss is no longer finite.
+
+    Under fp16 the GradScaler skips a step whose gradients hold inf/NaN and lowers its scale: such steps
+    are counted (``skipped_steps``) and logged; a non-finite loss on a step that was not skipped, or
+    ``MAX_SKIPS_IN_ROW`` skips in a row, raise :class:`NonFiniteLossError` before any checkpoint is written.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler, precision: str):
+        self.scaler, self.precision = scaler, precision
+        self.skipped_steps, self.in_row = 0, 0
+
+    def scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def check(self, loss: float, scale_before: float | None, step: int) -> None:
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        if skipped:
+            self.skipped_steps += 1
+            self.in_row += 1
+            log.warning(
+                "step %d: fp16 gradients overflowed, the scaler skipped the step (%d so far, scale now %g)",
+                step, self.skipped_steps, self.scaler.get_scale(),
+            )  # fmt: skip
+        else:
+            self.in_row = 0
+        if (not math.isfinite(loss) and not skipped) or self.in_row >= MAX_SKIPS_IN_ROW:
+            what = (
+                f"loss is {loss} (non-finite)" if not skipped else f"{MAX_SKIPS_IN_ROW} fp16 steps in a row overflowed"
+            )
+            raise NonFiniteLossError(
+                f"{what} at step {step}: lower optimizer.lr, set trainer.grad_clip, or try another "
+                f"device.precision (now {self.precision}); checkpoints were not overwritten"
+            )
+
+
+class Throughput:
+    """Training speed over the steps after the first (which includes warm-up: allocator, cuDNN autotuning,
+    compilation).  ``wait``: seconds spent waiting for the loader; ``compute``: seconds in the training step."""
+
+    def __init__(self):
+        self.images, self.wait, self.compute = 0, 0.0, 0.0
+        self.warned = False
+
+    def warn_if_loader_bound(self, num_workers: int) -> None:
+        """Once per run: say so when more than 10% of the training time went to waiting for batches."""
+        wait = self.rates()["data_wait_fraction"]
+        if wait is not None and wait > 0.1 and not self.warned:
+            self.warned = True
+            log.warning(
+                "the data loader is the bottleneck: %.0f%% of the training time went to waiting for batches; "
+                "raise data.num_workers (now %d)",
+                100 * wait,
+                num_workers,
+            )
+
+    def add(self, images: int, wait: float, compute: float) -> None:
+        self.images += images
+        self.wait += wait
+        self.compute += compute
+
+    def rates(self) -> dict[str, float | None]:
+        """``train_images_per_sec`` (wall time, loader waits included), ``compute_images_per_sec`` (the
+        steps alone) and ``data_wait_fraction`` (the share of wall time spent waiting for data)."""
+        wall = self.wait + self.compute
+        return {
+            "train_images_per_sec": self.images / wall if wall > 0 else None,
+            "compute_images_per_sec": self.images / self.compute if self.compute > 0 else None,
+            "data_wait_fraction": self.wait / wall if wall > 0 else None,
+        }
+
+    def state_dict(self) -> dict:
+        return {"images": self.images, "wait": self.wait, "compute": self.compute}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images, self.wait, self.compute = state["images"], state["wait"], state["compute"]
+
+
+def oom_message(cfg: DictConfig, precision: str, where: str) -> str:
+    """Advice for a CUDA out-of-memory error ``where`` ("in validation" or "at step N")."""
+    d, t = cfg.data, cfg.trainer
+    if where == "in validation":
+        fix = "eval.mode=slide with a smaller eval.crop_size, or data.val_size"
+    else:
+        fix = (
+            f"data.batch_size={max(1, d.batch_size // 2)} trainer.accumulate={2 * t.accumulate} (same effective "
+            "batch), device.precision=fp16, or a smaller data.crop_size"
+        )
+    return (
+        f"out of GPU memory {where} (data.batch_size={d.batch_size}, crop {d.crop_size}, precision {precision}, "
+        f"model {cfg.model.name}): try {fix}"
+    )
