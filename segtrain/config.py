@@ -6,7 +6,10 @@ time and names the key.  :func:`validate` then checks the values that a type
 cannot express (``lr > 0``, ``num_classes >= 2`` ...).
 
 The schema is registered in Hydra's ConfigStore as ``segtrain_schema`` and is
-the first entry of ``configs/config.yaml``'s defaults list.
+the first entry of ``configs/config.yaml``'s defaults list.  Its defaults are the
+default run's values (``tests/test_config.py`` fails when a default option's YAML
+disagrees); other options (``optimizer/sgd.yaml``, ``data/voc.yaml`` ...) set only
+what they change.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class DataConfig:
     root: str | None = None  # on-disk data sets
     num_classes: int = 6
     class_names: list[str] | None = None
-    image_size: Any = 96  # synthetic: int or [h, w]
-    num_train: int = 800  # synthetic
+    image_size: Any = 64  # synthetic: int or [h, w]
+    num_train: int = 1600  # synthetic
     num_val: int = 160  # synthetic
     crop_size: Any = None  # int or [h, w]; None: no crop
     batch_size: int = 16
@@ -88,8 +91,8 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: str = MISSING  # sgd | adamw
-    lr: float = 0.01
-    weight_decay: float = 0.0
+    lr: float = 0.001
+    weight_decay: float = 0.0001
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
@@ -101,7 +104,7 @@ class OptimizerConfig:
 class SchedulerConfig:
     name: str = MISSING  # poly | cosine | constant
     power: float = 0.9  # poly
-    min_lr: float = 0.0
+    min_lr: float = 0.0001
     warmup_iters: int = 0
     warmup_ratio: float = 0.1  # warmup starts at lr * warmup_ratio
 
@@ -143,7 +146,7 @@ class EvalConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int | None = 10
+    max_epochs: int | None = 12
     max_iters: int | None = None  # wins over max_epochs when set
     val_interval: int | None = None  # iterations between validations; None: every epoch
     log_interval: int = 10  # iterations between TensorBoard scalars

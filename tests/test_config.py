@@ -39,6 +39,9 @@ def test_smoke_composes():
         ("model.output_stride=12", "model.output_stride"),
         ("scheduler.warmup_iters=-1", "scheduler.warmup_iters"),
         ("data.class_names=[a,b]", "data.class_names"),
+        ("loss.class_weights=[1.0,2.0]", "loss.class_weights has 2 values but data.num_classes=6"),
+        ("data.scale_range=[2.0,1.0]", "data.scale_range"),
+        ("data.base_size=0", "data.base_size"),
     ],
 )
 def test_validation_names_the_key(override, message):
@@ -70,3 +73,34 @@ def test_warmup_and_cosine():
     )
     assert lr_factor(cfg, 50, 100, 1.0) == pytest.approx(0.5)
     assert lr_factor(cfg, 100, 100, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def _differences(ours, schema, prefix=""):
+    """Keys whose value in the composed default config differs from the schema's default."""
+    out = []
+    for key in schema:
+        if OmegaConf.is_missing(schema, key):
+            continue
+        a, b = ours[key], schema[key]
+        if OmegaConf.is_dict(b):
+            out += _differences(a, b, f"{prefix}{key}.")
+            continue
+        a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
+        b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+        if a != b:
+            out.append(f"{prefix}{key}: yaml {a!r} != schema {b!r}")
+    return out
+
+
+def test_schema_defaults_equal_the_default_yaml():
+    """One source of defaults: the default run (config.yaml's default options) equals the schema's defaults."""
+    from segtrain.config import SegtrainConfig
+
+    assert _differences(composed(), OmegaConf.structured(SegtrainConfig)) == []
+
+
+def test_schema_default_check_can_fail():
+    from segtrain.config import SegtrainConfig
+
+    diffs = _differences(composed("trainer.max_epochs=3"), OmegaConf.structured(SegtrainConfig))
+    assert diffs == ["trainer.max_epochs: yaml 3 != schema 12"]
