@@ -1,32 +1,49 @@
 #!/usr/bin/env python
-"""Benchmarks, each reporting numbers measured in the same run (the machine may be shared and noisy).
+"""segtrain benchmarks.  Every ratio compares numbers measured in the same run, interleaved (A B A B ...),
+because the machine may be shared and noisy.
 
-python scripts/benchmark.py overhead [--iters 60]
-    segtrain's training loop vs a bare PyTorch loop (same model, data, precision, batch):
-    img/s of each and their ratio.  Both get warm-up iterations first.
+    python scripts/benchmark.py [--quick] [--out DIR] [SECTION ...] [--size S] [--batch B] [--iters N] [KEY=VALUE ...]
 
-python scripts/benchmark.py models [--iters 400] [--models unet,fcn,...] [--image-size 64]
-    each network trained with the same budget (iterations, batch, optimizer) on the built-in
-    data set through the real CLI; prints a markdown table of val mIoU, train img/s, params.
+Sections (all of them when none is named):
+    overhead  segtrain's Trainer against a bare PyTorch loop on the same model, precision and batch:
+              overhead_ratio   = Trainer compute img/s / bare-loop img/s (both with data in memory timing only
+                                 the step; 1.0 means no overhead),
+              end_to_end_ratio = Trainer img/s over wall time, waits for the real DataLoader included
+                                 (metrics.json's train_images_per_sec) / bare-loop img/s (data already in memory).
+    models    each network: train img/s (forward, backward, optimizer step), eval img/s (whole-image inference)
+              and peak memory (CUDA: max allocated; CPU: peak resident-set growth).
+    peers     the same architecture from torchvision / segmentation_models_pytorch (when installed), trained side by
+              side at the same size, with segtrain's alternative implementations of a layer where it has one.
+    compile   torch.compile: compile time of the first step and steady-state img/s against eager.
+
+KEY=VALUE arguments are segtrain overrides (e.g. device=cuda, device.precision=fp32, data.num_workers=8) and
+may come anywhere.  --quick: small sizes and few iterations (about 5 minutes on a 2-core CPU).  --out DIR writes
+benchmark.json and benchmark.md there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
-import subprocess
+import platform
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODELS = {
+SECTIONS = ("overhead", "models", "peers", "compile")
+NETWORKS = {  # name: model overrides
     "unet": ["model=unet"],
     "unet-r18": ["model=unet", "model.backbone=resnet18"],
-    "fcn8s-r18": ["model=fcn", "model.backbone=resnet18", "model.variant=8s"],
+    "fcn8s-r18": ["model=fcn", "model.backbone=resnet18"],
     "deconvnet": ["model=deconvnet"],
     "segnet": ["model=deconvnet", "model.variant=segnet"],
     "pspnet-r18": ["model=pspnet", "model.backbone=resnet18"],
@@ -34,123 +51,431 @@ MODELS = {
     "deeplabv3plus-r18": ["model=deeplabv3plus", "model.backbone=resnet18"],
     "deeplabv3plus-mnv3": ["model=deeplabv3plus", "model.backbone=mobilenet_v3_large"],
 }
+FULL_NETWORKS = {  # the paper-size networks, for a GPU
+    "unet-64": ["model=unet", "model.base_channels=64"],
+    "fcn8s-r50": ["model=fcn"],
+    "deconvnet-64": ["model=deconvnet", "model.base_channels=64"],
+    "pspnet-r50-d8": ["model=pspnet"],
+    "deeplabv3-r50-d8": ["model=deeplabv3", "model.output_stride=8"],
+    "deeplabv3plus-r50": ["model=deeplabv3plus"],
+}
 
 
-def segtrain_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "segtrain"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain"]
+# ---------------------------------------------------------------------------------------------------------------
+# set-up
 
 
-def bench_models(args) -> None:
-    names = args.models.split(",") if args.models else list(MODELS)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            run = Path(tmp) / name
-            cmd = (
-                segtrain_cmd()
-                + MODELS[name]
-                + [
-                    f"trainer.max_iters={args.iters}",
-                    f"trainer.val_interval={args.iters}",
-                    "trainer.progress=false",
-                    f"data.image_size={args.image_size}",
-                    f"hydra.run.dir={run}",
-                    *args.extra,
-                ]
-            )
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            m = json.loads((run / "metrics.json").read_text())
-            rows.append((name, m["best_miou"], m["train_images_per_sec"], m["num_params"], wall))
-            print(f"{name}: mIoU {m['best_miou']:.4f}, {m['train_images_per_sec']:.1f} img/s, {wall:.0f} s", flush=True)
-    print(f"\n{args.iters} iterations, batch 16, {args.image_size}px, defaults otherwise ({' '.join(args.extra)})\n")
-    print("| network | val mIoU | train img/s | parameters | wall s |")
-    print("|---|---|---|---|---|")
-    for name, miou, ips, params, wall in rows:
-        print(f"| {name} | {miou:.3f} | {ips:.1f} | {params:,} | {wall:.0f} |")
-
-
-def bench_overhead(args) -> None:
-    import torch
-    import torch.nn.functional as F
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from segtrain.cli import config_dir
     from segtrain.config import register_configs
-    from segtrain.runtime import autocast
-    from segtrain.trainer import Trainer
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"trainer.max_iters={args.iters}",
-                f"trainer.val_interval={10**9}",
-                "trainer.progress=false",
-                "trainer.num_vis=0",
-                "data.num_val=16",
-                "data.num_train=128",
-                *args.extra,
-            ],
-        )
+        return hydra_compose("config", overrides=overrides)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # segtrain: the real Trainer (its img/s excludes validation and the first step)
-        Trainer(cfg.copy(), Path(tmp) / "warm").fit() if args.warmup else None
-        trainer = Trainer(cfg, Path(tmp) / "run")
-        seg_ips = trainer.fit()["train_images_per_sec"]
 
-        # bare loop: the same model, data in memory, precision and batch; no loader, no logging
-        model, device = trainer.model, trainer.device
-        ds = trainer.train_set
-        bs = cfg.data.batch_size
-        xs = torch.stack([ds[(0, i)][0] for i in range(min(len(ds), bs * 8))])
-        ys = torch.stack([ds[(0, i)][1] for i in range(min(len(ds), bs * 8))]).long()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+class Env:
+    """Device, precision and the step functions shared by every section."""
+
+    def __init__(self, overrides: list[str]):
+        import torch
+
+        from segtrain.runtime import resolve_device
+
+        self.torch = torch
+        self.overrides = overrides
+        self.cfg = compose(overrides)
+        self.device, self.precision = resolve_device(self.cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def autocast(self):
+        from segtrain.runtime import autocast
+
+        return autocast(self.device, self.precision)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def batch(self, n: int, size: int, classes: int):
+        torch = self.torch
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 3, size, size, generator=g).to(self.device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, classes, (n, size, size), generator=g).to(self.device)
+        return x, y
+
+    def train_rate(self, model, x, y, iters: int, warmup: int = 2) -> float:
+        """img/s of forward + loss + backward + SGD step (fp16: with a GradScaler)."""
+        torch = self.torch
+        import torch.nn.functional as F
+
         model.train()
-        n, t = 0, 0.0
-        for it in range(args.iters):
-            j = (it * bs) % (len(xs) - bs + 1)
-            t0 = time.perf_counter()
-            x = (xs[j : j + bs].to(device).float() / 255).contiguous(memory_format=trainer.memory_format)
-            y = ys[j : j + bs].to(device)
-            with autocast(trainer.device, trainer.precision):
-                loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        def step():
+            with self.autocast():
+                out = model(x)
+                loss = F.cross_entropy((out["out"] if isinstance(out, dict) else out).float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss.item()
-            if it > 0:
-                t += time.perf_counter() - t0
-                n += bs
-        bare_ips = n / t
-    print(f"precision {trainer.precision}, batch {bs}, {args.iters} iterations, model {cfg.model.name}")
-    print(f"segtrain loop: {seg_ips:.1f} img/s")
-    print(f"bare loop:     {bare_ips:.1f} img/s")
-    print(f"ratio segtrain / bare: {seg_ips / bare_ips:.3f}")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        for _ in range(warmup):
+            step()
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        self.sync()
+        return x.shape[0] * iters / (time.perf_counter() - t0)
+
+    def eval_rate(self, model, x, classes: int, iters: int, warmup: int = 1) -> float:
+        from segtrain.inference import predict
+
+        model.eval()
+        with self.torch.no_grad(), self.autocast():
+            for _ in range(warmup):
+                predict(model, x, classes)
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                predict(model, x, classes)
+            self.sync()
+        return x.shape[0] * iters / (time.perf_counter() - t0)
 
 
-def main() -> None:
+class PeakMemory:
+    """Peak memory during the block: CUDA max allocated, or the growth of this process's resident set on a CPU."""
+
+    def __init__(self, env: Env):
+        self.env, self.mib = env, None
+
+    def __enter__(self):
+        torch = self.env.torch
+        if self.env.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.base = self.peak = _rss()
+        self.stop = threading.Event()
+
+        def watch():
+            while not self.stop.wait(0.005):
+                self.peak = max(self.peak, _rss())
+
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.env.device.type == "cuda":
+            self.mib = self.env.torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.mib = (self.peak - self.base) / 2**20
+        return False
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build(env: Env, overrides: list[str], classes: int):
+    from segtrain.models import build_model, count_parameters
+
+    cfg = compose(env.overrides + overrides)
+    model = build_model(cfg.model, classes).to(env.device, memory_format=env.torch.channels_last)
+    return model, count_parameters(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sections
+
+
+def bench_overhead(env: Env, args) -> dict:
+    """Trainer (real loader, real loop) against a bare loop over the same in-memory batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from segtrain.trainer import Trainer
+
+    iters = args.iters or (40 if args.quick else 120)
+    base = ["trainer.progress=false", "trainer.num_vis=0", f"trainer.val_interval={10**9}", "data.num_val=8"]
+    cfg = compose(env.overrides + base + [f"trainer.max_iters={iters}"])
+    bs = cfg.data.batch_size
+    runs = {"trainer_e2e": [], "trainer_compute": [], "bare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(compose(env.overrides + base + ["trainer.max_iters=6"]), Path(tmp) / "warm").fit()  # warm-up
+        trainer = None
+        for rep in range(2):
+            trainer = Trainer(cfg.copy(), Path(tmp) / f"run{rep}")
+            s = trainer.fit()
+            runs["trainer_e2e"].append(s["train_images_per_sec"])
+            runs["trainer_compute"].append(s["compute_images_per_sec"])
+            # the bare loop: the same network, precision and batch; uint8 batches already in host memory
+            ds = trainer.train_set
+            xs = torch.stack([ds[(0, i)][0] for i in range(min(len(ds), bs * 8))])
+            ys = torch.stack([ds[(0, i)][1] for i in range(min(len(ds), bs * 8))]).long()
+            model, device = trainer.model, trainer.device
+            mean = torch.tensor(list(cfg.data.mean), device=device).view(1, -1, 1, 1)
+            std = torch.tensor(list(cfg.data.std), device=device).view(1, -1, 1, 1)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
+            model.train()
+            n, elapsed = 0, 0.0
+            for it in range(iters):
+                j = (it * bs) % (len(xs) - bs + 1)
+                t0 = time.perf_counter()
+                x = xs[j : j + bs].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+                x = x.contiguous(memory_format=trainer.memory_format)
+                y = ys[j : j + bs].to(device, non_blocking=True)
+                with env.autocast():
+                    loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss.item()
+                if it > 0:  # as the Trainer, the first step is warm-up
+                    elapsed += time.perf_counter() - t0
+                    n += bs
+            runs["bare"].append(n / elapsed)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    out = {
+        "model": cfg.model.name,
+        "batch": bs,
+        "image_size": cfg.data.image_size,
+        "iters": iters,
+        "num_workers": cfg.data.num_workers,
+        "trainer_images_per_sec": med["trainer_e2e"],
+        "trainer_compute_images_per_sec": med["trainer_compute"],
+        "bare_images_per_sec": med["bare"],
+        "overhead_ratio": med["trainer_compute"] / med["bare"],
+        "end_to_end_ratio": med["trainer_e2e"] / med["bare"],
+        "runs": runs,
+    }
+    print(
+        f"overhead: trainer {med['trainer_e2e']:.1f} img/s end to end ({med['trainer_compute']:.1f} compute), bare "
+        f"loop {med['bare']:.1f} img/s -> overhead_ratio {out['overhead_ratio']:.3f}, end_to_end_ratio "
+        f"{out['end_to_end_ratio']:.3f}",
+        flush=True,
+    )
+    return out
+
+
+def bench_models(env: Env, args) -> list[dict]:
+    size = args.size or (96 if args.quick else 512)
+    bs = args.batch or (2 if args.quick else 8)
+    iters = args.iters or (3 if args.quick else 20)
+    nets = NETWORKS if args.quick or env.device.type != "cuda" else {**NETWORKS, **FULL_NETWORKS}
+    rows = []
+    for name, overrides in nets.items():
+        model, params = build(env, overrides, 21)
+        x, y = env.batch(bs, size, 21)
+        with PeakMemory(env) as mem:
+            train = env.train_rate(model, x, y, iters)
+        evaluate = env.eval_rate(model, x, 21, iters)
+        rows.append({"network": name, "params": params, "size": size, "batch": bs, "train_images_per_sec": train,
+                     "eval_images_per_sec": evaluate, "peak_mib": mem.mib})  # fmt: skip
+        print(f"models: {name:20s} {params / 1e6:6.2f}M  train {train:7.1f} img/s  eval {evaluate:7.1f} img/s  "
+              f"peak {mem.mib:7.0f} MiB", flush=True)  # fmt: skip
+        del model, x, y
+    return rows
+
+
+def _peer(name: str, classes: int):
+    import torchvision
+
+    if name == "torchvision fcn_resnet50":
+        return torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=classes)
+    if name == "torchvision deeplabv3_resnet50":
+        return torchvision.models.segmentation.deeplabv3_resnet50(
+            weights=None, weights_backbone=None, num_classes=classes
+        )
+    import segmentation_models_pytorch as smp
+
+    if name == "smp Unet resnet34":
+        return smp.Unet("resnet34", encoder_weights=None, classes=classes)
+    return smp.DeepLabV3Plus("resnet50", encoder_weights=None, classes=classes)
+
+
+PEERS = [  # (segtrain network, its overrides, the peer with the same architecture)
+    ("fcn32s-r50-d8", ["model=fcn", "model.variant=32s", "model.output_stride=8"], "torchvision fcn_resnet50"),
+    ("deeplabv3-r50-d8", ["model=deeplabv3", "model.output_stride=8"], "torchvision deeplabv3_resnet50"),
+    ("deeplabv3plus-r50", ["model=deeplabv3plus"], "smp DeepLabV3Plus resnet50"),
+    ("unet-r34", ["model=unet", "model.backbone=resnet34"], "smp Unet resnet34"),
+]
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """segtrain's other implementation of a layer (same weights, same function: tests/test_blocks.py), flipped on
+    for the block, to compare speeds."""
+    from segtrain.models import blocks
+
+    if name == "default":
+        yield
+        return
+    attr = {"up-conv as pixel shuffle": "UPCONV_AS_SHUFFLE", "bilinear as interpolation": "BILINEAR_AS_INTERPOLATE"}[
+        name
+    ]
+    old = getattr(blocks, attr)
+    setattr(blocks, attr, not old)
+    try:
+        yield
+    finally:
+        setattr(blocks, attr, old)
+
+
+VARIANTS = {"fcn32s-r50-d8": ["bilinear as interpolation"], "unet-r34": ["up-conv as pixel shuffle"]}
+
+
+def bench_peers(env: Env, args) -> list[dict]:
+    size = args.size or (128 if args.quick else 512)
+    bs = args.batch or (2 if args.quick else 8)
+    iters = args.iters or (2 if args.quick else 20)
+    reps = 2 if args.quick else 3
+    rows = []
+    for name, overrides, peer_name in PEERS:
+        try:
+            peer = _peer(peer_name, 21).to(env.device, memory_format=env.torch.channels_last)
+        except ImportError:
+            print(f"peers: {peer_name}: not installed (pip install segmentation-models-pytorch)", flush=True)
+            peer = None
+        ours, params = build(env, overrides, 21)
+        x, y = env.batch(bs, size, 21)
+        candidates = {"segtrain": ("default", ours)}
+        for v in VARIANTS.get(name, []):
+            candidates[f"segtrain ({v})"] = (v, ours)
+        if peer is not None:
+            candidates[peer_name] = ("default", peer)
+        rates: dict[str, list[float]] = {k: [] for k in candidates}
+        for _ in range(reps):  # interleaved
+            for label, (v, model) in candidates.items():
+                with variant(v):
+                    rates[label].append(env.train_rate(model, x, y, iters))
+        best = {k: max(v) for k, v in rates.items()}
+        row = {"network": name, "params": params, "size": size, "batch": bs, "images_per_sec": best}
+        if peer is not None:
+            row["peer"] = peer_name
+            row["peer_params"] = sum(p.numel() for p in peer.parameters())
+            row["ratio"] = best["segtrain"] / best[peer_name]
+        rows.append(row)
+        print("peers: " + name + ": " + ", ".join(f"{k} {v:.1f} img/s" for k, v in best.items())
+              + (f" -> ratio {row['ratio']:.3f}" if "ratio" in row else ""), flush=True)  # fmt: skip
+        del ours, peer, x, y
+    return rows
+
+
+def bench_compile(env: Env, args) -> dict:
+    torch = env.torch
+    size = args.size or (64 if args.quick else 256)
+    bs = args.batch or 16
+    iters = args.iters or (10 if args.quick else 50)
+    model, _ = build(env, [], 21)
+    x, y = env.batch(bs, size, 21)
+    eager = env.train_rate(model, x, y, iters)
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    env.train_rate(compiled, x, y, 1, warmup=0)
+    compile_s = time.perf_counter() - t0
+    fast = env.train_rate(compiled, x, y, iters, warmup=1)
+    out = {"model": env.cfg.model.name, "size": size, "batch": bs, "eager_images_per_sec": eager,
+           "compiled_images_per_sec": fast, "speedup": fast / eager, "compile_seconds": compile_s}  # fmt: skip
+    print(f"compile: first step {compile_s:.1f} s; eager {eager:.1f} img/s, compiled {fast:.1f} img/s "
+          f"(x{fast / eager:.2f})", flush=True)  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# segtrain benchmark: {result['device_name']}, torch {result['torch']}, {result['date']}", ""]
+    if "overhead" in result:
+        o = result["overhead"]
+        lines += ["| | img/s |", "|---|---|", f"| Trainer, end to end | {o['trainer_images_per_sec']:.1f} |",
+                  f"| Trainer, compute only | {o['trainer_compute_images_per_sec']:.1f} |",
+                  f"| bare loop | {o['bare_images_per_sec']:.1f} |", "",
+                  f"overhead_ratio {o['overhead_ratio']:.3f}, end_to_end_ratio {o['end_to_end_ratio']:.3f} "
+                  f"({o['model']}, batch {o['batch']}, {o['num_workers']} loader workers)", ""]  # fmt: skip
+    if "models" in result:
+        lines += [
+            "| network | params | size | batch | train img/s | eval img/s | peak MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["models"]:
+            lines.append(f"| {r['network']} | {r['params'] / 1e6:.2f}M | {r['size']} | {r['batch']} | "
+                         f"{r['train_images_per_sec']:.1f} | {r['eval_images_per_sec']:.1f} | {r['peak_mib']:.0f} |")  # fmt: skip
+        lines.append("")
+    if "peers" in result:
+        lines += ["| network | implementation | train img/s | ratio to peer |", "|---|---|---|---|"]
+        for r in result["peers"]:
+            peer = r.get("peer")
+            for label, v in r["images_per_sec"].items():
+                ratio = f"{v / r['images_per_sec'][peer]:.3f}" if peer else "-"
+                lines.append(f"| {r['network']} ({r['size']}px, batch {r['batch']}) | {label} | {v:.1f} | {ratio} |")
+        lines.append("")
+    if "compile" in result:
+        c = result["compile"]
+        lines += [f"torch.compile ({c['model']}, {c['size']}px, batch {c['batch']}): first step {c['compile_seconds']:.1f} s, "
+                  f"eager {c['eager_images_per_sec']:.1f} img/s, compiled {c['compiled_images_per_sec']:.1f} img/s "
+                  f"(x{c['speedup']:.2f})", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["overhead", "models"])
+    p.add_argument("--quick", action="store_true", help="small sizes, few iterations (about 5 min on 2 CPU cores)")
+    p.add_argument("--out", default=None, help="write benchmark.json and benchmark.md into this folder")
+    p.add_argument("--size", type=int, default=None, help="input size of the models/peers/compile sections")
+    p.add_argument("--batch", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--models", default=None, help=f"comma-separated, from: {','.join(MODELS)}")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--no-warmup", dest="warmup", action="store_false")
-    p.add_argument("extra", nargs="*", help="more segtrain overrides, e.g. device.precision=fp32")
-    args = p.parse_args()
-    if args.what == "overhead":
-        args.iters = args.iters or 60
-        bench_overhead(args)
-    else:
-        args.iters = args.iters or 400
-        bench_models(args)
+    args, rest = p.parse_known_args(argv)
+    args.overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    args.sections = [a for a in rest if "=" not in a and not a.startswith("-")]
+    unknown = [a for a in rest if a not in args.overrides and a not in args.sections]
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if unknown or bad:
+        p.error(f"unknown argument(s) {' '.join(unknown + bad)}; sections: {', '.join(SECTIONS)}; overrides: KEY=VALUE")
+    args.sections = args.sections or list(SECTIONS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    env = Env(args.overrides)
+    torch = env.torch
+    name = (
+        torch.cuda.get_device_name(env.device)
+        if env.device.type == "cuda"
+        else f"{os.cpu_count()}-core {platform.machine()} CPU"
+    )
+    result = {"device": str(env.device), "device_name": name, "precision": env.precision, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "overrides": args.overrides}  # fmt: skip
+    print(f"benchmark on {name} ({env.device}, {env.precision}), torch {torch.__version__}", flush=True)
+    t0 = time.perf_counter()
+    for section in args.sections:
+        result[section] = globals()[f"bench_{section}"](env, args)
+    result["seconds"] = time.perf_counter() - t0
+    md = markdown(result)
+    print("\n" + md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "benchmark.md").write_text(md + "\n")
+        print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
 
 
 if __name__ == "__main__":

@@ -79,8 +79,24 @@ class BilinearConvTranspose2d(nn.ConvTranspose2d):
             self.weight[range(channels), range(channels)] = bilinear_kernel(factor)
 
 
+# Two implementations of the same functions, whose speeds differ by device (scripts/benchmark.py peers).
+BILINEAR_AS_INTERPOLATE = False  # FixedBilinearUpsample: interpolation x border weights instead of a transposed conv
+UPCONV_AS_SHUFFLE = False  # UpConv2x2: a 1x1 conv to 4x the channels + pixel shuffle instead of a transposed conv
+
+
+def _edge_weights(n: int, factor: int, like: torch.Tensor) -> torch.Tensor:
+    """Per output row of a stride-``factor`` bilinear transposed conv over ``n`` inputs: the share of its kernel
+    that falls inside the input (1 in the interior, less within ``factor / 2`` rows of either edge)."""
+    s = (torch.arange(n * factor, device=like.device, dtype=torch.float32) + 0.5) / factor - 0.5
+    return (1 - (-s).clamp(min=0) - (s - (n - 1)).clamp(min=0)).to(like.dtype)
+
+
 class FixedBilinearUpsample(nn.Module):
-    """The same transposed conv with its bilinear kernel frozen: the FCN paper's last upsampling layer."""
+    """The same transposed conv with its bilinear kernel frozen: the FCN paper's last upsampling layer.
+
+    In the interior it is bilinear interpolation (``align_corners=False``); within ``factor / 2`` pixels of an
+    edge the kernel reaches outside the map and the result fades linearly (zero padding), which
+    ``BILINEAR_AS_INTERPOLATE`` reproduces as interpolation times separable edge weights."""
 
     def __init__(self, channels: int, factor: int):
         super().__init__()
@@ -89,7 +105,28 @@ class FixedBilinearUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factor
+        if BILINEAR_AS_INTERPOLATE:
+            h, w = x.shape[-2:]
+            up = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)
+            return up * _edge_weights(h, f, up)[:, None] * _edge_weights(w, f, up)[None, :]
         return F.conv_transpose2d(x, self.kernel.to(x.dtype), stride=f, padding=f // 2, groups=x.shape[1])
+
+
+class UpConv2x2(nn.ConvTranspose2d):
+    """2x2 transposed conv with stride 2 (U-Net's up-conv): each input pixel becomes a 2x2 block.
+
+    With no overlap between blocks it equals a 1x1 conv to ``4 x out_channels`` followed by a pixel shuffle,
+    the form ``UPCONV_AS_SHUFFLE`` computes (same weights, same state-dict keys)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not UPCONV_AS_SHUFFLE:
+            return super().forward(x)
+        cin, cout = self.weight.shape[:2]
+        weight = self.weight.permute(1, 2, 3, 0).reshape(cout * 4, cin, 1, 1)
+        return F.pixel_shuffle(F.conv2d(x, weight, self.bias.repeat_interleave(4)), 2)
 
 
 def with_aux(out: torch.Tensor, aux_head: nn.Module | None, feature: torch.Tensor, size, training: bool):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.backbones import Backbone
-from segtrain.models.blocks import ConvBNReLU, fit_to
+from segtrain.models.blocks import ConvBNReLU, UpConv2x2, fit_to
 
 
 class DoubleConv(nn.Sequential):
@@ -43,7 +43,7 @@ class Up(nn.Module):
 
     def __init__(self, cin: int, cout: int, norm: str = "bn"):
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
+        self.up = UpConv2x2(cin, cout)
         self.conv = DoubleConv(2 * cout, cout, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class BackboneUp(nn.Module):
 
     def __init__(self, cin: int, cskip: int, cout: int, norm: str = "bn"):
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
+        self.up = UpConv2x2(cin, cout)
         self.conv = DoubleConv(cout + cskip, cout, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
