@@ -65,7 +65,7 @@ class DataConfig:
     crop_size: Any = None  # int or [h, w]; None: no crop
     batch_size: int = 16
     val_batch_size: int | None = None  # None: batch_size
-    num_workers: int = 2
+    num_workers: Any = "auto"  # loader processes per training process; auto: the CPUs available, 2 to 16
     pin_memory: bool = True
     persistent_workers: bool = True
     ignore_index: int = 255
@@ -208,7 +208,10 @@ def validate(cfg: DictConfig) -> None:
         d.val_batch_size is None or d.val_batch_size >= 1,
         f"data.val_batch_size must be >= 1, got {d.val_batch_size}",
     )
-    check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    check(
+        d.num_workers == "auto" or (isinstance(d.num_workers, int) and d.num_workers >= 0),
+        f"data.num_workers must be auto or an integer >= 0, got {d.num_workers!r}",
+    )
     check(
         0 <= d.ignore_index < 256 or d.ignore_index == -100,
         f"data.ignore_index must be in [0, 255] (or -100), got {d.ignore_index}",

@@ -214,7 +214,7 @@ class Trainer:
     def validate(self) -> dict:
         """Score the validation set, log it, and save last.pt (and best.pt when the mIoU improved)."""
         self.model.eval()
-        net = unwrap(self.model) if self.dist.enabled else self.net  # no DDP hooks in evaluation
+        net = unwrap(self.model)  # eager, without DDP hooks: compiled graphs would recompile for every eval shape
         m, _, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,
             self.class_names, criterion=self.criterion, progress=bars_wanted(self.cfg.trainer.progress and self.is_main),
@@ -236,7 +236,7 @@ class Trainer:
             tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
                        + ("  (best)" if improved else ""))  # fmt: skip
             self.save(best=improved)
-            self.speed.warn_if_loader_bound(self.cfg.data.num_workers)
+            self.speed.warn_if_loader_bound(self.train_loader.num_workers)
         return m
 
     def save(self, best: bool = False) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import torch
 from omegaconf import DictConfig
@@ -89,6 +91,18 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def num_workers(value, world_size: int = 1) -> int:
+    """``data.num_workers``: a number, or ``auto``: the CPUs this process may use, shared among the training
+    processes of this node, one left for the training process itself, at least 2 and at most 16."""
+    if value != "auto":
+        return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(2, min(16, cpus // max(1, world_size) - 1))
+
+
 def build_loader(
     dataset: SegDataset, cfg: DictConfig, train: bool, seed: int, rank: int = 0, world_size: int = 1
 ) -> DataLoader:
@@ -96,7 +110,7 @@ def build_loader(
     sampler = EpochSampler(
         len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=False, pad=train
     )
-    workers = cfg.num_workers
+    workers = num_workers(cfg.num_workers, world_size)
     batch = cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size)
     return DataLoader(
         dataset,

@@ -44,6 +44,7 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
+CACHE_BYTES = 512 * 2**20
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, contrast: float = 1.0) -> np.ndarray:
@@ -151,6 +152,8 @@ class SyntheticShapes(SegDataset):
             :num_classes
         ]
         self.colour_cue = colour_cue
+        # each loader process keeps what it generated, up to CACHE_BYTES for the whole set
+        cache = cache and num_samples * self.image_size[0] * self.image_size[1] * 4 <= CACHE_BYTES
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -193,8 +196,10 @@ class SyntheticShapes(SegDataset):
                 paint = rng.integers(0, 256, size=3).astype(np.float32)
                 while np.abs(paint - under).max() < 60:
                     paint = rng.integers(0, 256, size=3).astype(np.float32)
-            alpha = shape_mask.astype(np.float32)[..., None] / 255.0
-            image = image * (1 - alpha) + paint * alpha
-            mask[shape_mask >= 128] = cls + 1
+            x, y, bw, bh = cv2.boundingRect(shape_mask)  # blend inside the shape's box only (alpha is 0 outside)
+            box = (slice(y, y + bh), slice(x, x + bw))
+            alpha = shape_mask[box].astype(np.float32)[..., None] / 255.0
+            image[box] = image[box] * (1 - alpha) + (paint[box] if paint.ndim == 3 else paint) * alpha
+            mask[box][shape_mask[box] >= 128] = cls + 1
         image = image + rng.normal(0, 4, size=image.shape).astype(np.float32)
         return np.clip(image, 0, 255).astype(np.uint8), mask
