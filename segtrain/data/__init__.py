@@ -72,8 +72,12 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
             if len(pal) != cfg.num_classes:
                 raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
             train.palette = val.palette = pal
-        if cfg.check_labels and isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
-            check_labels([train, val], cfg.num_classes, cfg.ignore_index)
+        if isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
+            if cfg.check_labels:  # every mask, once (cached); also finds the smallest image of each split
+                train.smallest, val.smallest = check_labels([train, val], cfg.num_classes, cfg.ignore_index)
+            else:  # each mask as it is loaded, naming the file
+                train.check_values(cfg.num_classes, cfg.ignore_index)
+                val.check_values(cfg.num_classes, cfg.ignore_index)
     return train, val
 
 
