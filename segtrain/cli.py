@@ -203,6 +203,9 @@ def _guarded(task, full_errors: bool, prog: str):
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors:
             raise err
+        # Drop the error (its traceback holds the trainer): its loader workers, which ignore SIGTERM, must shut
+        # down now; kept until exit, multiprocessing's exit handler would wait for them forever.
+        err = None  # noqa: F841
         print(line, file=sys.stderr, flush=True)
         if not multirun:
             raise SystemExit(code)
@@ -286,7 +289,9 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
 
     try:
         app()
-    except Refused as e:  # the run dir cannot be used (or belongs to another run): Hydra wrote nothing there
+    except Refused as e:  # a config mistake, or a run dir that cannot be used: Hydra wrote nothing there
+        if full_errors:
+            raise e.error from None
         print(console.error_line(f"{prog}: error: ", _user_message(e.error)), file=sys.stderr, flush=True)
         sys.exit(e.error.exit_code)
     except KeyboardInterrupt:

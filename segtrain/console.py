@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def protect_std_streams() -> None:
 
 def log_files() -> list[str]:
     """The files the root logger writes to (the run dir's job log under Hydra)."""
-    return [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    handlers = logging.getLogger().handlers
+    return [h.baseFilename for h in handlers if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull]
 
 
 def to_log_files(level: int, msg: str, exc: BaseException | None = None) -> None:
@@ -104,17 +106,35 @@ def short_path(path: str | Path, limit: int = 90) -> str:
     return f"{text[:keep]}…{text[-keep:]}"
 
 
+_PATH = re.compile(r"[^\s,;'\"()\[\]{}]*/[^\s,;'\"()\[\]{}]*")
+
+
+def _shorten_paths(msg: str, keep: int = 2) -> str:
+    """Long paths in ``msg`` cut to their last ``keep`` parts: ``/data/a/b/c/masks/x.png`` -> ``…/masks/x.png``."""
+
+    def cut(m: re.Match) -> str:
+        text = m.group(0)
+        parts = text.rstrip("/.").split("/")
+        return text if len(text) <= 40 or len(parts) <= keep else "…/" + "/".join(parts[-keep:])
+
+    return _PATH.sub(cut, msg)
+
+
 def error_line(prefix: str, msg: str, exc: BaseException | None = None) -> str:
-    """``prefix + msg`` as one line of at most MAX_LINE characters; the full text goes to the log files."""
+    """``prefix + msg`` as one line of at most MAX_LINE characters (long paths shortened first, then the end
+    cut); the full text, and ``exc``'s traceback, go to the log files."""
     msg = " ".join(str(msg).split())
     files = log_files()
     if exc is not None or len(prefix) + len(msg) > MAX_LINE:
         to_log_files(logging.ERROR, prefix + msg, exc)
-    line = prefix + msg
-    if len(line) <= MAX_LINE:
-        return line
-    where = f" … (full message in {short_path(_relative(files[0]), 80)})" if files else " …"
-    return line[: MAX_LINE - len(where)].rstrip() + where
+    if len(prefix) + len(msg) <= MAX_LINE:
+        return prefix + msg
+    note = f" (full message in {short_path(_relative(files[0]), 60)})" if files else ""
+    msg = _shorten_paths(msg)
+    room = MAX_LINE - len(prefix) - len(note)
+    if len(msg) > room:
+        msg = msg[: room - 1].rstrip() + "…"
+    return prefix + msg + note
 
 
 def _relative(path: str) -> str:

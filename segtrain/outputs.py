@@ -175,14 +175,19 @@ def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
 
 
 class TensorBoard:
-    """A thin SummaryWriter wrapper that can be disabled (non-zero ranks)."""
+    """A thin SummaryWriter wrapper that can be disabled (non-zero ranks).  The writer (and TensorBoard's
+    import) comes at the first write, so that training does not wait for it to start."""
 
     def __init__(self, log_dir: str | Path | None):
-        self.writer = None
-        if log_dir is not None:
+        self.log_dir, self._writer = log_dir, None
+
+    @property
+    def writer(self):
+        if self._writer is None and self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -211,6 +216,6 @@ class TensorBoard:
             self.writer.add_scalar(k, v)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 import cv2
 import torch
 from omegaconf import DictConfig
@@ -79,6 +81,24 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
                 train.check_values(cfg.num_classes, cfg.ignore_index)
                 val.check_values(cfg.num_classes, cfg.ignore_index)
     return train, val
+
+
+def _stop_workers_at_exit() -> None:
+    """Loader workers ignore SIGTERM (below), so multiprocessing's exit handler, which terminates daemonic
+    children with SIGTERM and waits, would wait forever for any still alive at exit (a loader kept alive by
+    an exception's traceback): kill them first (they only read data).  Registered after multiprocessing's
+    handler, so it runs before it."""
+    import multiprocessing
+    import signal
+
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not the loader's "worker killed" error, at exit
+    for child in children:
+        child.kill()
+
+
+atexit.register(_stop_workers_at_exit)
 
 
 def _worker_init(worker_id: int) -> None:
