@@ -9,17 +9,20 @@ the target, so a crash at any moment leaves either the old or the new file.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import random
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from segtrain.errors import CheckpointError
+from segtrain.errors import CheckpointError, NonFiniteLossError, OutputError, Preempted
 from segtrain.utils import atomic_write
 
 
@@ -56,10 +59,66 @@ def save_rotating(obj: Any, path: str | Path, keep: int) -> None:
     save_atomic(obj, path)
 
 
+@contextlib.contextmanager
+def saved_on_failure(
+    save: Callable[[], None] | None, skip: tuple[type[BaseException], ...] = (), unsaved: Callable[[], bool] = bool
+) -> Iterator[None]:
+    """On an exception in the block (other than ``skip``) when ``unsaved()`` (work not yet in last.pt),
+    ``save()`` first, then re-raise: a run that fails (a bad file, a validation error, out of memory ...)
+    still leaves last.pt of the training steps done.  A failure of the save itself is only logged."""
+    try:
+        yield
+    except Exception as e:
+        if save is None or isinstance(e, skip) or not unsaved():
+            raise
+        log = logging.getLogger("segtrain")
+        try:
+            save()
+            log.warning("the run failed (%s); last.pt of the steps done was written first", type(e).__name__)
+        except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
+            log.warning("the run failed (%s), and writing last.pt failed too: %s", type(e).__name__, save_error)
+        raise
+
+
+def steps_kept_on_failure(trainer) -> contextlib.AbstractContextManager:
+    """:func:`saved_on_failure` for a Trainer: its main process writes last.pt when the run fails after
+    training steps not yet saved (last saved at the latest validation), except after a non-finite loss
+    (the weights are bad), a failed write (the cause) or a preemption (already saved)."""
+    start = trainer.step  # 0, or the step of the checkpoint it resumed from
+    return saved_on_failure(
+        trainer.save if trainer.is_main else None,
+        (NonFiniteLossError, OutputError, Preempted),
+        lambda: trainer.step > max(start, trainer.history[-1]["step"] if trainer.history else 0),
+    )
+
+
 def remove_stale_temporaries(folder: str | Path) -> None:
     """Delete ``.*.tmp`` files a killed process left behind (never a complete checkpoint)."""
     for tmp in Path(folder).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def _check_format(path: Path) -> None:
+    """A CheckpointError for a file that is no PyTorch file at all (``torch.save`` writes a zip archive; files
+    of torch < 1.6 are a pickle), instead of torch's confusing "unsafe pickled objects" for, say, a text file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return
+    if not head:
+        raise CheckpointError(
+            f"checkpoint {path} is an empty file; use a .pt file written by segtrain (last.pt, best.pt)"
+        )
+    text = head.decode("utf-8", "replace")
+    printable = sum(c.isprintable() or c.isspace() for c in text) / len(text) > 0.9
+    shown = f" (it starts with {' '.join(text.split())[:40]!r})" if printable else ""
+    kind = "a text file" if printable else "not a PyTorch file"
+    raise CheckpointError(
+        f"{path} is {kind}, not a checkpoint{shown}; use a .pt file written by segtrain (last.pt, best.pt)"
+    )
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", require_model: bool = True) -> Any:
@@ -69,6 +128,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require_mod
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_format(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

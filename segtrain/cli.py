@@ -3,12 +3,18 @@
 ``segtrain`` is a Hydra app: ``segtrain [group=option ...] [key=value ...]``,
 ``segtrain -m ...`` for sweeps, ``segtrain --help`` for the config groups.
 User errors (bad values, unknown keys or options, missing files) are printed
-as one line, ``segtrain: error: ...``, with a non-zero exit and no traceback;
-``HYDRA_FULL_ERROR=1`` or ``trainer.debug_errors=true`` shows the traceback.
+as one line of at most 300 characters, ``segtrain: error: ...``, with a non-zero exit and no
+traceback; the full message and traceback go to the run dir's log file.  ``HYDRA_FULL_ERROR=1`` or
+``trainer.debug_errors=true`` shows the traceback.  Console output that fails (a closed pipe, a full
+disk) never stops a run (:mod:`segtrain.console`).
+
+Only Hydra and OmegaConf are imported here: torch and the rest load inside the task functions, so
+``--help`` answers at once.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -22,6 +28,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from segtrain import console  # noqa: E402
 from segtrain.config import register_configs, validate  # noqa: E402
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
 
@@ -107,7 +114,7 @@ class _Failures:
     jobs: list[tuple[str, str]] = []
 
     @classmethod
-    def report(cls, summarise: bool = False) -> bool:
+    def report(cls, prog: str = "segtrain", summarise: bool = False) -> bool:
         """Print the failed jobs of this sweep (from their status.json) on one line; True if any.
         ``summarise``: also write the sweep summary (a sweep that stopped part-way skips the callback)."""
         from segtrain import sweep
@@ -117,16 +124,47 @@ class _Failures:
             sweep.summarise(current[0])
         failures = (sweep.failed_jobs(*current) if current else []) or list(cls.jobs)
         if failures:
-            print(
-                f"segtrain: error: {len(failures)} job(s) of the sweep failed: "
-                + "; ".join(f"[{name}] {msg}" for name, msg in failures),
-                file=sys.stderr,
-                flush=True,
-            )
+            msg = f"{len(failures)} job(s) of the sweep failed: " + "; ".join(f"[{n}] {m}" for n, m in failures)
+            print(console.error_line(f"{prog}: error: ", msg), file=sys.stderr, flush=True)
         return bool(failures)
 
 
-def _guarded(task, full_errors: bool):
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENAMETOOLONG)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError about a file (disk full, read-only, permissions ...) in ``exc``'s chain, if any."""
+    e: BaseException | None = exc
+    for _ in range(5):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and (
+            e.errno in OUTPUT_ERRNOS or isinstance(e, (FileExistsError, NotADirectoryError))
+        ):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _classify(exc: BaseException) -> tuple[str, int]:
+    """(message, exit code) for an exception that is not a SegtrainError."""
+    os_err = _os_error(exc)
+    if os_err is not None:
+        where = f" {console.short_path(os_err.filename)}" if os_err.filename else ""
+        return f"cannot write{where}: {os_err.strerror or os_err}; free space, or change hydra.run.dir", 4
+    if type(exc).__module__.split(".")[0] == "omegaconf":  # a config value read by the task
+        return f"{_one_line(exc)}{_hint(str(exc))}", 2
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        where = console.log_files()
+        return (
+            f"torch.compile failed ({type(exc).__name__}: {console.first_line(exc, 120, lines=2)}); set "
+            f"device.compile=false (the compiler output is in {console.short_path(where[0], 60) if where else 'the log'})",
+            2,
+        )
+    return f"{type(exc).__name__}: {_one_line(exc)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1
+
+
+def _guarded(task, full_errors: bool, prog: str):
     """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
 
     def job(cfg: DictConfig):
@@ -147,31 +185,32 @@ def _guarded(task, full_errors: bool):
                     hc.runtime.output_dir, state, error, list(hc.overrides.task), time.perf_counter() - start, result
                 )
 
+        status("running", None)  # replaces an earlier run's record: status.json is always this run's
         try:
             result = task(cfg)
             status("done", None, result)
             return result
         except SegtrainError as e:
-            msg, code = _user_message(e), e.exit_code
+            err, msg, code = e, _user_message(e), e.exit_code
             kind = "stopped" if isinstance(e, Preempted) else "error"  # resumable, not a failure of the config
-            if full_errors:
-                status("failed", msg)
-                raise
+        except KeyboardInterrupt:
+            status("aborted", "interrupted")
+            raise
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
-            msg, code, kind = (
-                f"{type(e).__name__}: {_one_line(e)} (set HYDRA_FULL_ERROR=1 for the traceback)",
-                1,
-                "error",
-            )
-            if full_errors:
-                status("failed", msg)
-                raise
-        print(f"segtrain: {kind}: {msg}", file=sys.stderr, flush=True)
-        status("failed" if kind == "error" else "stopped", msg)
+            err, kind = e, "error"
+            msg, code = _classify(e)
+        line = console.error_line(f"{prog}: {kind}: ", msg, err)
+        status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
+        if full_errors:
+            raise err
+        # Drop the error (its traceback holds the trainer): its loader workers, which ignore SIGTERM, must shut
+        # down now; kept until exit, multiprocessing's exit handler would wait for them forever.
+        err = None  # noqa: F841
+        print(line, file=sys.stderr, flush=True)
         if not multirun:
             raise SystemExit(code)
-        log.error("job failed: %s", msg)
-        _Failures.jobs.append((str(hc.job.num), msg))
+        log.error("job failed: %s", line)
+        _Failures.jobs.append((str(hc.job.num), line.split(": ", 2)[-1]))
         return None  # not NaN: the optuna sweeper records None as a failed trial (NaN would abort the study)
 
     job.__name__ = getattr(task, "__name__", "job")
@@ -179,10 +218,55 @@ def _guarded(task, full_errors: bool):
     return job
 
 
-def run_hydra_app(task, config_name: str = "config") -> None:
-    """Run ``task`` as a Hydra app with segtrain's error handling."""
+def _app_failed(exc: Exception, prog: str) -> int:
+    """Print the one line for an error outside the task (composition, run dir); its exit code."""
+    if isinstance(exc, SegtrainError):
+        msg, code = _user_message(exc), exc.exit_code
+    elif _os_error(exc) is not None:  # Hydra could not create the run dir or its log file
+        os_err = _os_error(exc)
+        where = console.short_path(os_err.filename or "the run dir")
+        msg, code = f"cannot use {where}: {os_err.strerror or os_err}; change hydra.run.dir", 4
+    else:
+        msg = _one_line(exc)
+        if "Could not find" in msg:
+            msg = _missing_config(str(exc))
+        user_error = type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
+        if not user_error:
+            msg = f"{type(exc).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
+        msg, code = msg + _hint(msg), 2 if user_error else 1
+    print(console.error_line(f"{prog}: error: ", msg), file=sys.stderr, flush=True)
+    return code
+
+
+def _speed_up_help() -> None:
+    """Hydra's ``--help`` lists every config group through a fresh deep copy of the whole config repository
+    per group (about 100 copies, seconds on a small CPU); one copy serves them all, with the same result."""
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
+    except (ImportError, AttributeError):  # another Hydra version: keep its own way
+        return
+    cache: dict = {}
+
+    def shared(self, config_name, overrides):
+        if overrides:
+            return original(self, config_name, overrides)
+        key = (id(self), config_name)
+        if key not in cache:
+            cache[key] = original(self, config_name, overrides)
+        return cache[key]
+
+    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = shared
+
+
+def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> None:
+    """Run ``task`` as a Hydra app with segtrain's error handling; ``prog`` prefixes its error lines."""
+    console.protect_std_streams()
     register_configs()
-    from segtrain import distributed
+    if any(a in ("--help", "-h", "--hydra-help") for a in sys.argv[1:]):
+        _speed_up_help()
+    from segtrain import distributed  # torch-free until a process group is set up
 
     scratch = distributed.scratch_run_dir()
     if scratch:  # torchrun rank > 0: Hydra works in a throw-away dir, rank 0 owns the run dir and the logs
@@ -199,25 +283,26 @@ def run_hydra_app(task, config_name: str = "config") -> None:
     argv_debug = any(a.replace(" ", "").lower() == "trainer.debug_errors=true" for a in sys.argv)
     full_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or argv_debug
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message
-    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_guarded(task, full_errors))
+    job = _guarded(task, full_errors, prog)
+    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(job)
+    from segtrain.rundir import Refused
+
     try:
         app()
+    except Refused as e:  # a config mistake, or a run dir that cannot be used: Hydra wrote nothing there
+        if full_errors:
+            raise e.error from None
+        print(console.error_line(f"{prog}: error: ", _user_message(e.error)), file=sys.stderr, flush=True)
+        sys.exit(e.error.exit_code)
     except KeyboardInterrupt:
-        print("segtrain: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # Hydra/OmegaConf composition errors
+    except Exception as e:  # Hydra/OmegaConf composition errors, the run-dir guard
         if full_errors:
             raise
-        _Failures.report(summarise=True)  # a sweep stopped part-way: what its jobs did so far
-        msg = _one_line(e)
-        if "Could not find" in msg:
-            msg = _missing_config(str(e))
-        user_error = type(e).__module__.split(".")[0] in ("hydra", "omegaconf")
-        if not user_error:
-            msg = f"{type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
-        print(f"segtrain: error: {msg}{_hint(msg)}", file=sys.stderr)
-        sys.exit(2 if user_error else 1)
-    if _Failures.report():
+        _Failures.report(prog, summarise=True)  # a sweep stopped part-way: what its jobs did so far
+        sys.exit(_app_failed(e, prog))
+    if _Failures.report(prog):
         sys.exit(1)
 
 

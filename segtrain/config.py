@@ -153,6 +153,7 @@ class TrainerConfig:
     grad_clip: float | None = None  # max grad norm
     accumulate: int = 1  # micro-batches per optimizer step (effective batch = data.batch_size x accumulate)
     resume: str | None = None  # PATH or "auto" (last.pt of this run dir, if any)
+    overwrite: bool = False  # start over in a run dir that holds a run: its files move to previous-<time>/
     keep_last: int = 1  # previous last.pt files kept as last-1.pt ... (a fallback if the newest is unreadable)
     stop_at: int | None = None  # stop after this iteration as if preempted (writes last.pt, exit code 75)
     deterministic: bool = False
@@ -183,8 +184,22 @@ class EvalAppConfig(SegtrainConfig):
 
 
 def register_configs() -> None:
+    """The schemas in Hydra's ConfigStore, and the ``unique_dir`` resolver of the default run dirs."""
+    from segtrain.rundir import unique_dir
+
     ConfigStore.instance().store(name="segtrain_schema", node=SegtrainConfig)
     ConfigStore.instance().store(name="segtrain_eval_schema", node=EvalAppConfig)
+    OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+
+
+def min_input_size(model: DictConfig) -> int:
+    """The smallest image side the network accepts: the from-scratch encoders halve it 4 (U-Net) or 5
+    (DeconvNet/SegNet) times with plain pooling; the backbone networks run at any size (rounding up)."""
+    if model.name == "unet" and model.backbone is None:
+        return 16
+    if model.name == "deconvnet":
+        return 32
+    return 1
 
 
 # ---------------------------------------------------------------------------
@@ -304,6 +319,104 @@ def validate(cfg: DictConfig) -> None:
     check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
     check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
+    _check_seeds_and_optimizer(cfg, check)
+    _check_slide(cfg, check)
+    _check_input_sizes(cfg, check)
+    if t.max_iters is not None:
+        check_run_length(cfg, t.max_iters)
+
+
+def _check_seeds_and_optimizer(cfg: DictConfig, check) -> None:
+    for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
+        check(0 <= seed < 2**32, f"{key} must be in [0, 4294967295] (numpy's seed range), got {seed}")
+    o, s, t = cfg.optimizer, cfg.scheduler, cfg.trainer
+    betas = list(o.betas)
+    check(
+        len(betas) == 2 and all(0 <= b < 1 for b in betas),
+        f"optimizer.betas must be [beta1, beta2], each in [0, 1), got {betas}",
+    )
+    check(
+        s.name == "constant" or s.min_lr <= o.lr,
+        f"scheduler.min_lr={s.min_lr} is above optimizer.lr={o.lr}, so the lr would never decay; set "
+        f"scheduler.min_lr below optimizer.lr (e.g. scheduler.min_lr=0)",
+    )
+    check(
+        not (t.overwrite and t.resume == "auto"),
+        "trainer.overwrite=true (start over) and trainer.resume=auto (continue) contradict each other; drop one",
+    )
+
+
+def check_run_length(
+    cfg: DictConfig, max_iters: int, num_train: int | None = None, iters_per_epoch: int | None = None
+) -> None:
+    """Checks against the run's length in iterations (known once the data set is, with trainer.max_epochs)."""
+    if iters_per_epoch == 0:
+        raise ConfigError(
+            f"the training set has {num_train} images, fewer than data.batch_size={cfg.data.batch_size} x "
+            f"trainer.accumulate={cfg.trainer.accumulate}"
+        )
+    w = cfg.scheduler.warmup_iters
+    if w and w >= max_iters:
+        raise ConfigError(
+            f"scheduler.warmup_iters={w} is not below the run's {max_iters} iterations, so the lr would never "
+            f"reach optimizer.lr; lower scheduler.warmup_iters or train longer"
+        )
+
+
+def _slide_crop(cfg: DictConfig) -> tuple[str, tuple[int, int]] | None:
+    """(key, crop) of the sliding window in eval.mode=slide, else None."""
+    e = cfg.eval
+    if e.mode != "slide":
+        return None
+    key = "eval.crop_size" if e.crop_size is not None else "data.crop_size"
+    value = e.crop_size if e.crop_size is not None else cfg.data.crop_size
+    return (key, as_hw(value, key)) if value is not None else None
+
+
+def _check_slide(cfg: DictConfig, check) -> None:
+    window = _slide_crop(cfg)
+    if window is None or cfg.eval.stride is None:
+        return
+    key, crop = window
+    stride = as_hw(cfg.eval.stride, "eval.stride")
+    check(
+        stride[0] <= crop[0] and stride[1] <= crop[1],
+        f"eval.stride={_shown(cfg.eval.stride)} is larger than the window {key}={_shown(OmegaConf.select(cfg, key))}, "
+        f"so pixels between windows would never be predicted; set eval.stride <= {min(crop)} (or leave it unset: "
+        "2/3 of the crop)",
+    )
+
+
+def _shown(value: Any) -> str:
+    return str(list(value)) if isinstance(value, (list, ListConfig)) else str(value)
+
+
+def _check_input_sizes(cfg: DictConfig, check) -> None:
+    """Crops and validation sizes against the smallest input the network accepts."""
+    need, d, e = min_input_size(cfg.model), cfg.data, cfg.eval
+    if need <= 1:
+        return
+    network = f"model={cfg.model.name}" + ("" if cfg.model.backbone is None else f" ({cfg.model.backbone})")
+
+    def at_least(key: str, value: Any, side: float, how: str = "") -> None:
+        check(
+            side >= need,
+            f"{key}={_shown(value)}{how} gives {int(side)} px, fewer than the {need} px {network} needs "
+            f"(its encoder halves the input {need.bit_length() - 1} times); use at least {need}",
+        )
+
+    if d.crop_size is not None:
+        at_least("data.crop_size", d.crop_size, min(as_hw(d.crop_size, "data.crop_size")))
+    window = _slide_crop(cfg)
+    if window is not None:
+        at_least(window[0], OmegaConf.select(cfg, window[0]), min(window[1]))
+    low = min([1.0, *(float(v) for v in e.scales)])  # the smallest view multi-scale evaluation makes
+    how = f" at eval.scales {low:g}" if low < 1 else ""
+    if d.val_size is not None:
+        val = as_size(d.val_size, "data.val_size")
+        at_least("data.val_size", d.val_size, (val if isinstance(val, int) else min(val)) * low, how)
+    elif d.name == "synthetic":
+        at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * min(low, 1.0), how)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch loads lazily: the CLI asks scratch_run_dir() before anything needs torch
+    import torch
 
 
 @dataclass
@@ -66,6 +67,9 @@ def setup(device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun; a single process otherwise."""
     if not launched():
         return DistInfo()
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
@@ -78,6 +82,8 @@ def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -85,12 +91,16 @@ def broadcast_object(obj, info: DistInfo):
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     """In-place sum (or ``op``) over ranks; a no-op in a single process."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
 
 def cleanup() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -99,6 +109,8 @@ def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device)
     """The mean of ``value`` over ranks and whether any rank's ``flag`` is set, in one collective."""
     if not info.enabled:
         return value, flag
+    import torch
+
     buf = torch.tensor([value, float(flag)], device=device, dtype=torch.float64)
     all_reduce(buf)
     return float(buf[0]) / info.world_size, bool(buf[1] > 0)
@@ -106,6 +118,8 @@ def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device)
 
 def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` (BatchNorm made SyncBatchNorm when ``sync_bn``)."""
+    import torch
+
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None

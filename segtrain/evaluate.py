@@ -15,11 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segtrain import checkpoint
 from segtrain.config import SegtrainConfig, validate
 from segtrain.errors import CheckpointError, ConfigError
 
@@ -51,6 +49,11 @@ def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
+        raise ConfigError("no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt")
+    import torch  # here, not at the top: `segtrain-eval --help` answers without loading torch
+
+    from segtrain import checkpoint
     from segtrain.data import build_datasets, build_loader
     from segtrain.evaluation import class_names as names_of
     from segtrain.evaluation import evaluate_loader
@@ -153,7 +156,7 @@ def main() -> None:
     """``segtrain-eval``: evaluate a checkpoint."""
     from segtrain.cli import run_hydra_app
 
-    run_hydra_app(_eval, config_name="eval")
+    run_hydra_app(_eval, config_name="eval", prog="segtrain-eval")
 
 
 if __name__ == "__main__":

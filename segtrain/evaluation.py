@@ -7,6 +7,7 @@ confusion matrix (summed over processes under DDP).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain import distributed
+from segtrain.config import min_input_size
+from segtrain.errors import DataError
 from segtrain.inference import predict
 from segtrain.metrics import ConfusionMatrix
 from segtrain.utils import as_hw
@@ -37,6 +40,29 @@ def class_names(dataset: Any, num_classes: int, stored: list[str] | None = None)
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
+def _batch_names(loader, b: int) -> list[str]:
+    """The images of batch ``b`` of a DataLoader over a SegDataset (empty when that cannot be told)."""
+    dataset, size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+    if dataset is None or not size or not hasattr(dataset, "describe"):
+        return []
+    keys = list(loader.sampler)[b * size : (b + 1) * size]
+    return [dataset.describe(k[1] if isinstance(k, tuple) else k) for k in keys]
+
+
+def _failed(e: RuntimeError, loader, b: int, x: torch.Tensor, cfg: DictConfig) -> Exception:
+    """The error of a failed validation batch, naming its image(s) and their size."""
+    names = _batch_names(loader, b)
+    what = (names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)") if names else f"batch {b}"
+    h, w = x.shape[-2:]
+    need = min_input_size(cfg.model)
+    if min(h, w) < need:
+        return DataError(
+            f"validation image {what} is {w}x{h} px, smaller than the {need} px model={cfg.model.name} needs; "
+            f"remove it, or set data.val_size={need} (or larger)"
+        )
+    return RuntimeError(f"validation failed on {what} ({w}x{h} px): {str(e).strip().splitlines()[0][:200]}")
+
+
 @torch.no_grad()
 def evaluate_loader(
     forward,
@@ -48,12 +74,16 @@ def evaluate_loader(
     criterion: nn.Module | None = None,
     progress: bool = False,
     num_vis: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ):
     """Predict every batch of ``loader`` with ``cfg.eval`` and fill a confusion matrix.
 
-    Returns (metrics, confusion matrix, the first ``num_vis`` images, masks and predictions or None).
+    Returns (metrics, confusion matrix, the first ``num_vis`` images, masks and predictions or None), or
+    (None, None, None) when ``should_stop()`` became true before a batch (a stop signal: the caller saves
+    and exits).
     ``forward`` must be in eval mode; ``autocast`` is a no-argument context factory.
     ``metrics["loss"]`` is the criterion on the (possibly TTA-averaged) scores.
+    A batch that fails in the network raises an error naming its image(s).
     """
     settings = eval_settings(cfg)
     num_classes = cfg.data.num_classes
@@ -61,9 +91,16 @@ def evaluate_loader(
     cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device, class_names)
     loss_sum, n_batches, vis = torch.zeros((), device=device), 0, None
     for images, masks in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
+        if should_stop is not None and should_stop():
+            return None, None, None
         x, y = batch_to_device(images, masks)
-        with autocast():
-            scores = predict(forward, x, num_classes, **settings)
+        try:
+            with autocast():
+                scores = predict(forward, x, num_classes, **settings)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise _failed(e, loader, n_batches, x, cfg) from e
         if scores.shape[-2:] != y.shape[-2:]:  # data.val_size rescaled the image: score at the mask's size
             scores = F.interpolate(scores, size=y.shape[-2:], mode="bilinear", align_corners=False)
         if criterion is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from segtrain.utils import atomic_write
+
+log = logging.getLogger("segtrain")
 
 
 def bars_wanted(enabled: bool) -> bool:
@@ -69,10 +72,22 @@ def overlay(
 
 def prediction_grid(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, palette, ignore_index: int):
     """A CHW uint8 grid with one row per image: the input, the ground truth and the prediction as overlays."""
-    from torchvision.utils import make_grid
-
     rows = [images, overlay(images, masks, palette, ignore_index), overlay(images, pred, palette, ignore_index)]
-    return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, padding=2, pad_value=255)
+    return image_grid(torch.stack(rows, 1).flatten(0, 1), ncol=3)
+
+
+def image_grid(images: torch.Tensor, ncol: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
+    """[N, C, H, W] images in rows of ``ncol``, ``padding`` pixels apart (torchvision's ``make_grid``
+    layout, without importing torchvision: seconds of start-up on a small CPU)."""
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
+    cols, rows = min(ncol, n), -(-n // ncol)
+    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
+    for k in range(n):
+        y, x = (k // cols) * (h + padding) + padding, (k % cols) * (w + padding) + padding
+        grid[:, y : y + h, x : x + w] = images[k]
+    return grid
 
 
 def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], path: str | Path) -> None:
@@ -123,6 +138,23 @@ def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], 
         raise OSError(f"cannot write {path}")
 
 
+def log_run_start(trainer) -> None:
+    """The run's opening lines: network, device and precision, data and schedule, processes, run dir."""
+    cfg, d, t, tr = trainer.cfg, trainer.cfg.data, trainer.cfg.trainer, trainer
+    log.info(
+        "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s", cfg.model.name,
+        f"{tr.num_params:,}", tr.device, tr.precision, cfg.device.channels_last, cfg.device.compile,
+    )  # fmt: skip
+    log.info(
+        "data %s: %d train / %d val images, batch %d x %d process(es) x accumulate %d = %d, %d iterations "
+        "(%.1f epochs) | run dir %s", d.name, len(tr.train_set), len(tr.val_set), d.batch_size, tr.world_size,
+        t.accumulate, d.batch_size * tr.world_size * t.accumulate, tr.max_iters, tr.max_iters / tr.iters_per_epoch,
+        tr.run_dir,
+    )  # fmt: skip
+    if tr.dist.enabled:
+        log.info("world size %d (backend %s, SyncBN %s)", tr.world_size, tr.dist.backend, tr.sync_bn)
+
+
 def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
     """The settings that identify a run in TensorBoard's HPARAMS tab (and other loggers)."""
     c = cfg
@@ -143,14 +175,19 @@ def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
 
 
 class TensorBoard:
-    """A thin SummaryWriter wrapper that can be disabled (non-zero ranks)."""
+    """A thin SummaryWriter wrapper that can be disabled (non-zero ranks).  The writer (and TensorBoard's
+    import) comes at the first write, so that training does not wait for it to start."""
 
     def __init__(self, log_dir: str | Path | None):
-        self.writer = None
-        if log_dir is not None:
+        self.log_dir, self._writer = log_dir, None
+
+    @property
+    def writer(self):
+        if self._writer is None and self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -179,6 +216,6 @@ class TensorBoard:
             self.writer.add_scalar(k, v)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

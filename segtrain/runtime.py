@@ -109,16 +109,23 @@ PREEMPT_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 class StopSignals:
-    """Within the block, the first SIGINT/SIGTERM sets ``received`` (the loop stops after its step);
-    a second one aborts at once.  A no-op outside the main thread."""
+    """Within the block, the first SIGINT/SIGTERM sets ``received`` (the loop stops after its step, or at
+    the next validation batch); a second one aborts at once, after ``on_abort("aborted by a second SIGINT")``
+    (which records the abort in status.json).  A no-op outside the main thread."""
 
-    def __init__(self):
+    def __init__(self, on_abort=None):
         self.received: str | None = None
+        self.on_abort = on_abort
         self._old: dict = {}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None:  # the second signal: abort now
+            if self.on_abort is not None:
+                try:
+                    self.on_abort(f"aborted by a second {name}")
+                except Exception:  # noqa: BLE001 - nothing may delay the abort
+                    pass
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

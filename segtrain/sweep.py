@@ -1,7 +1,8 @@
 """Sweep summaries: one table of every job of a ``segtrain -m ...`` sweep.
 
 Each job writes ``status.json`` into its own directory (``segtrain.cli``):
-``{"status": "done" | "failed", "error", "overrides", "wall_time_sec", "result"}``;
+``{"status": "running" | "done" | "failed" | "stopped" | "aborted", "error", "overrides", "wall_time_sec",
+"result"}``;
 a finished job also has the trainer's ``metrics.json`` (``best_miou``, ``step``,
 ``max_iters``, ...).  When the sweep ends, the :class:`SweepSummary` Hydra callback
 (registered in ``configs/config.yaml`` under ``hydra.callbacks``) reads them and
@@ -80,6 +81,20 @@ def write_status(
         }
         atomic_write(path, json.dumps(record, indent=2) + "\n", durable=False)
     except Exception:  # noqa: BLE001 - a full disk or a read-only dir: the job's own outcome stands
+        pass
+
+
+def mark_status(run_dir: str | Path, status: str, error: str | None) -> None:
+    """Set the status (and error) of the ``status.json`` a job wrote at its start (never raises): e.g.
+    "aborted" when a second signal kills the process."""
+    path = Path(run_dir) / STATUS_FILE
+    record = _read_json(path)
+    if record is None:
+        return
+    record.update(status=status, error=error)
+    try:
+        atomic_write(path, json.dumps(record, indent=2) + "\n", durable=False)
+    except Exception:  # noqa: BLE001 - the record must not fail the job
         pass
 
 

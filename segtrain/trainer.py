@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,18 +19,18 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import __version__, checkpoint, distributed, resume, runtime
-from segtrain.config import to_yaml
+from segtrain import __version__, checkpoint, distributed, outputs, preflight, resume, rundir, runtime
+from segtrain.config import check_run_length, to_yaml
 from segtrain.data import build_datasets, build_loader
 from segtrain.data.palette import default_palette
-from segtrain.errors import ConfigError, OutputError, Preempted, ResourceError
+from segtrain.errors import OutputError, Preempted, ResourceError
 from segtrain.evaluation import class_names, evaluate_loader
 from segtrain.losses import build_loss
 from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
 from segtrain.outputs import TensorBoard, bars_wanted, format_table, prediction_grid, run_hparams, write_json
-from segtrain.rundir import check_writable, resume_command
 from segtrain.runtime import BatchToDevice, DivergenceGuard, StopSignals, Throughput, autocast, unwrap
+from segtrain.sweep import mark_status
 
 log = logging.getLogger("segtrain")
 
@@ -49,6 +50,8 @@ class Trainer:
                 log.setLevel(logging.WARNING)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:  # this run's dir: locked, never overwritten in silence (a no-op after the CLI's claim)
+            rundir.claim(self.run_dir, t.resume, t.overwrite)
         runtime.seed_everything(cfg.seed)
         runtime.configure_backends(self.device, t.deterministic, cfg.device.cudnn_benchmark)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -63,12 +66,8 @@ class Trainer:
         self.train_loader = build_loader(self.train_set, d, True, cfg.seed, rank, world)
         self.val_loader = build_loader(self.val_set, d, False, cfg.seed, rank, world)
         self.iters_per_epoch = len(self.train_loader) // t.accumulate  # optimizer steps per epoch
-        if self.iters_per_epoch == 0:
-            raise ConfigError(
-                f"the training set has {len(self.train_set)} images, fewer than data.batch_size="
-                f"{d.batch_size} x trainer.accumulate={t.accumulate}"
-            )
         self.max_iters = t.max_iters if t.max_iters is not None else t.max_epochs * self.iters_per_epoch
+        check_run_length(cfg, self.max_iters, len(self.train_set), self.iters_per_epoch)
 
         # --- model, loss, optimizer, schedule -----------------------------------------------------
         self.model = build_model(cfg.model, self.num_classes).to(self.device)
@@ -82,10 +81,9 @@ class Trainer:
 
         # --- state, possibly restored ---------------------------------------------------------------
         self.step, self.epoch, self.epoch_step = 0, 0, 0
-        self.best_miou, self.last_metrics, self.history = float("nan"), None, []
-        self.speed = Throughput()
+        self.best_miou, self.last_metrics, self.history, self.speed = float("nan"), None, [], Throughput()
         if self.is_main:
-            check_writable(self.ckpt_dir, self.num_params)
+            rundir.check_writable(self.ckpt_dir, self.num_params)
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
         if cfg.model.init_from:
             resume.init_from(self.model, cfg.model.init_from, cfg.model.name)
@@ -99,28 +97,25 @@ class Trainer:
             self.model = distributed.wrap(self.model, self.device, self.sync_bn)
         self.net = torch.compile(self.model) if cfg.device.compile else self.model  # what the loop calls
         self.tb = TensorBoard(self.run_dir / "tb" if self.is_main else None)
+        self.signals = StopSignals(partial(mark_status, self.run_dir, "aborted") if self.is_main else None)
 
     def fit(self) -> dict:
         """Train to ``max_iters``; SIGINT/SIGTERM stop after the current step with a resumable last.pt."""
-        with StopSignals() as self.signals:
+        with self.signals:
             try:
-                return self._fit()
+                with checkpoint.steps_kept_on_failure(self):  # e.g. a bad file or a failed validation: last.pt first
+                    preflight.dry_validation(self)  # a run that would crash at its first validation fails now
+                    return self._fit()
             except torch.cuda.OutOfMemoryError:
                 where = "in validation" if self.model.training is False else f"at step {self.step + 1}"
                 raise ResourceError(runtime.oom_message(self.cfg, self.precision, where)) from None
             finally:
                 distributed.cleanup()
+                rundir.release(self.run_dir)
 
     def _fit(self) -> dict:
-        cfg, t, d = self.cfg, self.cfg.trainer, self.cfg.data
-        log.info("model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s", cfg.model.name,
-                 f"{self.num_params:,}", self.device, self.precision, cfg.device.channels_last, cfg.device.compile)  # fmt: skip
-        log.info("data %s: %d train / %d val images, batch %d x %d process(es) x accumulate %d = %d, %d iterations "
-                 "(%.1f epochs) | run dir %s", d.name, len(self.train_set), len(self.val_set), d.batch_size,
-                 self.world_size, t.accumulate, d.batch_size * self.world_size * t.accumulate, self.max_iters,
-                 self.max_iters / self.iters_per_epoch, self.run_dir)  # fmt: skip
-        if self.dist.enabled:
-            log.info("world size %d (backend %s, SyncBN %s)", self.world_size, self.dist.backend, self.sync_bn)
+        t = self.cfg.trainer
+        outputs.log_run_start(self)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         bars = bars_wanted(t.progress and self.is_main)
         bar = tqdm(total=self.max_iters, initial=self.step, desc="train", dynamic_ncols=True, disable=not bars)
@@ -147,11 +142,9 @@ class Trainer:
                 if epoch_done:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
                 due = (self.step % t.val_interval == 0) if t.val_interval else epoch_done
-                if due or self.step >= self.max_iters:
-                    self.validate()
-                    self.model.train()
-                stop = stop or (t.stop_at is not None and self.step >= t.stop_at)
-                if stop and self.step < self.max_iters:
+                cut = (due or self.step >= self.max_iters) and self.validate() is None  # a signal in validation
+                stop = stop or cut or (t.stop_at is not None and self.step >= t.stop_at)
+                if stop and (self.step < self.max_iters or cut):
                     bar.close()
                     self._preempt(self.signals.received or "trainer.stop_at")
                 if epoch_done or self.step >= self.max_iters:
@@ -211,15 +204,20 @@ class Trainer:
         self.guard.check(loss_val, scale_before, self.step + 1)
         return loss_val, n_images, stop
 
-    def validate(self) -> dict:
-        """Score the validation set, log it, and save last.pt (and best.pt when the mIoU improved)."""
+    def validate(self) -> dict | None:
+        """Score the validation set, log it, and save last.pt (and best.pt when the mIoU improved); None when
+        a stop signal came during it (single process: at the next batch; under DDP all ranks finish it)."""
         self.model.eval()
         net = unwrap(self.model)  # eager, without DDP hooks: compiled graphs would recompile for every eval shape
+        stop = None if self.dist.enabled else (lambda: self.signals.received is not None)
         m, _, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,
-            self.class_names, criterion=self.criterion, progress=bars_wanted(self.cfg.trainer.progress and self.is_main),
-            num_vis=self.cfg.trainer.num_vis,
+            self.class_names, criterion=self.criterion, num_vis=self.cfg.trainer.num_vis, should_stop=stop,
+            progress=bars_wanted(self.cfg.trainer.progress and self.is_main),
         )  # fmt: skip
+        self.model.train()
+        if m is None:  # stopped
+            return None
         self.last_metrics = m
         improved = not (m["miou"] <= self.best_miou)  # also True when best is NaN (first validation)
         if improved:
@@ -261,9 +259,10 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()  # no process exits (and gets the others killed) before last.pt is written
         last = self.ckpt_dir / "last.pt"
-        log.warning("stopped by %s at step %d of %d; wrote %s", reason, self.step, self.max_iters, last)
+        log.warning("stopped by %s at step %d of %d; wrote %s; resume with: %s", reason, self.step, self.max_iters,
+                    last, rundir.resume_command(self.run_dir, limit=None))  # fmt: skip
         raise Preempted(f"stopped by {reason} at step {self.step}/{self.max_iters}; {last} written; resume with: "
-                        f"{resume_command(self.run_dir)}")  # fmt: skip
+                        f"{rundir.resume_command(self.run_dir)}")  # fmt: skip
 
     def summary(self, wall_time: float | None) -> dict:
         m, c = self.last_metrics or {}, self.cfg
@@ -273,9 +272,7 @@ class Trainer:
                "max_iters": self.max_iters, "skipped_steps": self.guard.skipped_steps, "model": c.model.name,
                "data": c.data.name, "device": str(self.device), "precision": self.precision,
                "world_size": self.world_size, "resumed_from": self.resumed_from, "history": self.history}  # fmt: skip
-        if wall_time is not None:
-            out["wall_time_sec"] = wall_time
-        return out
+        return out if wall_time is None else {**out, "wall_time_sec": wall_time}
 
     def state_dict(self) -> dict:
         meta = {"model": self.cfg.model.name, "num_classes": self.num_classes, "class_names": self.class_names,

@@ -163,3 +163,65 @@ def test_deeplabv3_r50_param_count_matches_torchvision(cli):
         "trainer.num_vis=0",
     )
     assert json.loads((run / "metrics.json").read_text())["num_params"] == 39_638_869
+
+
+def _one_line(proc, code: int, prefix: str = "segtrain: error: ") -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and len(lines[0]) <= 300 and lines[0].startswith(prefix), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["eval.mode=slide", "eval.crop_size=32", "eval.stride=100"], "eval.stride=100 is larger than the window"),
+        (["seed=-1"], "seed must be in [0, 4294967295]"),
+        (["seed=99999999999999999999"], "seed must be in [0, 4294967295]"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas must be [beta1, beta2]"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas must be [beta1, beta2]"),
+    ],
+)
+def test_config_mistakes_fail_before_anything_runs(tmp_path, args, expect):
+    """Caught by config.validate before Hydra creates the run dir: nothing is written, torch is not even loaded."""
+    proc = run_cli(["debug=smoke", *args, "hydra.run.dir=run"], tmp_path)
+    assert expect in _one_line(proc, 2)
+    assert not (tmp_path / "run").exists()
+
+
+def _eval_cli(args, cwd):
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "segtrain-eval"
+    return run_cli(args, cwd, exe=[str(script)] if script.exists() else [sys.executable, "-m", "segtrain.evaluate"])
+
+
+def test_segtrain_eval_errors_carry_its_name(tmp_path):
+    assert "no checkpoint given: add ckpt=PATH" in _one_line(_eval_cli([], tmp_path), 2, "segtrain-eval: error: ")
+    (tmp_path / "notes.txt").write_text("best run: lr 0.01\n")
+    line = _one_line(_eval_cli(["ckpt=notes.txt"], tmp_path), 2, "segtrain-eval: error: ")
+    assert "notes.txt is a text file, not a checkpoint" in line and "unsafe" not in line
+
+
+def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(tmp_path):
+    """A real dynamo BackendCompilerFailed (a backend that fails with 100 KB of output, as a missing C++
+    compiler does) through the real CLI."""
+    code = (
+        "import functools, sys, torch\n"
+        "def failing(gm, example_inputs):\n"
+        "    raise RuntimeError('C++ compile error\\n' + 'error: in generated kernel\\n' * 4000)\n"
+        "torch.compile = functools.partial(torch.compile, backend=failing)\n"
+        "from segtrain.cli import main\n"
+        "sys.argv = ['segtrain', 'debug=smoke', 'trainer.max_iters=1', 'device.compile=true', 'hydra.run.dir=run']\n"
+        "main()\n"
+    )
+    import sys
+
+    proc = run_cli(["-c", code], tmp_path, exe=[sys.executable])
+    line = _one_line(proc, 2)
+    assert "torch.compile failed (BackendCompilerFailed" in line and "C++ compile error" in line
+    assert "set device.compile=false" in line and "cli.log" in line
+    log = (tmp_path / "run" / "cli.log").read_text()
+    assert log.count("error: in generated kernel") >= 4000 and "Traceback" in log

@@ -104,3 +104,54 @@ def test_schema_default_check_can_fail():
 
     diffs = _differences(composed("trainer.max_epochs=3"), OmegaConf.structured(SegtrainConfig))
     assert diffs == ["trainer.max_epochs: yaml 3 != schema 12"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.mode=slide", "eval.crop_size=32", "eval.stride=100"], "eval.stride=100 is larger than the window"),
+        (["eval.mode=slide", "data.crop_size=48", "eval.stride=[16,64]"], "window data.crop_size=48"),
+        (["seed=-1"], "seed must be in [0, 4294967295]"),
+        (["seed=99999999999999999999"], "seed must be in [0, 4294967295]"),
+        (["data.seed=-3"], "data.seed must be in"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas must be [beta1, beta2]"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas must be [beta1, beta2], each in [0, 1), got [0.9, 1.5]"),
+        (["data.crop_size=8"], "data.crop_size=8 gives 8 px, fewer than the 16 px model=unet needs"),
+        (["data.image_size=[10,12]"], "data.image_size=[10, 12] gives 10 px"),
+        (["eval.scales=[0.1,1.0]"], "data.image_size=64 at eval.scales 0.1 gives 6 px"),
+        (["model=deconvnet", "data.val_size=20"], "data.val_size=20 gives 20 px, fewer than the 32 px"),
+        (["eval.mode=slide", "eval.crop_size=12"], "eval.crop_size=12 gives 12 px"),
+        (["scheduler.warmup_iters=100", "trainer.max_iters=50"], "scheduler.warmup_iters=100 is not below"),
+        (["scheduler.min_lr=0.01"], "scheduler.min_lr=0.01 is above optimizer.lr=0.001"),
+        (["trainer.overwrite=true", "trainer.resume=auto"], "contradict each other"),
+    ],
+)
+def test_cross_key_checks_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        validate(composed(*overrides))
+    assert message in str(e.value) and len(str(e.value)) < 280
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["eval.mode=slide", "eval.crop_size=32", "eval.stride=32"],
+        ["model=unet", "model.backbone=resnet18", "data.crop_size=8"],  # encoder networks take any size
+        ["scheduler.min_lr=0.001"],  # equal to optimizer.lr: a constant schedule
+        ["seed=4294967295", "optimizer.betas=[0.0,0.99]"],
+        ["eval.scales=[0.25,1.0]"],  # 64 px x 0.25 = 16 px: just enough for the U-Net
+    ],
+)
+def test_cross_key_checks_pass_valid_values(overrides):
+    validate(composed(*overrides))
+
+
+def test_run_length_checks_once_the_data_set_is_known():
+    from segtrain.config import check_run_length
+
+    cfg = composed("scheduler.warmup_iters=40")
+    check_run_length(cfg, 41)
+    with pytest.raises(ConfigError, match="warmup_iters=40 is not below the run's 40 iterations"):
+        check_run_length(cfg, 40)  # trainer.max_epochs: the length is known only with the data set
+    with pytest.raises(ConfigError, match="fewer than data.batch_size=16"):
+        check_run_length(cfg, 0, num_train=3, iters_per_epoch=0)

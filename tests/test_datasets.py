@@ -351,3 +351,75 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
     )
     proc, run = cli("data=folder", f"data.root={root}", *FAST, "data.label_map={255:1}", env=env)
     assert (run / "metrics.json").is_file()
+
+
+# --- the messages of issue 16 ---------------------------------------------------------------------
+
+
+def test_split_list_with_a_byte_order_mark_loads(tmp_path):
+    write_folder(tmp_path, layout="lists")
+    for name in ("train.txt", "val.txt"):  # as Windows Notepad saves UTF-8 (with CRLF line ends)
+        text = (tmp_path / name).read_text().replace("\n", "\r\n")
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    train, val = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
+    assert len(train) == 4 and len(val) == 2 and Path(train.describe(0)).stem == "img_00"
+
+
+def _rotate_exif(path: Path, orientation: int = 6) -> None:
+    im = Image.open(path)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif.tobytes(), quality=95)
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_exif_rotated_image_is_named_as_such(tmp_path, check_labels):
+    write_folder(tmp_path)
+    _rotate_exif(tmp_path / "images" / "img_00.jpg")  # 83x61 as stored, its mask too; shown as 61x83
+    cfg = data_cfg("folder", tmp_path, num_classes=3, check_labels=check_labels)
+    with pytest.raises(DataError) as e:
+        train, val = build_datasets(cfg, seed=0)
+        for ds in (train, val):
+            for i in range(len(ds)):
+                ds.load(i)
+    msg = one_line_error(e)
+    assert "img_00.jpg has EXIF orientation 6" in msg and "61x83" in msg and "83x61" in msg, msg
+    assert "remove the orientation tag" in msg
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_jpeg_masks_get_save_as_png(tmp_path, check_labels):
+    write_folder(tmp_path, classes_yaml=False, num_classes=2)
+    for png in (tmp_path / "masks").glob("*.png"):  # 0/1 bands saved lossy, as 0/255 JPEGs: edge values appear
+        mask = np.asarray(Image.open(png)) * 255
+        png.unlink()
+        Image.fromarray(mask).save(png.with_suffix(".jpg"), quality=75)
+    cfg = data_cfg("folder", tmp_path, num_classes=2, label_map={255: 1}, check_labels=check_labels)
+    with pytest.raises(DataError) as e:
+        train, val = build_datasets(cfg, seed=0)
+        for ds in (train, val):
+            for i in range(len(ds)):
+                ds.load(i)
+    msg = one_line_error(e)
+    assert "masks are JPEG files" in msg and "save masks as PNG" in msg and ".jpg" in msg, msg
+    assert "data.num_classes=" not in msg
+
+
+def test_label_map_error_reports_the_value_in_the_file(tmp_path):
+    write_voc(tmp_path)  # palette PNGs with 255 borders
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("voc", tmp_path, label_map={255: 30}), seed=0)
+    msg = one_line_error(e)
+    assert "has values [255] that data.label_map turns into [30]" in msg, msg
+    assert "map them to a class in [0, 21) or to data.ignore_index=255" in msg
+
+
+def test_bad_mask_value_without_the_label_check_names_the_file(tmp_path):
+    write_voc(tmp_path, bad_value=40)
+    train, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
+    train.load(0)  # good masks load
+    with pytest.raises(DataError) as e:
+        train.load(1)
+    msg = one_line_error(e)
+    assert "2007_000001.png has values [40]" in msg and "data.num_classes=41" in msg, msg
+    assert "data.check_labels=false" in msg

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from segtrain import checkpoint
+from segtrain.errors import CheckpointError
 from tests.conftest import run_cli, segtrain_exe
 
 
@@ -104,6 +105,29 @@ def test_sigterm_writes_last_and_resume_continues(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == step + 2
 
 
+def test_sigterm_during_validation_stops_at_the_next_batch(tmp_path):
+    """A long validation (2000 images) is cut at the next batch: last.pt holds the 2 steps done, exit 75,
+    and the status says stopped (not a whole validation plus one more training step later)."""
+    args = ["debug=smoke", "data.num_val=2000", "data.val_batch_size=1", "trainer.val_interval=2",
+            "trainer.max_iters=100", "trainer.progress=false", "trainer.num_vis=0", "hydra.run.dir=run"]  # fmt: skip
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen(
+        segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    for line in proc.stdout:
+        if line.startswith("step 2/"):  # logged after step 2; its validation starts now
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGTERM at step 2/100" in err and "Traceback" not in err
+    assert "val mIoU" not in out  # the validation was cut, not finished
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and state["history"] == []
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"
+
+
 def test_keep_last_and_fallback_when_last_is_corrupt(cli):
     _, run = cli("debug=smoke", "trainer.max_iters=8", "trainer.val_interval=4", "trainer.keep_last=2")
     ck = run / "checkpoints"
@@ -143,15 +167,16 @@ def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli):
     before = (run / "checkpoints" / "last.pt").read_bytes()
     proc, _ = cli(
         "debug=smoke",
-        "optimizer.lr=1e8",
+        "data.std=[1e-45,1e-45,1e-45]",  # inputs become inf/NaN (a resume keeps the checkpoint's lr)
         "device.precision=fp32",
         "trainer.max_iters=8",
         "trainer.progress=false",
+        "trainer.resume=auto",
         run_dir="r",
         check=False,
-    )  # the same run dir: its checkpoints must survive
+    )  # the same run dir, continued: its checkpoints must survive the divergence
     line = one_line_error(proc, "non-finite", "optimizer.lr", "device.precision")
-    assert proc.returncode == 3 and "at step" in line
+    assert proc.returncode == 3 and "at step 5" in line
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -165,6 +190,19 @@ class Evil:
 
 
 MARKER = Path("/tmp") / f"segtrain-pwned-{os.getpid()}"
+
+
+def test_text_file_given_as_checkpoint_is_named(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("lr 0.01 worked best\n")
+    with pytest.raises(CheckpointError, match=r"notes.txt is a text file, not a checkpoint \(it starts with 'lr 0.01"):
+        checkpoint.load(notes)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        checkpoint.load(tmp_path / "empty.pt")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)))
+    with pytest.raises(CheckpointError, match="noise.pt is not a PyTorch file"):
+        checkpoint.load(tmp_path / "noise.pt")
 
 
 def test_pickled_code_is_refused_and_not_run(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import cv2
@@ -74,9 +75,31 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
             if len(pal) != cfg.num_classes:
                 raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
             train.palette = val.palette = pal
-        if cfg.check_labels and isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
-            check_labels([train, val], cfg.num_classes, cfg.ignore_index)
+        if isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
+            if cfg.check_labels:  # every mask, once (cached); also finds the smallest image of each split
+                train.smallest, val.smallest = check_labels([train, val], cfg.num_classes, cfg.ignore_index)
+            else:  # each mask as it is loaded, naming the file
+                train.check_values(cfg.num_classes, cfg.ignore_index)
+                val.check_values(cfg.num_classes, cfg.ignore_index)
     return train, val
+
+
+def _stop_workers_at_exit() -> None:
+    """Loader workers ignore SIGTERM (below), so multiprocessing's exit handler, which terminates daemonic
+    children with SIGTERM and waits, would wait forever for any still alive at exit (a loader kept alive by
+    an exception's traceback): kill them first (they only read data).  Registered after multiprocessing's
+    handler, so it runs before it."""
+    import multiprocessing
+    import signal
+
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not the loader's "worker killed" error, at exit
+    for child in children:
+        child.kill()
+
+
+atexit.register(_stop_workers_at_exit)
 
 
 def _worker_init(worker_id: int) -> None:

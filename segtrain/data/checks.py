@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.disk import DiskDataset, open_pil, size_message
+from segtrain.data.disk import EXIF_ORIENTATION, DiskDataset, open_pil, size_message, value_problem
 from segtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,31 +48,51 @@ def _fingerprint(datasets: list[DiskDataset], num_classes: int, ignore_index: in
     return h.hexdigest()[:32]
 
 
-def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None]:
-    """(256-bool presence of mask values, error message) for sample ``i``."""
+def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
+    """(256-bool presence of the mask's values as stored, error message, image (h, w) as loaded) of sample ``i``."""
     try:
         img = open_pil(ds.images[i], "image")
-        mask = ds.read_mask(i)
+        raw = ds.read_mask(i, mapped=False)
         w, h = img.size
-        if mask.shape != (h, w):
-            return None, size_message(ds.images[i], (h, w), ds.masks[i], mask.shape)
-        return np.bincount(mask.ravel(), minlength=256) > 0, None
+        if int(img.getexif().get(EXIF_ORIENTATION, 1)) >= 5:  # OpenCV loads it rotated by 90 degrees
+            w, h = h, w
+        if raw.shape != (h, w):
+            return None, size_message(ds.images[i], (h, w), ds.masks[i], raw.shape), (h, w)
+        return np.bincount(raw.ravel(), minlength=256) > 0, None, (h, w)
     except DataError as e:
-        return None, str(e)
+        return None, str(e), (0, 0)
 
 
-def check_labels(datasets: list[DiskDataset], num_classes: int, ignore_index: int, workers: int | None = None) -> None:
-    """Read every sample once; raise a one-line DataError on the first problem found (see the module doc)."""
+def _mapped(ds: DiskDataset, raw_present: np.ndarray) -> np.ndarray:
+    """Presence of the values after the data set's mapping, from the presence of the stored values."""
+    if ds.lut is None:
+        return raw_present
+    out = np.zeros(256, bool)
+    out[ds.lut[np.flatnonzero(raw_present)]] = True
+    return out
+
+
+def check_labels(
+    datasets: list[DiskDataset], num_classes: int, ignore_index: int, workers: int | None = None
+) -> list[tuple[str, int, int] | None]:
+    """Read every sample once; raise a one-line DataError on the first problem found (see the module doc).
+
+    Returns the smallest image (path, h, w) of each data set, for the checks against the network's minimum
+    input size (None from a cache written before segtrain recorded it)."""
     key = _fingerprint(datasets, num_classes, ignore_index)
     cache = cache_dir() / f"{key}.json"
     if cache.is_file():
         log.info("label check: cached result %s", cache)
-        return
+        try:
+            smallest = json.loads(cache.read_text()).get("smallest")
+        except (OSError, ValueError):
+            smallest = None
+        return [tuple(x) if x else None for x in smallest] if isinstance(smallest, list) else [None] * len(datasets)
     jobs = [(ds, i) for ds in datasets for i in range(len(ds))]
     workers = workers or min(8, os.cpu_count() or 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: _check_one(*job), jobs))
-    errors = [err for _, err in results if err is not None]
+    errors = [err for _, err, _ in results if err is not None]
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise DataError(errors[0] + more)
@@ -81,40 +101,41 @@ def check_labels(datasets: list[DiskDataset], num_classes: int, ignore_index: in
     if 0 <= ignore_index < 256:
         valid[ignore_index] = True
     union = np.zeros(256, bool)
-    bad_files: list[tuple[str, list[int]]] = []
-    for (ds, i), (present, _) in zip(jobs, results):
+    bad_files: list[tuple[DiskDataset, int, list[int]]] = []
+    for (ds, i), (present, _, _) in zip(jobs, results):
+        present = _mapped(ds, present)
         union |= present
         bad = np.flatnonzero(present & ~valid)
         if len(bad):
-            bad_files.append((str(ds.masks[i]), bad.tolist()))
+            bad_files.append((ds, i, bad.tolist()))
     values = np.flatnonzero(union).tolist()
-    binary = num_classes == 2 and set(values) == {0, 255}
-    if bad_files or binary:
-        if binary:
-            hint = "masks look binary 0/255: set data.label_map={255:1}"
-            first = bad_files[0] if bad_files else (str(jobs[0][0].masks[jobs[0][1]]), [255])
-            what = (
-                f"{first[0]} has values {first[1]}"
-                if bad_files
-                else f"every mask holds only 0 and 255 (= data.ignore_index), e.g. {first[0]}, so class 1 never appears"
-            )
-        else:
-            first = bad_files[0]
-            bad_all = sorted({v for _, vs in bad_files for v in vs})
-            top = max(bad_all)
-            hint = (
-                f"if these are classes set data.num_classes={top + 1}, otherwise remap them with "
-                f"data.label_map={{{bad_all[0]}:{ignore_index if 0 <= ignore_index < 256 else 255}}}"
-            )
-            what = f"{first[0]} has values {first[1]}"
-        more = f" ({len(bad_files)} mask(s) affected)" if len(bad_files) > 1 else ""
-        raise DataError(
-            f"label check failed: mask values must be in [0, {num_classes}) or data.ignore_index={ignore_index}; "
-            f"{what}{more}; {hint} (data.check_labels=false skips this check)"
-        )
+    if bad_files or (num_classes == 2 and set(values) == {0, 255}):
+        raise DataError(_label_error(jobs, bad_files, values, num_classes, ignore_index))
+    smallest: list = []
+    for ds in datasets:
+        sizes = [(min(hw), hw, str(d.images[i])) for (d, i), (_, _, hw) in zip(jobs, results) if d is ds]
+        smallest.append((min(sizes)[2], *min(sizes)[1]) if sizes else None)  # (path, h, w)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"ok": True, "samples": len(jobs), "values": values}))
+        cache.write_text(json.dumps({"ok": True, "samples": len(jobs), "values": values, "smallest": smallest}))
     except OSError as e:  # a read-only home is no reason to stop
         log.warning("label check: cannot write cache %s: %s", cache, e)
     log.info("label check: %d samples ok (values %s)", len(jobs), values)
+    return smallest
+
+
+def _label_error(jobs: list, bad_files: list, values: list[int], num_classes: int, ignore_index: int) -> str:
+    """The one-line label-check error: the first bad mask, its values and the fix."""
+    head = f"label check failed: mask values must be in [0, {num_classes}) or data.ignore_index={ignore_index}; "
+    more = f" ({len(bad_files)} masks affected)" if len(bad_files) > 1 else ""
+    tail = " (data.check_labels=false skips this check)"
+    if num_classes == 2 and set(values) == {0, 255}:
+        ds, i = jobs[0]
+        what = (
+            f"{bad_files[0][0].masks[bad_files[0][1]]} has values {bad_files[0][2]}"
+            if bad_files
+            else f"every mask holds only 0 and 255 (= data.ignore_index), e.g. {ds.masks[i]}, so class 1 never appears"
+        )
+        return f"{head}{what}{more}; masks look binary 0/255: set data.label_map={{255:1}}{tail}"
+    ds, i, bad = bad_files[0]
+    return f"{head}{value_problem(ds, i, bad, num_classes, ignore_index)}{more}{tail}"

@@ -23,6 +23,7 @@ from segtrain.data.base import SegDataset
 from segtrain.errors import ConfigError, DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+EXIF_ORIENTATION = 0x0112  # 5-8: stored transposed, shown rotated by 90 degrees (and loaded so by OpenCV)
 
 
 # ---------------------------------------------------------------------------
@@ -144,8 +145,9 @@ class DiskDataset(SegDataset):
     def describe(self, index: int) -> str:
         return str(self.images[index])
 
-    def read_mask(self, index: int, im: Image.Image | None = None) -> np.ndarray:
-        """The HxW uint8 mask of sample ``index`` after the data set's mapping and ``data.label_map``."""
+    def read_mask(self, index: int, im: Image.Image | None = None, mapped: bool = True) -> np.ndarray:
+        """The HxW uint8 mask of sample ``index`` after the data set's mapping and ``data.label_map``
+        (``mapped=False``: before them, the values as stored, colours already turned into indices)."""
         path = self.masks[index]
         im = im if im is not None else open_pil(path, "mask")
         if im.mode in ("LA", "PA"):  # an alpha channel on an index mask: keep the indices
@@ -170,7 +172,7 @@ class DiskDataset(SegDataset):
                     raise DataError(f"mask {path} has values up to {int(arr.max())}; class indices must be in [0, 255]")
                 arr = arr.astype(np.uint8)
             mask = arr
-        if self.lut is not None:
+        if self.lut is not None and mapped:
             mask = self.lut[mask]
         return mask
 
@@ -179,17 +181,83 @@ class DiskDataset(SegDataset):
         mask = self.read_mask(index)
         if image.shape[:2] != mask.shape[:2]:
             raise DataError(size_message(self.images[index], image.shape[:2], self.masks[index], mask.shape[:2]))
+        if self.valid is not None and not self.valid[mask].all():  # data.check_labels=false: checked here
+            bad = np.unique(mask[~self.valid[mask]]).tolist()
+            raise DataError(
+                f"bad mask (data.check_labels=false skipped the check before training): "
+                f"{value_problem(self, index, bad, self.num_classes, self.ignore_index)}"
+            )
         return image, mask
+
+    # Set by build_datasets when data.check_labels=false: load() then checks each mask (a 256-entry lookup).
+    valid: np.ndarray | None = None  # the accepted mask values
+    num_classes: int = 0
+    smallest: tuple[str, int, int] | None = None  # (path, h, w) of the smallest image, found by the label check
+
+    def check_values(self, num_classes: int, ignore_index: int) -> None:
+        """Make :meth:`load` reject mask values outside ``[0, num_classes)`` and ``ignore_index``."""
+        self.valid = np.zeros(256, bool)
+        self.valid[:num_classes] = True
+        if 0 <= ignore_index < 256:
+            self.valid[ignore_index] = True
+        self.num_classes, self.ignore_index = num_classes, ignore_index
 
     def cache_key(self) -> str:
         pal = None if self.colour_palette is None else self.colour_palette.tolist()
         return json.dumps([self.kind, None if self.lut is None else self.lut.tolist(), pal, self.ignore_color])
 
 
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag of an image file (1, the default, when absent or unreadable)."""
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - no tag to report
+        return 1
+
+
 def size_message(img_path: Path, img_hw: tuple, mask_path: Path, mask_hw: tuple) -> str:
+    """The error for an image and mask of different sizes (``img_hw`` as loaded, EXIF rotation applied)."""
+    orientation = exif_orientation(img_path)
+    if orientation >= 5 and tuple(img_hw[::-1]) == tuple(mask_hw):
+        return (
+            f"image {img_path} has EXIF orientation {orientation}: it loads rotated by 90 degrees as "
+            f"{img_hw[1]}x{img_hw[0]}, while its mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH) as stored; "
+            "remove the orientation tag from the image (e.g. exiftool -Orientation= FILE), or rotate the mask too"
+        )
     return (
         f"image {img_path} is {img_hw[1]}x{img_hw[0]} but its mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH); "
         f"image and mask must have the same size"
+    )
+
+
+def mapped_from(ds: DiskDataset, index: int, values: list[int]) -> list[int]:
+    """The raw values in sample ``index``'s file that the label mapping (``data.label_map``, or the layout's
+    own table) turned into one of ``values`` (empty when the file holds ``values`` themselves)."""
+    if ds.lut is None:
+        return []
+    raw = np.unique(ds.read_mask(index, mapped=False)).tolist()
+    return sorted(r for r in raw if int(ds.lut[r]) in values and int(ds.lut[r]) != r)
+
+
+def value_problem(ds: DiskDataset, index: int, values: list[int], num_classes: int, ignore_index: int) -> str:
+    """What is wrong with mask values ``values`` (after the mapping) of sample ``index``, and the fix:
+    JPEG masks, values made by ``data.label_map``, or values that need num_classes / a remap."""
+    path, ignore = ds.masks[index], ignore_index if 0 <= ignore_index < 256 else 255
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        return (
+            f"{path} has values {values[:8]}: the masks are JPEG files, whose lossy compression changes class "
+            "values at edges; save masks as PNG"
+        )
+    sources = mapped_from(ds, index, values)
+    if sources:
+        return (
+            f"{path} has values {sources} that data.label_map turns into {values}, outside the classes; map them "
+            f"to a class in [0, {num_classes}) or to data.ignore_index={ignore}"
+        )
+    return (
+        f"{path} has values {values[:8]}; if these are classes set data.num_classes={max(values) + 1}, otherwise "
+        f"remap them with data.label_map={{{values[0]}:{ignore}}}"
     )
 
 
@@ -221,9 +289,8 @@ def read_list(path: Path, layout: str) -> list[str]:
     """Non-empty lines of a split list, or a DataError naming the file and the layout."""
     if not path.is_file():
         raise DataError(f"split file {path} is missing (expected layout: {layout})")
-    names = [
-        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
-    ]
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a name
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         raise DataError(f"split file {path} is empty (expected one image name per line)")
     return names

@@ -82,7 +82,6 @@ def _fcn(cfg: DictConfig, num_classes: int) -> nn.Module:
 
 
 def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
-    from segtrain.models.backbones import imagenet_weights, load_pretrained
     from segtrain.models.deconvnet import VARIANTS, DeconvNet
 
     variant = _variant(cfg, "deconvnet", VARIANTS, "deconvnet")
@@ -101,6 +100,8 @@ def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
         )
     model = DeconvNet(num_classes, cfg.base_channels, variant, cfg.norm)
     if cfg.pretrained:
+        from segtrain.models.backbones import imagenet_weights, load_pretrained
+
         model.load_vgg16(load_pretrained(imagenet_weights("vgg16_bn" if cfg.norm == "bn" else "vgg16")))
     return model
 

@@ -25,12 +25,16 @@ halving at every step down to base at full resolution (16: 256, 128, 64, 32,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtrain.models.backbones import Backbone
 from segtrain.models.blocks import ConvBNReLU, UpConv2x2, fit_to
+
+if TYPE_CHECKING:  # a plain U-Net does not load torchvision (seconds of start-up on a small CPU)
+    from segtrain.models.backbones import Backbone
 
 
 class DoubleConv(nn.Sequential):

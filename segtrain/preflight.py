@@ -1,0 +1,68 @@
+"""Checks at start, before the first training step, so that a run that would crash at its first
+validation (after a whole interval of training) fails in seconds instead.
+
+* :func:`check_val_images`: the smallest validation image (found by the label check) against the
+  network's minimum input size;
+* :func:`dry_validation`: one validation image through the real evaluation path (the ``eval.*``
+  settings, autocast, the loss and the confusion matrix) with the network about to be trained.
+
+The cross-key checks of config values (strides, crops, sizes, seeds ...) live in
+:func:`segtrain.config.validate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from segtrain.config import min_input_size
+from segtrain.errors import ConfigError, DataError
+from segtrain.evaluation import evaluate_loader
+from segtrain.runtime import autocast, unwrap
+
+log = logging.getLogger("segtrain")
+
+
+def check_val_images(val_set, cfg) -> None:
+    """A validation image smaller than the network accepts (``val_set.smallest``: (path, h, w), set by the
+    label check of on-disk data sets) is named before training; ``data.val_size`` rescales every image
+    (checked in ``config.validate``)."""
+    smallest = getattr(val_set, "smallest", None)
+    need = min_input_size(cfg.model)
+    if smallest is None or cfg.data.val_size is not None:
+        return
+    path, h, w = smallest
+    low = min([1.0, *(float(s) for s in cfg.eval.scales)])
+    if min(h, w) * low < need:
+        scaled = f" (x{low:g} at the smallest eval.scales)" if low < 1 else ""
+        raise DataError(
+            f"validation image {path} is {w}x{h} px{scaled}, smaller than the {need} px model={cfg.model.name} "
+            f"needs; remove it, or set data.val_size={need} (or larger)"
+        )
+
+
+def dry_validation(trainer) -> None:
+    """One validation image through :func:`segtrain.evaluation.evaluate_loader`, as at the first validation
+    (the plain module: no compilation, no DDP hooks).  Under DDP every rank runs it (it all-reduces)."""
+    check_val_images(trainer.val_set, trainer.cfg)
+    t0 = time.perf_counter()
+    try:
+        batch = next(iter(trainer.val_loader), None)
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        bs = trainer.cfg.data.val_batch_size or trainer.cfg.data.batch_size
+        raise ConfigError(
+            f"validation images differ in size, so they cannot be batched {bs} at a time: set "
+            "data.val_batch_size=1, or data.val_size to resize them"
+        ) from None
+    batches = [] if batch is None else [(batch[0][:1], batch[1][:1])]
+    model = unwrap(trainer.model)
+    was_training = model.training
+    model.eval()  # left so on failure: an out-of-memory error is then reported as one "in validation"
+    evaluate_loader(
+        model, batches, trainer.batch_to_device, lambda: autocast(trainer.device, trainer.precision), trainer.cfg,
+        trainer.class_names, criterion=trainer.criterion,
+    )  # fmt: skip
+    model.train(was_training)
+    log.debug("dry validation pass: %.2f s", time.perf_counter() - t0)

@@ -1,0 +1,77 @@
+"""Console output never stops a run (closed pipe, full disk), and every error line is one line of at most
+300 characters with the full message in the log file."""
+
+import logging
+import os
+import subprocess
+
+import pytest
+from conftest import segtrain_exe
+
+from segtrain import console
+
+
+def _bash(cmd: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_closed_pipe_and_full_disk_do_not_stop_training(tmp_path):
+    exe = " ".join(segtrain_exe())
+    args = "debug=smoke trainer.max_iters=2 trainer.num_vis=0"
+    proc = _bash(
+        f"{exe} {args} hydra.run.dir=piped | head -1 > first.txt; echo ${{PIPESTATUS[0]}} > rc1; "
+        f"{exe} {args} hydra.run.dir=full > /dev/full; echo $? > rc2",
+        tmp_path,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert (tmp_path / "first.txt").read_text().startswith("model unet")
+    for run, rc, reason in (("piped", "rc1", "Broken pipe"), ("full", "rc2", "No space left on device")):
+        assert (tmp_path / rc).read_text().strip() in ("0", "75"), run
+        assert (tmp_path / run / "checkpoints" / "last.pt").is_file(), run
+        log = (tmp_path / run / "cli.log").read_text()
+        assert f"stdout failed ({reason})" in log and "best val mIoU" in log, run  # the log went on
+
+
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path):
+    exe = " ".join(segtrain_exe())
+    proc = _bash(f"{exe} --help | head -1; echo rc=${{PIPESTATUS[0]}}", tmp_path)
+    assert proc.stdout.startswith("segtrain:") and "rc=0" in proc.stdout
+    assert proc.stderr == "", proc.stderr
+
+
+def test_quiet_stream_swallows_write_errors(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = console.QuietStream(os.fdopen(write_end, "w"), "stdout")
+    stream.write("x" * 100_000)
+    stream.flush()  # EPIPE, swallowed
+    assert isinstance(stream.failed, BrokenPipeError)
+    stream.write("more")
+    stream.flush()
+    assert not stream.isatty()
+    full = console.QuietStream(open("/dev/full", "w"), "stdout")
+    full.write("y")
+    full.flush()
+    assert full.failed is not None and full.failed.errno == 28  # ENOSPC
+
+
+@pytest.fixture
+def file_log(tmp_path):
+    handler = logging.FileHandler(tmp_path / "cli.log")
+    logging.getLogger().addHandler(handler)
+    yield tmp_path / "cli.log"
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def test_error_line_is_short_and_the_log_has_everything(file_log):
+    path = "/data/" + "/".join(f"level{i}" for i in range(30)) + "/masks/img_00.png"
+    msg = f"label check failed: {path} has values [7]; set data.num_classes=8 " + "and more detail " * 30
+    line = console.error_line("segtrain: error: ", msg, ValueError("inner"))
+    assert len(line) <= console.MAX_LINE and "\n" not in line
+    assert "…/masks/img_00.png" in line and "full message in" in line and "cli.log" in line
+    logged = file_log.read_text()
+    assert path in logged and "ValueError: inner" in logged  # the full message and the traceback
+    assert console.error_line("p: ", "short") == "p: short"

@@ -1,0 +1,249 @@
+"""A run dir belongs to one run: no silent overwrite, ``trainer.overwrite`` keeps the old files under
+``previous-*/``, a lock per dir (stale locks taken over), unique default dirs, and one-line exit-4 errors for
+dirs that cannot be used."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, segtrain_exe
+
+from segtrain import rundir
+from segtrain.errors import OutputError
+
+SMOKE1 = ["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "trainer.progress=false"]
+
+
+def one_line(proc, code: int, *needles: str) -> str:
+    """The single stderr line of a failed command (<= 300 characters, no traceback), holding ``needles``."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and len(lines[0]) <= 300, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) and its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def env() -> dict:
+    out = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    out.pop("HYDRA_FULL_ERROR", None)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Through the CLI.
+
+
+def test_second_run_is_refused_and_overwrite_keeps_the_old_files(cli):
+    _, run = cli(*SMOKE1, run_dir="D")
+    before = snapshot(run)
+    assert "checkpoints/last.pt" in before and "metrics.json" in before and ".hydra/config.yaml" in before
+    proc, _ = cli(*SMOKE1, run_dir="D", check=False)
+    one_line(proc, 4, "already holds a run", "trainer.resume=auto", "trainer.overwrite=true", "hydra.run.dir")
+    assert snapshot(run) == before  # byte for byte: checkpoints, metrics, TensorBoard, the log, .hydra, status
+    proc, _ = cli(*SMOKE1, "trainer.overwrite=true", run_dir="D")
+    previous = list(run.glob("previous-*"))
+    assert len(previous) == 1 and snapshot(previous[0]) == before  # moved whole, nothing deleted
+    assert "moved the earlier run's files" in (run / "cli.log").read_text()
+    assert (run / "checkpoints" / "last.pt").is_file() and not (run / rundir.LOCK_NAME).exists()
+
+
+def test_runs_started_together_get_their_own_dirs(tmp_path):
+    """The default run dir is ``${unique_dir:outputs/DATE/TIME}``: here the base name is the date alone, so
+    both runs ask for the same dir, as two runs started in the same second do."""
+    args = [*SMOKE1, 'hydra.run.dir="${unique_dir:outputs/${now:%Y-%m-%d}}"']
+    procs = [
+        subprocess.Popen(segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+        for _ in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    dirs = sorted((tmp_path / "outputs").iterdir())
+    assert [d.name for d in dirs] == [time.strftime("%Y-%m-%d"), time.strftime("%Y-%m-%d") + "_2"]
+    for d in dirs:  # each run wrote only into its own dir
+        assert (d / "checkpoints" / "last.pt").is_file() and (d / ".hydra" / "config.yaml").is_file()
+        assert str(d) in (d / "cli.log").read_text() and not (d / "checkpoints" / "last-1.pt").exists()
+
+
+def test_default_dirs_are_unique():
+    text = (Path(__file__).resolve().parents[1] / "configs" / "config.yaml").read_text()
+    assert "dir: ${unique_dir:outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}}" in text
+    assert "dir: ${unique_dir:multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}}" in text
+
+
+def unwritable_dir(tmp_path: Path) -> str:
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return str(folder)
+    probe = Path("/sys/kernel/segtrain-probe")
+    try:
+        probe.write_text("x")
+    except OSError:
+        return "/sys/kernel"  # an existing dir even root cannot write
+    probe.unlink()
+    pytest.skip("no unwritable directory available")
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "long_name", "unwritable"])
+def test_unusable_run_dir_is_one_line_exit_4(tmp_path, kind):
+    (tmp_path / "afile").write_text("keep me")
+    target = {
+        "file": "afile",
+        "under_a_file": "afile/run",
+        "long_name": "r" * 300,
+        "unwritable": unwritable_dir(tmp_path) if kind == "unwritable" else "",
+    }[kind]
+    proc = run_cli(["debug=smoke", f"hydra.run.dir={target}"], tmp_path)
+    line = one_line(proc, 4, "change hydra.run.dir")
+    assert {"file": "it is a file", "under_a_file": "afile is a file", "long_name": "300 characters"}.get(
+        kind, "cannot write"
+    ) in line
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def _read_until(stream, needle: str, timeout: float = 180) -> str:
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not seen in:\n{''.join(seen)[-3000:]}")
+
+
+def test_lock_refuses_a_second_process_and_a_stale_lock_is_taken_over(tmp_path):
+    args = [
+        "debug=smoke",
+        "data.image_size=160",
+        "trainer.max_iters=100000",
+        "trainer.val_interval=100000",
+        "trainer.progress=false",
+        "hydra.run.dir=D",
+    ]
+    a = subprocess.Popen(
+        segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
+    try:
+        _read_until(a.stdout, "step 1/")
+        lock = json.loads((tmp_path / "D" / rundir.LOCK_NAME).read_text())
+        assert lock["pid"] == a.pid and lock["host"] == socket.gethostname()
+        b = run_cli(args, tmp_path)  # the same dir, while the first run trains
+        one_line(b, 4, f"in use by pid {a.pid}", "hydra.run.dir")
+        # a double Ctrl-C aborts at once: status.json says so, the lock stays behind (the process is gone)
+        a.send_signal(signal.SIGINT)
+        _read_until(a.stderr, "stopping after this step")
+        a.send_signal(signal.SIGINT)
+        a.wait(timeout=60)
+    finally:
+        a.kill()
+        a.wait()
+    assert a.returncode == -signal.SIGINT
+    status = json.loads((tmp_path / "D" / "status.json").read_text())
+    assert status["status"] == "aborted" and "SIGINT" in status["error"]
+    assert (tmp_path / "D" / rundir.LOCK_NAME).is_file()
+    c = run_cli([*SMOKE1, "hydra.run.dir=D"], tmp_path)
+    assert c.returncode == 0, c.stderr
+    assert f"took over the lock of pid {a.pid}" in (tmp_path / "D" / "cli.log").read_text()
+    assert json.loads((tmp_path / "D" / "status.json").read_text())["status"] == "done"
+    assert not (tmp_path / "D" / rundir.LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------
+# In-process.
+
+
+def test_unique_dir_creates_a_fresh_dir_once_per_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "_unique", {})
+    base = str(tmp_path / "out" / "12-00-00")
+    first = rundir.unique_dir(base)
+    assert first == base and Path(base).is_dir()
+    assert rundir.unique_dir(base) == first  # every lookup in one run: the same dir
+    monkeypatch.setattr(rundir, "_unique", {})  # another process asking for the same name
+    assert rundir.unique_dir(base) == base + "_2" and Path(base + "_2").is_dir()
+
+
+def write_lock(folder: Path, **info) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / rundir.LOCK_NAME).write_text(json.dumps(info))
+
+
+def test_lock_of_a_live_process_refuses_naming_pid_and_host(tmp_path):
+    start = rundir._process_start(1)
+    write_lock(tmp_path / "a", pid=1, host=socket.gethostname(), started="then", proc_start=start)
+    with pytest.raises(OutputError, match=r"in use by pid 1 \(started then\)"):
+        rundir.claim(tmp_path / "a")
+    write_lock(tmp_path / "b", pid=12345, host="other-node", started="then")
+    with pytest.raises(OutputError, match="in use by pid 12345 on host other-node"):
+        rundir.claim(tmp_path / "b")
+
+
+def test_stale_lock_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_lock(tmp_path, pid=dead.pid, host=socket.gethostname(), started="then")
+    with caplog.at_level("WARNING", logger="segtrain"):
+        rundir.claim(tmp_path)
+    try:
+        assert f"took over the lock of pid {dead.pid}" in caplog.text
+        assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+        rundir.claim(tmp_path)  # this process holds it already: a no-op
+    finally:
+        rundir.release(tmp_path)
+    assert not (tmp_path / rundir.LOCK_NAME).exists()
+
+
+def test_a_reused_pid_does_not_keep_a_lock(tmp_path):
+    """The lock records the process start time: pid 1 started long before this lock was written."""
+    write_lock(tmp_path, pid=1, host=socket.gethostname(), started="then", proc_start="-1")
+    rundir.claim(tmp_path)
+    rundir.release(tmp_path)
+
+
+def test_overwrite_moves_everything_but_keeps_what_this_run_wrote(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"old")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "cli.log").write_text("this run's log")
+    with pytest.raises(OutputError, match="already holds a run"):
+        rundir.claim(tmp_path)
+    assert not (tmp_path / rundir.LOCK_NAME).exists()  # released on refusal
+    rundir.claim(tmp_path, overwrite=True, keep={"cli.log"})
+    rundir.release(tmp_path)
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "checkpoints" / "last.pt").read_bytes() == b"old" and (previous / "metrics.json").is_file()
+    assert (tmp_path / "cli.log").read_text() == "this run's log" and not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_into_the_dir_is_allowed(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"old")
+    rundir.claim(tmp_path, resume="auto")
+    rundir.release(tmp_path)
+    rundir.claim(tmp_path, resume=str(tmp_path / "checkpoints" / "last.pt"))
+    rundir.release(tmp_path)
+    with pytest.raises(OutputError, match="already holds a run"):
+        rundir.claim(tmp_path, resume="/elsewhere/last.pt")  # continues another run: this dir's files stay
+
+
+def test_resume_command_stays_short():
+    cmd = rundir.resume_command(Path("/runs/x"), limit=None)
+    assert cmd.endswith("trainer.resume=auto hydra.run.dir=/runs/x")
+    assert rundir.resume_command(Path("/runs/x"), limit=10) == (
+        "the same command plus trainer.resume=auto hydra.run.dir=/runs/x"
+    )
