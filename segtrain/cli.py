@@ -37,13 +37,15 @@ def config_dir() -> str:
     raise SystemExit("segtrain: error: cannot find the shipped configs (config.yaml); reinstall segtrain")
 
 
-def _train(cfg: DictConfig) -> float:
+def _train(cfg: DictConfig) -> tuple[float, dict]:
+    """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
     from segtrain.trainer import Trainer
 
     validate(cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     summary = Trainer(cfg, run_dir).fit()
-    return summary["best_miou"]
+    keys = ("monitor", "monitor_mode", "best_value", "best_step", "best_checkpoint", "stop_reason")
+    return summary["best_value"], {k: summary[k] for k in keys}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -127,7 +129,10 @@ class _Failures:
 
 
 def _guarded(task, full_errors: bool):
-    """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
+    """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on.
+
+    ``task(cfg)`` returns the job's value (what a sweeper optimises) or ``(value, details)``, where the
+    ``details`` dict goes into the job's ``status.json`` too."""
 
     def job(cfg: DictConfig):
         import time
@@ -141,15 +146,15 @@ def _guarded(task, full_errors: bool):
         main_rank = os.environ.get("RANK", "0") == "0"
         start = time.perf_counter()
 
-        def status(state: str, error: str | None, result=None) -> None:
+        def status(state: str, error: str | None, result=None, details=None) -> None:
             if main_rank:
-                write_status(
-                    hc.runtime.output_dir, state, error, list(hc.overrides.task), time.perf_counter() - start, result
-                )
+                elapsed = time.perf_counter() - start
+                write_status(hc.runtime.output_dir, state, error, list(hc.overrides.task), elapsed, result, details)
 
         try:
             result = task(cfg)
-            status("done", None, result)
+            result, details = result if isinstance(result, tuple) else (result, None)
+            status("done", None, result, details)
             return result
         except SegtrainError as e:
             msg, code = _user_message(e), e.exit_code
