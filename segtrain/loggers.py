@@ -62,19 +62,17 @@ def _import(module: str, backend: str):
 def run_names(run_dir: Path) -> tuple[str, str | None]:
     """(run name, group): in a Hydra sweep ``<job number>_<overrides>`` and the sweep dir's name, otherwise
     the overrides (or the run dir's name) and no group."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-        hc = HydraConfig.get() if HydraConfig.initialized() else None
-    except Exception:  # noqa: BLE001 - no Hydra (the trainer used as a library)
-        hc = None
-    if hc is None:
+    try:
+        hc = HydraConfig.get()
+        overrides = hc.job.override_dirname or ""
+        if hc.mode == RunMode.MULTIRUN:
+            name = f"{hc.job.num}_{overrides}" if overrides else str(hc.job.num)
+            return name[:120], Path(str(hc.sweep.dir)).name
+    except Exception:  # noqa: BLE001 - no Hydra app (the trainer used as a library, or a partial Hydra config)
         return run_dir.name, None
-    overrides = hc.job.override_dirname or ""
-    if hc.mode == RunMode.MULTIRUN:
-        name = f"{hc.job.num}_{overrides}" if overrides else str(hc.job.num)
-        return name[:120], Path(str(hc.sweep.dir)).name
     return (overrides or run_dir.name)[:120], None
 
 

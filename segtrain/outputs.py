@@ -1,4 +1,6 @@
-"""Run outputs: TensorBoard scalars/images/hparams, metrics.json, the per-class table."""
+"""Run outputs: metrics.json, the per-class table, confusion-matrix PNG, prediction grids, hparams.
+
+The experiment loggers (TensorBoard, CSV, W&B, MLflow) are in :mod:`segtrain.loggers`."""
 
 from __future__ import annotations
 
@@ -140,45 +142,3 @@ def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
         "precision": precision,
         "seed": c.seed,
     }
-
-
-class TensorBoard:
-    """A thin SummaryWriter wrapper that can be disabled (non-zero ranks)."""
-
-    def __init__(self, log_dir: str | Path | None):
-        self.writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(log_dir))
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for k, v in values.items():
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                self.writer.add_scalar(k, v, step)
-
-    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Record hparams with final metrics in this run's own event file (TensorBoard's HPARAMS tab)."""
-        if self.writer is None:
-            return
-        from torch.utils.tensorboard.summary import hparams as hp_summary
-
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        metrics = {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
-        exp, ssi, sei = hp_summary(clean, metrics)
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
