@@ -98,6 +98,16 @@ def _missing_config(msg: str) -> str:
     return out
 
 
+def _off_node(msg: str) -> str:
+    """``logger.wandb.project=x`` without ``logger=wandb``: OmegaConf cannot set a key below a null node."""
+    keys = [a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a and a.startswith("logger.")]
+    if not keys:
+        return msg
+    backend = keys[0].split(".")[1]
+    return (f"{keys[0]} is a key of the {backend} logger, which is off: add logger={backend} "
+            f"(or several: 'logger=[tensorboard,{backend}]')")  # fmt: skip
+
+
 class _Failures:
     """Jobs of a sweep that failed (the others go on).
 
@@ -218,6 +228,8 @@ def run_hydra_app(task, config_name: str = "config") -> None:
         if "Could not find" in msg:
             msg = _missing_config(str(e))
         user_error = type(e).__module__.split(".")[0] in ("hydra", "omegaconf")
+        if "Unexpected type for root: NoneType" in msg:  # a key inside a node that is off (null)
+            msg, user_error = _off_node(msg), True
         if not user_error:
             msg = f"{type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
         print(f"segtrain: error: {msg}{_hint(msg)}", file=sys.stderr)

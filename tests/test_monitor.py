@@ -119,6 +119,8 @@ def test_unknown_monitor_key_is_one_line(tmp_path):
         validate(composed("trainer.monitor_mode=up"))
     with pytest.raises(ConfigError, match="trainer.save_top_k"):
         validate(composed("trainer.save_top_k=-2"))
+    with pytest.raises(ConfigError, match=r"trainer.early_stop_patience must be >= 1"):
+        validate(composed("trainer.early_stop_patience=0"))
 
 
 def test_early_stop_cli_says_why_and_csv_has_every_row(cli):
