@@ -47,15 +47,7 @@ def save_rotating(obj: Any, path: str | Path, keep: int) -> None:
         for i in range(keep - 1, 0, -1):
             if numbered(path, i).is_file():
                 os.replace(numbered(path, i), numbered(path, i + 1))
-        tmp = path.with_name(f".{path.name}.link.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copy2(path, tmp)
-        os.replace(tmp, numbered(path, 1))
+        link_atomic(path, numbered(path, 1))
     save_atomic(obj, path)
 
 
@@ -90,6 +82,20 @@ def steps_kept_on_failure(trainer) -> contextlib.AbstractContextManager:
         (NonFiniteLossError, OutputError, Preempted),
         lambda: trainer.step > max(start, trainer.history[-1]["step"] if trainer.history else 0),
     )
+
+
+def link_atomic(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` a hard link to ``source`` (a copy where links fail), replacing it atomically."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
 
 
 def remove_stale_temporaries(folder: str | Path) -> None:

@@ -44,13 +44,15 @@ def config_dir() -> str:
     raise SystemExit("segtrain: error: cannot find the shipped configs (config.yaml); reinstall segtrain")
 
 
-def _train(cfg: DictConfig) -> float:
+def _train(cfg: DictConfig) -> tuple[float, dict]:
+    """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
     from segtrain.trainer import Trainer
 
     validate(cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     summary = Trainer(cfg, run_dir).fit()
-    return summary["best_miou"]
+    keys = ("monitor", "monitor_mode", "best_value", "best_step", "best_checkpoint", "stop_reason")
+    return summary["best_value"], {k: summary[k] for k in keys}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -101,6 +103,16 @@ def _missing_config(msg: str) -> str:
         names = [o.strip() for o in opts.group(2).split() if o.strip() and o.strip() != ";"]
         out += f"; options in '{opts.group(1)}': {', '.join(names)}"
     return out
+
+
+def _off_node(msg: str) -> str:
+    """``logger.wandb.project=x`` without ``logger=wandb``: OmegaConf cannot set a key below a null node."""
+    keys = [a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a and a.startswith("logger.")]
+    if not keys:
+        return msg
+    backend = keys[0].split(".")[1]
+    return (f"{keys[0]} is a key of the {backend} logger, which is off: add logger={backend} "
+            f"(or several: 'logger=[tensorboard,{backend}]')")  # fmt: skip
 
 
 class _Failures:
@@ -165,7 +177,10 @@ def _classify(exc: BaseException) -> tuple[str, int]:
 
 
 def _guarded(task, full_errors: bool, prog: str):
-    """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
+    """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on.
+
+    ``task(cfg)`` returns the job's value (what a sweeper optimises) or ``(value, details)``, where the
+    ``details`` dict goes into the job's ``status.json`` too."""
 
     def job(cfg: DictConfig):
         import time
@@ -179,16 +194,16 @@ def _guarded(task, full_errors: bool, prog: str):
         main_rank = os.environ.get("RANK", "0") == "0"
         start = time.perf_counter()
 
-        def status(state: str, error: str | None, result=None) -> None:
+        def status(state: str, error: str | None, result=None, details=None) -> None:
             if main_rank:
-                write_status(
-                    hc.runtime.output_dir, state, error, list(hc.overrides.task), time.perf_counter() - start, result
-                )
+                elapsed = time.perf_counter() - start
+                write_status(hc.runtime.output_dir, state, error, list(hc.overrides.task), elapsed, result, details)
 
         status("running", None)  # replaces an earlier run's record: status.json is always this run's
         try:
             result = task(cfg)
-            status("done", None, result)
+            result, details = result if isinstance(result, tuple) else (result, None)
+            status("done", None, result, details)
             return result
         except SegtrainError as e:
             err, msg, code = e, _user_message(e), e.exit_code
@@ -231,6 +246,8 @@ def _app_failed(exc: Exception, prog: str) -> int:
         if "Could not find" in msg:
             msg = _missing_config(str(exc))
         user_error = type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")
+        if "Unexpected type for root: NoneType" in msg:  # a key inside a node that is off (null)
+            msg, user_error = _off_node(msg), True
         if not user_error:
             msg = f"{type(exc).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
         msg, code = msg + _hint(msg), 2 if user_error else 1

@@ -157,9 +157,55 @@ class TrainerConfig:
     keep_last: int = 1  # previous last.pt files kept as last-1.pt ... (a fallback if the newest is unreadable)
     stop_at: int | None = None  # stop after this iteration as if preempted (writes last.pt, exit code 75)
     deterministic: bool = False
-    num_vis: int = 4  # images in the TensorBoard grid per validation
+    num_vis: int = 4  # images in the logged grid per validation
     progress: bool = True  # tqdm bars
     debug_errors: bool = False  # show full tracebacks
+    # Checkpoints and early stopping by a validation value (segtrain/monitor.py):
+    monitor: str = "val/mIoU"  # val/mIoU | val/aAcc | val/mAcc | val/mDice | val/loss | val_iou/<class>
+    monitor_mode: str = "auto"  # max | min | auto (min for val/loss, else max)
+    early_stop_patience: int | None = None  # stop after this many validations without improvement; null: off
+    early_stop_min_delta: float = 0.0  # an improvement must exceed this to reset the patience count
+    save_top_k: int = 0  # keep the k best as best-<step>-<value>.pt (-1: every validation; 0: best.pt only)
+    # Weight EMA (segtrain/ema.py): validation and best checkpoints use the averaged weights
+    ema_decay: float | None = None  # e.g. 0.999; null: off
+    ema_warmup: int | None = 10  # decay_n = min(ema_decay, (1 + n) / (ema_warmup + n)); null: no warm-up
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    dir: str = "tb"  # under the run dir
+
+
+@dataclass
+class CSVLoggerConfig:
+    filename: str = "metrics.csv"  # under the run dir
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "segtrain"
+    entity: str | None = None
+    name: str | None = None  # null: <job number>_<overrides> in a sweep, else the overrides or the run dir's name
+    group: str | None = None  # null: the sweep dir's name in a sweep
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
+
+
+@dataclass
+class MLflowLoggerConfig:
+    tracking_uri: str | None = None  # null: a local file store, <run dir>/mlruns
+    experiment: str = "segtrain"
+    run_name: str | None = None  # null: as logger.wandb.name
+
+
+@dataclass
+class LoggerConfig:
+    """The ``logger`` group: each option (``logger=csv``, ``logger=[tensorboard,csv]``) switches a backend on."""
+
+    tensorboard: TensorBoardLoggerConfig | None = None
+    csv: CSVLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
+    mlflow: MLflowLoggerConfig | None = None
 
 
 @dataclass
@@ -172,6 +218,7 @@ class SegtrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 42
     run_dir: str | None = None  # None: Hydra's run dir (the working directory of the job)
 
@@ -183,12 +230,30 @@ class EvalAppConfig(SegtrainConfig):
     ckpt: str = MISSING  # PATH to a segtrain checkpoint (best.pt / last.pt)
 
 
+@dataclass
+class InfoSettings:
+    size: Any = None  # int or [h, w]; None: data.crop_size, else data.image_size, else 512
+    batch_size: int = 8  # the larger of the two timed batch sizes (the other is 1)
+    warmup: int = 5  # untimed forward passes before timing (allocator, cuDNN autotuning, compilation)
+    iters: int = 20  # timed forward passes per batch size
+    latency: bool = True  # false: parameters and FLOPs only
+
+
+@dataclass
+class InfoAppConfig(SegtrainConfig):
+    """``segtrain-info``: the training schema, an optional checkpoint, and what to measure."""
+
+    ckpt: str | None = None  # PATH: the model (and data) config stored in a segtrain checkpoint
+    info: InfoSettings = field(default_factory=InfoSettings)
+
+
 def register_configs() -> None:
     """The schemas in Hydra's ConfigStore, and the ``unique_dir`` resolver of the default run dirs."""
     from segtrain.rundir import unique_dir
 
     ConfigStore.instance().store(name="segtrain_schema", node=SegtrainConfig)
     ConfigStore.instance().store(name="segtrain_eval_schema", node=EvalAppConfig)
+    ConfigStore.instance().store(name="segtrain_info_schema", node=InfoAppConfig)
     OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 
 
@@ -283,6 +348,7 @@ def validate(cfg: DictConfig) -> None:
     check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
     check(t.keep_last >= 0, f"trainer.keep_last must be >= 0, got {t.keep_last}")
     check(t.stop_at is None or t.stop_at >= 1, f"trainer.stop_at must be >= 1, got {t.stop_at}")
+    _validate_monitor_ema(t, cfg.logger)
     e = cfg.eval
     check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
     check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
@@ -417,6 +483,28 @@ def _check_input_sizes(cfg: DictConfig, check) -> None:
         at_least("data.val_size", d.val_size, (val if isinstance(val, int) else min(val)) * low, how)
     elif d.name == "synthetic":
         at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * min(low, 1.0), how)
+
+
+def _validate_monitor_ema(t: DictConfig, lg: DictConfig) -> None:
+    """trainer.monitor / early stopping / top-k / EMA, and the logger settings."""
+    if not (
+        t.monitor in ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss") or t.monitor.startswith("val_iou/")
+    ):
+        raise ConfigError(f"trainer.monitor must be val/mIoU, val/aAcc, val/mAcc, val/mDice, val/loss or val_iou/<class>, got {t.monitor!r}")  # fmt: skip
+    if t.monitor_mode not in ("auto", "max", "min"):
+        raise ConfigError(f"trainer.monitor_mode must be auto, max or min, got {t.monitor_mode!r}")
+    if t.early_stop_patience is not None and t.early_stop_patience < 1:
+        raise ConfigError(f"trainer.early_stop_patience must be >= 1 (or null: off), got {t.early_stop_patience}")
+    if t.early_stop_min_delta < 0:
+        raise ConfigError(f"trainer.early_stop_min_delta must be >= 0, got {t.early_stop_min_delta}")
+    if t.save_top_k < -1:
+        raise ConfigError(f"trainer.save_top_k must be >= 0 (or -1: every validation), got {t.save_top_k}")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"trainer.ema_decay must be in (0, 1) (e.g. 0.999), or null: off; got {t.ema_decay}")
+    if t.ema_warmup is not None and t.ema_warmup < 1:
+        raise ConfigError(f"trainer.ema_warmup must be >= 1 (or null: no warm-up), got {t.ema_warmup}")
+    if lg.wandb is not None and lg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got {lg.wandb.mode!r}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

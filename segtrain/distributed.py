@@ -116,11 +116,15 @@ def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device)
     return float(buf[0]) / info.world_size, bool(buf[1] > 0)
 
 
-def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
-    """DistributedDataParallel around ``model`` (BatchNorm made SyncBatchNorm when ``sync_bn``)."""
+def wrap(model: torch.nn.Module, device: torch.device, info: DistInfo, sync_bn: bool) -> tuple[torch.nn.Module, bool]:
+    """(DistributedDataParallel around ``model`` when several processes train, else ``model``; whether its
+    BatchNorm became SyncBatchNorm: ``device.sync_bn`` under DDP on CUDA, which SyncBatchNorm needs)."""
     import torch
 
+    if not info.enabled:
+        return model, False
+    sync_bn = sync_bn and device.type == "cuda"
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), sync_bn

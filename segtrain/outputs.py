@@ -1,4 +1,6 @@
-"""Run outputs: TensorBoard scalars/images/hparams, metrics.json, the per-class table."""
+"""Run outputs: metrics.json, the per-class table, confusion-matrix PNG, prediction grids, hparams.
+
+The experiment loggers (TensorBoard, CSV, W&B, MLflow) are in :mod:`segtrain.loggers`."""
 
 from __future__ import annotations
 
@@ -155,6 +157,15 @@ def log_run_start(trainer) -> None:
         log.info("world size %d (backend %s, SyncBN %s)", tr.world_size, tr.dist.backend, tr.sync_bn)
 
 
+def log_run_end(trainer, summary: dict) -> None:
+    """The run's closing lines: the last validation's per-class table, the best mIoU, the speed, the run dir."""
+    if trainer.last_metrics is not None:
+        table = format_table(trainer.last_metrics, trainer.class_names)
+        log.info("final validation (step %d):\n%s", trainer.step, table)
+    ips = summary["train_images_per_sec"] or float("nan")
+    log.info("best val mIoU %.4f | %.1f train img/s | outputs in %s", summary["best_miou"], ips, trainer.run_dir)
+
+
 def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
     """The settings that identify a run in TensorBoard's HPARAMS tab (and other loggers)."""
     c = cfg
@@ -172,50 +183,3 @@ def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
         "precision": precision,
         "seed": c.seed,
     }
-
-
-class TensorBoard:
-    """A thin SummaryWriter wrapper that can be disabled (non-zero ranks).  The writer (and TensorBoard's
-    import) comes at the first write, so that training does not wait for it to start."""
-
-    def __init__(self, log_dir: str | Path | None):
-        self.log_dir, self._writer = log_dir, None
-
-    @property
-    def writer(self):
-        if self._writer is None and self.log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.log_dir))
-        return self._writer
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for k, v in values.items():
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                self.writer.add_scalar(k, v, step)
-
-    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Record hparams with final metrics in this run's own event file (TensorBoard's HPARAMS tab)."""
-        if self.writer is None:
-            return
-        from torch.utils.tensorboard.summary import hparams as hp_summary
-
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        metrics = {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
-        exp, ssi, sei = hp_summary(clean, metrics)
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()

@@ -68,6 +68,17 @@ def resume_state(cfg: DictConfig, ckpt_dir: Path, model: nn.Module, num_classes:
     return state, path
 
 
+def restore(trainer) -> str | None:
+    """Load ``trainer.resume``'s checkpoint into ``trainer`` (see :func:`resume_state`); its path, or None."""
+    found = resume_state(trainer.cfg, trainer.ckpt_dir, trainer.model, trainer.num_classes)
+    if found is None:
+        return None
+    state, path = found
+    trainer.load_state_dict(state)
+    log.info("resumed from %s at step %d of %d (epoch %d)", path, trainer.step, trainer.max_iters, trainer.epoch)
+    return str(path)
+
+
 def warn_changed(cfg: DictConfig, stored: DictConfig) -> None:
     """Say which training settings differ from the checkpoint's: its optimizer and schedule state win."""
     changed = []

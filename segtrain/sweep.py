@@ -2,7 +2,8 @@
 
 Each job writes ``status.json`` into its own directory (``segtrain.cli``):
 ``{"status": "running" | "done" | "failed" | "stopped" | "aborted", "error", "overrides", "wall_time_sec",
-"result"}``;
+"result"}`` (the best value of ``trainer.monitor``), and for a finished training job ``monitor``, ``best_value``,
+``best_checkpoint`` and ``stop_reason``;
 a finished job also has the trainer's ``metrics.json`` (``best_miou``, ``step``,
 ``max_iters``, ...).  When the sweep ends, the :class:`SweepSummary` Hydra callback
 (registered in ``configs/config.yaml`` under ``hydra.callbacks``) reads them and
@@ -66,9 +67,16 @@ def _job_key(job: str) -> list:
 
 
 def write_status(
-    run_dir: str | Path, status: str, error: str | None, overrides: list[str], wall_time: float, result: Any = None
+    run_dir: str | Path,
+    status: str,
+    error: str | None,
+    overrides: list[str],
+    wall_time: float,
+    result: Any = None,
+    details: dict | None = None,
 ) -> None:
-    """Write a job's ``status.json`` (never raises: the record must not fail the job)."""
+    """Write a job's ``status.json`` (never raises: the record must not fail the job); ``details`` (the
+    trainer's: ``monitor``, ``best_value``, ``best_checkpoint``, ``stop_reason`` ...) are added to it."""
     try:
         path = Path(run_dir) / STATUS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +86,7 @@ def write_status(
             "overrides": [str(o) for o in overrides],
             "wall_time_sec": round(float(wall_time), 3),
             "result": _number(result),
+            **{k: (_number(v) if isinstance(v, float) else v) for k, v in (details or {}).items()},
         }
         atomic_write(path, json.dumps(record, indent=2) + "\n", durable=False)
     except Exception:  # noqa: BLE001 - a full disk or a read-only dir: the job's own outcome stands

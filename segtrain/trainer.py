@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import __version__, checkpoint, distributed, outputs, preflight, resume, rundir, runtime
+from segtrain import __version__, checkpoint, distributed, ema, loggers, monitor, resume, rundir, runtime
 from segtrain.config import check_run_length, to_yaml
 from segtrain.data import build_datasets, build_loader
 from segtrain.data.palette import default_palette
@@ -28,7 +28,8 @@ from segtrain.evaluation import class_names, evaluate_loader
 from segtrain.losses import build_loss
 from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
-from segtrain.outputs import TensorBoard, bars_wanted, format_table, prediction_grid, run_hparams, write_json
+from segtrain.outputs import bars_wanted, log_run_end, log_run_start, prediction_grid, run_hparams, write_json
+from segtrain.preflight import dry_validation
 from segtrain.runtime import BatchToDevice, DivergenceGuard, StopSignals, Throughput, autocast, unwrap
 from segtrain.sweep import mark_status
 
@@ -87,16 +88,13 @@ class Trainer:
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
         if cfg.model.init_from:
             resume.init_from(self.model, cfg.model.init_from, cfg.model.name)
-        found = resume.resume_state(cfg, self.ckpt_dir, self.model, self.num_classes)
-        self.resumed_from = str(found[1]) if found else None
-        if found:
-            self.load_state_dict(found[0])
-            log.info("resumed from %s at step %d of %d (epoch %d)", found[1], self.step, self.max_iters, self.epoch)
-        self.sync_bn = self.dist.enabled and cfg.device.sync_bn and self.device.type == "cuda"  # SyncBN needs CUDA
-        if self.dist.enabled:
-            self.model = distributed.wrap(self.model, self.device, self.sync_bn)
+        self.ema = ema.EMA(self.model, t.ema_decay, t.ema_warmup, cfg.device.compile) if t.ema_decay else None
+        self.monitor = monitor.Monitor(t, self.ckpt_dir, self.class_names)  # best.pt, top-k, early stopping
+        self.resumed_from = resume.restore(self)  # trainer.resume: the checkpoint's path, after loading it
+        self.model, self.sync_bn = distributed.wrap(self.model, self.device, self.dist, cfg.device.sync_bn)
         self.net = torch.compile(self.model) if cfg.device.compile else self.model  # what the loop calls
-        self.tb = TensorBoard(self.run_dir / "tb" if self.is_main else None)
+        self.loggers = loggers.Loggers(cfg, self.run_dir, self.is_main, self.step)  # rank 0 only
+        self.loggers.config(cfg, run_hparams(cfg, self.max_iters, self.precision))
         self.signals = StopSignals(partial(mark_status, self.run_dir, "aborted") if self.is_main else None)
 
     def fit(self) -> dict:
@@ -104,24 +102,25 @@ class Trainer:
         with self.signals:
             try:
                 with checkpoint.steps_kept_on_failure(self):  # e.g. a bad file or a failed validation: last.pt first
-                    preflight.dry_validation(self)  # a run that would crash at its first validation fails now
+                    dry_validation(self)  # a run that would crash at its first validation fails now
                     return self._fit()
             except torch.cuda.OutOfMemoryError:
                 where = "in validation" if self.model.training is False else f"at step {self.step + 1}"
                 raise ResourceError(runtime.oom_message(self.cfg, self.precision, where)) from None
             finally:
+                self.loggers.close()  # a failure (no-op after a normal end or a preemption)
                 distributed.cleanup()
                 rundir.release(self.run_dir)
 
     def _fit(self) -> dict:
         t = self.cfg.trainer
-        outputs.log_run_start(self)
+        log_run_start(self)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         bars = bars_wanted(t.progress and self.is_main)
         bar = tqdm(total=self.max_iters, initial=self.step, desc="train", dynamic_ncols=True, disable=not bars)
         loss_avg, t_start, k = None, time.perf_counter(), t.accumulate
         self.model.train()
-        while self.step < self.max_iters:
+        while self.step < self.max_iters and not self.monitor.stop_reason:
             self.train_loader.sampler.set_epoch(self.epoch, start=self.epoch_step * k * self.train_loader.batch_size)
             micro: list = []
             t_wait = time.perf_counter()
@@ -147,20 +146,16 @@ class Trainer:
                 if stop and (self.step < self.max_iters or cut):
                     bar.close()
                     self._preempt(self.signals.received or "trainer.stop_at")
-                if epoch_done or self.step >= self.max_iters:
+                if epoch_done or self.step >= self.max_iters or self.monitor.stop_reason:
                     break
                 t_wait = time.perf_counter()
             else:  # the loader ran out early (can only happen with an unusual sampler length)
                 self.epoch, self.epoch_step = self.epoch + 1, 0
         bar.close()
         summary = self.summary(time.perf_counter() - t_start)
-        if self.last_metrics is not None:
-            log.info("final validation (step %d):\n%s", self.step, format_table(self.last_metrics, self.class_names))
-        ips = summary["train_images_per_sec"] or float("nan")
-        log.info("best val mIoU %.4f | %.1f train img/s | outputs in %s", summary["best_miou"], ips, self.run_dir)
-        final = {"hparams/best_miou": summary["best_miou"], "hparams/last_miou": summary["last_miou"]}
-        self.tb.hparams(run_hparams(self.cfg, self.max_iters, self.precision), final)
-        self.tb.close()
+        log_run_end(self, summary)
+        final = ("best_miou", "last_miou", "monitor", "best_value", "best_step", "best_checkpoint", "stop_reason")
+        self.loggers.finish(run_hparams(self.cfg, self.max_iters, self.precision), {k: summary[k] for k in final})
         return summary
 
     def _log_step(self, bar: tqdm, loss: float, loss_avg: float) -> None:
@@ -172,7 +167,7 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", epoch=self.epoch, refresh=False)
         if self.step % self.cfg.trainer.log_interval == 0 or self.step == 1:
-            self.tb.scalars({"train/loss": loss, "train/lr": lr, "train/img_per_s": ips, "train/epoch": self.epoch,
+            self.loggers.scalars({"train/loss": loss, "train/lr": lr, "train/img_per_s": ips, "train/epoch": self.epoch,
                              "train/data_wait_fraction": rates["data_wait_fraction"]}, self.step)  # fmt: skip
             if bar.disable and self.is_main:
                 log.info("step %d/%d: loss %.4f, lr %.2e, %.1f img/s, epoch %d", self.step, self.max_iters, loss_avg,
@@ -202,13 +197,15 @@ class Trainer:
             float(total), self.signals.received is not None, self.dist, self.device
         )
         self.guard.check(loss_val, scale_before, self.step + 1)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss_val, n_images, stop
 
     def validate(self) -> dict | None:
-        """Score the validation set, log it, and save last.pt (and best.pt when the mIoU improved); None when
-        a stop signal came during it (single process: at the next batch; under DDP all ranks finish it)."""
+        """Score the validation set, log it, and save last.pt (best.pt, top-k: when ``trainer.monitor`` improved);
+        None when a stop signal came during it (single process: at the next batch; under DDP all ranks finish it)."""
         self.model.eval()
-        net = unwrap(self.model)  # eager, without DDP hooks: compiled graphs would recompile for every eval shape
+        net = self.ema.net if self.ema else unwrap(self.model)  # eager, no DDP hooks: compiled graphs would recompile
         stop = None if self.dist.enabled else (lambda: self.signals.received is not None)
         m, _, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,
@@ -219,33 +216,32 @@ class Trainer:
         if m is None:  # stopped
             return None
         self.last_metrics = m
-        improved = not (m["miou"] <= self.best_miou)  # also True when best is NaN (first validation)
-        if improved:
+        if not (m["miou"] <= self.best_miou):  # also True when best is NaN (first validation)
             self.best_miou = m["miou"]
         keys = ("miou", "aacc", "macc", "mdice", "loss")
         self.history.append({"step": self.step, "epoch": self.epoch, **{k: m[k] for k in keys}})
         scalars = {"val/mIoU": m["miou"], "val/aAcc": m["aacc"], "val/mAcc": m["macc"], "val/mDice": m["mdice"],
                    "val/loss": m["loss"], **{f"val_iou/{n}": v for n, v in zip(self.class_names, m["iou"])}}  # fmt: skip
-        self.tb.scalars(scalars, self.step)
+        improved = self.monitor.update(scalars, self.step)
+        self.loggers.scalars(scalars, self.step)
         if vis is not None:
             grid = prediction_grid(*vis, self.palette, self.cfg.data.ignore_index)
-            self.tb.image("val/input_gt_pred", grid, self.step)
+            self.loggers.image("val/input_gt_pred", grid, self.step)
         if self.is_main:
             tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
                        + ("  (best)" if improved else ""))  # fmt: skip
-            self.save(best=improved)
+            self.save()
             self.speed.warn_if_loader_bound(self.train_loader.num_workers)
         return m
 
-    def save(self, best: bool = False) -> None:
-        """last.pt (the previous one kept as last-1.pt ...), best.pt when ``best``, and metrics.json."""
+    def save(self) -> None:
+        """last.pt (the previous one kept as last-1.pt ...), best.pt / best-*.pt (the monitor's), metrics.json."""
         state = self.state_dict()
         target = self.ckpt_dir / "last.pt"
         try:
             checkpoint.save_rotating(state, target, self.cfg.trainer.keep_last)
-            if best:
-                target = self.ckpt_dir / "best.pt"
-                checkpoint.save_atomic(state, target)
+            target = self.ckpt_dir / "best.pt"
+            self.monitor.save(state)
             write_json(self.run_dir / "metrics.json", self.summary(None))
         except OSError as e:
             raise OutputError(f"cannot write {target}: {e.strerror or e}; the previous checkpoint is kept; free "
@@ -255,7 +251,7 @@ class Trainer:
         """Write last.pt and stop with Preempted (exit code 75), printing the command that resumes."""
         if self.is_main:
             self.save()
-        self.tb.close()
+        self.loggers.close("killed")
         if self.dist.enabled:
             torch.distributed.barrier()  # no process exits (and gets the others killed) before last.pt is written
         last = self.ckpt_dir / "last.pt"
@@ -271,22 +267,28 @@ class Trainer:
                "num_params": self.num_params, **self.speed.rates(), "step": self.step, "epoch": self.epoch,
                "max_iters": self.max_iters, "skipped_steps": self.guard.skipped_steps, "model": c.model.name,
                "data": c.data.name, "device": str(self.device), "precision": self.precision,
-               "world_size": self.world_size, "resumed_from": self.resumed_from, "history": self.history}  # fmt: skip
+               "world_size": self.world_size, "resumed_from": self.resumed_from, "history": self.history,
+               "ema_decay": c.trainer.ema_decay, **self.monitor.summary(self.step, self.max_iters)}  # fmt: skip
         return out if wall_time is None else {**out, "wall_time_sec": wall_time}
 
     def state_dict(self) -> dict:
         meta = {"model": self.cfg.model.name, "num_classes": self.num_classes, "class_names": self.class_names,
                 "segtrain_version": __version__}  # fmt: skip
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+        raw = unwrap(self.model).state_dict()  # with EMA: "model" holds the averaged (validated) weights
+        extra = {"raw_model": raw, "ema": self.ema.state_dict()} if self.ema else {}
+        return {"model": self.ema.module.state_dict() if self.ema else raw, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "epoch": self.epoch, "epoch_step": self.epoch_step, "best_miou": self.best_miou,
                 "history": self.history, "speed": self.speed.state_dict(),
                 "skipped_steps": self.guard.skipped_steps, "rng": checkpoint.rng_state(),
-                "config": to_yaml(self.cfg), "meta": meta}  # fmt: skip
+                "config": to_yaml(self.cfg), "meta": meta, "monitor": self.monitor.state_dict(), **extra}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         """Everything :meth:`state_dict` saved, so that the run continues bitwise as if never stopped."""
-        unwrap(self.model).load_state_dict(state["model"])
+        unwrap(self.model).load_state_dict(state["raw_model"] if "raw_model" in state else state["model"])
+        if self.ema is not None:
+            self.ema.load(state, self.model)
+        self.monitor.load_state_dict(state.get("monitor"))  # absent before segtrain 0.2
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -107,6 +107,10 @@ def test_help_lists_groups(tmp_path):
         (["data.image_size=[1,2,3]"], "data.image_size"),
         (["loss.class_weights=[1,2]"], "loss.class_weights has 2 values"),
         (["trainer.resume=/nonexistent/last.pt"], "no such file"),
+        (
+            ["logger.wandb.project=x"],
+            "logger.wandb.project is a key of the wandb logger, which is off: add logger=wandb",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, expect):

@@ -82,6 +82,8 @@ def _differences(ours, schema, prefix=""):
         if OmegaConf.is_missing(schema, key):
             continue
         a, b = ours[key], schema[key]
+        if b is None and OmegaConf.is_dict(a) and OmegaConf.get_type(a) is not dict:
+            b = OmegaConf.structured(OmegaConf.get_type(a))  # an optional node a default option switches on
         if OmegaConf.is_dict(b):
             out += _differences(a, b, f"{prefix}{key}.")
             continue

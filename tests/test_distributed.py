@@ -23,6 +23,7 @@ COMMON = [
     "trainer.val_interval=3",
     "trainer.progress=false",
     "trainer.deterministic=true",
+    "trainer.ema_decay=0.5",  # the EMA of the unwrapped module on every rank: "model" is the average
 ]
 
 
@@ -45,10 +46,13 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 
     single = run_cli([*COMMON, "data.batch_size=4", "hydra.run.dir=single"], tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
-    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
+    one = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "raw_model"):  # the EMA weights and the raw ones
+        a, b = ddp[key], one[key]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{key}: {k}")
+    assert ddp["ema"]["num_updates"] == 3
     s = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert m["best_miou"] == pytest.approx(s["best_miou"], abs=1e-4)  # validation shards cover each image once
     assert m["history"][-1]["loss"] == pytest.approx(s["history"][-1]["loss"], rel=1e-4)

@@ -290,6 +290,69 @@ def test_timm_backbone_with_timm():
         assert model(torch.randn(1, 3, 65, 71)).shape == (1, K, 65, 71)
 
 
+# --- timm encoders with four levels (strides 4-32) -----------------------------------------------------------------
+
+TIMM_4 = {
+    "unet": dict(name="unet", base_channels=4),
+    "fcn8s": dict(name="fcn", variant="8s", aux=True),
+    "pspnet": dict(name="pspnet", aux=True),  # output stride 8: ConvNeXt dilates its last two stages
+    "deeplabv3": dict(name="deeplabv3"),  # output stride 16
+    "deeplabv3plus": dict(name="deeplabv3plus", aux=True),
+}
+
+
+@pytest.mark.parametrize("case", list(TIMM_4))
+def test_four_level_timm_encoder_in_every_network(case):
+    """ConvNeXt (random weights) has no stride-2 map: C1 is None and each network still maps any size to itself."""
+    pytest.importorskip("timm")
+    model = build(backbone="timm:convnext_atto", **TIMM_4[case])
+    bb = model.backbone
+    assert bb.channels[0] == 0 and bb.channels[1:] == [40, 80, 160, 320]
+    c = bb(torch.randn(1, 3, H, W))
+    assert c[0] is None
+    for f, s in zip(c[1:], bb.strides[1:]):  # every map covers the whole input: ceil(size / stride)
+        assert f.shape[-2:] == (-(-H // s), -(-W // s)), (f.shape, s)
+    out = model.train()(torch.randn(2, 3, H, W))
+    logits = out["out"] if isinstance(out, dict) else out
+    assert logits.shape == (2, K, H, W) and (not isinstance(out, dict) or out["aux"].shape == (2, K, H, W))
+    logits.mean().backward()
+    assert bb.model.stem_0.weight.grad is not None
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 48)).shape == (1, K, 64, 48)
+
+
+@pytest.fixture
+def small_swin(monkeypatch):
+    """timm's Swin-T with one block per stage and narrow widths (the same code path, a fraction of the cost)."""
+    timm = pytest.importorskip("timm")
+    create = timm.create_model
+
+    def small(name, **kw):
+        if name.startswith("swin"):
+            kw.update(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+        return create(name, **kw)
+
+    monkeypatch.setattr(timm, "create_model", small)
+
+
+def test_swin_encoder_any_size_and_no_dilation(small_swin):
+    """Swin gives channels-last maps and needs sizes divisible by its patch: padded, permuted, cropped back."""
+    name = "timm:swin_tiny_patch4_window7_224"
+    model = build(name="deeplabv3plus", backbone=name, output_stride=32).eval()
+    assert model.backbone.nhwc and model.backbone.channels == [0, 24, 48, 96, 192]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 71)).shape == (1, K, 65, 71)
+    with pytest.raises(ConfigError, match=r"cannot run at model.output_stride=16: timm has no dilated variant") as e:
+        build(name="deeplabv3", backbone=name)  # DeepLabv3's default output stride is 16
+    assert "\n" not in str(e.value) and "model.output_stride=32" in str(e.value)
+
+
+def test_timm_encoder_with_other_strides_is_refused():
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match=r"strides \[16, 16, 16\].*4 at strides 4-32"):
+        build(name="deeplabv3", backbone="timm:vit_tiny_patch16_224", output_stride=32)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "model").glob("*.yaml")), ids=lambda p: p.stem)
 def test_model_yaml_files_build(path):
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
@@ -406,3 +469,19 @@ def test_torch_compile(case):
     (out["out"] if isinstance(out, dict) else out).mean().backward()
     with torch.no_grad():
         assert compiled.eval()(torch.randn(2, 3, 64, 80)).shape == (2, K, 64, 80)
+
+
+def test_timm_convnext_deeplabv3plus_trains_in_a_smoke_run(tmp_path):
+    """``segtrain debug=smoke model=deeplabv3plus model.backbone=timm:convnext_atto`` (in-process, 2 steps)."""
+    pytest.importorskip("timm")
+    from segtrain.config import validate
+    from segtrain.trainer import Trainer
+    from tests.test_config import composed
+
+    cfg = composed("debug=smoke", "model=deeplabv3plus", "model.backbone=timm:convnext_atto", "device=cpu",
+                   "trainer.max_iters=2", "data.num_val=4", "trainer.num_vis=0", "trainer.progress=false", "logger=[]")  # fmt: skip
+    validate(cfg)
+    summary = Trainer(cfg, tmp_path).fit()
+    assert summary["step"] == 2 and 0 <= summary["best_miou"] <= 1
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert any(k.startswith("backbone.model.stages_3") for k in state["model"])

@@ -16,7 +16,8 @@ C4, C5 keep the resolution of C3 with a 2x / 4x larger receptive field
     resnet50/101         64  256   512  1024  2048    8, 16, 32
     vgg16, vgg16_bn      64  128   256   512   512    32 (pool1 .. pool5)
     mobilenet_v3_large   16   24    40   112   960    8, 16, 32
-    timm:NAME            from ``timm.create_model(NAME, features_only=True)``
+    timm:NAME            from ``timm.create_model(NAME, features_only=True)``: 5 levels (CNNs), or
+                         4 (strides 4-32: ConvNeXt, Swin ...) with C1 = None, channels[0] = 0
 
 ``model.pretrained=true`` loads torchvision's ImageNet weights from the torch
 hub cache (``torch.hub.get_dir()/checkpoints/``), downloading them there first
@@ -197,13 +198,45 @@ def mobilenet(name: str, output_stride: int = 32, state: dict | None = None) -> 
 
 
 class TimmBackbone(Backbone):
+    """A timm ``features_only`` encoder as the pyramid ``[C1, ..., C5]``.
+
+    Five levels (strides 2-32, CNNs such as ``resnet50d``, ``efficientnet_b0``) are the pyramid as they
+    are.  Four levels (strides 4-32: ConvNeXt, Swin, PVTv2, CAFormer ...) have no stride-2 map: C1 is then
+    ``None`` with ``channels[0] == 0`` (U-Net's stride-2 decoder stage has no skip, as in smp for transformer
+    encoders; no other network reads C1).  Such encoders get their input zero-padded at the bottom/right to
+    a multiple of their largest stride (patch embeddings need it) and every map cropped back to
+    ``ceil(size / stride)``, so they take any input size; channels-last (NHWC) outputs become NCHW.
+    """
+
     def __init__(self, name: str, model: nn.Module, channels: list[int], strides: list[int], output_stride: int):
         super().__init__(name, [], channels, output_stride)
         self.model = model
         self.strides = strides
+        self.levels = 5 if channels[0] else 4
+        self.nhwc = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
+        self.multiple = max(model.feature_info.reduction())
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(x))
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        if self.levels == 5:
+            return list(self.model(x))
+        h, w = x.shape[-2:]
+        m = self.multiple
+        x = torch.nn.functional.pad(x, [0, -w % m, 0, -h % m])
+        features: list[torch.Tensor | None] = [None]
+        for f, s in zip(self.model(x), self.strides[1:]):
+            f = f.permute(0, 3, 1, 2) if self.nhwc else f
+            features.append(f[..., : -(-h // s), : -(-w // s)])
+        return features
+
+
+def _create_timm(timm: Any, arch: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model``; vision transformers that allow it (Swin) take any input size."""
+    try:
+        return timm.create_model(arch, strict_img_size=False, **kwargs)
+    except TypeError as e:
+        if "strict_img_size" not in str(e):
+            raise
+        return timm.create_model(arch, **kwargs)
 
 
 def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
@@ -212,26 +245,43 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False) 
         import timm
     except ImportError:
         raise ConfigError(
-            f"model.backbone={name} needs the timm package, which is not installed; pip install timm, "
+            f"model.backbone={name} needs the timm package, which is not installed: pip install 'segtrain[timm]', "
             f"or use one of: {', '.join(NAMES)}"
         ) from None
     kwargs: dict[str, Any] = {"features_only": True, "pretrained": pretrained}
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
     try:
-        model = timm.create_model(arch, **kwargs)
+        model = _create_timm(timm, arch, kwargs)
     except Exception as e:  # unknown name, no dilation support, weights not downloadable ...
+        if output_stride != 32 and _creates(timm, arch):
+            raise ConfigError(
+                f"model.backbone={name} cannot run at model.output_stride={output_stride}: timm has no dilated "
+                "variant of it; set model.output_stride=32 (or use a CNN such as timm:convnext_tiny or resnet50)"
+            ) from None
         reason = " ".join(str(e).split()) or type(e).__name__
         what = "it with its pretrained weights" if pretrained else "it"
         raise ConfigError(f"model.backbone={name}: timm could not create {what} ({reason})") from None
     reductions = model.feature_info.reduction()
-    if len(reductions) != 5:
+    nominal = [min(2**i, output_stride) for i in range(1, 6)]
+    if reductions not in (nominal, nominal[1:]):
         raise ConfigError(
-            f"model.backbone={name} gives {len(reductions)} feature maps (strides {reductions}); segtrain needs "
-            "five, at strides 2, 4, 8, 16, 32 (a CNN such as timm:resnet50d or timm:efficientnet_b0)"
+            f"model.backbone={name} gives feature maps at strides {reductions} with model.output_stride="
+            f"{output_stride}; segtrain needs 5 levels at strides 2-32 (a CNN such as timm:resnet50d) or 4 at "
+            "strides 4-32 (timm:convnext_tiny, timm:swin_tiny_patch4_window7_224)"
         )
-    strides = [min(2**i, output_stride) for i in range(1, 6)]
-    return TimmBackbone(name, model, model.feature_info.channels(), strides, output_stride)
+    channels = model.feature_info.channels()
+    channels = channels if len(channels) == 5 else [0, *channels]
+    return TimmBackbone(name, model, channels, nominal, output_stride)
+
+
+def _creates(timm: Any, arch: str) -> bool:
+    """Whether timm builds ``arch`` at output stride 32 (random weights): telling "cannot dilate" apart."""
+    try:
+        _create_timm(timm, arch, {"features_only": True, "pretrained": False})
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the original error is the one to report
+        return False
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,9 @@ up-sampled map is padded back to the size of its skip connection.
 With ``model.backbone`` (e.g. ``resnet18``) an ImageNet encoder is the
 contracting path (:class:`BackboneUNet`): its pyramid C1..C5 (strides 2..32)
 gives the skips, and the expanding path climbs back with the same up-conv,
-concat, double-conv blocks, one more without a skip to full resolution.
+concat, double-conv blocks, one more without a skip to full resolution.  An
+encoder with four levels (strides 4..32, such as ``timm:convnext_tiny``) has no
+C1: its stride-2 stage then has no skip either (as smp does for such encoders).
 ``model.base_channels`` sets the decoder's widths: 16 x base at stride 16,
 halving at every step down to base at full resolution (16: 256, 128, 64, 32,
 16, as segmentation_models_pytorch's U-Net; 64: the paper's 1024 ... 64).
@@ -109,7 +111,9 @@ class BackboneUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.backbone(x)
+        h, w = x.shape[-2:]
         y = c[4]
-        for block, skip in zip(self.up, [c[3], c[2], c[1], c[0], None]):
-            y = block(y, skip, x.shape[-2:] if skip is None else skip.shape[-2:])
+        sizes = [c[3].shape[-2:], c[2].shape[-2:], c[1].shape[-2:], ((h + 1) // 2, (w + 1) // 2), (h, w)]
+        for block, skip, size in zip(self.up, [c[3], c[2], c[1], c[0], None], sizes):
+            y = block(y, skip, size if skip is None else skip.shape[-2:])
         return self.classifier(y)

@@ -1,0 +1,225 @@
+"""``segtrain-info``: parameters, FLOPs and inference latency of a network.
+
+    segtrain-info ckpt=PATH                          # the network stored in a checkpoint (its weights loaded)
+    segtrain-info model=deeplabv3plus model.backbone=resnet50 data=voc info.size=512
+    segtrain-info model=pspnet model.backbone=resnet50 device=cuda info.batch_size=16
+
+A Hydra app like ``segtrain``: ``model=`` / ``data=`` (for ``num_classes`` and the input size) /
+``device=`` / ``info.*``; with ``ckpt=PATH`` the model and data config come from the checkpoint.  The data
+set itself is never read.  It prints a table and writes ``info.json`` into its run dir
+(``outputs/info/DATE/TIME``):
+
+* ``params``, ``trainable_params`` and ``backbone_params``;
+* ``gflops`` for one image of ``info.size`` (default ``data.crop_size``, else the synthetic
+  ``data.image_size``, else 512) in eval mode, counted by ``torch.utils.flop_counter.FlopCounterMode``: the
+  matrix products and convolutions (forward and transposed), **a multiply-add counted as 2 FLOPs** (as
+  torch does; mmsegmentation's ``get_flops`` and fvcore count a multiply-add as 1, so their "FLOPs" are
+  ``gmacs`` here); element-wise work (normalisation, activations, interpolation, pooling) is not counted.
+  ``gflops_by_module`` splits it over the network's top-level modules (backbone, heads);
+* ``latency``: at batch 1 and batch ``info.batch_size``, ``info.warmup`` untimed forward passes and then
+  ``info.iters`` timed ones (each followed by ``torch.cuda.synchronize`` on CUDA), in eval mode under
+  ``torch.inference_mode`` with the ``device.*`` settings (precision / autocast, channels_last, compile):
+  mean, median and 90th-percentile milliseconds per batch, images per second (batch / mean time) and,
+  on CUDA, the peak memory.  The forward pass only: no data loading, normalisation or argmax.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from segtrain import checkpoint
+from segtrain.config import SegtrainConfig, validate
+from segtrain.errors import CheckpointError, ConfigError
+from segtrain.utils import as_hw
+
+log = logging.getLogger("segtrain")
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """(total FLOPs of ``model(x)``, FLOPs per top-level child module); a multiply-add counts as 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, depth=2)
+    with torch.no_grad(), counter:
+        model(x)
+    per_module, root = counter.get_flop_counts(), type(model).__name__  # keys: "UNet.backbone" ...
+    children = {name: sum(per_module.get(f"{root}.{name}", {}).values()) for name, _ in model.named_children()}
+    return counter.get_total_flops(), {k: v for k, v in children.items() if v}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(net, x: torch.Tensor, autocast, warmup: int, iters: int) -> dict:
+    """Milliseconds per ``net(x)`` after ``warmup`` untimed calls: mean, median, p90, images/s."""
+    device = x.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with torch.inference_mode(), autocast():
+        for _ in range(warmup):
+            net(x)
+        _sync(device)
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            net(x)
+            _sync(device)
+            times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    mean = statistics.fmean(times)
+    out = {
+        "batch_size": x.shape[0],
+        "ms_mean": mean,
+        "ms_median": statistics.median(times),
+        "ms_p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "images_per_sec": 1000 * x.shape[0] / mean,
+    }
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def input_size(cfg: DictConfig) -> tuple[int, int]:
+    """``info.size``, else ``data.crop_size``, else the synthetic ``data.image_size``, else 512."""
+    i, d = cfg.info, cfg.data
+    if i.size is not None:
+        return as_hw(i.size, "info.size")
+    if d.crop_size is not None:
+        return as_hw(d.crop_size, "data.crop_size")
+    if d.name == "synthetic":
+        return as_hw(d.image_size, "data.image_size")
+    return 512, 512
+
+
+def _from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """The checkpoint's model and data config (with this command line's device and info)."""
+    from segtrain.resume import stored_config
+
+    path = Path(cfg.ckpt).expanduser()
+    state = checkpoint.load(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
+    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))
+    given = (
+        [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+    )
+    for key in given:
+        if key.split(".", 1)[0] in ("model", "data"):
+            raise ConfigError(f"segtrain-info ckpt=... takes {key} from the checkpoint; drop the override {key}")
+    out = OmegaConf.merge(stored, {"device": cfg.device})
+    with open_dict(out):
+        out.info, out.ckpt = cfg.info, str(path)
+        out.model.pretrained, out.model.init_from = False, None
+    return out, state
+
+
+def model_info(cfg: DictConfig) -> dict:
+    """Parameters, FLOPs and latency of the configured network; see the module docstring."""
+    from segtrain.models import build_model
+    from segtrain.runtime import autocast, resolve_device
+
+    state = None
+    if cfg.ckpt is not None:
+        cfg, state = _from_checkpoint(cfg)
+    i = cfg.info
+    for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1)):
+        if i[key] < low:
+            raise ConfigError(f"info.{key} must be >= {low}, got {i[key]}")
+    validate(cfg)
+    if cfg.model.pretrained:
+        with open_dict(cfg):
+            cfg.model.pretrained = False  # FLOPs and latency do not depend on the weights: no download
+    device, precision = resolve_device(cfg.device)
+    model = build_model(cfg.model, cfg.data.num_classes)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"the weights in {cfg.ckpt} do not fit model={cfg.model.name}: {str(e).splitlines()[-1].strip()}") from None  # fmt: skip
+    memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    h, w = input_size(cfg)
+    x1 = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=memory_format)
+    flops, by_module = count_flops(model, x1)
+    backbone = getattr(model, "backbone", None)
+    out = {
+        "model": cfg.model.name,
+        "backbone": cfg.model.backbone,
+        "num_classes": cfg.data.num_classes,
+        "checkpoint": cfg.ckpt,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "backbone_params": sum(p.numel() for p in backbone.parameters()) if isinstance(backbone, nn.Module) else None,
+        "input_size": [h, w],
+        "gflops": flops / 1e9,
+        "gmacs": flops / 2e9,
+        "gflops_by_module": {k: v / 1e9 for k, v in by_module.items()},
+        "flop_convention": "torch.utils.flop_counter: a multiply-add is 2 FLOPs; convolutions and matrix products only",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "channels_last": cfg.device.channels_last,
+        "compile": cfg.device.compile,
+        "torch": torch.__version__,
+        "latency": [],
+    }
+    if i.latency:
+        net = torch.compile(model) if cfg.device.compile else model
+        for n in sorted({1, i.batch_size}):
+            x = torch.randn(n, 3, h, w, device=device).contiguous(memory_format=memory_format)
+            out["latency"].append(time_forward(net, x, lambda: autocast(device, precision), i.warmup, i.iters))
+    return out
+
+
+def format_info(info: dict) -> str:
+    h, w = info["input_size"]
+    lines = [
+        f"model        {info['model']}" + (f" ({info['backbone']})" if info["backbone"] else ""),
+        f"parameters   {info['params']:,}"
+        + (f" (backbone {info['backbone_params']:,})" if info["backbone_params"] is not None else ""),
+        f"FLOPs        {info['gflops']:.2f} GFLOPs = {info['gmacs']:.2f} GMACs per {h}x{w} image (a multiply-add = 2 FLOPs)",
+    ]
+    if info["gflops_by_module"]:
+        lines.append("             " + ", ".join(f"{k} {v:.2f}" for k, v in info["gflops_by_module"].items()))
+    for r in info["latency"]:
+        lines.append(
+            f"batch {r['batch_size']:<6} {r['ms_mean']:8.2f} ms (median {r['ms_median']:.2f}, p90 {r['ms_p90']:.2f}) "
+            f"{r['images_per_sec']:9.1f} img/s"
+            + (f"  peak {r['peak_memory_mb']:.0f} MiB" if "peak_memory_mb" in r else "")
+        )
+    lines.append(f"device       {info['device_name']} ({info['device']}), {info['precision']}, channels_last "
+                 f"{info['channels_last']}, compile {info['compile']}, torch {info['torch']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _info(cfg: DictConfig) -> float:
+    from segtrain.outputs import write_json
+
+    info = model_info(cfg)
+    run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "info.json", info)
+    print(format_info(info), flush=True)
+    log.info("wrote %s", run_dir / "info.json")
+    return info["gflops"]
+
+
+def main() -> None:
+    """``segtrain-info``: parameters, FLOPs and latency."""
+    from segtrain.cli import run_hydra_app
+
+    run_hydra_app(_info, config_name="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Checkpoints and early stopping by a chosen validation value.
+
+``trainer.monitor`` names any value a validation logs: ``val/mIoU`` (default), ``val/aAcc``, ``val/mAcc``,
+``val/mDice``, ``val/loss`` or ``val_iou/<class>``.  ``trainer.monitor_mode`` is ``max``, ``min`` or
+``auto`` (min for ``val/loss``, else max).  After each validation:
+
+* ``best.pt`` is written when the value is strictly better than every earlier one (NaN never is);
+* ``trainer.save_top_k`` = k > 0 keeps the k best validations as ``best-<step>-<value>.pt`` (the k-th best
+  is replaced by a better one; ties keep the earlier), -1 keeps every validation, 0 (default) none; best.pt
+  is then a hard link to the best of them (a copy where links fail);
+* early stopping (``trainer.early_stop_patience`` = p, null: off): a validation that does not beat the best
+  value seen by more than ``trainer.early_stop_min_delta`` counts as bad; p bad validations in a row stop
+  training, as Lightning's EarlyStopping does.  The reason goes to the log, ``metrics.json`` and
+  ``status.json``.
+
+The whole state (best value and step, the bad count, the kept files) is in every checkpoint, so a resumed
+run stops at the same validation and keeps the same files as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from segtrain import checkpoint
+from segtrain.errors import ConfigError
+
+log = logging.getLogger("segtrain")
+
+VAL_KEYS = ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss")
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """``auto``: min for a loss, max for a score."""
+    return ("min" if monitor.endswith("loss") else "max") if mode == "auto" else mode
+
+
+class Monitor:
+    def __init__(self, t: DictConfig, ckpt_dir: Path, class_names: list[str]):
+        keys = [*VAL_KEYS, *(f"val_iou/{n}" for n in class_names)]
+        if t.monitor not in keys:
+            raise ConfigError(
+                f"trainer.monitor={t.monitor} is not a validation value; choose one of: {', '.join(VAL_KEYS)}, "
+                f"val_iou/<class> (classes: {', '.join(class_names[:8])}{' ...' if len(class_names) > 8 else ''})"
+            )
+        self.key, self.mode = t.monitor, monitor_mode(t.monitor, t.monitor_mode)
+        self.patience, self.min_delta, self.top_k = t.early_stop_patience, t.early_stop_min_delta, t.save_top_k
+        self.ckpt_dir = Path(ckpt_dir)
+        self.best, self.best_step = math.nan, None
+        self.reference, self.bad = math.nan, 0  # early stopping: the best by more than min_delta, bad in a row
+        self.kept: list[dict] = []  # top-k: {"step", "value", "file"}, best first
+        self.stop_reason: str | None = None
+        self.pending: dict = {}  # the files the next save() writes and deletes (decided in update())
+
+    def better(self, value: float, than: float, delta: float = 0.0) -> bool:
+        if not math.isfinite(value):
+            return False
+        if math.isnan(than):
+            return True
+        return value - delta > than if self.mode == "max" else value + delta < than
+
+    def update(self, scalars: dict[str, float], step: int) -> bool:
+        """Record one validation (on every rank: the metrics are the same); True when it is the best yet."""
+        value = float(scalars[self.key])
+        improved = self.better(value, self.best)
+        if improved:
+            self.best, self.best_step = value, step
+        if self.better(value, self.reference, self.min_delta):
+            self.reference, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.patience is not None and self.bad >= self.patience:
+            self.stop_reason = (
+                f"early stopping: {self.key} did not improve on {self.reference:.4f} by more than {self.min_delta} "
+                f"for {self.bad} validation(s) (trainer.early_stop_patience={self.patience}); best "
+                f"{self.best:.4f} at step {self.best_step}"
+            )
+            log.info("%s", self.stop_reason)
+        self.pending = {"best": improved, "write": None, "delete": []}
+        worst = self.kept[-1]["value"] if self.kept else math.nan
+        if self.top_k < 0 or (self.top_k > 0 and (len(self.kept) < self.top_k or self.better(value, worst))):
+            entry = {"step": step, "value": value, "file": f"best-{step}-{value:.4f}.pt"}
+            self.kept.append(entry)
+            self.kept.sort(key=lambda e: (-e["value"] if self.mode == "max" else e["value"], e["step"]))
+            self.pending["write"] = entry["file"]
+            while 0 < self.top_k < len(self.kept):
+                self.pending["delete"].append(self.kept.pop()["file"])
+        return improved
+
+    def save(self, state: dict) -> None:
+        """Rank 0, after last.pt: the new top-k file, best.pt, and the files that left the top k."""
+        p, self.pending = self.pending, {}
+        if p.get("write"):
+            checkpoint.save_atomic(state, self.ckpt_dir / p["write"])
+        if p.get("best"):
+            if p.get("write"):
+                checkpoint.link_atomic(self.ckpt_dir / p["write"], self.ckpt_dir / "best.pt")
+            else:
+                checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
+        for name in p.get("delete", []):
+            (self.ckpt_dir / name).unlink(missing_ok=True)
+
+    def summary(self, step: int, max_iters: int) -> dict:
+        reason = self.stop_reason or (f"completed trainer.max_iters ({max_iters})" if step >= max_iters else None)
+        return {
+            "monitor": self.key,
+            "monitor_mode": self.mode,
+            "best_value": self.best,
+            "best_step": self.best_step,
+            "best_checkpoint": str(self.ckpt_dir / "best.pt") if self.best_step is not None else None,
+            "top_k_checkpoints": [str(self.ckpt_dir / e["file"]) for e in self.kept],
+            "stop_reason": reason,
+        }
+
+    def state_dict(self) -> dict:
+        return {"key": self.key, "mode": self.mode, "best": self.best, "best_step": self.best_step,
+                "reference": self.reference, "bad": self.bad, "kept": [dict(e) for e in self.kept],
+                "stop_reason": self.stop_reason}  # fmt: skip
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore; a checkpoint of another monitor (or of segtrain 0.1.0, none) starts the record afresh."""
+        if not state or (state["key"], state["mode"]) != (self.key, self.mode):
+            log.warning("resuming with trainer.monitor=%s (%s): its best value and early-stopping count start "
+                        "afresh (the checkpoint has %s)", self.key, self.mode,
+                        f"{state['key']} ({state['mode']})" if state else "none")  # fmt: skip
+            return
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.reference, self.bad, self.stop_reason = state["reference"], state["bad"], state["stop_reason"]
+        self.kept = [dict(e) for e in state["kept"]]
+        if self.patience is None or self.bad < self.patience:  # trainer.early_stop_patience raised: go on
+            self.stop_reason = None
+        if self.top_k >= 0:  # trainer.save_top_k lowered on resume: keep the record of the k best
+            self.kept = self.kept[: self.top_k] if self.top_k else []

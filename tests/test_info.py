@@ -1,0 +1,78 @@
+"""``segtrain-info``: parameters, FLOPs (a hand count) and latency (segtrain/info.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from segtrain import __version__, checkpoint
+from segtrain.config import to_yaml
+from segtrain.info import count_flops, input_size
+from segtrain.models import build_model, count_parameters
+from tests.conftest import run_cli
+from tests.test_config import composed
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(4, 2, 1, bias=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.head(self.backbone(x))  # [N, 2, 8, 8]
+        return self.fc(y.flatten(2)[..., :8])  # [N, 2, 5]
+
+
+def test_flops_equal_a_hand_count():
+    """A multiply-add is 2 FLOPs; bias, BatchNorm, ReLU and slicing are not counted."""
+    n, h, w = 2, 8, 8
+    conv3x3 = 2 * n * 4 * h * w * (3 * 3 * 3)  # outputs x (cin x k x k) multiply-adds
+    conv1x1 = 2 * n * 2 * h * w * 4
+    linear = 2 * n * 2 * 5 * 8  # [N*2, 8] @ [8, 5]
+    total, by_module = count_flops(Tiny().eval(), torch.randn(n, 3, h, w))
+    assert total == conv3x3 + conv1x1 + linear == 30016
+    assert by_module == {"backbone": conv3x3, "head": conv1x1, "fc": linear}
+
+
+def test_input_size_defaults():
+    assert input_size(OmegaConf.create({"info": {"size": [100, 60]}, "data": {"crop_size": 32}})) == (100, 60)
+    assert input_size(OmegaConf.create({"info": {"size": None}, "data": {"crop_size": 48, "name": "voc"}})) == (48, 48)
+    cfg = OmegaConf.create({"info": {"size": None}, "data": {"crop_size": None, "name": "synthetic", "image_size": 40}})
+    assert input_size(cfg) == (40, 40)
+    assert input_size(OmegaConf.create({"info": {"size": None}, "data": {"crop_size": None, "name": "voc"}})) == (
+        512,
+        512,
+    )
+
+
+def info_exe() -> list[str]:
+    exe = Path(sys.executable).parent / "segtrain-info"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain.info"]
+
+
+def test_segtrain_info_on_a_checkpoint(tmp_path):
+    """``segtrain-info ckpt=PATH``: the stored network, its parameter count and FLOPs, latency at batch 1 and N."""
+    cfg = composed("model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "data.image_size=40")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    meta = {"model": "deeplabv3plus", "num_classes": 3, "class_names": ["a", "b", "c"], "segtrain_version": __version__}
+    checkpoint.save_atomic({"model": model.state_dict(), "config": to_yaml(cfg), "meta": meta}, tmp_path / "best.pt")
+    args = ["ckpt=best.pt", "device=cpu", "info.batch_size=2", "info.warmup=1", "info.iters=2", "hydra.run.dir=info"]
+    proc = run_cli(args, tmp_path, exe=info_exe())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = json.loads((tmp_path / "info" / "info.json").read_text())
+    assert info["model"] == "deeplabv3plus" and info["num_classes"] == 3 and info["input_size"] == [40, 40]
+    assert info["params"] == count_parameters(model) and 0 < info["backbone_params"] < info["params"]
+    flops, _ = count_flops(model.eval(), torch.randn(1, 3, 40, 40))
+    assert info["gflops"] == flops / 1e9 and info["gmacs"] == flops / 2e9
+    assert set(info["gflops_by_module"]) == {"backbone", "aspp", "low_level", "decoder"}
+    assert [r["batch_size"] for r in info["latency"]] == [1, 2]
+    assert all(r["ms_mean"] > 0 and r["images_per_sec"] > 0 for r in info["latency"])
+    assert "GFLOPs" in proc.stdout and "img/s" in proc.stdout
+    bad = run_cli(["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, exe=info_exe())
+    assert bad.returncode == 2 and "takes model from the checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,176 @@
+"""The logger group (segtrain/loggers.py): each backend writes what it promises."""
+
+import csv
+import json
+import struct
+import sys
+
+import pytest
+import torch
+
+from segtrain.config import validate
+from segtrain.errors import ConfigError
+from segtrain.loggers import Backend, Loggers
+from segtrain.trainer import Trainer
+from tests.test_config import composed
+
+TINY = ["debug=smoke", "device=cpu", "data.num_train=8", "data.num_val=4", "data.image_size=32", "data.batch_size=4",
+        "model.base_channels=4", "trainer.max_iters=2", "trainer.val_interval=1", "trainer.num_vis=1",
+        "trainer.progress=false"]  # fmt: skip
+
+
+def wandb_records(run_dir):
+    """The records of a W&B offline run file (LevelDB-log framing: 7-byte header, 32 KiB blocks of chunks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def test_all_backends_in_one_run(tmp_path):
+    """logger=[tensorboard,csv,wandb,mlflow]: every backend gets the config, the scalars, the final metrics and the
+    best checkpoint path."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    cfg = composed(*TINY, "logger=[tensorboard,csv,wandb,mlflow]")
+    validate(cfg)
+    summary = Trainer(cfg, tmp_path).fit()
+    best_ckpt = str(tmp_path / "checkpoints" / "best.pt")
+    assert summary["best_checkpoint"] == best_ckpt
+
+    # TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/mIoU")] == [1, 2] and "hparams/best_value" in acc.Tags()["scalars"]
+    assert {"config/text_summary", "best_checkpoint/text_summary"} <= set(acc.Tags()["tensors"])
+
+    # CSV
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [(r["step"], bool(r["train/loss"]), bool(r["val/mIoU"])) for r in rows] == [
+        ("1", True, False), ("1", False, True), ("2", True, False), ("2", False, True)]  # fmt: skip
+
+    # W&B, offline: config, history rows, summary
+    records = list(wandb_records(tmp_path))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "segtrain" and run.display_name == tmp_path.name
+    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
+    assert config["model"]["name"] == "unet" and config["trainer"]["max_iters"] == 2
+    history = [
+        {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    val = [h for h in history if "val/mIoU" in h]
+    assert [int(h["_step"]) for h in val] == [1, 2] and any("train/loss" in h for h in history)
+    assert any(k.startswith("val/input_gt_pred") for h in val for k in h)  # the image grid
+    final = {u.key: json.loads(u.value_json) for r in records if r.HasField("summary") for u in r.summary.update}
+    assert final["best_checkpoint"] == best_ckpt and final["best_value"] == pytest.approx(summary["best_value"])
+
+    # MLflow file store: params, metrics per step, the config artifact, final metrics and tags
+    (run_dir,) = [p.parent for p in (tmp_path / "mlruns").glob("*/*/meta.yaml") if p.parent.name != "mlruns"]
+    assert (run_dir / "params" / "model.name").read_text() == "unet"
+    assert (run_dir / "params" / "trainer.max_iters").read_text() == "2"
+    lines = (run_dir / "metrics" / "val" / "mIoU").read_text().split("\n")
+    assert [int(ln.split()[2]) for ln in lines if ln] == [1, 2]
+    assert float((run_dir / "metrics" / "final" / "best_value").read_text().split()[1]) == pytest.approx(
+        summary["best_value"]
+    )
+    assert (run_dir / "tags" / "best_checkpoint").read_text() == best_ckpt
+    assert "name: unet" in (run_dir / "artifacts" / "config.yaml").read_text()
+    assert "status: 3" in (run_dir / "meta.yaml").read_text()  # RunStatus.FINISHED
+    ids = json.loads((tmp_path / "loggers.json").read_text())
+    assert ids["mlflow"] == run_dir.name and run.run_id == ids["wandb"]
+
+
+def test_csv_header_grows_and_resume_drops_later_rows(tmp_path):
+    cfg = composed("logger=csv")
+    lg = Loggers(cfg, tmp_path)
+    lg.scalars({"train/loss": 1.0}, 1)
+    lg.scalars({"train/loss": 0.5, "skip": float("nan")}, 2)
+    lg.scalars({"val/mIoU": 0.25}, 2)
+    lg.scalars({"train/loss": 0.4}, 3)
+    lg.close()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert list(rows[0]) == ["step", "time", "train/loss", "val/mIoU"]
+    assert [(r["step"], r["train/loss"], r["val/mIoU"]) for r in rows] == [
+        ("1", "1.0", ""), ("2", "0.5", ""), ("2", "", "0.25"), ("3", "0.4", "")]  # fmt: skip
+    Loggers(cfg, tmp_path, start_step=2).close()  # resumed at step 2: step 3 is gone
+    assert [r["step"] for r in csv.DictReader((tmp_path / "metrics.csv").open())] == ["1", "2", "2"]
+    Loggers(cfg, tmp_path).close()  # a new run in the same dir starts over
+    assert list(csv.DictReader((tmp_path / "metrics.csv").open())) == []
+
+
+def test_mlflow_resume_continues_the_run(tmp_path):
+    pytest.importorskip("mlflow")
+    cfg = composed("logger=mlflow")
+    first = Loggers(cfg, tmp_path)
+    first.scalars({"train/loss": 1.0}, 1)
+    first.close("killed")
+    again = Loggers(cfg, tmp_path, start_step=1)
+    again.scalars({"train/loss": 0.5}, 2)
+    again.close("finished")
+    (run_id,) = {b.run_id for b in (*first.backends, *again.backends)}
+    (metric,) = tmp_path.glob(f"mlruns/*/{run_id}/metrics/train/loss")
+    assert [ln.split()[1:] for ln in metric.read_text().split("\n") if ln] == [["1.0", "1"], ["0.5", "2"]]
+
+
+@pytest.mark.parametrize("backend, module", [("wandb", "wandb"), ("mlflow", "mlflow")])
+def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, backend, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
+    with pytest.raises(ConfigError, match=rf"logger={backend} needs the {module} package.*segtrain\[{backend}\]") as e:
+        Loggers(composed(f"logger=[csv,{backend}]"), tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_failing_backend_is_switched_off_with_a_warning(tmp_path, caplog):
+    class Broken(Backend):
+        name = "broken"
+
+        def scalars(self, values, step):
+            raise OSError("disk full")
+
+    lg = Loggers(composed("logger=csv"), tmp_path)
+    lg.backends.append(Broken())
+    lg.scalars({"a": 1.0}, 1)
+    lg.scalars({"a": 2.0}, 2)
+    assert [b.name for b in lg.backends] == ["csv"]
+    assert "logger broken failed (OSError: disk full)" in caplog.text
+    assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 2
+    lg.image("x", torch.zeros(3, 4, 4, dtype=torch.uint8), 2)
+    lg.close()
+
+
+def test_no_logger_and_other_ranks_write_nothing(tmp_path):
+    assert Loggers(composed("logger=[]"), tmp_path).backends == []
+    assert Loggers(composed("logger=[tensorboard,csv]"), tmp_path / "r1", enabled=False).backends == []
+    assert not (tmp_path / "r1").exists()
+
+
+def test_run_names_in_a_sweep(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from segtrain.loggers import run_names
+
+    assert run_names(tmp_path) == (tmp_path.name, None)
+    hc = OmegaConf.create({"mode": RunMode.MULTIRUN, "job": {"num": 3, "override_dirname": "optimizer.lr=0.1"},
+                           "sweep": {"dir": "multirun/2026-11-27/10-00-00"}})  # fmt: skip
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
+    assert run_names(tmp_path) == ("3_optimizer.lr=0.1", "10-00-00")
