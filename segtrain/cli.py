@@ -75,11 +75,11 @@ def _user_message(exc: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
-def _hint(msg: str) -> str:
+def _hint(msg: str, prog: str = "segtrain") -> str:
     if "not in struct" in msg or "not in '" in msg or "Could not override" in msg:
-        return " (check the key's spelling: `segtrain --cfg job` prints every key)"
+        return f" (check the key's spelling: `{prog} --cfg job` prints every key)"
     if "no config '" in msg or "Could not load" in msg:
-        return " (`segtrain --help` lists every group and option)"
+        return f" (`{prog} --help` lists every group and option)"
     return ""
 
 
@@ -126,8 +126,9 @@ class _Failures:
         return bool(failures)
 
 
-def _guarded(task, full_errors: bool):
-    """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
+def _guarded(task, full_errors: bool, prog: str = "segtrain"):
+    """Wrap a task: user errors become one line (``PROG: error: ...``); in a sweep a failed job is recorded
+    and the sweep goes on."""
 
     def job(cfg: DictConfig):
         import time
@@ -166,7 +167,7 @@ def _guarded(task, full_errors: bool):
             if full_errors:
                 status("failed", msg)
                 raise
-        print(f"segtrain: {kind}: {msg}", file=sys.stderr, flush=True)
+        print(f"{prog}: {kind}: {msg}", file=sys.stderr, flush=True)
         status("failed" if kind == "error" else "stopped", msg)
         if not multirun:
             raise SystemExit(code)
@@ -179,8 +180,8 @@ def _guarded(task, full_errors: bool):
     return job
 
 
-def run_hydra_app(task, config_name: str = "config") -> None:
-    """Run ``task`` as a Hydra app with segtrain's error handling."""
+def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> None:
+    """Run ``task`` as a Hydra app with segtrain's error handling; errors start with ``prog``."""
     register_configs()
     from segtrain import distributed
 
@@ -199,11 +200,13 @@ def run_hydra_app(task, config_name: str = "config") -> None:
     argv_debug = any(a.replace(" ", "").lower() == "trainer.debug_errors=true" for a in sys.argv)
     full_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or argv_debug
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message
-    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_guarded(task, full_errors))
+    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
+        _guarded(task, full_errors, prog)
+    )
     try:
         app()
     except KeyboardInterrupt:
-        print("segtrain: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # Hydra/OmegaConf composition errors
         if full_errors:
@@ -215,7 +218,7 @@ def run_hydra_app(task, config_name: str = "config") -> None:
         user_error = type(e).__module__.split(".")[0] in ("hydra", "omegaconf")
         if not user_error:
             msg = f"{type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
-        print(f"segtrain: error: {msg}{_hint(msg)}", file=sys.stderr)
+        print(f"{prog}: error: {msg}{_hint(msg, prog)}", file=sys.stderr)
         sys.exit(2 if user_error else 1)
     if _Failures.report():
         sys.exit(1)

@@ -27,7 +27,7 @@ from segtrain.evaluation import class_names, evaluate_loader
 from segtrain.losses import build_loss
 from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
-from segtrain.outputs import TensorBoard, bars_wanted, format_table, prediction_grid, run_hparams, write_json
+from segtrain.outputs import TensorBoard, bars_wanted, format_table, run_hparams, validation_pictures, write_json
 from segtrain.rundir import check_writable, resume_command
 from segtrain.runtime import BatchToDevice, DivergenceGuard, StopSignals, Throughput, autocast, unwrap
 
@@ -215,7 +215,7 @@ class Trainer:
         """Score the validation set, log it, and save last.pt (and best.pt when the mIoU improved)."""
         self.model.eval()
         net = unwrap(self.model) if self.dist.enabled else self.net  # no DDP hooks in evaluation
-        m, _, vis = evaluate_loader(
+        m, cm, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,
             self.class_names, criterion=self.criterion, progress=bars_wanted(self.cfg.trainer.progress and self.is_main),
             num_vis=self.cfg.trainer.num_vis,
@@ -229,9 +229,8 @@ class Trainer:
         scalars = {"val/mIoU": m["miou"], "val/aAcc": m["aacc"], "val/mAcc": m["macc"], "val/mDice": m["mdice"],
                    "val/loss": m["loss"], **{f"val_iou/{n}": v for n, v in zip(self.class_names, m["iou"])}}  # fmt: skip
         self.tb.scalars(scalars, self.step)
-        if vis is not None:
-            grid = prediction_grid(*vis, self.palette, self.cfg.data.ignore_index)
-            self.tb.image("val/input_gt_pred", grid, self.step)
+        validation_pictures(self.tb, self.run_dir if self.is_main else None, cm.mat.cpu(), m, vis, self.class_names,
+                            self.palette, self.cfg.data.ignore_index, self.step)  # fmt: skip
         if self.is_main:
             tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
                        + ("  (best)" if improved else ""))  # fmt: skip
@@ -279,7 +278,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         meta = {"model": self.cfg.model.name, "num_classes": self.num_classes, "class_names": self.class_names,
-                "segtrain_version": __version__}  # fmt: skip
+                "segtrain_version": __version__, "palette": self.palette.tolist()}  # fmt: skip
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "epoch": self.epoch, "epoch_step": self.epoch_step, "best_miou": self.best_miou,
