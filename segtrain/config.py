@@ -366,7 +366,7 @@ def validate_export(cfg: DictConfig) -> None:
     for size in cfg.check_sizes:
         h, w = as_hw(size, "check_sizes")
         if min(h, w) < 32:
-            raise ConfigError(f"check_sizes: {h}x{w} is too small to be a useful check; use sizes >= 32")
+            raise ConfigError(f"check_sizes: {h}x{w} is below the exported graph's 32x32 minimum; use sizes >= 32")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -42,6 +42,7 @@ log = logging.getLogger("segtrain")
 
 EXAMPLE_SHAPE = (2, 3, 67, 93)  # traced example: batch 2 and sizes that are multiples of nothing (no special cases)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+MIN_SIZE = 32  # the smallest height and width the exported graph is made for
 
 
 def _bin_matrix(n, bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,9 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
     """Write ``model`` (from :func:`exportable`) as ONNX with dynamic batch, height and width; the opset written."""
     from torch.export import Dim
 
-    dims = {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
+    # min 32: every network pools its input at least 32x (a guard a smaller range would trip, sending the
+    # exporter to a slower fallback strategy)
+    dims = {0: Dim("batch"), 2: Dim("height", min=MIN_SIZE), 3: Dim("width", min=MIN_SIZE)}
     example = torch.randn(*EXAMPLE_SHAPE)
     quiet = io.StringIO()
     try:

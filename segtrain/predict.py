@@ -323,14 +323,68 @@ def _histogram_lines(counts: np.ndarray, names: list[str]) -> str:
     return "class histogram (share of predicted pixels): " + ", ".join(parts)
 
 
-def run_predict(cfg: DictConfig) -> dict:
-    """The ``segtrain-predict`` job: returns its summary (also written to ``predict.json``)."""
-    from hydra.core.hydra_config import HydraConfig
+def _prepare(cfg: DictConfig) -> tuple[Predictor, DictConfig, dict]:
+    """The predictor for ``cfg.ckpt`` with the command line's data/eval/device overrides, its merged config
+    (with ``predict.*``) and the checkpoint."""
+    from segtrain.config import validate
+    from segtrain.evaluate import load_checkpoint, merge_config
+
+    path = Path(cfg.ckpt).expanduser()
+    state, stored = load_checkpoint(path)
+    pcfg = merge_config(cfg, stored, "segtrain-predict")
+    validate(pcfg)
+    with open_dict(pcfg):
+        pcfg.predict = cfg.predict
+    return Predictor.from_state(state, pcfg, path), pcfg, state
+
+
+def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], out_dir: Path, cfg: DictConfig):
+    """Predict ``files`` in batches of one size (decoded in ``data.num_workers`` loader workers) and write
+    their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped})."""
     from tqdm import tqdm
 
-    from segtrain.config import validate, validate_predict
-    from segtrain.evaluate import load_checkpoint, merge_config
-    from segtrain.outputs import bars_wanted, write_json
+    from segtrain.outputs import bars_wanted
+
+    batches, skipped = size_batches(files, cfg.predict.batch_size)
+    for i, reason in skipped.items():
+        log.warning("skipped %s: %s", files[i], reason)
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        _Images(files), batch_sampler=batches, num_workers=workers, collate_fn=list,
+        worker_init_fn=_quiet_worker if workers > 0 else None,
+    )  # fmt: skip
+    counts, done = np.zeros(predictor.num_classes, np.int64), 0
+    bar = tqdm(
+        total=len(files) - len(skipped), desc="predict", unit="img", disable=not bars_wanted(cfg.trainer.progress)
+    )
+    for batch in loader:
+        for i, image in batch:
+            if isinstance(image, str):
+                skipped[i] = image
+                log.warning("skipped %s: %s", files[i], image)
+        good = [(i, im) for i, im in batch if isinstance(im, np.ndarray)]
+        for shape in dict.fromkeys(im.shape for _, im in good):  # one forward pass per size (headers can lie)
+            group = [(i, im) for i, im in good if im.shape == shape]
+            for (i, image), scores in zip(group, predictor.scores([im for _, im in group])):
+                try:
+                    pred = write_outputs(out_dir / stems[i], image, scores, predictor, cfg)
+                except OSError as e:
+                    raise OutputError(
+                        f"cannot write the outputs of {files[i]} to {out_dir}: {e.strerror or e}"
+                    ) from None
+                counts += np.bincount(pred.ravel(), minlength=predictor.num_classes)[: predictor.num_classes]
+                done += 1
+        bar.update(len(batch))
+    bar.close()
+    return counts, done, skipped
+
+
+def run_predict(cfg: DictConfig) -> dict:
+    """The ``segtrain-predict`` job: returns its summary (also written to ``predict.json`` in the run dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain.config import validate_predict
+    from segtrain.outputs import write_json
 
     validate_predict(cfg)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
@@ -339,65 +393,24 @@ def run_predict(cfg: DictConfig) -> dict:
     if not items:
         exts = " ".join(cfg.predict.extensions)
         raise DataError(f"input={cfg.input} holds no image files (extensions: {exts}); see predict.extensions")
-    path = Path(cfg.ckpt).expanduser()
-    state, stored = load_checkpoint(path)
-    pcfg = merge_config(cfg, stored, "segtrain-predict")
-    validate(pcfg)
-    with open_dict(pcfg):
-        pcfg.predict = cfg.predict
-    predictor = Predictor.from_state(state, pcfg, path)
+    predictor, pcfg, state = _prepare(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"output={out_dir} cannot be created: {e.strerror or e}") from None
-
-    files, stems = [f for f, _ in items], output_stems(items)
-    batches, skipped = size_batches(files, cfg.predict.batch_size)
     e = pcfg.eval
     log.info(
-        "predicting %d image(s) from %s with %s (%s, step %s) | eval %s%s | %s %s",
-        len(files), cfg.input, path, pcfg.model.name, state.get("step"), e.mode,
+        "predicting %d file(s) from %s with %s (%s, step %s) | eval %s%s | %s %s",
+        len(items), cfg.input, cfg.ckpt, pcfg.model.name, state.get("step"), e.mode,
         f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "",
         predictor.device, predictor.precision,
     )  # fmt: skip
-    for i, reason in skipped.items():
-        log.warning("skipped %s: %s", files[i], reason)
-    loader = torch.utils.data.DataLoader(
-        _Images(files),
-        batch_sampler=batches,
-        num_workers=pcfg.data.num_workers,
-        collate_fn=list,
-        worker_init_fn=_quiet_worker if pcfg.data.num_workers > 0 else None,
-    )
-    counts = np.zeros(predictor.num_classes, np.int64)
-    done = 0
+    files = [f for f, _ in items]
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=len(files) - len(skipped), desc="predict", unit="img", disable=not bars_wanted(pcfg.trainer.progress)
-    )
-    for batch in loader:
-        good = [(i, im) for i, im in batch if isinstance(im, np.ndarray)]
-        for i, reason in batch:
-            if isinstance(reason, str):
-                skipped[i] = reason
-                log.warning("skipped %s: %s", files[i], reason)
-        for shape in dict.fromkeys(im.shape for _, im in good):  # a header that lied about the size
-            group = [(i, im) for i, im in good if im.shape == shape]
-            scores = predictor.scores([im for _, im in group])
-            for (i, im), s in zip(group, scores):
-                try:
-                    pred = write_outputs(out_dir / stems[i], im, s, predictor, pcfg)
-                except OSError as err:
-                    raise OutputError(
-                        f"cannot write the outputs of {files[i]} to {out_dir}: {err.strerror or err}"
-                    ) from None
-                counts += np.bincount(pred.ravel(), minlength=predictor.num_classes)[: predictor.num_classes]
-                done += 1
-        bar.update(len(batch))
-    bar.close()
+    counts, done, skipped = predict_files(predictor, files, output_stems(items), out_dir, pcfg)
     seconds = time.perf_counter() - t0
     summary = {
-        "checkpoint": str(path.resolve()),
+        "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),
         "input": cfg.input,
         "output": str(out_dir.resolve()),
         "predicted": done,
@@ -414,14 +427,13 @@ def run_predict(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "predict.json", summary)
     if done == 0:
-        first = next(iter(summary["skipped"].items()))
-        raise DataError(
-            f"no image could be read from input={cfg.input}: {len(skipped)} file(s) skipped (first: {first[0]}: "
-            f"{first[1]})"[:290]
-        )
+        path, why = next(iter(summary["skipped"].items()))
+        raise DataError(f"no image could be read from input={cfg.input}: {len(skipped)} file(s) skipped "
+                        f"(first: {path}: {why})"[:290])  # fmt: skip
     log.info(
         "%d image(s) predicted, %d skipped | %.1f images/s (%s, %s) | outputs in %s",
-        done, len(skipped), summary["images_per_sec"] or float("nan"), predictor.device, predictor.precision, out_dir,
+        done, len(skipped), summary["images_per_sec"] or float("nan"), predictor.device, predictor.precision,
+        summary["output"],
     )  # fmt: skip
     log.info(_histogram_lines(counts, predictor.class_names))
     return summary
