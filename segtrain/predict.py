@@ -51,6 +51,10 @@ def read_image(source: Any) -> np.ndarray:
     from PIL import Image, ImageOps
 
     if isinstance(source, np.ndarray):
+        if source.dtype not in (np.uint8, np.uint16):
+            raise ValueError(
+                f"expected uint8 (or uint16) pixels, got {source.dtype}; e.g. pass (x * 255).astype(np.uint8)"
+            )
         return _array_to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
         with Image.open(source) as im:

@@ -105,6 +105,8 @@ def test_read_image_kinds(tmp_path):
     assert (read_image(tmp_path / "rgba.png") == rgba[..., :3]).all()  # alpha dropped
     assert read_image(tmp_path / "sub" / "cmyk.jpg").shape == (33, 44, 3)
     assert read_image(np.zeros((5, 6), np.uint16)).shape == (5, 6, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        read_image(np.zeros((5, 6, 3), np.float32))
     for bad in ("broken.jpg", "sub/truncated.jpg"):
         with pytest.raises(OSError):
             read_image(tmp_path / bad)
