@@ -344,8 +344,16 @@ def validate(cfg: DictConfig) -> None:
     check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
 
 
+def require(cfg: DictConfig, usage: str, *keys: str) -> None:
+    """ConfigError naming the mandatory keys (``???``) that the command line left unset."""
+    missing = [k for k in keys if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(f'{k}=' for k in missing)}: usage: {usage}")
+
+
 def validate_predict(cfg: DictConfig) -> None:
     """``segtrain-predict``'s own keys (the rest is checked by :func:`validate` on the merged config)."""
+    require(cfg, "segtrain-predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]", "ckpt", "input")
     p = cfg.predict
     if p.batch_size < 1:
         raise ConfigError(f"predict.batch_size must be >= 1, got {p.batch_size}")
@@ -357,6 +365,7 @@ def validate_predict(cfg: DictConfig) -> None:
 
 def validate_export(cfg: DictConfig) -> None:
     """``segtrain-export``'s keys."""
+    require(cfg, "segtrain-export ckpt=PATH [format=onnx|torchscript] [output=FILE]", "ckpt")
     if cfg.opset < 18:  # torch.export-based ONNX export writes opset 18 or newer
         raise ConfigError(f"opset must be >= 18 (the exporter writes opset 18 or newer), got {cfg.opset}")
     if cfg.tolerance <= 0:

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
                 f"{list(ref.shape)}: its sizes do not follow the input"
             )
         results.append({"input_shape": list(x.shape), "max_abs_diff": float(np.abs(out - ref.numpy()).max())})
-    largest = max(r["max_abs_diff"] for r in results)
+    largest = float(np.max([r["max_abs_diff"] for r in results]))  # NaN stays NaN (and fails)
     return {"runtime": runtime, "tolerance": tolerance, "max_abs_diff": largest, "passed": largest <= tolerance,
             "results": results}  # fmt: skip
 
@@ -289,11 +290,14 @@ def export_checkpoint(cfg: DictConfig) -> dict:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"output={target}: cannot create {target.parent}: {e.strerror or e}") from None
-    tmp = target.with_name(f".{target.name}.tmp")
+    # written and checked in a temporary folder beside the target (with its external-data file, should the
+    # weights pass ONNX's 2 GB), then moved into place: a failure leaves nothing behind
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     t0 = time.perf_counter()
     try:
-        ready = exportable(model)
-        opset = None
+        tmp, ready, opset = staging / target.name, exportable(model), None
         if fmt == "onnx":
             opset = export_onnx(ready, tmp, cfg.opset, {"segtrain": json.dumps(_short_meta(stored, state))})
         else:
@@ -306,9 +310,10 @@ def export_checkpoint(cfg: DictConfig) -> dict:
                 f"self-check failed: the exported {fmt} model differs from PyTorch by up to "
                 f"{check['max_abs_diff']:.3g} (> tolerance {cfg.tolerance:g}); no file written"
             )
-        os.replace(tmp, target)
+        for f in staging.iterdir():
+            os.replace(f, target.with_name(f.name))
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     info = sidecar(stored, state, fmt, target, opset, check)
     write_json(target.with_name(target.name + ".json"), info)
     size_mb = target.stat().st_size / 2**20

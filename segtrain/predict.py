@@ -83,7 +83,8 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
 
 
 def palette_of(cfg: DictConfig, meta: Mapping) -> np.ndarray:
-    """The class colours: the checkpoint's, else ``data.palette``, else the VOC colour map."""
+    """The class colours: ``data.palette`` (an override, or the training config's), else the palette the
+    checkpoint stores (the data set's own, e.g. the built-in set's or ``classes.yaml``'s), else the VOC map."""
     from segtrain.data.palette import default_palette, palette_array
 
     k = cfg.data.num_classes

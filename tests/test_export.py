@@ -149,3 +149,15 @@ def test_failed_self_check_leaves_no_file(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="self-check failed"):
         export.export_checkpoint(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_config_checks():
+    from segtrain.config import validate_export
+    from segtrain.errors import ConfigError
+
+    base = OmegaConf.structured(ExportAppConfig)
+    with pytest.raises(ConfigError, match="missing ckpt="):
+        validate_export(base)
+    for kw, match in (({"opset": 17}, "opset must be >= 18"), ({"check_sizes": [[16, 40]]}, "32x32 minimum")):
+        with pytest.raises(ConfigError, match=match):
+            validate_export(OmegaConf.merge(base, {"ckpt": "a.pt", **kw}))

@@ -211,3 +211,16 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path):
     plain = Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32")  # without val_size and TTA
     image = read_image(tmp_path / "val" / "images" / "im0.png")
     assert not torch.allclose(plain.scores([image]), p.scores([image]), atol=1e-3)  # the settings matter
+
+
+def test_predict_config_checks():
+    from segtrain.config import PredictAppConfig, validate_predict
+    from segtrain.errors import ConfigError
+
+    base = OmegaConf.structured(PredictAppConfig)
+    with pytest.raises(ConfigError, match="missing input="):
+        validate_predict(OmegaConf.merge(base, {"ckpt": "a.pt"}))
+    for key, value, match in (("alpha", 1.5, "predict.alpha"), ("batch_size", 0, "predict.batch_size")):
+        cfg = OmegaConf.merge(base, {"ckpt": "a.pt", "input": "x", "predict": {key: value}})
+        with pytest.raises(ConfigError, match=match):
+            validate_predict(cfg)
