@@ -1,3 +1,16 @@
-"""segtrain: config-driven semantic segmentation training in PyTorch."""
+"""segtrain: config-driven semantic segmentation training in PyTorch.
+
+``from segtrain import Predictor`` runs a trained checkpoint on images (see :mod:`segtrain.predict`);
+it is imported on first use, so ``import segtrain`` stays cheap.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Predictor", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Predictor":
+        from segtrain.predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'segtrain' has no attribute {name!r}")

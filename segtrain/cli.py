@@ -84,11 +84,11 @@ def _user_message(exc: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
-def _hint(msg: str) -> str:
+def _hint(msg: str, prog: str = "segtrain") -> str:
     if "not in struct" in msg or "not in '" in msg or "Could not override" in msg:
-        return " (check the key's spelling: `segtrain --cfg job` prints every key)"
+        return f" (check the key's spelling: `{prog} --cfg job` prints every key)"
     if "no config '" in msg or "Could not load" in msg:
-        return " (`segtrain --help` lists every group and option)"
+        return f" (`{prog} --help` lists every group and option)"
     return ""
 
 
@@ -250,7 +250,7 @@ def _app_failed(exc: Exception, prog: str) -> int:
             msg, user_error = _off_node(msg), True
         if not user_error:
             msg = f"{type(exc).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)"
-        msg, code = msg + _hint(msg), 2 if user_error else 1
+        msg, code = msg + _hint(msg, prog), 2 if user_error else 1
     print(console.error_line(f"{prog}: error: ", msg), file=sys.stderr, flush=True)
     return code
 

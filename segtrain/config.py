@@ -247,12 +247,53 @@ class InfoAppConfig(SegtrainConfig):
     info: InfoSettings = field(default_factory=InfoSettings)
 
 
+@dataclass
+class PredictConfig:
+    """What ``segtrain-predict`` writes for each image."""
+
+    batch_size: int = 8  # images per forward pass (images of the same size are batched together)
+    overlay: bool = True  # <name>_overlay.jpg: the image blended with the class colours
+    alpha: float = 0.5  # overlay: weight of the class colours (0: the image, 1: the colours)
+    save_probs: bool = False  # <name>.npy: float16 class probabilities [C, H, W]
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
+    )  # the files a folder or glob input picks up (case-insensitive)
+
+
+@dataclass
+class PredictAppConfig(EvalAppConfig):
+    """``segtrain-predict``: a checkpoint, the images, and where the masks go."""
+
+    input: str = MISSING  # an image, a folder (read recursively) or a glob pattern such as 'photos/**/*.jpg'
+    output: str | None = None  # folder for the masks; None: the run dir
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@dataclass
+class ExportAppConfig:
+    """``segtrain-export``: a checkpoint's network as ONNX or TorchScript, checked against PyTorch."""
+
+    ckpt: str = MISSING  # PATH to a segtrain checkpoint (best.pt / last.pt)
+    format: ExportFormat = ExportFormat.onnx
+    output: str | None = None  # FILE; None: model.onnx / model.pt in the run dir
+    opset: int = 18  # ONNX opset (>= 18)
+    check_sizes: list[Any] = field(default_factory=lambda: [[97, 131], [75, 109], [160, 96]])  # [h, w] self-check sizes
+    tolerance: float = 0.001  # largest |exported - PyTorch| logit difference the self-check accepts (fp32)
+
+
 def register_configs() -> None:
     """The schemas in Hydra's ConfigStore, and the ``unique_dir`` resolver of the default run dirs."""
     from segtrain.rundir import unique_dir
 
     ConfigStore.instance().store(name="segtrain_schema", node=SegtrainConfig)
     ConfigStore.instance().store(name="segtrain_eval_schema", node=EvalAppConfig)
+    ConfigStore.instance().store(name="segtrain_predict_schema", node=PredictAppConfig)
+    ConfigStore.instance().store(name="segtrain_export_schema", node=ExportAppConfig)
     ConfigStore.instance().store(name="segtrain_info_schema", node=InfoAppConfig)
     OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 
@@ -505,6 +546,40 @@ def _validate_monitor_ema(t: DictConfig, lg: DictConfig) -> None:
         raise ConfigError(f"trainer.ema_warmup must be >= 1 (or null: no warm-up), got {t.ema_warmup}")
     if lg.wandb is not None and lg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got {lg.wandb.mode!r}")
+
+
+def require(cfg: DictConfig, usage: str, *keys: str) -> None:
+    """ConfigError naming the mandatory keys (``???``) that the command line left unset."""
+    missing = [k for k in keys if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(f'{k}=' for k in missing)}: usage: {usage}")
+
+
+def validate_predict(cfg: DictConfig) -> None:
+    """``segtrain-predict``'s own keys (the rest is checked by :func:`validate` on the merged config)."""
+    require(cfg, "segtrain-predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]", "ckpt", "input")
+    p = cfg.predict
+    if p.batch_size < 1:
+        raise ConfigError(f"predict.batch_size must be >= 1, got {p.batch_size}")
+    if not 0 <= p.alpha <= 1:
+        raise ConfigError(f"predict.alpha must be in [0, 1], got {p.alpha}")
+    if not p.extensions:
+        raise ConfigError("predict.extensions must list at least one file extension, e.g. [.jpg, .png]")
+
+
+def validate_export(cfg: DictConfig) -> None:
+    """``segtrain-export``'s keys."""
+    require(cfg, "segtrain-export ckpt=PATH [format=onnx|torchscript] [output=FILE]", "ckpt")
+    if cfg.opset < 18:  # torch.export-based ONNX export writes opset 18 or newer
+        raise ConfigError(f"opset must be >= 18 (the exporter writes opset 18 or newer), got {cfg.opset}")
+    if cfg.tolerance <= 0:
+        raise ConfigError(f"tolerance must be > 0, got {cfg.tolerance}")
+    if not cfg.check_sizes:
+        raise ConfigError("check_sizes must list at least one [h, w] size, e.g. [[97, 131], [75, 109]]")
+    for size in cfg.check_sizes:
+        h, w = as_hw(size, "check_sizes")
+        if min(h, w) < 32:
+            raise ConfigError(f"check_sizes: {h}x{w} is below the exported graph's 32x32 minimum; use sizes >= 32")
 
 
 def to_yaml(cfg: DictConfig) -> str:

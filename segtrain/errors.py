@@ -42,6 +42,12 @@ class OutputError(SegtrainError):
     exit_code = 4
 
 
+class ExportError(SegtrainError):
+    """An exported model that disagrees with PyTorch, or a construct the format cannot express."""
+
+    exit_code = 6
+
+
 class ResourceError(SegtrainError):
     """Out of (GPU) memory."""
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.config import SegtrainConfig, validate
 from segtrain.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("segtrain")
 
@@ -29,7 +33,7 @@ def _overridden_keys() -> list[str]:
     return [item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task]
 
 
-def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
+def merge_config(cfg: DictConfig, stored: DictConfig, prog: str = "segtrain-eval") -> DictConfig:
     """The checkpoint's config with this command line's data/eval/device/trainer choices applied."""
     out = stored.copy()
     keys = _overridden_keys()
@@ -42,10 +46,41 @@ def merge_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
             if key == "seed" or (top in ("data", "eval", "trainer") and "." in key):
                 OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
             elif top in ("model", "optimizer", "scheduler", "loss"):
-                raise ConfigError(f"segtrain-eval takes {top} from the checkpoint; drop the override {key}")
+                raise ConfigError(f"{prog} takes {top} from the checkpoint; drop the override {key}")
         out.model.pretrained = False  # the checkpoint holds every weight
         out.model.init_from = None
     return out
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
+    """A segtrain checkpoint (weights_only) and its stored config on the current schema."""
+    from segtrain import checkpoint
+    from segtrain.resume import stored_config
+
+    path = Path(path).expanduser()
+    state = checkpoint.load(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
+    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))  # older ones lack newer keys
+    return state, stored
+
+
+def checkpoint_model(state: dict, cfg: DictConfig, path: str | Path) -> torch.nn.Module:
+    """The network of ``cfg.model`` with the checkpoint's weights (on the CPU, in training mode)."""
+    from segtrain.models import build_model
+
+    num_classes = cfg.data.num_classes
+    stored_classes = state.get("meta", {}).get("num_classes", num_classes)
+    if stored_classes != num_classes:
+        raise ConfigError(f"the checkpoint predicts {stored_classes} classes but data.num_classes={num_classes}")
+    model = build_model(cfg.model, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"the weights in {path} do not fit model={cfg.model.name}: {str(e).splitlines()[-1].strip()}"
+        ) from None
+    return model
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
@@ -53,38 +88,24 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise ConfigError("no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt")
     import torch  # here, not at the top: `segtrain-eval --help` answers without loading torch
 
-    from segtrain import checkpoint
     from segtrain.data import build_datasets, build_loader
     from segtrain.evaluation import class_names as names_of
     from segtrain.evaluation import evaluate_loader
-    from segtrain.models import build_model
     from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table, write_json
-    from segtrain.resume import stored_config
     from segtrain.runtime import BatchToDevice, autocast, resolve_device
 
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     path = Path(cfg.ckpt).expanduser()
-    state = checkpoint.load(path)
-    if "config" not in state:
-        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
-    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))  # older ones lack newer keys
+    state, stored = load_checkpoint(path)
     ecfg = merge_config(cfg, stored)
     validate(ecfg)
     meta = state.get("meta", {})
     num_classes = ecfg.data.num_classes
-    if meta.get("num_classes", num_classes) != num_classes:
-        raise ConfigError(f"the checkpoint predicts {meta['num_classes']} classes but data.num_classes={num_classes}")
 
     device, precision = resolve_device(ecfg.device)
     _, val_set = build_datasets(ecfg.data, ecfg.seed)
     loader = build_loader(val_set, ecfg.data, False, ecfg.seed)
-    model = build_model(ecfg.model, num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"the weights in {path} do not fit model={ecfg.model.name}: {str(e).splitlines()[-1].strip()}"
-        ) from None
+    model = checkpoint_model(state, ecfg, path)
     memory_format = torch.channels_last if ecfg.device.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     class_names = names_of(val_set, num_classes, meta.get("class_names"))

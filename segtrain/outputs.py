@@ -1,4 +1,5 @@
-"""Run outputs: metrics.json, the per-class table, confusion-matrix PNG, prediction grids, hparams.
+"""Run outputs: metrics.json, the per-class table, and the pictures (confusion matrix, per-class IoU bars,
+prediction grid with error maps) drawn with OpenCV.
 
 The experiment loggers (TensorBoard, CSV, W&B, MLflow) are in :mod:`segtrain.loggers`."""
 
@@ -72,10 +73,30 @@ def overlay(
     return out.clamp(0, 255).to(torch.uint8)
 
 
+def error_map(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """uint8 [N,3,H,W]: the image in dim grey where the prediction is right, red where it is wrong, white
+    where the ground truth is ignored."""
+    grey = images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) * 0.5
+    out = grey.clone()
+    wrong = (pred.long() != masks.long()).unsqueeze(1).expand_as(out)
+    ignored = (masks.long() == ignore_index).unsqueeze(1).expand_as(out)
+    red = torch.tensor([255.0, 0.0, 0.0], device=out.device).view(1, 3, 1, 1).expand_as(out)
+    out = torch.where(wrong, red, out)
+    out = torch.where(ignored, torch.full_like(out, 255.0), out)
+    return out.round().to(torch.uint8)
+
+
 def prediction_grid(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, palette, ignore_index: int):
-    """A CHW uint8 grid with one row per image: the input, the ground truth and the prediction as overlays."""
-    rows = [images, overlay(images, masks, palette, ignore_index), overlay(images, pred, palette, ignore_index)]
-    return image_grid(torch.stack(rows, 1).flatten(0, 1), ncol=3)
+    """A CHW uint8 grid with one row per image: the input, the ground truth and the prediction as overlays,
+    and the error map (red: wrong, white: ignored)."""
+    pred = pred.to(masks.device)
+    rows = [
+        images,
+        overlay(images, masks, palette, ignore_index),
+        overlay(images, pred, palette, ignore_index),
+        error_map(images, masks, pred, ignore_index),
+    ]
+    return image_grid(torch.stack(rows, 1).flatten(0, 1), ncol=len(rows))
 
 
 def image_grid(images: torch.Tensor, ncol: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -92,8 +113,15 @@ def image_grid(images: torch.Tensor, ncol: int, padding: int = 2, pad_value: int
     return grid
 
 
-def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], path: str | Path) -> None:
-    """Write the row-normalised confusion matrix (rows: ground truth, columns: prediction) as a PNG heat map.
+def _text(canvas: np.ndarray, text: str, xy: tuple[int, int], scale: float = 0.35, colour=(0, 0, 0)) -> None:
+    import cv2
+
+    cv2.putText(canvas, text, xy, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def confusion_matrix_image(cm: torch.Tensor | np.ndarray, class_names: list[str]) -> np.ndarray:
+    """The row-normalised confusion matrix (rows: ground truth, columns: prediction) as an HxWx3 uint8 RGB
+    heat map.
 
     Up to 40 classes, each cell shows its percentage, rows carry class names and columns their first
     letters (up to 20 classes) or indices; larger matrices
@@ -108,36 +136,103 @@ def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], 
     cell = 36 if k <= 20 else 22 if k <= 40 else max(4, 900 // k)
     labelled = k <= 40
     left = (max(len(n) for n in class_names) * 8 + 16) if labelled else 8
-    top, font = 40, cv2.FONT_HERSHEY_SIMPLEX
+    top = 40
     heat = cv2.applyColorMap((norm * 255).round().astype(np.uint8), cv2.COLORMAP_VIRIDIS)
     heat = cv2.resize(heat, (k * cell, k * cell), interpolation=cv2.INTER_NEAREST)
     canvas = np.full((top + k * cell + 8, left + k * cell + 8, 3), 255, np.uint8)
     canvas[top : top + k * cell, left : left + k * cell] = heat
-    cv2.putText(
-        canvas,
-        "rows: ground truth, columns: prediction (row-normalised)",
-        (4, 14),
-        font,
-        0.4,
-        (0, 0, 0),
-        1,
-        cv2.LINE_AA,
-    )
+    _text(canvas, "rows: ground truth, columns: prediction (row-normalised)", (4, 14), 0.4)
     if labelled:
         for i, name in enumerate(class_names):
             y = top + i * cell + cell // 2 + 4
-            cv2.putText(canvas, name, (4, y), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            _text(canvas, name, (4, y))
             col = name[:4] if cell >= 30 else str(i)  # short names fit above wide cells, else the index
-            cv2.putText(canvas, col, (left + i * cell + 2, top - 6), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            _text(canvas, col, (left + i * cell + 2, top - 6))
             for j in range(k):
                 if mat[i, j] > 0:
                     v = norm[i, j]
                     colour = (0, 0, 0) if v > 0.5 else (255, 255, 255)
                     text = f"{100 * v:.0f}" if cell >= 30 or v >= 0.1 else ""
-                    cv2.putText(canvas, text, (left + j * cell + 3, y), font, 0.33, colour, 1, cv2.LINE_AA)
+                    _text(canvas, text, (left + j * cell + 3, y), 0.33, colour)
+    return cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
+
+
+def per_class_iou_image(iou: list[float | None], class_names: list[str], palette=None) -> np.ndarray:
+    """A horizontal bar chart of per-class IoU (percent) as an HxWx3 uint8 RGB image: one bar per class in
+    its palette colour, its value at the end ("-" for a class absent from ground truth and prediction),
+    and the mean IoU as a vertical line."""
+    import cv2
+
+    k = len(class_names)
+    vals = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in iou]
+    row = 18 if k <= 40 else 10
+    scale = 0.35 if k <= 40 else 0.28
+    left = max(len(n) for n in class_names) * (7 if k <= 40 else 5) + 12
+    plot, top = 300, 30
+    canvas = np.full((top + k * row + 24, left + plot + 56, 3), 255, np.uint8)
+    pal = np.asarray(palette if palette is not None else [[31, 119, 180]] * k, np.uint8)
+    present = [v for v in vals if v is not None]
+    miou = float(np.mean(present)) if present else float("nan")
+    _text(canvas, f"per-class IoU (%), mean {100 * miou:.1f}" if present else "per-class IoU (%)", (4, 16), 0.42)
+    for i, (name, v) in enumerate(zip(class_names, vals)):
+        y0 = top + i * row
+        _text(canvas, name, (4, y0 + row - 5), scale)
+        if v is None:
+            _text(canvas, "-", (left + 4, y0 + row - 5), scale)
+            continue
+        x1 = left + int(round(plot * min(max(v, 0.0), 1.0)))
+        colour = tuple(int(c) for c in pal[i % len(pal)][::-1])  # RGB -> BGR
+        cv2.rectangle(canvas, (left, y0 + 2), (max(x1, left + 1), y0 + row - 3), colour, -1)
+        cv2.rectangle(canvas, (left, y0 + 2), (max(x1, left + 1), y0 + row - 3), (60, 60, 60), 1)
+        _text(canvas, f"{100 * v:.1f}", (x1 + 4, y0 + row - 5), scale)
+    bottom = top + k * row
+    cv2.line(canvas, (left, top - 2), (left, bottom), (0, 0, 0), 1)
+    for t in (0, 50, 100):
+        x = left + plot * t // 100
+        cv2.line(canvas, (x, bottom), (x, bottom + 4), (0, 0, 0), 1)
+        _text(canvas, str(t), (x - 6, bottom + 16), 0.33)
+    if present:
+        x = left + int(round(plot * miou))
+        for y in range(top - 2, bottom, 6):  # dashed: the mean
+            cv2.line(canvas, (x, y), (x, min(y + 3, bottom)), (0, 0, 0), 1)
+    return cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write an HxWx3 uint8 RGB image as a PNG, atomically."""
+    import cv2
+
+    ok, data = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode {path} as PNG")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), canvas):
-        raise OSError(f"cannot write {path}")
+    atomic_write(path, data.tobytes(), durable=False)
+
+
+def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], path: str | Path) -> None:
+    """Write :func:`confusion_matrix_image` as a PNG."""
+    write_png(path, confusion_matrix_image(cm, class_names))
+
+
+def validation_pictures(loggers, run_dir, cm, metrics: dict, vis, class_names: list[str], palette, ignore_index: int,
+                        step: int) -> None:  # fmt: skip
+    """The pictures of a validation, logged as images (``val/confusion_matrix``, ``val/per_class_iou``,
+    ``val/input_gt_pred``) and written to ``run_dir`` as ``confusion_matrix.png``, ``per_class_iou.png`` and
+    ``predictions.png`` (rewritten at every validation, so the run dir holds the latest).  ``run_dir`` None
+    (DDP ranks other than 0): nothing."""
+    if run_dir is None:
+        return
+    pictures = {
+        "confusion_matrix": confusion_matrix_image(cm, class_names),
+        "per_class_iou": per_class_iou_image(metrics["iou"], class_names, palette),
+    }
+    if vis is not None:
+        pictures["predictions"] = prediction_grid(*vis, palette, ignore_index).permute(1, 2, 0).cpu().numpy()
+    tags = {"confusion_matrix": "val/confusion_matrix", "per_class_iou": "val/per_class_iou",
+            "predictions": "val/input_gt_pred"}  # fmt: skip
+    for name, image in pictures.items():
+        loggers.image(tags[name], torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), step)
+        write_png(Path(run_dir) / f"{name}.png", image)
 
 
 def log_run_start(trainer) -> None:

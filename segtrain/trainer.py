@@ -28,7 +28,7 @@ from segtrain.evaluation import class_names, evaluate_loader
 from segtrain.losses import build_loss
 from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
-from segtrain.outputs import bars_wanted, log_run_end, log_run_start, prediction_grid, run_hparams, write_json
+from segtrain.outputs import bars_wanted, log_run_end, log_run_start, run_hparams, validation_pictures, write_json
 from segtrain.preflight import dry_validation
 from segtrain.runtime import BatchToDevice, DivergenceGuard, StopSignals, Throughput, autocast, unwrap
 from segtrain.sweep import mark_status
@@ -207,7 +207,7 @@ class Trainer:
         self.model.eval()
         net = self.ema.net if self.ema else unwrap(self.model)  # eager, no DDP hooks: compiled graphs would recompile
         stop = None if self.dist.enabled else (lambda: self.signals.received is not None)
-        m, _, vis = evaluate_loader(
+        m, cm, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,
             self.class_names, criterion=self.criterion, num_vis=self.cfg.trainer.num_vis, should_stop=stop,
             progress=bars_wanted(self.cfg.trainer.progress and self.is_main),
@@ -224,9 +224,8 @@ class Trainer:
                    "val/loss": m["loss"], **{f"val_iou/{n}": v for n, v in zip(self.class_names, m["iou"])}}  # fmt: skip
         improved = self.monitor.update(scalars, self.step)
         self.loggers.scalars(scalars, self.step)
-        if vis is not None:
-            grid = prediction_grid(*vis, self.palette, self.cfg.data.ignore_index)
-            self.loggers.image("val/input_gt_pred", grid, self.step)
+        validation_pictures(self.loggers, self.run_dir if self.is_main else None, cm.mat.cpu(), m, vis, self.class_names,
+                            self.palette, self.cfg.data.ignore_index, self.step)  # fmt: skip
         if self.is_main:
             tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
                        + ("  (best)" if improved else ""))  # fmt: skip
@@ -273,7 +272,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         meta = {"model": self.cfg.model.name, "num_classes": self.num_classes, "class_names": self.class_names,
-                "segtrain_version": __version__}  # fmt: skip
+                "segtrain_version": __version__, "palette": self.palette.tolist()}  # fmt: skip
         raw = unwrap(self.model).state_dict()  # with EMA: "model" holds the averaged (validated) weights
         extra = {"raw_model": raw, "ema": self.ema.state_dict()} if self.ema else {}
         return {"model": self.ema.module.state_dict() if self.ema else raw, "optimizer": self.optimizer.state_dict(),

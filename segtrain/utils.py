@@ -71,6 +71,10 @@ def call_with_timeout(fn: Callable[[], T], timeout: float) -> T:
     return box["value"]
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) ...
+os.umask(_UMASK)  # ... and put back at once
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | str, durable: bool = True) -> Path:
     """Write ``path`` so that a crash at any moment leaves either the old file or the complete new one.
 
@@ -83,6 +87,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it private)
             if callable(write):
                 write(f)
             else:

@@ -38,3 +38,24 @@ def cli(tmp_path):
 
     _run.cwd = tmp_path
     return _run
+
+
+def console_script(name: str) -> list[str]:
+    """An installed console script next to this Python, else ``python -m MODULE`` (same code)."""
+    exe = Path(sys.executable).parent / name
+    module = {"segtrain-predict": "segtrain.predict", "segtrain-export": "segtrain.export"}[name]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """ONE tiny training run (U-Net, base_channels 4, 2 iterations on the built-in data set, in-process),
+    shared by the tests that need a checkpoint or a run dir: returns the run dir."""
+    from test_config import composed
+
+    from segtrain.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    cfg = composed("debug=smoke", "trainer.max_iters=2", "trainer.progress=false", "model.base_channels=4")
+    Trainer(cfg, run).fit()
+    return run

@@ -129,6 +129,13 @@ class UpConv2x2(nn.ConvTranspose2d):
         return F.pixel_shuffle(F.conv2d(x, weight, self.bias.repeat_interleave(4)), 2)
 
 
+def tracing() -> bool:
+    """True while ``torch.export`` / the ONNX exporter or ``torch.jit.trace`` records the network: code that
+    skips work when two sizes happen to match must then take the general path, or the recorded graph would
+    hold the example input's sizes."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def with_aux(out: torch.Tensor, aux_head: nn.Module | None, feature: torch.Tensor, size, training: bool):
     """The network output: in training with an aux head ``{"out", "aux"}`` (aux resized to ``size``), else ``out``."""
     if aux_head is None or not training:
@@ -146,7 +153,7 @@ def crop_to(out: torch.Tensor | dict[str, torch.Tensor], size: tuple[int, int]):
 
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of logits/features to ``size`` (no-op when equal)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    if not tracing() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -159,7 +166,7 @@ def fit_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     connection is fixed up at the bottom/right.
     """
     dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
-    if dh or dw:
+    if tracing() or dh or dw:
         x = F.pad(x, [0, dw, 0, dh])
     return x
 
@@ -167,4 +174,5 @@ def fit_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad ``x`` at the bottom/right so that its height and width are multiples of ``multiple``."""
     h, w = x.shape[-2:]
-    return fit_to(x, (-(-h // multiple) * multiple, -(-w // multiple) * multiple))
+    # (h + m - 1) // m, not -(-h // m): exported graphs divide integers by truncation, not floor
+    return fit_to(x, ((h + multiple - 1) // multiple * multiple, (w + multiple - 1) // multiple * multiple))

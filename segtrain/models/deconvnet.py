@@ -40,6 +40,12 @@ STAGES = (2, 2, 3, 3, 3)  # convs in each of VGG16's five stages
 VARIANTS = ("deconvnet", "segnet")
 
 
+def unpool(x: torch.Tensor, indices: torch.Tensor, size) -> torch.Tensor:
+    """Max-unpooling to ``size`` (``F.max_unpool2d`` without its Python-side size check, which
+    ``torch.jit.trace`` cannot record with sizes that follow the input)."""
+    return torch._C._nn.max_unpool2d(x, indices, size)
+
+
 class DeconvBNReLU(nn.Sequential):
     """k x k transposed conv with stride 1 (padding keeps the size) -> norm -> ReLU: one "deconvolution" layer."""
 
@@ -78,7 +84,6 @@ class DeconvNet(nn.Module):
 
         # Decoder stage i mirrors encoder stage i: its last layer goes back to the width that stage i got
         # (stage 1 stays at b channels).  Listed deepest first, in the order they run.
-        self.unpool = nn.MaxUnpool2d(2, 2)
         self.decoder = nn.ModuleList()
         for n, w, wout in reversed(list(zip(STAGES, widths, [b, *widths[:-1]]))):
             self.decoder.append(nn.Sequential(*(layer(w, w if i < n - 1 else wout, 3, norm=norm) for i in range(n))))
@@ -94,7 +99,7 @@ class DeconvNet(nn.Module):
             switches.append((indices, size))
         x = self.center(x)
         for stage, (indices, size) in zip(self.decoder, reversed(switches)):
-            x = stage(self.unpool(x, indices, output_size=size))
+            x = stage(unpool(x, indices, size))
         return self.classifier(x)
 
     def load_vgg16(self, state: dict[str, torch.Tensor]) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtrain.models.blocks import ConvBNReLU, UpConv2x2, fit_to
+from segtrain.models.blocks import ConvBNReLU, UpConv2x2, fit_to, tracing
 
 if TYPE_CHECKING:  # a plain U-Net does not load torchvision (seconds of start-up on a small CPU)
     from segtrain.models.backbones import Backbone
@@ -55,7 +55,7 @@ class Up(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
         dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
-        if dh or dw:  # odd input sizes: pad (or crop) to the skip's size
+        if tracing() or dh or dw:  # odd input sizes: pad (or crop) to the skip's size
             x = F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
         return self.conv(torch.cat([skip, x], dim=1))
 

@@ -1,0 +1,355 @@
+"""``segtrain-export ckpt=PATH format=onnx|torchscript output=FILE``: a trained network for deployment.
+
+The exported graph takes float32 NCHW RGB input normalised as in training, ``(pixel / 255 - mean) / std``,
+of any batch, height and width, and returns logits ``[N, num_classes, H, W]`` (one whole-image forward
+pass; the checkpoint's eval settings and ``data.val_size`` are recorded in the sidecar, not baked in).
+
+* ONNX: ``torch.onnx.export`` (torch.export based, opset >= 18) with dynamic batch, height and width.
+* TorchScript: ``torch.jit.trace``; the networks take their size-dependent paths while traced
+  (:func:`segtrain.models.blocks.tracing`), so every pad, crop and resize follows the input.
+
+PSPNet's pyramid pooling (``nn.AdaptiveAvgPool2d`` with 2x2, 3x3 and 6x6 bins) is replaced for export by
+:class:`AdaptiveAvgPool2dDynamic`: the same bins (torch's boundaries ``floor(i*H/b)`` .. ``ceil((i+1)*H/b)``)
+as two matrix products whose matrices are built from the runtime height and width, so the bins follow
+the input size (a plain export would freeze them at the example's size).
+
+Every export checks itself: the file is loaded back (onnxruntime / ``torch.jit.load``) and run next to the
+PyTorch network at ``check_sizes`` (batch 1 and 2); the largest absolute logit difference is printed and
+must be ``<= tolerance`` (1e-3, fp32), else the command fails (exit code 6) and leaves no file behind.
+``FILE.json`` beside the file holds what a deployment needs: mean, std, class names, palette, the input
+and output spec, the checkpoint's eval settings and the check's numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from segtrain.errors import ExportError, OutputError
+
+log = logging.getLogger("segtrain")
+
+EXAMPLE_SHAPE = (2, 3, 67, 93)  # traced example: batch 2 and sizes that are multiples of nothing (no special cases)
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+MIN_SIZE = 32  # the smallest height and width the exported graph is made for
+
+
+def _bin_matrix(n, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """[bins, n]: row i averages input positions floor(i*n/bins) .. ceil((i+1)*n/bins) - 1 (torch's bins).
+
+    Integer arithmetic on non-negative values only: exported graphs divide integers by truncation."""
+    i = torch.arange(bins, device=like.device)
+    start = (i * n) // bins
+    end = ((i + 1) * n + bins - 1) // bins
+    pos = torch.arange(n, device=like.device)
+    inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+class AdaptiveAvgPool2dDynamic(nn.Module):
+    """``nn.AdaptiveAvgPool2d(output_size)`` as ``A_h @ x @ A_w^T`` with bin matrices built from the input's
+    runtime size: exported, its bins follow the input size (the same numbers as torch's, up to rounding)."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+        self.bins = (int(size[0]), int(size[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _bin_matrix(x.shape[-2], self.bins[0], x)
+        cols = _bin_matrix(x.shape[-1], self.bins[1], x)
+        return rows @ x @ cols.transpose(0, 1)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """A CPU fp32 eval-mode copy of ``model`` whose adaptive average pools (other than global ones) follow
+    the input size when exported."""
+    model = copy.deepcopy(model).float().cpu().eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                size = child.output_size
+                sizes = size if isinstance(size, (tuple, list)) else (size, size)
+                if None in sizes:
+                    raise ExportError(f"nn.AdaptiveAvgPool2d({size}) with a free dimension cannot be exported")
+                if tuple(sizes) != (1, 1):  # a global pool exports as it is
+                    setattr(parent, name, AdaptiveAvgPool2dDynamic(sizes))
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str]) -> int:
+    """Write ``model`` (from :func:`exportable`) as ONNX with dynamic batch, height and width; the opset written."""
+    from torch.export import Dim
+
+    # min 32: every network pools its input at least 32x (a guard a smaller range would trip, sending the
+    # exporter to a slower fallback strategy)
+    dims = {0: Dim("batch"), 2: Dim("height", min=MIN_SIZE), 3: Dim("width", min=MIN_SIZE)}
+    example = torch.randn(*EXAMPLE_SHAPE)
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), _quiet_loggers():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=(dims,),
+                verbose=False,
+            )
+    except Exception as e:  # the exporter names the construct it cannot express
+        log.debug("ONNX export output:\n%s", quiet.getvalue())
+        raise ExportError(f"the network cannot be exported to ONNX: {type(e).__name__}: {_first_line(e)}") from None
+    log.debug("ONNX export output:\n%s", quiet.getvalue())
+    written = int(program.model.opset_imports.get("", opset))
+    for key, value in metadata.items():
+        program.model.metadata_props[key] = value
+    program.save(str(path))
+    return written
+
+
+def export_torchscript(model: nn.Module, path: Path) -> None:
+    """Trace ``model`` (from :func:`exportable`) with torch.jit.trace and save it."""
+    example = torch.randn(*EXAMPLE_SHAPE)
+    try:
+        with _quiet_loggers(), torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(path))
+    except Exception as e:
+        raise ExportError(
+            f"the network cannot be traced to TorchScript: {type(e).__name__}: {_first_line(e)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    """The exporter's and its optimizer's INFO lines stay out of the console (they go to the debug log)."""
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _runner(path: Path, fmt: str):
+    """A function numpy NCHW float32 -> numpy logits that runs the exported file."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0], f"onnxruntime {ort.__version__}"
+    with _quiet_loggers():
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run, f"torch.jit {torch.__version__}"
+
+
+def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance: float) -> dict:
+    """Run the exported file and ``model`` (fp32, CPU) on the same random inputs at ``sizes`` (the second
+    one with batch 2); the largest absolute difference per size, and whether all are within ``tolerance``."""
+    from segtrain.utils import as_hw
+
+    run, runtime = _runner(path, fmt)
+    model = copy.deepcopy(model).float().cpu().eval()
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for k, size in enumerate(sizes):
+        h, w = as_hw(size, "check_sizes")
+        x = torch.randn(2 if k == 1 else 1, 3, h, w, generator=g)
+        with torch.no_grad():
+            ref = model(x)
+        try:
+            out = run(x.numpy())
+        except Exception as e:
+            raise ExportError(f"the exported {fmt} model fails at input {list(x.shape)}: {_first_line(e)}") from None
+        if tuple(out.shape) != tuple(ref.shape):
+            raise ExportError(
+                f"the exported {fmt} model returns shape {list(out.shape)} at input {list(x.shape)}, PyTorch "
+                f"{list(ref.shape)}: its sizes do not follow the input"
+            )
+        results.append({"input_shape": list(x.shape), "max_abs_diff": float(np.abs(out - ref.numpy()).max())})
+    largest = float(np.max([r["max_abs_diff"] for r in results]))  # NaN stays NaN (and fails)
+    return {"runtime": runtime, "tolerance": tolerance, "max_abs_diff": largest, "passed": largest <= tolerance,
+            "results": results}  # fmt: skip
+
+
+def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | None, check: dict) -> dict:
+    """What a deployment needs to feed the exported file and read its output."""
+    from segtrain import __version__
+    from segtrain.evaluation import class_names
+    from segtrain.predict import palette_of
+
+    meta = state.get("meta", {})
+    k = cfg.data.num_classes
+    return {
+        "format": fmt,
+        "file": path.name,
+        "opset": opset,
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": ["batch", 3, "height", "width"],
+            "channels": "RGB",
+            "normalisation": "(pixel / 255 - mean) / std, pixel in [0, 255], per channel",
+            "dynamic_axes": ["batch", "height", "width"],
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": ["batch", k, "height", "width"],
+            "meaning": "class scores (logits) at the input size; argmax over axis 1 gives the class map",
+        },
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "num_classes": k,
+        "class_names": class_names(None, k, cfg.data.class_names or meta.get("class_names")),
+        "palette": palette_of(cfg, meta).tolist(),
+        "ignore_index": cfg.data.ignore_index,
+        "val_size": OmegaConf.to_container(cfg.data)["val_size"],
+        "eval": OmegaConf.to_container(cfg.eval),
+        "model": OmegaConf.to_container(cfg.model),
+        "step": state.get("step"),
+        "check": check,
+        "segtrain_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")
+
+
+def _target(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.output:
+        return Path(os.path.expanduser(cfg.output))
+    suffix = ".onnx" if _format(cfg) == "onnx" else ".pt"
+    return Path(HydraConfig.get().runtime.output_dir) / f"model{suffix}"
+
+
+def _format(cfg: DictConfig) -> str:
+    return str(getattr(cfg.format, "value", cfg.format))
+
+
+def export_checkpoint(cfg: DictConfig) -> dict:
+    """The ``segtrain-export`` job: export, check, then move the file into place and write ``FILE.json``."""
+    from segtrain.config import validate_export
+    from segtrain.evaluate import checkpoint_model, load_checkpoint
+    from segtrain.outputs import write_json
+
+    validate_export(cfg)
+    fmt, target = _format(cfg), _target(cfg)
+    if fmt == "onnx":
+        _require_onnx()
+    ckpt = Path(cfg.ckpt).expanduser()
+    state, stored = load_checkpoint(ckpt)
+    stored.model.pretrained, stored.model.init_from = False, None
+    model = checkpoint_model(state, stored, ckpt).eval()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"output={target}: cannot create {target.parent}: {e.strerror or e}") from None
+    # written and checked in a temporary folder beside the target (with its external-data file, should the
+    # weights pass ONNX's 2 GB), then moved into place: a failure leaves nothing behind
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    t0 = time.perf_counter()
+    try:
+        tmp, ready, opset = staging / target.name, exportable(model), None
+        if fmt == "onnx":
+            opset = export_onnx(ready, tmp, cfg.opset, {"segtrain": json.dumps(_short_meta(stored, state))})
+        else:
+            export_torchscript(ready, tmp)
+        seconds = time.perf_counter() - t0
+        check = check_export(tmp, fmt, model, list(cfg.check_sizes), cfg.tolerance)
+        _log_check(check, fmt)
+        if not check["passed"]:
+            raise ExportError(
+                f"self-check failed: the exported {fmt} model differs from PyTorch by up to "
+                f"{check['max_abs_diff']:.3g} (> tolerance {cfg.tolerance:g}); no file written"
+            )
+        for f in staging.iterdir():
+            os.replace(f, target.with_name(f.name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    info = sidecar(stored, state, fmt, target, opset, check)
+    write_json(target.with_name(target.name + ".json"), info)
+    size_mb = target.stat().st_size / 2**20
+    what = f"ONNX opset {opset}" if fmt == "onnx" else "TorchScript"
+    log.info("exported %s (%s, %.1f MB, %.1f s) | sidecar %s.json", target, what, size_mb, seconds, target)
+    return info
+
+
+def _short_meta(cfg: DictConfig, state: dict) -> dict:
+    from segtrain import __version__
+
+    return {"model": cfg.model.name, "num_classes": cfg.data.num_classes, "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std), "step": state.get("step"), "segtrain_version": __version__}  # fmt: skip
+
+
+def _log_check(check: dict, fmt: str) -> None:
+    parts = ", ".join(
+        f"{'x'.join(str(v) for v in r['input_shape'])}: {r['max_abs_diff']:.2e}" for r in check["results"]
+    )
+    verdict = "ok" if check["passed"] else "FAILED"
+    log.info(
+        "self-check %s vs PyTorch (fp32, max |logit difference|): %s | largest %.2e, tolerance %g: %s",
+        check["runtime"], parts, check["max_abs_diff"], check["tolerance"], verdict,
+    )  # fmt: skip
+
+
+def _export(cfg: DictConfig) -> float:
+    return export_checkpoint(cfg)["check"]["max_abs_diff"]
+
+
+def main() -> None:
+    """``segtrain-export``: a checkpoint as ONNX or TorchScript."""
+    from segtrain.cli import run_hydra_app
+
+    run_hydra_app(_export, config_name="export", prog="segtrain-export")
+
+
+if __name__ == "__main__":
+    main()

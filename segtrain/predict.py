@@ -1,0 +1,466 @@
+"""A trained network on new images: :class:`Predictor` (Python) and ``segtrain-predict`` (the command).
+
+``Predictor`` prepares an image exactly as validation does (the checkpoint's ``data.val_size`` keep-ratio
+rescale, ``data.mean``/``data.std`` on the device), predicts with the checkpoint's ``eval`` settings
+(whole image, sliding window, multi-scale + flip; :mod:`segtrain.inference`) under the device's autocast,
+and resizes the scores back to the image's own size::
+
+    from segtrain import Predictor
+    p = Predictor.from_checkpoint("best.pt", device="auto")
+    mask = p(image)                 # HxWx3 uint8 array, PIL image or path -> HxW int64 class indices
+    probs = p.probabilities(image)  # C x H x W float32
+
+``segtrain-predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]`` is a thin shell around it: for every
+image ``<name>.png`` (class indices, the checkpoint's palette), ``<name>_overlay.jpg`` (``predict.overlay``,
+``predict.alpha``) and ``<name>.npy`` (``predict.save_probs``: float16 probabilities); a folder is read
+recursively and its layout kept; images of one size are predicted in batches; an unreadable file is
+skipped with one line; ``predict.json`` in the run dir sums it up.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from segtrain.errors import ConfigError, DataError, OutputError
+
+log = logging.getLogger("segtrain")
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def read_image(source: Any) -> np.ndarray:
+    """An image as HxWx3 uint8 RGB, upright as a viewer shows it.
+
+    ``source``: a path, a PIL image, or an array (HxW, HxWx1, HxWx3 or HxWx4; uint8 or uint16).  The
+    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become
+    8-bit RGB (16-bit values are scaled from the full 0..65535 range).  Raises OSError/ValueError for a
+    file that cannot be decoded.
+    """
+    from PIL import Image, ImageOps
+
+    if isinstance(source, np.ndarray):
+        if source.dtype not in (np.uint8, np.uint16):
+            raise ValueError(
+                f"expected uint8 (or uint16) pixels, got {source.dtype}; e.g. pass (x * 255).astype(np.uint8)"
+            )
+        return _array_to_rgb(source)
+    if isinstance(source, (str, os.PathLike)):
+        with Image.open(source) as im:
+            im.load()
+            return read_image(im)
+    if not isinstance(source, Image.Image):
+        raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(source).__name__}")
+    im = ImageOps.exif_transpose(source)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _array_to_rgb(np.asarray(im).astype(np.float64) * (255.0 / 65535.0))
+    return np.array(im.convert("RGB"))
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        a = a[..., :3] if a.shape[2] != 1 else a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an HxW or HxWx3 image, got shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = a.astype(np.float64) * (255.0 / 65535.0)
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def palette_of(cfg: DictConfig, meta: Mapping) -> np.ndarray:
+    """The class colours: ``data.palette`` (an override, or the training config's), else the palette the
+    checkpoint stores (the data set's own, e.g. the built-in set's or ``classes.yaml``'s), else the VOC map."""
+    from segtrain.data.palette import default_palette, palette_array
+
+    k = cfg.data.num_classes
+    for value, key in ((cfg.data.palette, "data.palette"), (meta.get("palette"), "the checkpoint's palette")):
+        pal = palette_array(value, key)
+        if pal is not None and len(pal) >= k:
+            return pal[:k]
+    return default_palette(k)
+
+
+class Predictor:
+    """A trained network with its validation preprocessing and eval settings: image in, class map out.
+
+    Build it with :meth:`from_checkpoint`.  ``model`` is the ``torch.nn.Module`` in eval mode on
+    ``device``; ``class_names``, ``palette`` (K x 3 uint8) and ``cfg`` (the checkpoint's config with the
+    overrides applied) describe it.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig, class_names: list[str], palette: np.ndarray):
+        from segtrain.data.transforms import standard_val
+        from segtrain.evaluation import eval_settings
+        from segtrain.runtime import BatchToDevice, resolve_device
+
+        self.cfg, self.class_names, self.palette = cfg, list(class_names), np.asarray(palette, np.uint8)
+        self.num_classes = cfg.data.num_classes
+        self.device, self.precision = resolve_device(cfg.device)
+        memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format).eval()
+        self.settings = eval_settings(cfg)
+        self.transform = standard_val(cfg.data)  # None: the image as it is
+        self.to_device = BatchToDevice(self.device, cfg.data.mean, cfg.data.std, memory_format)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        precision: str = "auto",
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Predictor:
+        """Rebuild the checkpoint's network (its weights loaded with ``weights_only=True``).
+
+        ``device``: auto | cpu | cuda; ``precision``: auto (fp16 on CUDA, bf16 on a CPU with bf16
+        instructions, else fp32) | fp32 | fp16 | bf16.  ``overrides``: dotted ``data.*`` / ``eval.*`` keys
+        of the stored config, e.g. ``{"eval.mode": "slide", "eval.crop_size": 512, "data.val_size": 512}``.
+        """
+        from omegaconf.errors import OmegaConfBaseException
+
+        from segtrain.config import validate
+        from segtrain.evaluate import load_checkpoint
+
+        state, cfg = load_checkpoint(path)
+        settings = {"device.type": device, "device.precision": precision, **(overrides or {})}
+        for key, value in settings.items():
+            if not key.startswith(("data.", "eval.", "device.")):
+                raise ConfigError(f"Predictor override {key}: only data.*, eval.* and device.* keys can change")
+            try:
+                OmegaConf.update(cfg, key, value, merge=False)
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"Predictor override {key}={value!r}: {str(e).splitlines()[0]}") from None
+        cfg.model.pretrained, cfg.model.init_from = False, None  # the checkpoint holds every weight
+        validate(cfg)
+        return cls.from_state(state, cfg, path)
+
+    @classmethod
+    def from_state(cls, state: dict, cfg: DictConfig, path: str | os.PathLike = "checkpoint") -> Predictor:
+        """From a loaded checkpoint and its (merged, validated) config."""
+        from segtrain.evaluate import checkpoint_model
+        from segtrain.evaluation import class_names
+
+        meta = state.get("meta", {})
+        names = class_names(None, cfg.data.num_classes, cfg.data.class_names or meta.get("class_names"))
+        return cls(checkpoint_model(state, cfg, path), cfg, names, palette_of(cfg, meta))
+
+    # ------------------------------------------------------------------------------------------------
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """An HxWx3 uint8 RGB image as validation feeds it to the network: uint8 [3, h, w]."""
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+    @torch.no_grad()
+    def scores(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Float32 scores [N, K, H, W] on ``device`` for same-size HxWx3 uint8 RGB images (logits, or
+        log-probabilities with several TTA views), at the images' own size."""
+        from segtrain.inference import predict
+        from segtrain.runtime import autocast
+
+        sizes = {im.shape[:2] for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"scores() needs images of one size, got {sorted(sizes)}")
+        x = self.to_device.images(torch.stack([self.prepare(im) for im in images]))
+        with autocast(self.device, self.precision):
+            out = predict(self.model, x, self.num_classes, **self.settings)
+        size = images[0].shape[:2]
+        if tuple(out.shape[-2:]) != size:  # data.val_size rescaled the image: back to its own size
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def __call__(self, image: Any) -> np.ndarray:
+        """HxW int64 class indices at the image's own (upright) size."""
+        return self.scores([read_image(image)])[0].argmax(0).cpu().numpy()
+
+    def probabilities(self, image: Any) -> np.ndarray:
+        """C x H x W float32 class probabilities at the image's own (upright) size."""
+        return self.scores([read_image(image)])[0].softmax(0).float().cpu().numpy()
+
+    def colorize(self, mask: np.ndarray) -> np.ndarray:
+        """HxW class indices -> HxWx3 uint8 colours of ``palette``."""
+        return self.palette[np.clip(mask, 0, len(self.palette) - 1)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# segtrain-predict
+
+
+def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -> list[tuple[Path, Path]]:
+    """The image files of ``input`` as (file, path relative to the input's root): one file (any
+    extension), a folder (recursively) or a glob pattern (``**`` recurses); folders and globs keep files
+    with one of ``extensions``; files under ``exclude`` (the output folder) are left out."""
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        return [(path, Path(path.name))]
+    if path.is_dir():
+        root, files = path, (f for f in path.rglob("*") if f.is_file())
+    elif glob.has_magic(spec):
+        parts = Path(os.path.expanduser(spec)).parts
+        fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+        root = Path(*fixed) if fixed else Path(".")
+        files = (Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+    else:
+        raise DataError(f"input={spec}: no such file or folder (give an image, a folder or a glob like 'dir/*.jpg')")
+    excluded = exclude.resolve() if exclude is not None else None
+    out = []
+    for f in sorted(files):
+        if f.suffix.lower() not in exts or (excluded is not None and excluded in f.resolve().parents):
+            continue
+        out.append((f, f.relative_to(root)))
+    return out
+
+
+def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
+    """``dir/a.jpg`` -> ``dir/a``; inputs that would share a stem (``a.jpg``, ``a.png``) keep their
+    extension (``a.jpg``, ``a.png``) so that no output overwrites another."""
+    stems = [rel.with_suffix("") for _, rel in items]
+    counts: dict[Path, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    return [rel if counts[s] > 1 else s for s, (_, rel) in zip(stems, items)]
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(h, w) of an image file as a viewer shows it, from its header (no decoding)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
+            w, h = h, w
+    return h, w
+
+
+def _reason(e: BaseException) -> str:
+    """Why a file was skipped, in a few words."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"not a readable image ({text[:160]})"
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes image files (in DataLoader workers): (index, HxWx3 uint8 RGB or the reason it failed)."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
+        try:
+            return i, read_image(self.files[i])
+        except Exception as e:  # noqa: BLE001 - any decoding failure skips the file with its reason
+            return i, _reason(e)
+
+
+def size_batches(files: list[Path], batch_size: int) -> tuple[list[list[int]], dict[int, str]]:
+    """Indices of ``files`` grouped into batches of one upright size, and the files whose header cannot
+    be read (index -> reason)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    bad: dict[int, str] = {}
+    for i, f in enumerate(files):
+        try:
+            groups.setdefault(upright_size(f), []).append(i)
+        except Exception as e:  # noqa: BLE001
+            bad[i] = _reason(e)
+    batches = [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+    return batches, bad
+
+
+def _save(path: Path, write) -> None:
+    from segtrain.utils import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write, durable=False)
+
+
+def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor: Predictor, cfg: DictConfig):
+    """``stem.png`` (class indices with the palette), ``stem_overlay.jpg`` and ``stem.npy``; the class map."""
+    from PIL import Image
+
+    from segtrain.outputs import overlay
+
+    pred = scores.argmax(0).cpu().numpy()
+    if predictor.num_classes <= 256:
+        im = Image.fromarray(pred.astype(np.uint8))
+        pal = np.zeros((256, 3), np.uint8)
+        pal[: len(predictor.palette)] = predictor.palette
+        im.putpalette(pal.ravel().tolist())
+    else:
+        im = Image.fromarray(pred.astype(np.uint16))
+    _save(stem.with_name(stem.name + ".png"), lambda f: im.save(f, format="PNG"))
+    p = cfg.predict
+    if p.overlay:
+        blend = overlay(
+            torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
+        )
+        jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
+        _save(stem.with_name(stem.name + "_overlay.jpg"), lambda f: jpg.save(f, format="JPEG", quality=90))
+    if p.save_probs:
+        probs = scores.softmax(0).to(torch.float16).cpu().numpy()
+        buf = io.BytesIO()
+        np.save(buf, probs)
+        _save(stem.with_name(stem.name + ".npy"), buf.getvalue())
+    return pred
+
+
+def _histogram_lines(counts: np.ndarray, names: list[str]) -> str:
+    total = max(int(counts.sum()), 1)
+    parts = [f"{n} {100 * c / total:.1f}%" for n, c in zip(names, counts)]
+    return "class histogram (share of predicted pixels): " + ", ".join(parts)
+
+
+def _prepare(cfg: DictConfig) -> tuple[Predictor, DictConfig, dict]:
+    """The predictor for ``cfg.ckpt`` with the command line's data/eval/device overrides, its merged config
+    (with ``predict.*``) and the checkpoint."""
+    from segtrain.config import validate
+    from segtrain.evaluate import load_checkpoint, merge_config
+
+    path = Path(cfg.ckpt).expanduser()
+    state, stored = load_checkpoint(path)
+    pcfg = merge_config(cfg, stored, "segtrain-predict")
+    validate(pcfg)
+    with open_dict(pcfg):
+        pcfg.predict = cfg.predict
+    return Predictor.from_state(state, pcfg, path), pcfg, state
+
+
+def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], out_dir: Path, cfg: DictConfig):
+    """Predict ``files`` in batches of one size (decoded in ``data.num_workers`` loader workers) and write
+    their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped})."""
+    from tqdm import tqdm
+
+    from segtrain.outputs import bars_wanted
+
+    batches, skipped = size_batches(files, cfg.predict.batch_size)
+    for i, reason in skipped.items():
+        log.warning("skipped %s: %s", files[i], reason)
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        _Images(files), batch_sampler=batches, num_workers=workers, collate_fn=list,
+        worker_init_fn=_quiet_worker if workers > 0 else None,
+    )  # fmt: skip
+    counts, done = np.zeros(predictor.num_classes, np.int64), 0
+    bar = tqdm(
+        total=len(files) - len(skipped), desc="predict", unit="img", disable=not bars_wanted(cfg.trainer.progress)
+    )
+    for batch in loader:
+        for i, image in batch:
+            if isinstance(image, str):
+                skipped[i] = image
+                log.warning("skipped %s: %s", files[i], image)
+        good = [(i, im) for i, im in batch if isinstance(im, np.ndarray)]
+        for shape in dict.fromkeys(im.shape for _, im in good):  # one forward pass per size (headers can lie)
+            group = [(i, im) for i, im in good if im.shape == shape]
+            for (i, image), scores in zip(group, predictor.scores([im for _, im in group])):
+                try:
+                    pred = write_outputs(out_dir / stems[i], image, scores, predictor, cfg)
+                except OSError as e:
+                    raise OutputError(
+                        f"cannot write the outputs of {files[i]} to {out_dir}: {e.strerror or e}"
+                    ) from None
+                counts += np.bincount(pred.ravel(), minlength=predictor.num_classes)[: predictor.num_classes]
+                done += 1
+        bar.update(len(batch))
+    bar.close()
+    return counts, done, skipped
+
+
+def run_predict(cfg: DictConfig) -> dict:
+    """The ``segtrain-predict`` job: returns its summary (also written to ``predict.json`` in the run dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain.config import validate_predict
+    from segtrain.outputs import write_json
+
+    validate_predict(cfg)
+    run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    out_dir = Path(os.path.expanduser(cfg.output)) if cfg.output else run_dir
+    items = list_inputs(cfg.input, list(cfg.predict.extensions), exclude=out_dir if cfg.output else None)
+    if not items:
+        exts = " ".join(cfg.predict.extensions)
+        raise DataError(f"input={cfg.input} holds no image files (extensions: {exts}); see predict.extensions")
+    predictor, pcfg, state = _prepare(cfg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"output={out_dir} cannot be created: {e.strerror or e}") from None
+    e = pcfg.eval
+    log.info(
+        "predicting %d file(s) from %s with %s (%s, step %s) | eval %s%s | %s %s",
+        len(items), cfg.input, cfg.ckpt, pcfg.model.name, state.get("step"), e.mode,
+        f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "",
+        predictor.device, predictor.precision,
+    )  # fmt: skip
+    files = [f for f, _ in items]
+    t0 = time.perf_counter()
+    counts, done, skipped = predict_files(predictor, files, output_stems(items), out_dir, pcfg)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),
+        "input": cfg.input,
+        "output": str(out_dir.resolve()),
+        "predicted": done,
+        "skipped": {str(files[i]): skipped[i] for i in sorted(skipped)},
+        "seconds": seconds,
+        "images_per_sec": done / seconds if seconds > 0 else None,
+        "device": str(predictor.device),
+        "precision": predictor.precision,
+        "eval": OmegaConf.to_container(pcfg.eval),
+        "val_size": OmegaConf.to_container(pcfg.data)["val_size"],
+        "class_names": predictor.class_names,
+        "class_pixels": dict(zip(predictor.class_names, counts.tolist())),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "predict.json", summary)
+    if done == 0:
+        path, why = next(iter(summary["skipped"].items()))
+        raise DataError(f"no image could be read from input={cfg.input}: {len(skipped)} file(s) skipped "
+                        f"(first: {path}: {why})"[:290])  # fmt: skip
+    log.info(
+        "%d image(s) predicted, %d skipped | %.1f images/s (%s, %s) | outputs in %s",
+        done, len(skipped), summary["images_per_sec"] or float("nan"), predictor.device, predictor.precision,
+        summary["output"],
+    )  # fmt: skip
+    log.info(_histogram_lines(counts, predictor.class_names))
+    return summary
+
+
+def _quiet_worker(worker_id: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the loader
+    torch.set_num_threads(1)
+
+
+def _predict(cfg: DictConfig) -> int:
+    return run_predict(cfg)["predicted"]
+
+
+def main() -> None:
+    """``segtrain-predict``: a checkpoint on images, folders or globs."""
+    from segtrain.cli import run_hydra_app
+
+    run_hydra_app(_predict, config_name="predict", prog="segtrain-predict")
+
+
+if __name__ == "__main__":
+    main()

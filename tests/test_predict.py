@@ -1,0 +1,226 @@
+"""segtrain-predict and Predictor: every input kind, layouts, outputs, and agreement with segtrain-eval."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import console_script, run_cli
+from fake_datasets import write_png
+from omegaconf import OmegaConf
+from PIL import Image
+
+from segtrain.predict import Predictor, list_inputs, output_stems, read_image, write_outputs
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_run):
+    return tiny_run / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt):
+    return Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32")
+
+
+def _pixels(h, w, seed=0, channels=3, dtype=np.uint8, high=256):
+    shape = (h, w) if channels == 1 else (h, w, channels)
+    return np.random.default_rng(seed).integers(0, high, size=shape).astype(dtype)
+
+
+def write_inputs(folder):
+    """The must-show folder, plus a CMYK JPEG and a palette PNG in a subfolder and a non-image file.
+    Returns {relative stem: expected upright (h, w)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_pixels(97, 131)).save(folder / "photo.jpg", quality=95)
+    Image.fromarray(_pixels(50, 70, 1, channels=1)).save(folder / "gray.png")
+    Image.fromarray(_pixels(40, 60, 2, channels=4)).save(folder / "rgba.png")
+    Image.fromarray(_pixels(45, 66, 3, channels=1, dtype=np.uint16, high=65536)).save(folder / "depth16.png")
+    rotated = Image.fromarray(_pixels(30, 80, 4))  # stored 30x80, EXIF orientation 6: shown 80 high, 30 wide
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(folder / "rotated.jpg", exif=exif)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 20)
+    whole = (folder / "photo.jpg").read_bytes()
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # its header reads, its pixels do not
+    Image.fromarray(_pixels(33, 44, 5)).convert("CMYK").save(folder / "sub" / "cmyk.jpg")
+    Image.fromarray(_pixels(36, 52, 6, channels=1)).convert("P").save(folder / "sub" / "indexed.png")
+    (folder / "sub" / "notes.txt").write_text("not an image")
+    return {
+        "photo": (97, 131),
+        "gray": (50, 70),
+        "rgba": (40, 60),
+        "depth16": (45, 66),
+        "rotated": (80, 30),
+        "sub/cmyk": (33, 44),
+        "sub/indexed": (36, 52),
+    }
+
+
+def test_predict_folder_of_every_kind(ckpt, tmp_path):
+    expected = write_inputs(tmp_path / "in")
+    exe = console_script("segtrain-predict")
+    proc = run_cli([f"ckpt={ckpt}", "input=in", "output=out", "hydra.run.dir=run"], tmp_path, exe=exe)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "skipped in/broken.jpg" in out and "skipped in/sub/truncated.jpg" in out  # the corrupt files, named
+    assert "notes.txt" not in out  # not an image extension: not even tried
+    for stem, (h, w) in expected.items():
+        with Image.open(tmp_path / "out" / f"{stem}.png") as im:
+            assert im.mode == "P" and im.size == (w, h), stem  # the image's own upright size
+            pal = np.asarray(im.getpalette()[:18]).reshape(6, 3)
+            assert np.asarray(im).max() < 6
+        with Image.open(tmp_path / "out" / f"{stem}_overlay.jpg") as im:
+            assert im.size == (w, h)
+    assert not (tmp_path / "out" / "broken.png").exists()
+    from segtrain.data.synthetic import PALETTE
+
+    assert (pal == PALETTE[:6]).all()  # the checkpoint's palette
+    summary = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert summary["predicted"] == len(expected)
+    assert list(summary["skipped"]) == ["in/broken.jpg", "in/sub/truncated.jpg"]
+    assert sum(summary["class_pixels"].values()) == sum(h * w for h, w in expected.values())
+    assert "images/s" in out and "class histogram" in out and str(tmp_path / "out") in out
+
+
+def test_predict_nothing_readable_fails(ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    proc = run_cli([f"ckpt={ckpt}", "input=in", "hydra.run.dir=run"], tmp_path, exe=console_script("segtrain-predict"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("segtrain-predict: error: no image could be read") and "broken.png" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_read_image_kinds(tmp_path):
+    expected = write_inputs(tmp_path)
+    gray = read_image(tmp_path / "gray.png")
+    assert gray.shape == (50, 70, 3) and gray.dtype == np.uint8 and (gray[..., 0] == gray[..., 2]).all()
+    raw16 = np.asarray(Image.open(tmp_path / "depth16.png")).astype(np.float64)
+    assert np.abs(read_image(tmp_path / "depth16.png")[..., 0] - raw16 * 255 / 65535).max() <= 0.5  # full range
+    assert read_image(tmp_path / "rotated.jpg").shape[:2] == expected["rotated"]
+    rgba = np.asarray(Image.open(tmp_path / "rgba.png"))
+    assert (read_image(tmp_path / "rgba.png") == rgba[..., :3]).all()  # alpha dropped
+    assert read_image(tmp_path / "sub" / "cmyk.jpg").shape == (33, 44, 3)
+    assert read_image(np.zeros((5, 6), np.uint16)).shape == (5, 6, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        read_image(np.zeros((5, 6, 3), np.float32))
+    for bad in ("broken.jpg", "sub/truncated.jpg"):
+        with pytest.raises(OSError):
+            read_image(tmp_path / bad)
+
+
+def test_list_inputs_layouts(tmp_path):
+    write_inputs(tmp_path / "in")
+    Image.fromarray(_pixels(8, 8)).save(tmp_path / "in" / "photo.png")  # same stem as photo.jpg
+    exts = [".jpg", ".png"]
+    items = list_inputs(str(tmp_path / "in"), exts)
+    rels = sorted(str(r) for _, r in items)
+    assert "sub/cmyk.jpg" in rels and "sub/notes.txt" not in rels
+    stems = {str(s) for s in output_stems(items)}
+    assert {"photo.jpg", "photo.png", "gray", "sub/indexed"} <= stems  # colliding stems keep their extension
+    globbed = list_inputs(str(tmp_path / "in" / "**" / "*.png"), exts)
+    assert sorted(str(r) for _, r in globbed) == ["depth16.png", "gray.png", "photo.png", "rgba.png", "sub/indexed.png"]
+    single = list_inputs(str(tmp_path / "in" / "sub" / "notes.txt"), exts)  # one file: taken as given
+    assert [str(r) for _, r in single] == ["notes.txt"]
+    nested = list_inputs(str(tmp_path / "in"), exts, exclude=tmp_path / "in" / "sub")  # output inside input
+    assert not any(str(r).startswith("sub/") for _, r in nested)
+
+
+def test_predictor_api(predictor, tmp_path):
+    image = _pixels(37, 53, 9)
+    assert not predictor.model.training
+    mask = predictor(image)
+    assert mask.shape == (37, 53) and mask.dtype == np.int64
+    assert (predictor(Image.fromarray(image)) == mask).all()
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert (predictor(tmp_path / "x.png") == mask).all()
+    probs = predictor.probabilities(image)
+    assert probs.shape == (6, 37, 53) and np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert (probs.argmax(0) == mask).all()
+    assert predictor.class_names[:2] == ["background", "circle"]
+
+
+def test_predictor_overrides_are_checked(ckpt):
+    from segtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.name"):
+        Predictor.from_checkpoint(ckpt, overrides={"model.name": "fcn"})
+    with pytest.raises(ConfigError, match="eval.mode"):
+        Predictor.from_checkpoint(ckpt, overrides={"eval.mode": "sideways"})
+    p = Predictor.from_checkpoint(ckpt, device="cpu", overrides={"eval.scales": [0.5, 1.0], "eval.flip": True})
+    assert p.settings["scales"] == [0.5, 1.0] and p.settings["flip"] is True
+    assert p(_pixels(31, 45)).shape == (31, 45)
+
+
+def test_write_outputs_probabilities_without_overlay(predictor, tmp_path):
+    image = _pixels(21, 34, 3)
+    scores = predictor.scores([image])[0]
+    cfg = OmegaConf.create({"predict": {"overlay": False, "save_probs": True, "alpha": 0.5}})
+    pred = write_outputs(tmp_path / "a" / "b", image, scores, predictor, cfg)
+    probs = np.load(tmp_path / "a" / "b.npy")
+    assert probs.dtype == np.float16 and probs.shape == (6, 21, 34)
+    assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2) and (probs.argmax(0) == pred).all()
+    assert (tmp_path / "a" / "b.png").is_file() and not (tmp_path / "a" / "b_overlay.jpg").exists()
+
+
+def test_predictor_equals_segtrain_eval(ckpt, tmp_path):
+    """The same pictures through segtrain-eval's loop (data set, val_size rescale, TTA, scores resized back to
+    the mask) and through Predictor: identical class maps, and the same scores (the loss on them)."""
+    import torch.nn.functional as F
+
+    from segtrain.data import build_datasets, build_loader
+    from segtrain.evaluation import evaluate_loader
+    from segtrain.metrics import ConfusionMatrix
+    from segtrain.runtime import autocast
+
+    sizes = [(61, 83), (50, 70), (72, 90)]
+    for split in ("train", "val"):
+        for i, (h, w) in enumerate(sizes):
+            write_png(tmp_path / split / "images" / f"im{i}.png", _pixels(h, w, 20 + i))
+            write_png(tmp_path / split / "masks" / f"im{i}.png", _pixels(h, w, 30 + i, channels=1, high=6))
+    overrides = {
+        "data.name": "folder",
+        "data.root": str(tmp_path),
+        "data.val_size": 48,  # validation rescales to a 48-px short side; scores go back to the mask's size
+        "data.batch_size": 1,
+        "data.num_workers": 0,
+        "eval.scales": [0.75, 1.0],
+        "eval.flip": True,
+    }
+    p = Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32", overrides=overrides)
+    _, val = build_datasets(p.cfg.data, 0)
+    loader = build_loader(val, p.cfg.data, False, 0)
+    loss = torch.nn.CrossEntropyLoss(ignore_index=255)
+    metrics, cm, vis = evaluate_loader(
+        p.model, loader, p.to_device, lambda: autocast(p.device, p.precision), p.cfg, p.class_names, loss, num_vis=1
+    )
+    mine, losses, preds = ConfusionMatrix(6, 255, torch.device("cpu")), [], []
+    for i in range(len(sizes)):
+        image = read_image(tmp_path / "val" / "images" / f"im{i}.png")
+        mask = torch.from_numpy(np.asarray(Image.open(tmp_path / "val" / "masks" / f"im{i}.png")).astype(np.int64))
+        scores = p.scores([image]).cpu()
+        preds.append(p(image))
+        losses.append(float(F.cross_entropy(scores, mask[None], ignore_index=255)))
+        mine.update(torch.from_numpy(preds[-1])[None], mask[None])
+    assert (vis[2][0].numpy() == preds[0]).all()  # the first image, pixel for pixel
+    assert torch.equal(mine.mat.cpu(), cm.mat.cpu())  # every image: the same (truth, prediction) counts
+    assert np.mean(losses) == pytest.approx(metrics["loss"], rel=1e-6)  # the same scores
+    plain = Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32")  # without val_size and TTA
+    image = read_image(tmp_path / "val" / "images" / "im0.png")
+    assert not torch.allclose(plain.scores([image]), p.scores([image]), atol=1e-3)  # the settings matter
+
+
+def test_predict_config_checks():
+    from segtrain.config import PredictAppConfig, validate_predict
+    from segtrain.errors import ConfigError
+
+    base = OmegaConf.structured(PredictAppConfig)
+    with pytest.raises(ConfigError, match="missing input="):
+        validate_predict(OmegaConf.merge(base, {"ckpt": "a.pt"}))
+    for key, value, match in (("alpha", 1.5, "predict.alpha"), ("batch_size", 0, "predict.batch_size")):
+        cfg = OmegaConf.merge(base, {"ckpt": "a.pt", "input": "x", "predict": {key: value}})
+        with pytest.raises(ConfigError, match=match):
+            validate_predict(cfg)
