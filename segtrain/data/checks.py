@@ -1,7 +1,8 @@
 """The label check run before training.
 
 :func:`check_labels` reads every image and mask once, in a thread pool, and
-raises a one-line :class:`DataError` for a value outside ``[0, num_classes)``
+raises a one-line :class:`DataError` for a value outside ``[0, num_classes)`` (``num_classes``: the
+classes a mask holds, 2 for one sigmoid logit)
 that is not ``ignore_index``, an image/mask size mismatch, or an unreadable or
 truncated file.  A passing result is cached as a JSON file under
 ``$SEGTRAIN_CACHE/labelcheck/`` (default ``~/.cache/segtrain/labelcheck/``),
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.disk import DiskDataset, open_pil, size_message
+from segtrain.data.disk import TIFF_EXTS, DiskDataset, open_pil, size_message
 from segtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,11 @@ def _fingerprint(datasets: list[DiskDataset], num_classes: int, ignore_index: in
 def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None]:
     """(256-bool presence of mask values, error message) for sample ``i``."""
     try:
-        img = open_pil(ds.images[i], "image")
+        if Path(ds.images[i]).suffix.lower() in TIFF_EXTS:  # bands and bit depths PIL cannot read
+            h, w = ds.read_image(i).shape[:2]
+        else:
+            w, h = open_pil(ds.images[i], "image").size
         mask = ds.read_mask(i)
-        w, h = img.size
         if mask.shape != (h, w):
             return None, size_message(ds.images[i], (h, w), ds.masks[i], mask.shape)
         return np.bincount(mask.ravel(), minlength=256) > 0, None
