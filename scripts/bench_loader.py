@@ -26,8 +26,8 @@ from PIL import Image  # noqa: E402
 
 from segtrain.config import DataConfig  # noqa: E402
 from segtrain.data import build_datasets, build_loader  # noqa: E402
-from segtrain.data.synthetic import SyntheticShapes  # noqa: E402
 from segtrain.data.palette import default_palette  # noqa: E402
+from segtrain.data.synthetic import SyntheticShapes  # noqa: E402
 
 
 def write_tree(root: Path, n: int) -> None:

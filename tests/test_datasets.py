@@ -220,7 +220,8 @@ def test_unreadable_image_at_load(tmp_path):
     (tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000002.jpg").write_bytes(b"not a jpeg")  # broken after the start
     with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):
         train.load(2)
-    with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):  # the header scan runs without the label check
+    # the header scan runs without the label check
+    with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):
         build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
 
 

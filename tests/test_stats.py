@@ -159,4 +159,3 @@ def test_four_band_16bit_tiff_folder_trains_and_validates(tmp_path):
     assert summary["step"] == 4 and 0 <= summary["best_miou"] <= 1
     stored = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["config"]
     assert "auto" not in str(OmegaConf.create(stored).data.mean)  # the checkpoint holds the numbers
-

@@ -1,11 +1,10 @@
 """The label check run before training.
 
 :func:`check_labels` reads every image and mask once, in a thread pool, and
-raises a one-line :class:`DataError` for a value outside ``[0, num_classes)`` (``num_classes``: the
-classes a mask holds, 2 for one sigmoid logit)
-that is not ``ignore_index``, an image/mask size mismatch, or an unreadable or
-truncated file.  A passing result is cached as a JSON file under
-``$SEGTRAIN_CACHE/labelcheck/`` (default ``~/.cache/segtrain/labelcheck/``),
+raises a one-line :class:`DataError` for a value outside ``[0, num_classes)`` that is
+not ``ignore_index`` (``num_classes``: the classes a mask holds, 2 for one sigmoid
+logit), an image/mask size mismatch, or an unreadable or truncated file.  A passing
+result is cached as a JSON file under ``$SEGTRAIN_CACHE/labelcheck/`` (default ``~/.cache/segtrain/labelcheck/``),
 keyed by the files' paths, sizes and mtimes and the label settings.
 """
 

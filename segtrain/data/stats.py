@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from segtrain.data.disk import DiskDataset, band_message, header_bands_fit, read_header
 from segtrain.errors import ConfigError, DataError
+from segtrain.utils import atomic_write
 
 log = logging.getLogger("segtrain")
 
@@ -74,7 +75,7 @@ def _cached(kind: str, key: str, compute: Callable[[], dict]) -> tuple[dict, Pat
     result = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
+        atomic_write(path, json.dumps(result), durable=False)  # DDP ranks may write it at once
     except OSError as e:  # a read-only home is no reason to stop
         log.warning("cannot write cache %s: %s", path, e)
     return result, path

@@ -263,8 +263,8 @@ def report_scales(cfg: DictConfig, median_hw: tuple[int, int], base_from_auto: b
     if base is not None and to_base > 2 and not base_from_auto:
         warnings.append(
             f"data.base_size={_shown(base)} enlarges the median training image ({h}x{w} px) {to_base:.1f}x: that "
-            "recipe is for ~500 px photos (PASCAL VOC); for other data set data.base_size=auto (the median size) "
-            "or data.base_size=null (own size)"
+            "recipe is for ~500 px photos (PASCAL VOC); for other images use data.base_size=auto (their median "
+            "size) or data.base_size=null (own size)"
         )
     if cfg.crop_size is not None:
         ch, cw = as_hw(cfg.crop_size, "data.crop_size")

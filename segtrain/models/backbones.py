@@ -32,6 +32,7 @@ it, so an offline machine never hangs.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from torchvision import models as tvm
 
 from segtrain.errors import ConfigError
 from segtrain.utils import download
+
+log = logging.getLogger("segtrain")
 
 # Seconds to wait for the weights server (connection, then each read) before giving up.
 DOWNLOAD_TIMEOUT = float(os.environ.get("SEGTRAIN_DOWNLOAD_TIMEOUT", "10"))
@@ -309,6 +312,9 @@ def adapt_first_conv(module: nn.Module, in_channels: int, pretrained: bool = Tru
             nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
     conv.weight = nn.Parameter(weight)
     conv.in_channels = in_channels
+    if pretrained:
+        how = "summed over RGB" if in_channels == 1 else f"RGB repeated, scaled by 3/{in_channels}"
+        log.info("pretrained first layer adapted to %d input bands (%s)", in_channels, how)
     return module
 
 
