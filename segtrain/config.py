@@ -24,6 +24,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from segtrain.errors import ConfigError
 from segtrain.utils import as_hw, as_size
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data.mean / data.std defaults (torchvision's ImageNet statistics)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class Precision(str, Enum):
     auto = "auto"  # fp16 on CUDA, bf16 on a CPU with native bf16, else fp32
@@ -71,16 +74,19 @@ class DataConfig:
     ignore_index: int = 255
     seed: int = 0  # synthetic: content seed (independent of the training seed)
     augment: bool = True  # flips / scale jitter on the training split
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    in_channels: int = 3  # image bands (1: grayscale, 4: RGB + NIR, 13: Sentinel-2 ...); see docs/own-data.md
+    # Per band, in units where the image type's full range is 1 (uint8 / 255, uint16 / 65535; float images as
+    # they are), or "auto": computed from the training images (cached)
+    mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Any = field(default_factory=lambda: list(IMAGENET_STD))
     # On-disk data sets (voc | cityscapes | ade20k | folder), see segtrain/data/:
     train_split: str = "train"  # voc: ImageSets/Segmentation/<split>.txt; cityscapes: train|val|test
     val_split: str = "val"
-    base_size: Any = None  # int (short side) or [h, w] (fit, keep ratio) before scale jitter; None: own size
+    base_size: Any = None  # int (short side), [h, w] (fit, keep ratio) or auto (median training size); None: own size
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random resize ratio around base_size
     cat_max_ratio: float = 0.75  # re-draw a crop (up to 10x) when one class fills more than this share; 1: off
     photometric: bool = True  # brightness/contrast/saturation/hue distortion in the standard train pipeline
-    val_size: Any = None  # int (short side) or [h, w] (fit, keep ratio) for validation; None: full size
+    val_size: Any = None  # int (short side) or [h, w] (fit, keep ratio) for validation; None: base_size (or own size)
     train_pipeline: Any = None  # list of albumentations {_target_: ...} dicts; None: the standard recipe
     val_fraction: float = 0.1  # folder: seeded hold-out when there are no split lists / folders
     palette: Any = None  # [[r, g, b], ...] per class: visualisation, and folder RGB colour masks
@@ -111,7 +117,7 @@ class SchedulerConfig:
 
 @dataclass
 class LossConfig:
-    name: str = MISSING  # ce | ohem | dice | focal, or a weighted sum of them such as ce+dice
+    name: str = MISSING  # ce | ohem | dice | focal | bce (one sigmoid logit), or a weighted sum such as ce+dice
     weights: dict[str, float] | None = None  # per-term weights of a sum, e.g. {ce: 1.0, dice: 3.0}; default 1 each
     class_weights: Any = None  # [w_0, ..., w_K-1], or "auto": median-frequency weights from the training masks
     aux_weight: float = 0.4  # weight of the auxiliary head's loss (same terms)
@@ -142,6 +148,7 @@ class EvalConfig:
     stride: Any = None  # slide: int or [h, w]; None: 2/3 of the crop
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time augmentation
     flip: bool = False  # add horizontally flipped views (probabilities are averaged over views)
+    threshold: float = 0.5  # data.num_classes=1: foreground where sigmoid(logit) > threshold
 
 
 @dataclass
@@ -323,7 +330,10 @@ def validate(cfg: DictConfig) -> None:
     check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
     check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     check(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
-    check(d.num_classes >= 2, f"data.num_classes must be >= 2, got {d.num_classes}")
+    check(
+        d.num_classes >= 1,
+        f"data.num_classes must be >= 2 (softmax), or 1 (one sigmoid logit with loss.name=bce+dice), got {d.num_classes}",
+    )
     check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     check(
         d.val_batch_size is None or d.val_batch_size >= 1,
@@ -338,7 +348,7 @@ def validate(cfg: DictConfig) -> None:
         f"data.ignore_index must be in [0, 255] (or -100), got {d.ignore_index}",
     )
     check(
-        not (0 <= d.ignore_index < d.num_classes),
+        not (0 <= d.ignore_index < mask_classes(d.num_classes)),
         f"data.ignore_index={d.ignore_index} is a class id (num_classes={d.num_classes}); use 255",
     )
     if d.name == "synthetic":
@@ -347,7 +357,8 @@ def validate(cfg: DictConfig) -> None:
         as_hw(d.image_size, "data.image_size")
     if d.crop_size is not None:
         as_hw(d.crop_size, "data.crop_size")
-    as_size(d.base_size, "data.base_size")
+    if d.base_size != "auto":
+        as_size(d.base_size, "data.base_size")
     as_size(d.val_size, "data.val_size")
     check(
         len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
@@ -355,12 +366,14 @@ def validate(cfg: DictConfig) -> None:
     )
     check(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {d.cat_max_ratio}")
     if d.class_names is not None:
+        k = mask_classes(d.num_classes)
         check(
-            len(d.class_names) == d.num_classes,
-            f"data.class_names has {len(d.class_names)} names but data.num_classes={d.num_classes}",
+            len(d.class_names) == k,
+            f"data.class_names has {len(d.class_names)} names but data.num_classes={d.num_classes}"
+            + (" (one sigmoid logit: 2 names, background and foreground)" if d.num_classes == 1 else ""),
         )
-    check(len(d.mean) == 3 and len(d.std) == 3, "data.mean and data.std need 3 values (RGB)")
-    check(all(v > 0 for v in d.std), f"data.std must be > 0, got {list(d.std)}")
+    _validate_images(d, check)
+    _validate_binary(cfg, check)
 
     check(s.power > 0, f"scheduler.power must be > 0, got {s.power}")
     check(s.min_lr >= 0, f"scheduler.min_lr must be >= 0, got {s.min_lr}")
@@ -375,8 +388,9 @@ def validate(cfg: DictConfig) -> None:
             f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}",
         )
         check(
-            len(lo.class_weights) == d.num_classes,
-            f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}",
+            len(lo.class_weights) == mask_classes(d.num_classes),
+            f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}"
+            + (" (one sigmoid logit: 2 weights, background and foreground)" if d.num_classes == 1 else ""),
         )
         check(all(w >= 0 for w in lo.class_weights), "loss.class_weights must be >= 0")
     check(lo.aux_weight >= 0, f"loss.aux_weight must be >= 0, got {lo.aux_weight}")
@@ -393,6 +407,7 @@ def validate(cfg: DictConfig) -> None:
     e = cfg.eval
     check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
     check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
+    check(0 < e.threshold < 1, f"eval.threshold must be in (0, 1), got {e.threshold}")
     if e.mode == "slide":
         check(
             e.crop_size is not None or d.crop_size is not None,
@@ -580,6 +595,65 @@ def validate_export(cfg: DictConfig) -> None:
         h, w = as_hw(size, "check_sizes")
         if min(h, w) < 32:
             raise ConfigError(f"check_sizes: {h}x{w} is below the exported graph's 32x32 minimum; use sizes >= 32")
+
+
+def mask_classes(num_classes: int) -> int:
+    """The classes a mask holds and the metrics count: ``num_classes``, or 2 (background, foreground) when
+    ``data.num_classes=1`` trains one sigmoid logit."""
+    return max(int(num_classes), 2)
+
+
+SIGMOID_TERMS = ("bce", "dice")  # the loss terms defined on one sigmoid logit
+
+
+def _validate_images(d: DictConfig, check) -> None:
+    """``data.in_channels``, ``data.mean`` / ``data.std`` (a list per band, or auto) and ``base_size=auto``."""
+    c = d.in_channels
+    check(c >= 1, f"data.in_channels must be >= 1, got {c}")
+    if d.name == "synthetic":
+        check(c == 3, f"data=synthetic draws RGB images: data.in_channels must be 3, got {c}")
+        check(d.base_size != "auto", "data.base_size=auto needs images on disk; data=synthetic sets data.image_size")
+    auto = d.mean == "auto" or d.std == "auto"  # either computes both
+    for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        value = d[key]
+        if isinstance(value, str):
+            check(value == "auto", f"data.{key} must be a list of {c} values or auto, got {value!r}")
+            continue
+        ok = isinstance(value, (list, ListConfig)) and all(isinstance(v, (int, float)) for v in value)
+        check(ok, f"data.{key} must be a list of {c} values or auto, got {value!r}")
+        if auto:
+            check(
+                tuple(float(v) for v in value) == default,
+                f"data.mean=auto / data.std=auto compute both from the training images: drop data.{key}="
+                f"{list(value)}, or give data.mean and data.std both as lists",
+            )
+            continue
+        check(
+            len(value) == c,
+            f"data.{key} has {len(value)} values but data.in_channels={c}: give {c} values, or data.mean=auto "
+            "(mean and std computed from the training images)",
+        )
+        if key == "std":
+            check(all(v > 0 for v in value), f"data.std must be > 0, got {list(value)}")
+
+
+def _validate_binary(cfg: DictConfig, check) -> None:
+    """One sigmoid logit (``data.num_classes=1``) goes with ``bce`` / ``dice`` terms, and ``bce`` with it."""
+    terms = [t.strip() for t in str(cfg.loss.name).split("+")]
+    k = cfg.data.num_classes
+    if k == 1:
+        bad = [t for t in terms if t not in SIGMOID_TERMS]
+        check(
+            not bad,
+            f"loss.name={cfg.loss.name} has {bad[0] if bad else ''} (a softmax term) but data.num_classes=1 trains "
+            "one sigmoid logit: use loss.name=bce+dice (or bce, dice), or data.num_classes=2 for a softmax",
+        )
+    else:
+        check(
+            "bce" not in terms,
+            f"loss.name={cfg.loss.name} needs data.num_classes=1 (one sigmoid logit); with data.num_classes={k} "
+            "use ce (softmax)",
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

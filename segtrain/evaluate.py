@@ -3,7 +3,10 @@
 A Hydra app like ``segtrain`` (same override syntax; outputs in its own run dir,
 ``hydra.run.dir`` honoured).  The model, data and eval settings are those stored in
 the checkpoint; ``data.KEY=...`` / ``data=NAME`` and ``eval.KEY=...`` on the command
-line replace them, and ``device.*`` applies to this machine.  It prints the
+line replace them, and ``device.*`` applies to this machine.  Images are predicted at the
+checkpoint's validation scale (``data.transforms.val_scale``: ``data.val_size``, else
+``data.base_size``), and normalised with its ``data.mean`` / ``data.std`` (``auto`` on the command
+line keeps the numbers training computed).  It prints the
 per-class table and writes ``metrics.json`` (``miou``, ``aacc``, ``macc``, ``mdice``,
 ``per_class_iou``, the confusion matrix and the settings used) and
 ``confusion_matrix.png`` (row-normalised) into the run dir.
@@ -40,7 +43,10 @@ def merge_config(cfg: DictConfig, stored: DictConfig, prog: str = "segtrain-eval
     with open_dict(out):
         out.device = cfg.device  # this machine
         if HydraConfig.get().runtime.choices.get("data") not in (None, "null"):
-            out.data = cfg.data  # data=NAME: a different data set
+            out.data = cfg.data  # data=NAME: a different data set, seen as the network was trained to see images
+            for key in ("in_channels", "mean", "std"):
+                if f"data.{key}" not in keys and key in stored.data:
+                    out.data[key] = stored.data[key]
         for key in keys:
             top = key.split(".", 1)[0]
             if key == "seed" or (top in ("data", "eval", "trainer") and "." in key):
@@ -49,6 +55,9 @@ def merge_config(cfg: DictConfig, stored: DictConfig, prog: str = "segtrain-eval
                 raise ConfigError(f"{prog} takes {top} from the checkpoint; drop the override {key}")
         out.model.pretrained = False  # the checkpoint holds every weight
         out.model.init_from = None
+        for key in ("base_size", "mean", "std"):  # auto: the numbers training computed from its images
+            if out.data.get(key) == "auto" and stored.data.get(key) not in (None, "auto"):
+                out.data[key] = stored.data[key]
     return out
 
 
@@ -73,7 +82,7 @@ def checkpoint_model(state: dict, cfg: DictConfig, path: str | Path) -> torch.nn
     stored_classes = state.get("meta", {}).get("num_classes", num_classes)
     if stored_classes != num_classes:
         raise ConfigError(f"the checkpoint predicts {stored_classes} classes but data.num_classes={num_classes}")
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, num_classes, cfg.data.in_channels)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -89,6 +98,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     import torch  # here, not at the top: `segtrain-eval --help` answers without loading torch
 
     from segtrain.data import build_datasets, build_loader
+    from segtrain.data.transforms import val_scale
     from segtrain.evaluation import class_names as names_of
     from segtrain.evaluation import evaluate_loader
     from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table, write_json
@@ -111,14 +121,16 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     class_names = names_of(val_set, num_classes, meta.get("class_names"))
 
     e = ecfg.eval
+    scale = val_scale(ecfg.data)
     log.info(
-        "evaluating %s (%s, step %s) on data %s split %s: %d images | eval %s%s%s | %s %s",
+        "evaluating %s (%s, step %s) on data %s split %s: %d images at %s | eval %s%s%s | %s %s",
         path,
         ecfg.model.name,
         state.get("step"),
         ecfg.data.name,
         ecfg.data.get("val_split"),
         len(val_set),
+        "their own size" if scale is None else f"scale {list(scale) if isinstance(scale, tuple) else scale}",
         e.mode,
         f" crop {e.crop_size} stride {e.stride}" if e.mode == "slide" else "",
         f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "",
@@ -137,7 +149,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     )
     elapsed = time.perf_counter() - t0
     print(format_table(metrics, class_names), flush=True)
-    out = {k: metrics[k] for k in ("miou", "aacc", "macc", "mdice", "per_class_iou", "iou", "acc", "dice")}
+    keys = ("miou", "fg_iou", "aacc", "macc", "mdice", "per_class_iou", "iou", "acc", "dice")
+    out = {k: metrics[k] for k in keys if k in metrics}
     out.update(
         {
             "checkpoint": str(path.resolve()),
@@ -147,6 +160,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             "root": ecfg.data.get("root"),
             "split": ecfg.data.get("val_split"),
             "num_images": len(val_set),
+            "val_scale": list(scale) if isinstance(scale, tuple) else scale,
             "eval": OmegaConf.to_container(ecfg.eval),
             "device": str(device),
             "precision": precision,
@@ -159,8 +173,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     write_json(run_dir / "metrics.json", out)
     confusion_matrix_png(cm.mat.cpu(), class_names, run_dir / "confusion_matrix.png")
     log.info(
-        "mIoU %.4f  aAcc %.4f  mAcc %.4f | %.1f s | %s",
+        "mIoU %.4f%s  aAcc %.4f  mAcc %.4f | %.1f s | %s",
         metrics["miou"],
+        f"  fg IoU {metrics['fg_iou']:.4f}" if "fg_iou" in metrics else "",
         metrics["aacc"],
         metrics["macc"],
         elapsed,

@@ -17,10 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.config import min_input_size
+from segtrain.config import mask_classes, min_input_size
 from segtrain.errors import DataError
-from segtrain.inference import predict
+from segtrain.inference import labels, predict
 from segtrain.metrics import ConfusionMatrix
+from segtrain.outputs import display_images
 from segtrain.utils import as_hw
 
 
@@ -35,9 +36,21 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def class_names(dataset: Any, num_classes: int, stored: list[str] | None = None) -> list[str]:
-    """The data set's class names, else ``stored`` (a checkpoint's), else ``"0" ... "K-1"``."""
-    names = list(getattr(dataset, "class_names", None) or stored or [])
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+    """The data set's class names, else ``stored`` (a checkpoint's), else ``"0" ... "K-1"`` (one sigmoid
+    logit, ``num_classes=1``: two classes, ``background`` and ``foreground`` by default)."""
+    k = mask_classes(num_classes)
+    for names in (getattr(dataset, "class_names", None), stored):
+        if names and len(names) == k:
+            return list(names)
+    return ["background", "foreground"] if num_classes == 1 else [str(i) for i in range(k)]
+
+
+def palette_of(dataset: Any, num_classes: int):
+    """The data set's class colours, else the VOC colour map for the classes its masks hold."""
+    from segtrain.data.palette import default_palette
+
+    pal = getattr(dataset, "palette", None)
+    return pal if pal is not None else default_palette(mask_classes(num_classes))
 
 
 def _batch_names(loader, b: int) -> list[str]:
@@ -78,9 +91,10 @@ def evaluate_loader(
 ):
     """Predict every batch of ``loader`` with ``cfg.eval`` and fill a confusion matrix.
 
-    Returns (metrics, confusion matrix, the first ``num_vis`` images, masks and predictions or None), or
-    (None, None, None) when ``should_stop()`` became true before a batch (a stop signal: the caller saves
-    and exits).
+    Returns (metrics, confusion matrix, the first ``num_vis`` images (uint8 RGB for display), masks and
+    predictions or None), or (None, None, None) when ``should_stop()`` became true before a batch (a stop
+    signal: the caller saves and exits).  With one sigmoid logit (``data.num_classes=1``) predictions are
+    ``sigmoid > eval.threshold``, the matrix has two classes and ``metrics["fg_iou"]`` is the foreground IoU.
     ``forward`` must be in eval mode; ``autocast`` is a no-argument context factory.
     ``metrics["loss"]`` is the criterion on the (possibly TTA-averaged) scores.
     A batch that fails in the network raises an error naming its image(s).
@@ -88,7 +102,7 @@ def evaluate_loader(
     settings = eval_settings(cfg)
     num_classes = cfg.data.num_classes
     device = batch_to_device.device
-    cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device, class_names)
+    cm = ConfusionMatrix(mask_classes(num_classes), cfg.data.ignore_index, device, class_names)
     loss_sum, n_batches, vis = torch.zeros((), device=device), 0, None
     for images, masks in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
         if should_stop is not None and should_stop():
@@ -106,10 +120,10 @@ def evaluate_loader(
         if criterion is not None:
             loss_sum += criterion(scores, y).detach()
         n_batches += 1
-        pred = scores.argmax(1)
+        pred = labels(scores, cfg.eval.threshold)
         cm.update(pred, y)
-        if vis is None and num_vis > 0 and images.dtype == torch.uint8:
-            shown = images[:num_vis]
+        if vis is None and num_vis > 0:
+            shown = display_images(images[:num_vis])
             if shown.shape[-2:] != masks.shape[-2:]:
                 shown = F.interpolate(shown.float(), size=masks.shape[-2:], mode="bilinear").round().to(torch.uint8)
             vis = (shown, masks[:num_vis], pred[:num_vis].cpu())
@@ -117,5 +131,7 @@ def evaluate_loader(
     count = torch.tensor(float(n_batches), device=device, dtype=torch.float64)
     totals = distributed.all_reduce(torch.stack([loss_sum.double(), count]))
     m = cm.compute()
+    if num_classes == 1:  # one sigmoid logit: the foreground's IoU on its own (the table keeps both rows)
+        m["fg_iou"] = m["iou"][1]
     m["loss"] = float(totals[0] / totals[1].clamp(min=1)) if criterion is not None else float("nan")
     return m, cm, vis

@@ -17,7 +17,12 @@ Three ways to turn a network into per-pixel scores for an image of any size:
   or ``slide`` (same crop and stride, in the resized image's pixels), its
   logits are resized back to ``H, W`` (and un-mirrored), and the softmax
   **probabilities** of the views are averaged. Their log is returned so the
-  result is still usable as logits (argmax, cross-entropy).
+  result is still usable as logits (argmax, cross-entropy).  With one output
+  channel (``data.num_classes=1``, a sigmoid logit) the sigmoid probabilities
+  are averaged and their logit is returned.
+
+:func:`labels` turns scores into a label map: the argmax over classes, or for
+one sigmoid logit ``sigmoid(score) > threshold`` (1 foreground, 0 background).
 
 A single view (``scales=[1.0]``, no flip) returns that view's raw logits:
 single-view ``whole`` is exactly the model's output (cast to float32).
@@ -97,6 +102,30 @@ def _slide(
     return total / count
 
 
+def _check_args(mode: str, images: torch.Tensor, num_classes: int, scales: Sequence[float]) -> None:
+    if mode not in MODES:
+        raise ValueError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not scales:
+        raise ValueError("scales must list at least one scale")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"scales must be positive numbers, got {s!r}")
+
+
+def _crop_and_stride(crop_size: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    if crop_size is None:
+        raise ValueError("slide inference needs crop_size (an int or (h, w))")
+    crop = as_hw(crop_size, "crop_size")
+    stride_hw = default_stride(crop) if stride is None else as_hw(stride, "stride")
+    if stride_hw[0] > crop[0] or stride_hw[1] > crop[1]:
+        raise ValueError(f"stride {stride_hw} must not exceed crop_size {crop} (pixels would be skipped)")
+    return crop, stride_hw
+
+
 def predict(
     model: Callable,
     images: torch.Tensor,
@@ -107,35 +136,20 @@ def predict(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
 ) -> torch.Tensor:
-    """Float32 scores [N, K, H, W] for normalised ``images`` [N, 3, H, W].
+    """Float32 scores [N, K, H, W] for normalised ``images`` [N, C, H, W].
 
     ``model`` returns logits [N, K, h, w] at its input size (or a dict with
     ``"out"``). ``mode``: ``"whole"`` or ``"slide"`` (needs ``crop_size``; an
     int or (h, w); ``stride`` likewise, None = ceil(2/3 of the crop)).
     One view (``scales == [1.0]``, ``flip=False``): that view's logits; several
-    views: log of the mean of their softmax probabilities (clamped at 1e-8).
+    views: log of the mean of their softmax probabilities (clamped at 1e-8),
+    or for ``K == 1`` the logit of the mean of their sigmoid probabilities.
     """
-    if mode not in MODES:
-        raise ValueError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if images.dim() != 4:
-        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    scales = [scales] if isinstance(scales, (int, float)) else list(scales)
+    _check_args(mode, images, num_classes, scales)
     crop = stride_hw = None
     if mode == "slide":
-        if crop_size is None:
-            raise ValueError("slide inference needs crop_size (an int or (h, w))")
-        crop = as_hw(crop_size, "crop_size")
-        stride_hw = default_stride(crop) if stride is None else as_hw(stride, "stride")
-        if stride_hw[0] > crop[0] or stride_hw[1] > crop[1]:
-            raise ValueError(f"stride {stride_hw} must not exceed crop_size {crop} (pixels would be skipped)")
-    scales = [scales] if isinstance(scales, (int, float)) else list(scales)
-    if not scales:
-        raise ValueError("scales must list at least one scale")
-    for s in scales:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"scales must be positive numbers, got {s!r}")
-
+        crop, stride_hw = _crop_and_stride(crop_size, stride)
     height, width = images.shape[-2:]
 
     def view(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +175,17 @@ def predict(
                 logits = scaled(images.flip(-1), float(s)).flip(-1)
             else:
                 logits = scaled(images, float(s))
-            p = logits.softmax(dim=1)
+            p = logits.sigmoid() if num_classes == 1 else logits.softmax(dim=1)
             probs = p if probs is None else probs + p
     probs = probs / (len(scales) * len(flips))
+    if num_classes == 1:
+        return torch.logit(probs, eps=_PROB_FLOOR)
     return probs.clamp_min(_PROB_FLOOR).log()
+
+
+def labels(scores: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """[N, H, W] int64 labels from scores [N, K, H, W]: the argmax, or for one sigmoid logit (K = 1)
+    1 where ``sigmoid(score) > threshold`` and 0 elsewhere."""
+    if scores.shape[1] == 1:
+        return (scores[:, 0] > math.log(threshold / (1 - threshold))).long()
+    return scores.argmax(1)

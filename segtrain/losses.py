@@ -37,7 +37,14 @@ gradient graph (backward works and yields zero gradients).  Below ``p`` is
     class-weighted mean over labelled pixels, normalised like ``ce`` so that
     ``g = 0`` gives ``ce`` (without label smoothing) exactly.
 
-``loss.name`` is one term or a sum such as ``ce+dice``:
+``bce``
+    One sigmoid logit per pixel (``data.num_classes=1``; masks hold 0 background, 1 foreground):
+    ``sum_{i in V} w_t_i * BCE(sigmoid(z_i), t_i) / sum_{i in V} w_t_i``, ``w`` the two class weights
+    (background, foreground) when set; exactly ``F.binary_cross_entropy_with_logits`` averaged over ``V``.
+    With one logit ``dice`` is the soft Dice of the foreground:
+    ``1 - (2 sum_V p y + s) / (sum_V p + sum_V y + s)`` with ``p = sigmoid(z)`` (smp's binary mode).
+
+``loss.name`` is one term or a sum such as ``ce+dice`` (one logit: ``bce+dice``):
 ``sum_term loss.weights[term] * term`` (weight 1 for each term not listed).
 With an auxiliary head the total is ``L(out) + aux_weight * L(aux)`` for the
 same combined ``L``.
@@ -60,11 +67,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from segtrain.config import mask_classes
 from segtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("segtrain")
 
-TERMS = ("ce", "ohem", "dice", "focal")
+TERMS = ("ce", "ohem", "dice", "focal", "bce")
 
 
 def _zero_safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -147,6 +155,11 @@ class DiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         num_classes = logits.shape[1]
         valid = target != self.ignore_index
+        if num_classes == 1:  # one sigmoid logit: the foreground's Dice
+            p = torch.sigmoid(logits[:, 0].float()) * valid
+            y = (target == 1) & valid
+            inter, den = (p * y).sum(), p.sum() + y.sum() + self.smooth
+            return 1 - torch.where(den > 0, _zero_safe_div(2 * inter + self.smooth, den), torch.ones_like(den))
         logp = F.log_softmax(logits.float(), dim=1)
         # per-class sums without a [N, K, H, W] one-hot: p_t scattered onto its class (index_add is deterministic)
         p_t = torch.exp(-F.nll_loss(logp, target, ignore_index=self.ignore_index, reduction="none")) * valid
@@ -185,6 +198,23 @@ class FocalLoss(nn.Module):
         if self.alpha is not None:
             losses = losses * self.alpha
         pw = _pixel_weights(target, valid, self.weight)
+        return _zero_safe_div((losses * pw).sum(), pw.sum())
+
+
+class BinaryCrossEntropy(nn.Module):
+    """One sigmoid logit per pixel against a 0/1 mask, class-weighted mean over labelled pixels."""
+
+    def __init__(self, ignore_index: int = 255, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] != 1:
+            raise ValueError(f"bce takes one logit per pixel (data.num_classes=1), got {logits.shape[1]} channels")
+        valid = target != self.ignore_index
+        losses = F.binary_cross_entropy_with_logits(logits[:, 0].float(), (target == 1).float(), reduction="none")
+        pw = _pixel_weights(target.clamp(0, 1), valid, self.weight)
         return _zero_safe_div((losses * pw).sum(), pw.sum())
 
 
@@ -333,7 +363,8 @@ def _class_weights(cfg: DictConfig, num_classes: int, ignore_index: int, train_s
 
 def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: Any = None) -> SegLoss:
     """The criterion of ``cfg`` (the ``loss`` config).  ``train_set`` (un-augmented masks are read
-    from it) is needed only for ``class_weights: auto``."""
+    from it) is needed only for ``class_weights: auto``.  ``num_classes=1``: one sigmoid logit (``bce``,
+    ``dice``); class weights then have two values (background, foreground)."""
     terms = parse_terms(cfg.name)
     weights = dict(cfg.weights or {})
     extra = [k for k in weights if k not in terms]
@@ -342,10 +373,12 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: 
             f"loss.weights has {', '.join(map(repr, extra))}, not a term of loss.name={cfg.name!r}; "
             f"valid terms: {', '.join(TERMS)}"
         )
-    weight = _class_weights(cfg, num_classes, ignore_index, train_set)
+    weight = _class_weights(cfg, mask_classes(num_classes), ignore_index, train_set)
 
     def make(term: str) -> nn.Module:
         w = None if weight is None else weight.clone()
+        if term == "bce":
+            return BinaryCrossEntropy(ignore_index, w)
         if term == "ce":
             return CrossEntropy(ignore_index, w, cfg.label_smoothing)
         if term == "ohem":

@@ -60,6 +60,19 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, json.dumps(clean(obj), indent=2) + "\n")
 
 
+def display_images(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] images of any bands and type as uint8 RGB [N, 3, H, W] for TensorBoard: 3-band uint8
+    images as they are; otherwise the first three bands (one band: gray), each stretched per image from its
+    2nd to its 98th percentile."""
+    if images.dtype == torch.uint8 and images.shape[1] == 3:
+        return images
+    x = images[:, :3].float()
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x if x.shape[1] == 3 else x[:, :1].expand(-1, 3, -1, -1)
+    flat = x.flatten(2)
+    lo, hi = flat.quantile(0.02, dim=2)[..., None, None], flat.quantile(0.98, dim=2)[..., None, None]
+    return ((x - lo) / (hi - lo).clamp_min(1e-12) * 255).clamp(0, 255).round().to(torch.uint8)
+
+
 def overlay(
     images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ignore_index: int, alpha: float = 0.6
 ) -> torch.Tensor:

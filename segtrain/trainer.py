@@ -22,9 +22,8 @@ from tqdm import tqdm
 from segtrain import __version__, checkpoint, distributed, ema, loggers, monitor, resume, rundir, runtime
 from segtrain.config import check_run_length, to_yaml
 from segtrain.data import build_datasets, build_loader
-from segtrain.data.palette import default_palette
 from segtrain.errors import OutputError, Preempted, ResourceError
-from segtrain.evaluation import class_names, evaluate_loader
+from segtrain.evaluation import class_names, evaluate_loader, palette_of
 from segtrain.losses import build_loss
 from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
@@ -62,7 +61,7 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(d, cfg.seed)
         self.num_classes = d.num_classes
         self.class_names = class_names(self.train_set, self.num_classes)
-        self.palette = self.train_set.palette if self.train_set.palette is not None else default_palette(d.num_classes)
+        self.palette = palette_of(self.train_set, d.num_classes)
         rank, world = self.dist.rank, self.world_size
         self.train_loader = build_loader(self.train_set, d, True, cfg.seed, rank, world)
         self.val_loader = build_loader(self.val_set, d, False, cfg.seed, rank, world)
@@ -71,7 +70,7 @@ class Trainer:
         check_run_length(cfg, self.max_iters, len(self.train_set), self.iters_per_epoch)
 
         # --- model, loss, optimizer, schedule -----------------------------------------------------
-        self.model = build_model(cfg.model, self.num_classes).to(self.device)
+        self.model = build_model(cfg.model, self.num_classes, d.in_channels).to(self.device)
         self.num_params = count_parameters(self.model)
         self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
@@ -218,8 +217,8 @@ class Trainer:
         self.last_metrics = m
         if not (m["miou"] <= self.best_miou):  # also True when best is NaN (first validation)
             self.best_miou = m["miou"]
-        keys = ("miou", "aacc", "macc", "mdice", "loss")
-        self.history.append({"step": self.step, "epoch": self.epoch, **{k: m[k] for k in keys}})
+        keys = ("miou", "aacc", "macc", "mdice", "loss", "fg_iou")  # fg_iou: one sigmoid logit only
+        self.history.append({"step": self.step, "epoch": self.epoch, **{k: m[k] for k in keys if k in m}})
         scalars = {"val/mIoU": m["miou"], "val/aAcc": m["aacc"], "val/mAcc": m["macc"], "val/mDice": m["mdice"],
                    "val/loss": m["loss"], **{f"val_iou/{n}": v for n, v in zip(self.class_names, m["iou"])}}  # fmt: skip
         improved = self.monitor.update(scalars, self.step)
@@ -228,7 +227,7 @@ class Trainer:
                             self.palette, self.cfg.data.ignore_index, self.step)  # fmt: skip
         if self.is_main:
             tqdm.write(f"step {self.step}: val mIoU {m['miou']:.4f}  aAcc {m['aacc']:.4f}  loss {m['loss']:.4f}"
-                       + ("  (best)" if improved else ""))  # fmt: skip
+                       + (f"  fg IoU {m['fg_iou']:.4f}" if "fg_iou" in m else "") + ("  (best)" if improved else ""))  # fmt: skip
             self.save()
             self.speed.warn_if_loader_bound(self.train_loader.num_workers)
         return m
@@ -263,11 +262,12 @@ class Trainer:
         m, c = self.last_metrics or {}, self.cfg
         out = {"best_miou": self.best_miou, "last_miou": m.get("miou", float("nan")), "aacc": m.get("aacc"),
                "macc": m.get("macc"), "mdice": m.get("mdice"), "per_class_iou": m.get("per_class_iou", {}),
-               "num_params": self.num_params, **self.speed.rates(), "step": self.step, "epoch": self.epoch,
-               "max_iters": self.max_iters, "skipped_steps": self.guard.skipped_steps, "model": c.model.name,
-               "data": c.data.name, "device": str(self.device), "precision": self.precision,
-               "world_size": self.world_size, "resumed_from": self.resumed_from, "history": self.history,
-               "ema_decay": c.trainer.ema_decay, **self.monitor.summary(self.step, self.max_iters)}  # fmt: skip
+               **{k: m[k] for k in ["fg_iou"] if k in m}, "num_params": self.num_params, **self.speed.rates(),
+               "step": self.step, "epoch": self.epoch, "max_iters": self.max_iters,
+               "skipped_steps": self.guard.skipped_steps, "model": c.model.name, "data": c.data.name,
+               "device": str(self.device), "precision": self.precision, "world_size": self.world_size,
+               "resumed_from": self.resumed_from, "history": self.history, "ema_decay": c.trainer.ema_decay,
+               **self.monitor.summary(self.step, self.max_iters)}  # fmt: skip
         return out if wall_time is None else {**out, "wall_time_sec": wall_time}
 
     def state_dict(self) -> dict:

@@ -147,3 +147,49 @@ def write_folder(
             yaml.safe_dump({"names": names, "palette": FOLDER_PALETTE[:num_classes].tolist()})
         )
     return expected
+
+
+def write_tiff_folder(
+    root: Path, n: int = 8, bands: int = 4, dtype=np.uint16, size: tuple[int, int] = (40, 48), planar: bool = False
+) -> dict[str, np.ndarray]:
+    """``root/{images,masks}``: ``bands``-band TIFFs (samples last, or planar) whose last band carries a square
+    (class 1) at ``0.5 x`` the type's range over a noisy ~1/8-range background; masks are 0/1 PNGs."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    top = 1.0 if np.dtype(dtype).kind == "f" else float(np.iinfo(dtype).max)
+    expected = {}
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = size[0] + 4 * (i % 3), size[1] - 2 * (i % 2)  # sizes differ a little
+        img = rng.normal(top / 8, top / 40, size=(h, w, bands))
+        mask = np.zeros((h, w), np.uint8)
+        s = int(rng.integers(10, 18))
+        y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+        mask[y : y + s, x : x + s] = 1
+        img[..., -1][mask == 1] = top / 2
+        img = np.clip(img, 0, top).astype(dtype)
+        stem = f"tile_{i:02d}"
+        if bands == 1:
+            tifffile.imwrite(root / "images" / f"{stem}.tif", img[..., 0])
+        elif planar:
+            tifffile.imwrite(root / "images" / f"{stem}.tif", np.moveaxis(img, 2, 0), photometric="minisblack")
+        else:
+            tifffile.imwrite(root / "images" / f"{stem}.tif", img, photometric="minisblack", planarconfig="contig")
+        write_png(root / "masks" / f"{stem}.png", mask)
+        expected[stem] = (img, mask)
+    return expected
+
+
+def write_squares(root: Path, n: int = 24, size: int = 32, seed: int = 0) -> None:
+    """``root/{images,masks}``: grayscale 8-bit PNGs of one bright square (6-14 px) on dark noise; 0/1 masks."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = rng.normal(60, 25, size=(size, size))
+        mask = np.zeros((size, size), np.uint8)
+        s = int(rng.integers(6, 15))
+        y, x = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
+        mask[y : y + s, x : x + s] = 1
+        img[mask == 1] += 110
+        write_png(root / "images" / f"sq_{i:03d}.png", np.clip(img, 0, 255).astype(np.uint8))
+        write_png(root / "masks" / f"sq_{i:03d}.png", mask)

@@ -157,3 +157,40 @@ def test_run_length_checks_once_the_data_set_is_known():
         check_run_length(cfg, 40)  # trainer.max_epochs: the length is known only with the data set
     with pytest.raises(ConfigError, match="fewer than data.batch_size=16"):
         check_run_length(cfg, 0, num_train=3, iters_per_epoch=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.num_classes=1"], "loss.name=ce has ce (a softmax term) but data.num_classes=1"),
+        (["data.num_classes=1", "loss.name=bce+focal"], "has focal"),
+        (["loss=bce_dice"], "loss.name=bce+dice needs data.num_classes=1"),
+        (["data.num_classes=0"], "data.num_classes must be >= 2 (softmax), or 1"),
+        (["data.num_classes=1", "loss=bce", "data.class_names=[fg]"], "2 names, background and foreground"),
+        (["data.num_classes=1", "loss=bce", "loss.class_weights=[1.0]"], "2 weights"),
+        (["data.num_classes=1", "loss=bce", "data.ignore_index=1"], "data.ignore_index=1 is a class id"),
+        (["eval.threshold=1.0"], "eval.threshold must be in (0, 1)"),
+        (["data=folder", "data.in_channels=4"], "data.mean has 3 values but data.in_channels=4"),
+        (["data=folder", "data.in_channels=4", "data.mean=[0.1,0.1,0.1,0.1]"], "data.std has 3 values"),
+        (["data=folder", "data.mean=auto", "data.std=[1.0,1.0,1.0]"], "drop data.std=[1.0, 1.0, 1.0]"),
+        (["data=folder", "data.mean=mean"], "data.mean must be a list of 3 values or auto"),
+        (["data.in_channels=4", "data.mean=auto"], "data=synthetic draws RGB images"),
+        (["data.base_size=auto"], "data.base_size=auto needs images on disk"),
+        (["data=folder", "data.in_channels=0"], "data.in_channels must be >= 1"),
+    ],
+)
+def test_own_data_keys_are_validated(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        validate(composed(*overrides))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_own_data_keys_that_validate():
+    for overrides in (
+        ["data.num_classes=1", "loss=bce_dice", "data.class_names=[sky,cloud]", "loss.class_weights=[1.0,3.0]"],
+        ["data=folder", "data.in_channels=4", "data.mean=auto"],
+        ["data=folder", "data.in_channels=1", "data.mean=[0.5]", "data.std=[0.25]"],
+        ["data=folder", "data.std=auto"],
+        ["data=voc", "data.base_size=auto"],
+    ):
+        validate(composed(*overrides))

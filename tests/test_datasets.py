@@ -53,9 +53,10 @@ def test_voc_loads_palette_indices_and_grayscale_jpeg(tmp_path):
         assert image.dtype == np.uint8 and image.shape == (*expected[name].shape, 3)  # grayscale JPEG -> 3 channels
         np.testing.assert_array_equal(mask, expected[name])
     assert 255 in np.unique(train.load(0)[1])
-    # validation keeps the whole (odd-sized) image
+    # validation keeps the whole (odd-sized) image, rescaled to data.base_size [512, 2048] (the training scale)
     img, mask = val[0]
-    assert tuple(img.shape) == (3, *expected[Path(val.describe(0)).stem].shape)
+    h, w = expected[Path(val.describe(0)).stem].shape
+    assert tuple(img.shape) == (3, 512, round(w * 512 / h)) and tuple(mask.shape) == (h, w)
 
 
 @pytest.mark.parametrize("sub", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
@@ -215,10 +216,13 @@ def test_truncated_jpeg(tmp_path):
 
 def test_unreadable_image_at_load(tmp_path):
     write_voc(tmp_path)
-    (tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000002.jpg").write_bytes(b"not a jpeg")
     train, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
+    (tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000002.jpg").write_bytes(b"not a jpeg")  # broken after the start
     with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):
         train.load(2)
+    # the header scan runs without the label check
+    with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):
+        build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
 
 
 def test_crop_size_needed_for_batches(tmp_path):
@@ -264,7 +268,7 @@ def test_cat_max_ratio_redraws_crop():
 
 
 def test_val_pipeline_and_custom_pipeline():
-    assert T.standard_val(data_cfg("voc", None)) is None
+    assert T.standard_val(data_cfg("voc", None, base_size=None)) is None
     out = T.standard_val(data_cfg("voc", None, val_size=32))(
         image=np.zeros((61, 83, 3), np.uint8), mask=np.zeros((61, 83), np.uint8)
     )

@@ -232,3 +232,26 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_wrong_num_classes_raises():
     with pytest.raises(ValueError, match="expected"):
         predict(pixel_model(), torch.randn(1, 3, 8, 8), K + 1)
+
+
+# --- one sigmoid logit -------------------------------------------------------------------------------
+
+
+def test_one_logit_tta_averages_sigmoid_probabilities():
+    from segtrain.inference import labels
+
+    model = UNet(num_classes=1, base_channels=4, depth=2).eval()
+    x = torch.randn(2, 3, 24, 30)
+    with torch.no_grad():
+        views = [model(x), model(x.flip(-1)).flip(-1)]
+        scores = predict(model, x, 1, flip=True)
+    expect = torch.logit((views[0].sigmoid() + views[1].sigmoid()) / 2, eps=1e-8)
+    assert scores.shape == (2, 1, 24, 30)
+    torch.testing.assert_close(scores, expect, rtol=1e-5, atol=1e-5)
+    # not the softmax rule: over one channel it would give log(1) = 0 everywhere
+    assert scores.abs().max() > 1e-3
+    p = scores.sigmoid()[:, 0]
+    for t in (0.3, 0.5, 0.7):
+        assert torch.equal(labels(scores, t), (p > t).long())
+    many = torch.randn(2, K, 5, 5)
+    assert torch.equal(labels(many, 0.9), many.argmax(1))  # K > 1: argmax, the threshold plays no part

@@ -229,7 +229,7 @@ def test_single_ce_is_still_cross_entropy():
 @pytest.mark.parametrize(
     "kw, expect",
     [
-        (dict(name="bce"), "'bce'"),
+        (dict(name="tversky"), "'tversky'"),
         (dict(name="ce+lovasz"), "'lovasz'"),
         (dict(name="ce", weights={"dice": 1.0}), "'dice'"),
     ],
@@ -335,3 +335,45 @@ def test_cli_ohem_auto_class_weights(cli):
     )
     assert (run / "metrics.json").is_file()
     assert "median frequency" in proc.stdout + proc.stderr
+
+
+# --- one sigmoid logit (data.num_classes=1) -----------------------------------------------------
+
+
+def test_bce_is_torch_bce_over_labelled_pixels_with_class_weights():
+    logits, target = batch(k=1, ignore_frac=0.2)
+    target = torch.where(target == IGNORE, target, torch.randint(0, 2, target.shape, generator=torch.Generator()))
+    valid = target != IGNORE
+    z, y = logits[:, 0][valid], target[valid].float()
+    crit = build_loss(loss_cfg(name="bce"), 1, IGNORE)
+    torch.testing.assert_close(crit(logits, target), F.binary_cross_entropy_with_logits(z, y))
+    weighted = build_loss(loss_cfg(name="bce", class_weights=[0.5, 2.0]), 1, IGNORE)
+    w = torch.where(y == 1, 2.0, 0.5)
+    expect = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).sum() / w.sum()
+    torch.testing.assert_close(weighted(logits, target), expect)
+    with pytest.raises(ValueError, match="one logit"):
+        crit(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_binary_dice_is_the_foreground_soft_dice_and_sums_with_bce():
+    logits, target = batch(k=1, ignore_frac=0.2)
+    target = torch.where(target == IGNORE, target, (torch.rand(target.shape) < 0.3).long())
+    valid = target != IGNORE
+    p, y = torch.sigmoid(logits[:, 0])[valid], (target[valid] == 1).float()
+    expect = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    torch.testing.assert_close(build_loss(loss_cfg(name="dice"), 1, IGNORE)(logits, target), expect)
+    total = build_loss(loss_cfg(name="bce+dice", weights={"dice": 3.0}), 1, IGNORE)(logits, target)
+    torch.testing.assert_close(total, F.binary_cross_entropy_with_logits(logits[:, 0][valid], y) + 3 * expect)
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, 0][~valid].abs().max() == 0
+
+
+def test_binary_class_weights_auto_count_two_classes(tmp_path):
+    for i in range(2):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[: 2 + 2 * i] = 1
+        write_png(tmp_path / f"m{i}.png", mask)
+    ds = DiskDataset([tmp_path / "m0.png", tmp_path / "m1.png"], [tmp_path / "m0.png", tmp_path / "m1.png"], [], None)
+    crit = build_loss(loss_cfg(name="bce", class_weights="auto"), 1, IGNORE, ds)
+    w = crit.criterion.weight
+    assert w.shape == (2,) and w[1] > 1 > w[0]  # the rarer foreground weighs more

@@ -43,9 +43,9 @@ def model_cfg(**kw) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), kw)
 
 
-def build(num_classes: int = K, **kw) -> torch.nn.Module:
+def build(num_classes: int = K, in_channels: int = 3, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(model_cfg(**kw), num_classes)
+    return build_model(model_cfg(**kw), num_classes, in_channels)
 
 
 # Every network and its key variants, small enough for a 2-core CPU.
@@ -248,6 +248,85 @@ def test_deconvnet_encoder_takes_vgg16_bn_weights():
         for stage in net.encoder:
             y = net.pool(stage(y))[0]
         assert torch.allclose(y, vgg(x)[-1], atol=1e-4)
+
+
+# --- other input bands than RGB -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unet", "unet-resnet18", "deconvnet", "fcn8s-mobilenet-os16", "pspnet-resnet18-aux", "deeplabv3plus-resnet18"],
+)
+def test_any_number_of_bands(case):
+    for bands in (1, 5):
+        model = build(in_channels=bands, **CASES[case]).eval()
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == bands and first.weight.shape[1] == bands
+        with torch.no_grad():
+            assert model(torch.randn(1, bands, 45, 61)).shape == (1, K, 45, 61)
+
+
+def _repeat_bands(x: torch.Tensor, bands: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a 3-band input, the same for ``bands`` bands): 1 band is gray with R = G = B, more repeat R, G, B."""
+    if bands == 1:
+        x = x[:, :1].expand(-1, 3, -1, -1)
+        return x, x[:, :1]
+    return x, x.repeat(1, bands // 3, 1, 1)
+
+
+@pytest.mark.parametrize("bands", [1, 6])
+def test_pretrained_first_layer_adapted_keeps_the_output(torch_home, bands):
+    """ImageNet weights for other bands, as smp adapts them: bands that repeat RGB give the RGB network's output."""
+    torch.manual_seed(1)
+    torch_home.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), torch_home / "resnet18-f37072fd.pth")
+    kw = dict(name="deeplabv3", backbone="resnet18", pretrained=True)
+    rgb, other = build(**kw).eval(), build(in_channels=bands, **kw).eval()  # same seed: same heads
+    x, xb = _repeat_bands(torch.randn(2, 3, 40, 56), bands)
+    with torch.no_grad():
+        torch.testing.assert_close(other(xb), rgb(x), rtol=1e-4, atol=1e-4)
+        other.backbone.stages[0][0].weight.mul_(bands / 3)  # without smp's scaling (or with a mean for 1 band)
+        assert not torch.allclose(other(xb), rgb(x), atol=1e-3)
+    if bands == 6:  # 4 bands: R, G, B, R, scaled by 3/4
+        w = backbones.build_backbone("resnet18", pretrained=True, in_channels=4).stages[0][0].weight
+        torch.testing.assert_close(w[:, 3], w[:, 0])
+        torch.testing.assert_close(w[:, :3] * 4 / 3, rgb.backbone.stages[0][0].weight)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "vgg16"])
+def test_pretrained_adaptation_other_encoders(name):
+    torch.manual_seed(2)
+    if name == "vgg16":
+        state = {"features." + k.split(".", 2)[2]: v for k, v in backbones.build_backbone("vgg16").state_dict().items()}
+    else:
+        state = torchvision.models.mobilenet_v3_large().state_dict()
+    rgb = backbones.build_backbone(name, state=state).eval()
+    six = backbones.build_backbone(name, state=state, in_channels=6).eval()
+    x, x6 = _repeat_bands(torch.randn(1, 3, 64, 64), 6)
+    with torch.no_grad():
+        torch.testing.assert_close(six(x6)[-1], rgb(x)[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_deconvnet_adapts_vgg16_bn():
+    torch.manual_seed(0)
+    vgg = backbones.build_backbone("vgg16_bn", 32).eval()
+    state = {"features." + k.split(".", 2)[2]: v for k, v in vgg.state_dict().items()}
+    net = DeconvNet(K, base_channels=64, variant="segnet", in_channels=6)
+    net.load_vgg16(state)
+    net.eval()
+    x, x6 = _repeat_bands(torch.randn(1, 3, 32, 32), 6)
+    with torch.no_grad():
+        y = x6
+        for stage in net.encoder:
+            y = net.pool(stage(y))[0]
+        torch.testing.assert_close(y, vgg(x)[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_timm_backbone_other_bands():
+    pytest.importorskip("timm")
+    model = build(name="deeplabv3plus", backbone="timm:resnet18d", output_stride=16, in_channels=4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 65, 71)).shape == (1, K, 65, 71)
 
 
 # --- config errors ------------------------------------------------------------------------------------------

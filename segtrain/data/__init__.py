@@ -1,8 +1,14 @@
-"""Data sets and loaders: ``build_datasets(cfg)`` and ``build_loader(...)``."""
+"""Data sets and loaders: ``build_datasets(cfg)`` and ``build_loader(...)``.
+
+``build_datasets`` also fits the recipe to the data before anything trains: it reads the image headers
+(bands, bit depth, sizes), runs the label check, replaces ``data.base_size`` / ``data.mean`` /
+``data.std`` ``auto`` in the config by numbers, logs the training and validation scales (with warnings),
+and attaches the standard pipelines (``transforms.standard_train`` / ``standard_val``) to on-disk sets."""
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 import cv2
@@ -10,9 +16,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from segtrain.config import mask_classes
 from segtrain.data.base import EpochSampler, SegDataset
 from segtrain.errors import ConfigError, DataError
 from segtrain.utils import as_hw
+
+log = logging.getLogger("segtrain")
 
 __all__ = ["build_datasets", "build_loader", "SegDataset", "EpochSampler"]
 
@@ -22,7 +31,7 @@ def _synthetic(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
     from segtrain.data.synthetic import SyntheticShapes
 
     size = as_hw(cfg.image_size, "data.image_size")
-    common = dict(image_size=size, num_classes=cfg.num_classes, seed=cfg.seed, aug_seed=seed)
+    common = dict(image_size=size, num_classes=mask_classes(cfg.num_classes), seed=cfg.seed, aug_seed=seed)
     train = SyntheticShapes(cfg.num_train, split="train", transform=transforms.synthetic_train(cfg), **common)
     val = SyntheticShapes(cfg.num_val, split="val", transform=None, **common)
     return train, val
@@ -51,7 +60,8 @@ BUILDERS = {
 
 
 def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
-    """(train, val) data sets for ``cfg.data``; ``seed`` seeds augmentation."""
+    """(train, val) data sets for ``cfg.data``; ``seed`` seeds augmentation.  ``auto`` values in ``cfg``
+    (``base_size``, ``mean``, ``std``) are replaced by the numbers computed from the training images."""
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     on_disk = cfg.name != "synthetic"
@@ -63,25 +73,51 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
     if cfg.class_names is not None:
         train.class_names = val.class_names = list(cfg.class_names)
     if on_disk:
-        from segtrain.data.checks import check_labels
-        from segtrain.data.disk import DiskDataset
-        from segtrain.data.palette import palette_array
+        _prepare_on_disk(cfg, train, val)
+    else:
+        from segtrain.data.stats import resolve_auto
 
-        for ds, split in ((train, cfg.train_split), (val, cfg.val_split)):
-            if len(ds) == 0:
-                raise DataError(f"data={cfg.name} split {split!r} under data.root={cfg.root} holds no samples")
-        if cfg.palette is not None:
-            pal = palette_array(cfg.palette, "data.palette")
-            if len(pal) != cfg.num_classes:
-                raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
-            train.palette = val.palette = pal
-        if isinstance(train, DiskDataset) and isinstance(val, DiskDataset):
-            if cfg.check_labels:  # every mask, once (cached); also finds the smallest image of each split
-                train.smallest, val.smallest = check_labels([train, val], cfg.num_classes, cfg.ignore_index)
-            else:  # each mask as it is loaded, naming the file
-                train.check_values(cfg.num_classes, cfg.ignore_index)
-                val.check_values(cfg.num_classes, cfg.ignore_index)
+        resolve_auto(cfg, train, None)
     return train, val
+
+
+def _prepare_on_disk(cfg: DictConfig, train: SegDataset, val: SegDataset) -> None:
+    """Checks, ``auto`` values, the scale report and the standard pipelines of an on-disk (train, val) pair."""
+    from segtrain.data import transforms
+    from segtrain.data.checks import check_labels
+    from segtrain.data.disk import DiskDataset
+    from segtrain.data.palette import palette_array
+    from segtrain.data.stats import resolve_auto, scan_images
+
+    for ds, split in ((train, cfg.train_split), (val, cfg.val_split)):
+        if len(ds) == 0:
+            raise DataError(f"data={cfg.name} split {split!r} under data.root={cfg.root} holds no samples")
+    if cfg.palette is not None:
+        pal = palette_array(cfg.palette, "data.palette")
+        if len(pal) != mask_classes(cfg.num_classes):
+            raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
+        train.palette = val.palette = pal
+    if not (isinstance(train, DiskDataset) and isinstance(val, DiskDataset)):
+        return
+    train.in_channels = val.in_channels = cfg.in_channels
+    scan = scan_images(train, val, cfg.in_channels)  # bands and bit depth of every image (headers only)
+    if cfg.check_labels:  # every mask, once (cached); also finds the smallest image of each split
+        train.smallest, val.smallest = check_labels([train, val], mask_classes(cfg.num_classes), cfg.ignore_index)
+    else:  # each mask as it is loaded, naming the file
+        train.check_values(mask_classes(cfg.num_classes), cfg.ignore_index)
+        val.check_values(mask_classes(cfg.num_classes), cfg.ignore_index)
+    base_from_auto = cfg.base_size == "auto"
+    resolve_auto(cfg, train, scan)
+    transforms.report_scales(cfg, scan["median_hw"], base_from_auto)
+    colour = cfg.in_channels == 3 and scan["dtype"] == "uint8"
+    if cfg.photometric and cfg.augment and not colour and cfg.train_pipeline is None:
+        log.info(
+            "photometric distortion off: it needs 3-band 8-bit images, these have %d band(s) of %s",
+            cfg.in_channels,
+            scan["dtype"],
+        )
+    train.transform = transforms.standard_train(cfg, colour)
+    val.transform = transforms.standard_val(cfg)
 
 
 def _stop_workers_at_exit() -> None:

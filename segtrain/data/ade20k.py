@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from segtrain.data import transforms
 from segtrain.data.disk import DiskDataset, label_map_lut, list_images, require_files, resolve_root
 from segtrain.data.palette import default_palette
 from segtrain.errors import DataError
@@ -211,6 +210,6 @@ def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ign
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map, base=reduce_zero_lut(cfg.ignore_index))
-    train = ade_split(root, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index)
-    val = ade_split(root, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index)
+    train = ade_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index)
+    val = ade_split(root, cfg.val_split, None, seed, lut, cfg.ignore_index)
     return train, val

@@ -1,8 +1,9 @@
 """What every data set in segtrain shares.
 
-* :class:`SegDataset` returns ``(image, mask)``: a ``uint8 [3, H, W]`` tensor and
-  a ``uint8``/``int64 [H, W]`` tensor.  Images are normalised on the device
-  (4x less host-to-device traffic than float32 from the workers).
+* :class:`SegDataset` returns ``(image, mask)``: a ``[C, H, W]`` image tensor
+  (``uint8``; ``uint16`` or ``float32`` for other bit depths, ``C = data.in_channels``)
+  and a ``uint8``/``int64 [H, W]`` tensor.  Images are normalised on the device
+  (4x less host-to-device traffic for uint8 than float32 from the workers).
 * Augmentation is an albumentations pipeline seeded per sample from
   ``(seed, epoch, index)``, so a sample's augmentation does not depend on the
   worker that loads it or on where an interrupted epoch resumed.
@@ -29,7 +30,8 @@ def seed_pipeline(pipeline: Any, seed: int) -> None:
 
 
 class SegDataset(Dataset):
-    """Base class: subclasses implement ``__len__`` and ``load(index) -> (HxWx3 uint8 RGB, HxW uint8 mask)``."""
+    """Base class: subclasses implement ``__len__`` and ``load(index) -> (HxWxC image, HxW uint8 mask)``
+    (C = 3 RGB for photos; uint8, uint16 or float32)."""
 
     class_names: list[str] = []
     palette: np.ndarray | None = None  # K x 3 uint8 colours for visualisation
@@ -52,6 +54,8 @@ class SegDataset(Dataset):
             seed_pipeline(self.transform, int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
+        if image.ndim == 2:  # OpenCV drops the band axis of a 1-band image
+            image = image[..., None]
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         mask = torch.from_numpy(np.ascontiguousarray(mask))
         return image, mask

@@ -1,10 +1,10 @@
 """The label check run before training.
 
 :func:`check_labels` reads every image and mask once, in a thread pool, and
-raises a one-line :class:`DataError` for a value outside ``[0, num_classes)``
-that is not ``ignore_index``, an image/mask size mismatch, or an unreadable or
-truncated file.  A passing result is cached as a JSON file under
-``$SEGTRAIN_CACHE/labelcheck/`` (default ``~/.cache/segtrain/labelcheck/``),
+raises a one-line :class:`DataError` for a value outside ``[0, num_classes)`` that is
+not ``ignore_index`` (``num_classes``: the classes a mask holds, 2 for one sigmoid
+logit), an image/mask size mismatch, or an unreadable or truncated file.  A passing
+result is cached as a JSON file under ``$SEGTRAIN_CACHE/labelcheck/`` (default ``~/.cache/segtrain/labelcheck/``),
 keyed by the files' paths, sizes and mtimes and the label settings.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.disk import EXIF_ORIENTATION, DiskDataset, open_pil, size_message, value_problem
+from segtrain.data.disk import EXIF_ORIENTATION, TIFF_EXTS, DiskDataset, open_pil, size_message, value_problem
 from segtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,14 @@ def _fingerprint(datasets: list[DiskDataset], num_classes: int, ignore_index: in
 def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
     """(256-bool presence of the mask's values as stored, error message, image (h, w) as loaded) of sample ``i``."""
     try:
-        img = open_pil(ds.images[i], "image")
+        if Path(ds.images[i]).suffix.lower() in TIFF_EXTS:  # bands and bit depths PIL cannot read
+            h, w = ds.read_image(i).shape[:2]
+        else:
+            img = open_pil(ds.images[i], "image")
+            w, h = img.size
+            if int(img.getexif().get(EXIF_ORIENTATION, 1)) >= 5:  # OpenCV loads it rotated by 90 degrees
+                w, h = h, w
         raw = ds.read_mask(i, mapped=False)
-        w, h = img.size
-        if int(img.getexif().get(EXIF_ORIENTATION, 1)) >= 5:  # OpenCV loads it rotated by 90 degrees
-            w, h = h, w
         if raw.shape != (h, w):
             return None, size_message(ds.images[i], (h, w), ds.masks[i], raw.shape), (h, w)
         return np.bincount(raw.ravel(), minlength=256) > 0, None, (h, w)

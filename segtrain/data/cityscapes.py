@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from segtrain.data import transforms
 from segtrain.data.disk import DiskDataset, label_map_lut, require_files, resolve_root
 from segtrain.errors import DataError
 
@@ -120,6 +119,6 @@ def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarr
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map, base=trainid_lut(cfg.ignore_index))
-    train = cityscapes_split(root, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index)
-    val = cityscapes_split(root, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index)
+    train = cityscapes_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index)
+    val = cityscapes_split(root, cfg.val_split, None, seed, lut, cfg.ignore_index)
     return train, val

@@ -71,13 +71,174 @@ def label_map_lut(label_map: Any, base: np.ndarray | None = None) -> np.ndarray 
 # Reading files.
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An HxWx3 uint8 RGB image (grayscale files become 3-channel), or a DataError naming the file."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        what = "is missing" if not Path(path).exists() else "cannot be read as an image (corrupt or unsupported format)"
-        raise DataError(f"image {path} {what}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+TIFF_EXTS = (".tif", ".tiff")
+# Integer and float images: the pipelines and batches carry uint8, uint16 or float32.  uint8 and uint16 keep
+# their values (normalised on the device: / 255, / 65535); other types become float32 with their own values.
+KEPT_DTYPES = ("uint8", "uint16")
+
+
+def image_dtype(dtype: Any) -> str:
+    """The dtype an image of ``dtype`` is carried as: uint8, uint16, or float32 (every other type)."""
+    name = np.dtype(dtype).name
+    return name if name in KEPT_DTYPES else "float32"
+
+
+def _unreadable(path: Path, detail: str = "") -> DataError:
+    what = "is missing" if not Path(path).exists() else "cannot be read as an image (corrupt or unsupported format)"
+    return DataError(f"image {path} {what}{detail}")
+
+
+def _tifffile():
+    try:
+        import tifffile
+
+        return tifffile
+    except ImportError:
+        return None
+
+
+def _bands_last(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """A tifffile series as HxWxC: Y and X found by name, the one other axis (samples, channels, pages) as bands."""
+    keep = [i for i, a in enumerate(axes) if a in "YX" or arr.shape[i] > 1]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if "Y" not in axes or "X" not in axes or len(axes) > 3:
+        raise DataError(
+            f"image {path} has shape {arr.shape} (axes {axes}); expected a 2-D image with bands (Y, X, bands)"
+        )
+    rest = [i for i, a in enumerate(axes) if a not in "YX"]
+    arr = np.moveaxis(arr, [axes.index("Y"), axes.index("X"), *rest], [0, 1, *range(2, 2 + len(rest))])
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    tifffile = _tifffile()
+    if tifffile is None:
+        raise DataError(
+            f"image {path} is a TIFF and data.in_channels is not 3: reading its bands needs tifffile "
+            "(pip install 'segtrain[tiff]')"
+        )
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return _bands_last(series.asarray(), series.axes, path)
+    except FileNotFoundError:
+        raise _unreadable(path) from None
+    except DataError:
+        raise
+    except Exception as e:  # tifffile raises many types for corrupt files
+        raise _unreadable(path, f": {' '.join(str(e).split())[:120]}") from None
+
+
+def _check_bands(img: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    bands = img.shape[2]
+    if bands == in_channels:
+        return img
+    if in_channels == 3 and bands == 1:  # grayscale files become 3-channel, as colour photos
+        return np.repeat(img, 3, axis=2)
+    raise DataError(band_message(path, bands, in_channels))
+
+
+def band_message(path: Path, bands: int, in_channels: int) -> str:
+    return (
+        f"image {path} has {bands} band(s) but data.in_channels={in_channels}: set data.in_channels={bands} "
+        "(and data.mean/data.std with as many values, or auto), or convert the image"
+    )
+
+
+def read_image(path: Path, in_channels: int = 3) -> np.ndarray:
+    """An HxWxC image with C = ``in_channels`` (uint8, uint16 or float32), or a one-line DataError naming the file.
+
+    ``in_channels=3`` reads JPEG/PNG/BMP as RGB (grayscale files become 3-channel, an alpha channel is dropped,
+    16-bit PNGs stay 16-bit); TIFFs are read band by band with tifffile (when installed), and every other
+    image must have exactly ``in_channels`` bands (a 1-band image is repeated when ``in_channels=3``)."""
+    path = Path(path)
+    tiff = path.suffix.lower() in TIFF_EXTS and (in_channels != 3 or _tifffile() is not None)
+    if tiff:
+        img = _read_tiff(path)
+    elif in_channels == 3:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+        if img is None:
+            raise _unreadable(path)
+        return _as_carried(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    else:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise _unreadable(path)
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    img = img if img.ndim == 3 else img[..., None]
+    return _as_carried(_check_bands(img, in_channels, path))
+
+
+def _as_carried(img: np.ndarray) -> np.ndarray:
+    want = image_dtype(img.dtype)
+    return img if img.dtype.name == want else img.astype(want)
+
+
+def _png_header(path: Path) -> tuple[int, int, int, str] | None:
+    """(h, w, bands, dtype) from a PNG's IHDR chunk (bands as OpenCV decodes it: palette -> 3)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, colour = head[24], head[25]
+    bands = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour)
+    return None if bands is None else (h, w, bands, "uint16" if depth == 16 else "uint8")
+
+
+def _tiff_header(path: Path) -> tuple[int, int, int, str] | None:
+    tifffile = _tifffile()
+    if tifffile is None:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape = [n for n, a in zip(series.shape, series.axes) if a in "YX" or n > 1]
+            axes = [a for n, a in zip(series.shape, series.axes) if a in "YX" or n > 1]
+            if "Y" not in axes or "X" not in axes or len(axes) > 3:
+                raise DataError(
+                    f"image {path} has shape {tuple(shape)} (axes {''.join(axes)}); expected a 2-D image with bands"
+                )
+            bands = next((n for n, a in zip(shape, axes) if a not in "YX"), 1)
+            return shape[axes.index("Y")], shape[axes.index("X")], bands, image_dtype(series.dtype)
+    except DataError:
+        raise
+    except Exception as e:
+        raise _unreadable(path, f": {' '.join(str(e).split())[:120]}") from None
+
+
+PIL_DTYPES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "float32", "F": "float32"}
+
+
+def read_header(path: Path) -> tuple[int, int, int, str]:
+    """(height, width, bands, carried dtype) of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        found = _png_header(path) if suffix == ".png" else _tiff_header(path) if suffix in TIFF_EXTS else None
+    except OSError:
+        raise _unreadable(path) from None
+    if found is not None:
+        return found
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            bands = 3 if im.mode == "P" else len(im.getbands())
+            if suffix in TIFF_EXTS:  # without tifffile: PIL sees the first band of planar multi-band files only
+                bands = max(bands, int(im.tag_v2.get(277, 1)), int(getattr(im, "n_frames", 1)))
+            return h, w, bands, PIL_DTYPES.get(im.mode, "uint8")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        raise _unreadable(path) from None
+
+
+def header_bands_fit(bands: int, in_channels: int, path: Path) -> bool:
+    """Whether ``read_image`` accepts a file with ``bands`` (what its header says) for ``in_channels``."""
+    if bands == in_channels or (in_channels == 3 and bands == 1):
+        return True
+    # in_channels=3 reads photos with OpenCV as colour (alpha dropped); TIFF bands are read as they are
+    return in_channels == 3 and not (Path(path).suffix.lower() in TIFF_EXTS and _tifffile() is not None)
 
 
 def open_pil(path: Path, kind: str) -> Image.Image:
@@ -118,6 +279,7 @@ class DiskDataset(SegDataset):
     """Images and masks as files.  ``lut``: a 256-entry uint8 table applied to the mask's values."""
 
     kind = "disk"  # the data set's mapping, part of the label-check cache key
+    in_channels = 3  # data.in_channels (set by build_datasets)
 
     def __init__(
         self,
@@ -176,8 +338,12 @@ class DiskDataset(SegDataset):
             mask = self.lut[mask]
         return mask
 
+    def read_image(self, index: int) -> np.ndarray:
+        """The HxWxC image of sample ``index``, as read for training (no augmentation)."""
+        return read_image(self.images[index], self.in_channels)
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(self.images[index])
+        image = self.read_image(index)
         mask = self.read_mask(index)
         if image.shape[:2] != mask.shape[:2]:
             raise DataError(size_message(self.images[index], image.shape[:2], self.masks[index], mask.shape[:2]))

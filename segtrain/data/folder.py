@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from segtrain.data import transforms
+from segtrain.config import mask_classes
 from segtrain.data.disk import DiskDataset, label_map_lut, list_images, read_list, resolve_root
 from segtrain.data.palette import default_palette, palette_array
 from segtrain.errors import DataError
@@ -118,21 +118,28 @@ def splits(root: Path, cfg: DictConfig) -> tuple[tuple[list[Path], list[Path]], 
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     root = resolve_root(cfg, LAYOUT)
     meta = read_classes(root)
-    k = cfg.num_classes
+    k = mask_classes(cfg.num_classes)  # one sigmoid logit (num_classes=1): background and foreground
     names = list(cfg.class_names) if cfg.class_names is not None else meta.get("names")
     if names is not None and len(names) != k:
         src = "data.class_names" if cfg.class_names is not None else str(meta["path"])
-        raise DataError(f"{src} lists {len(names)} classes but data.num_classes={k}: set data.num_classes={len(names)}")
-    names = names or [f"class{i}" for i in range(k)]
+        raise DataError(
+            f"{src} lists {len(names)} classes but data.num_classes={cfg.num_classes}: set data.num_classes="
+            f"{len(names)}"
+            + (" (one sigmoid logit: 2 names, background and foreground)" if cfg.num_classes == 1 else "")
+        )
+    names = names or (["background", "foreground"] if cfg.num_classes == 1 else [f"class{i}" for i in range(k)])
     colours = palette_array(cfg.palette, "data.palette") if cfg.palette is not None else meta.get("palette")
     if colours is not None and len(colours) != k:
         src = "data.palette" if cfg.palette is not None else f"{meta['path']} palette"
-        raise DataError(f"{src} has {len(colours)} colours but data.num_classes={k}: give one [r, g, b] per class")
+        raise DataError(
+            f"{src} has {len(colours)} colours but data.num_classes={cfg.num_classes}: give one [r, g, b] per class "
+            f"({k})"
+        )
     palette = colours if colours is not None else default_palette(k)
     lut = label_map_lut(cfg.label_map)
     (tr_i, tr_m), (va_i, va_m) = splits(root, cfg)
     common = dict(lut=lut, colour_palette=colours, ignore_color=meta.get("ignore_color"), ignore_index=cfg.ignore_index)
-    train = DiskDataset(tr_i, tr_m, names, palette, transforms.standard_train(cfg), seed, **common)
-    val = DiskDataset(va_i, va_m, names, palette, transforms.standard_val(cfg), seed, **common)
+    train = DiskDataset(tr_i, tr_m, names, palette, None, seed, **common)
+    val = DiskDataset(va_i, va_m, names, palette, None, seed, **common)
     train.kind = val.kind = "folder"
     return train, val

@@ -1,11 +1,18 @@
-"""Albumentations pipelines.
+"""Albumentations pipelines, and the scale rule shared by validation, ``segtrain-eval`` and prediction.
 
-Pipelines produce uint8 images; normalisation by ``data.mean``/``data.std``
-happens on the device (``segtrain.runtime.BatchToDevice``).
+Pipelines keep the image's type (uint8, uint16 or float32) and its bands; normalisation by
+``data.mean``/``data.std`` happens on the device (``segtrain.runtime.BatchToDevice``).  The geometric
+operations (rescale, crop, pad, flip) work on any number of bands and any of these types; the photometric
+distortion (``ColorJitter``) only on 3-band 8-bit images.
+
+:func:`val_scale` is the one rule for the scale at which a whole image is predicted: ``data.val_size`` when
+set, else ``data.base_size`` (the scale training rescales to before its jitter), else the image's own size.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import albumentations as A
@@ -15,6 +22,8 @@ from omegaconf import DictConfig, ListConfig
 
 from segtrain.errors import ConfigError
 from segtrain.utils import as_hw, as_size
+
+log = logging.getLogger("segtrain")
 
 
 def synthetic_train(cfg: DictConfig) -> A.Compose:
@@ -147,9 +156,9 @@ def custom_pipeline(spec: Any, key: str) -> A.Compose:
     return A.Compose(ops)
 
 
-def standard_train(cfg: DictConfig) -> A.Compose:
+def standard_train(cfg: DictConfig, colour: bool = True) -> A.Compose:
     """Rescale (base_size x scale_range), cat_max_ratio crop, pad (image 0, mask ignore_index),
-    horizontal flip, photometric distortion; or ``data.train_pipeline`` when given."""
+    horizontal flip, photometric distortion (``colour``: 3-band 8-bit images only); or ``data.train_pipeline``."""
     if cfg.train_pipeline is not None:
         return custom_pipeline(cfg.train_pipeline, "data.train_pipeline")
     ops: list = []
@@ -170,15 +179,101 @@ def standard_train(cfg: DictConfig) -> A.Compose:
         )
     if cfg.augment:
         ops.append(A.HorizontalFlip(p=0.5))
-        if cfg.photometric:
+        if cfg.photometric and colour:
             ops.append(A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5))
     return A.Compose(ops)
 
 
+def val_scale(cfg: DictConfig) -> int | tuple[int, int] | None:
+    """The keep-ratio size a whole image is rescaled to before prediction (validation, ``segtrain-eval``,
+    prediction), or None for its own size: ``data.val_size`` when set, else ``data.base_size`` (the scale
+    the standard training pipeline rescales to before its jitter; not with a ``data.train_pipeline``, which
+    ignores it, nor for ``data=synthetic``).  An int sets the short side; ``(h, w)`` fits into that box."""
+    if cfg.val_size is not None:
+        return as_size(cfg.val_size, "data.val_size")
+    if cfg.base_size is None or cfg.train_pipeline is not None or cfg.name == "synthetic":
+        return None
+    if cfg.base_size == "auto":
+        raise ConfigError("data.base_size=auto is resolved from the training images by build_datasets; call it first")
+    return as_size(cfg.base_size, "data.base_size")
+
+
 def standard_val(cfg: DictConfig) -> A.Compose | None:
-    """No augmentation, the whole image; a keep-ratio resize of the image to ``data.val_size`` when set.
+    """No augmentation, the whole image, rescaled (keep ratio) to :func:`val_scale`.
 
     The mask keeps its original size: the evaluation resizes the predicted scores back to it, so metrics
     are computed on the original annotation (as mmsegmentation does), whatever the test scale."""
-    size = as_size(cfg.val_size, "data.val_size")
+    size = val_scale(cfg)
     return None if size is None else A.Compose([RescaleKeepRatio(size, resize_mask=False)])
+
+
+# ---------------------------------------------------------------------------
+# The scale report: what training and validation do to the median training image.
+
+
+def scale_factor(h: float, w: float, size: Any) -> float:
+    """The keep-ratio factor that takes an ``h x w`` image to ``size`` (int: short side; (h, w): fit into it)."""
+    if size is None:
+        return 1.0
+    if isinstance(size, int):
+        return size / min(h, w)
+    return min(max(size) / max(h, w), min(size) / min(h, w))
+
+
+def _shown(size: Any) -> str:
+    return "own size" if size is None else str(list(size) if isinstance(size, tuple) else size)
+
+
+def suggested_crop(h: float, w: float) -> int:
+    """A crop that fits inside an ``h x w`` image: a multiple of 32 (of 8 below 32 px)."""
+    side = int(min(h, w))
+    step = 32 if side >= 32 else 8
+    return max(step, side // step * step)
+
+
+def report_scales(cfg: DictConfig, median_hw: tuple[int, int], base_from_auto: bool = False) -> list[str]:
+    """Log the training and validation scales of the median training image in one line; warn (and return
+    the warnings) when they differ by more than 1.25x, when ``data.base_size`` enlarges the median image
+    more than 2x, or when ``data.crop_size`` is larger than it.  Nothing for a custom ``train_pipeline``."""
+    if cfg.train_pipeline is not None:
+        log.info("scale: data.train_pipeline sets the training scale; validation at %s", _shown(val_scale(cfg)))
+        return []
+    h, w = median_hw
+    base = as_size(cfg.base_size, "data.base_size")
+    lo, hi = (float(v) for v in cfg.scale_range) if cfg.augment else (1.0, 1.0)
+    to_base = scale_factor(h, w, base)
+    train, val = to_base * math.sqrt(lo * hi), scale_factor(h, w, val_scale(cfg))
+    if cfg.val_size is not None:
+        val_from = f"data.val_size={_shown(val_scale(cfg))}"
+    else:
+        val_from = "own size" if val_scale(cfg) is None else f"data.base_size={_shown(base)}, data.val_size null"
+    train_from = "own size" if base is None else f"data.base_size={_shown(base)}"
+    log.info(
+        "scale: the median training image (%dx%d px, h x w) is trained at %.2fx-%.2fx its size (%s x "
+        "data.scale_range [%g, %g]; centre %.2fx) and validated at %.2fx (%s)",
+        h, w, to_base * lo, to_base * hi, train_from, lo, hi, train, val, val_from,
+    )  # fmt: skip
+    warnings = []
+    if max(train / val, val / train) > 1.25:
+        fix = "data.val_size=null" if abs(math.log(lo * hi)) < 1e-9 else f"data.val_size={round(min(h, w) * train)}"
+        warnings.append(
+            f"validation sees images at {val:.2f}x their size but training at {train:.2f}x (the centre of "
+            f"data.scale_range around data.base_size): set {fix} to validate at the training scale"
+        )
+    if base is not None and to_base > 2 and not base_from_auto:
+        warnings.append(
+            f"data.base_size={_shown(base)} enlarges the median training image ({h}x{w} px) {to_base:.1f}x: that "
+            "recipe is for ~500 px photos (PASCAL VOC); for other images use data.base_size=auto (their median "
+            "size) or data.base_size=null (own size)"
+        )
+    if cfg.crop_size is not None:
+        ch, cw = as_hw(cfg.crop_size, "data.crop_size")
+        th, tw = h * train, w * train
+        if ch > th or cw > tw:
+            warnings.append(
+                f"data.crop_size={_shown(cfg.crop_size)} is larger than most training images ({round(th)}x{round(tw)} "
+                f"px at the training scale, h x w): crops are mostly padding; try data.crop_size={suggested_crop(th, tw)}"
+            )
+    for text in warnings:
+        log.warning(text)
+    return warnings

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from segtrain.data import transforms
 from segtrain.data.disk import DiskDataset, label_map_lut, read_list, require_files, resolve_root
 from segtrain.data.palette import default_palette
 from segtrain.errors import DataError
@@ -81,8 +80,8 @@ def voc_split(
 def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     base = find_voc2012(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map)
-    train = voc_split(base, cfg.train_split, transforms.standard_train(cfg), seed, lut, cfg.ignore_index)
-    val = voc_split(base, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index)
+    train = voc_split(base, cfg.train_split, None, seed, lut, cfg.ignore_index)
+    val = voc_split(base, cfg.val_split, None, seed, lut, cfg.ignore_index)
     return train, val
 
 
@@ -97,13 +96,13 @@ def build_aug(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
     train = voc_split(
         base,
         cfg.train_split,
-        transforms.standard_train(cfg),
+        None,
         seed,
         lut,
         cfg.ignore_index,
         mask_dir="SegmentationClassAug",
         layout=AUG_LAYOUT,
     )
-    val = voc_split(base, cfg.val_split, transforms.standard_val(cfg), seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
+    val = voc_split(base, cfg.val_split, None, seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
     train.kind = "voc_aug"
     return train, val

@@ -1,9 +1,11 @@
-"""Network construction: ``build_model(cfg.model, num_classes)``.
+"""Network construction: ``build_model(cfg.model, num_classes, in_channels)``.
 
 The contract every network keeps:
 
-* ``forward(x)`` takes ``[N, C, H, W]`` of any ``H, W`` and, in eval mode,
-  returns logits ``[N, num_classes, H, W]``.
+* ``forward(x)`` takes ``[N, C, H, W]`` of any ``H, W`` (``C = in_channels``,
+  ``data.in_channels``; pretrained first layers adapted, see ``backbones.adapt_first_conv``)
+  and, in eval mode, returns logits ``[N, num_classes, H, W]`` (``num_classes=1``: one
+  sigmoid logit).
 * In training mode a network with an auxiliary head returns
   ``{"out": logits, "aux": aux_logits}`` (both at the input size); without one it
   returns the logits tensor.
@@ -50,7 +52,7 @@ def _variant(cfg: DictConfig, network: str, variants: tuple[str, ...], default: 
     return variant
 
 
-def _unet(cfg: DictConfig, num_classes: int) -> nn.Module:
+def _unet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     from segtrain.models.unet import BackboneUNet, UNet
 
     _reject(cfg, "unet", "aux", "variant")
@@ -58,7 +60,7 @@ def _unet(cfg: DictConfig, num_classes: int) -> nn.Module:
         if cfg.pretrained:
             raise ConfigError("model.pretrained=true needs an ImageNet encoder: set model.backbone (e.g. resnet18)")
         _reject(cfg, "unet", "output_stride")
-        return UNet(num_classes, base_channels=cfg.base_channels, norm=cfg.norm)
+        return UNet(num_classes, in_channels, base_channels=cfg.base_channels, norm=cfg.norm)
     if cfg.output_stride not in (None, 32):
         raise ConfigError(
             f"model.output_stride={cfg.output_stride} is not supported by unet (its decoder climbs the full "
@@ -66,10 +68,12 @@ def _unet(cfg: DictConfig, num_classes: int) -> nn.Module:
         )
     from segtrain.models.backbones import backbone_from_config
 
-    return BackboneUNet(backbone_from_config(cfg, 32), num_classes, cfg.base_channels, cfg.norm)
+    return BackboneUNet(
+        backbone_from_config(cfg, 32, in_channels=in_channels), num_classes, cfg.base_channels, cfg.norm
+    )
 
 
-def _fcn(cfg: DictConfig, num_classes: int) -> nn.Module:
+def _fcn(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     from segtrain.models.backbones import VGGS, backbone_from_config, imagenet_weights, load_pretrained
     from segtrain.models.fcn import FCN, VARIANTS
 
@@ -77,11 +81,12 @@ def _fcn(cfg: DictConfig, num_classes: int) -> nn.Module:
     vgg_state = None  # VGG: FCN also turns the pretrained fc6/fc7 into convolutions
     if cfg.pretrained and cfg.backbone in VGGS:
         vgg_state = load_pretrained(imagenet_weights(cfg.backbone))
-    backbone = backbone_from_config(cfg, 32, state=vgg_state)
+    backbone = backbone_from_config(cfg, 32, state=vgg_state, in_channels=in_channels)
     return FCN(backbone, num_classes, variant, cfg.dropout, cfg.aux, vgg_fc=vgg_state)
 
 
-def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
+def _deconvnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+    from segtrain.models.backbones import imagenet_weights, load_pretrained
     from segtrain.models.deconvnet import VARIANTS, DeconvNet
 
     variant = _variant(cfg, "deconvnet", VARIANTS, "deconvnet")
@@ -98,7 +103,7 @@ def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
             f"model.pretrained=true for deconvnet needs model.base_channels=64 (VGG16's widths), "
             f"got {cfg.base_channels}"
         )
-    model = DeconvNet(num_classes, cfg.base_channels, variant, cfg.norm)
+    model = DeconvNet(num_classes, cfg.base_channels, variant, cfg.norm, in_channels)
     if cfg.pretrained:
         from segtrain.models.backbones import imagenet_weights, load_pretrained
 
@@ -106,31 +111,31 @@ def _deconvnet(cfg: DictConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def _pspnet(cfg: DictConfig, num_classes: int) -> nn.Module:
+def _pspnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     from segtrain.models.backbones import backbone_from_config
     from segtrain.models.pspnet import PSPNet
 
     _reject(cfg, "pspnet", "variant")
-    return PSPNet(backbone_from_config(cfg, 8), num_classes, cfg.aux, cfg.dropout)
+    return PSPNet(backbone_from_config(cfg, 8, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
 
 
-def _deeplabv3(cfg: DictConfig, num_classes: int) -> nn.Module:
+def _deeplabv3(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     from segtrain.models.backbones import backbone_from_config
     from segtrain.models.deeplab import DeepLabV3
 
     _reject(cfg, "deeplabv3", "variant")
-    return DeepLabV3(backbone_from_config(cfg, 16), num_classes, cfg.aux, cfg.dropout)
+    return DeepLabV3(backbone_from_config(cfg, 16, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
 
 
-def _deeplabv3plus(cfg: DictConfig, num_classes: int) -> nn.Module:
+def _deeplabv3plus(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     from segtrain.models.backbones import backbone_from_config
     from segtrain.models.deeplab import DeepLabV3Plus
 
     _reject(cfg, "deeplabv3plus", "variant")
-    return DeepLabV3Plus(backbone_from_config(cfg, 16), num_classes, cfg.aux, cfg.dropout)
+    return DeepLabV3Plus(backbone_from_config(cfg, 16, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
 
 
-BUILDERS: dict[str, Callable[[DictConfig, int], nn.Module]] = {
+BUILDERS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
     "fcn": _fcn,
     "deconvnet": _deconvnet,
     "unet": _unet,
@@ -140,10 +145,11 @@ BUILDERS: dict[str, Callable[[DictConfig, int], nn.Module]] = {
 }
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The network ``cfg`` (the ``model`` config) asks for, with ``num_classes`` outputs and ``in_channels`` bands."""
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown model.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
-    return BUILDERS[cfg.name](cfg, num_classes)
+    return BUILDERS[cfg.name](cfg, num_classes, in_channels)
 
 
 def count_parameters(model: nn.Module) -> int:

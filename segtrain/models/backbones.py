@@ -19,6 +19,11 @@ C4, C5 keep the resolution of C3 with a 2x / 4x larger receptive field
     timm:NAME            from ``timm.create_model(NAME, features_only=True)``: 5 levels (CNNs), or
                          4 (strides 4-32: ConvNeXt, Swin ...) with C1 = None, channels[0] = 0
 
+Any number of input bands (``data.in_channels``): the first convolution takes
+them; with pretrained weights its RGB filters are adapted as
+segmentation_models_pytorch does (:func:`adapt_conv_weight`), so a network fed
+bands that repeat a 3-band image computes what the 3-band network computes.
+
 ``model.pretrained=true`` loads torchvision's ImageNet weights from the torch
 hub cache (``torch.hub.get_dir()/checkpoints/``), downloading them there first
 if they are missing.  The download gives up after a short timeout and then
@@ -28,6 +33,7 @@ it, so an offline machine never hangs.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -41,6 +47,8 @@ from torchvision import models as tvm
 
 from segtrain.errors import ConfigError
 from segtrain.utils import download
+
+log = logging.getLogger("segtrain")
 
 # Seconds to wait for the weights server (connection, then each read) before giving up.
 DOWNLOAD_TIMEOUT = float(os.environ.get("SEGTRAIN_DOWNLOAD_TIMEOUT", "10"))
@@ -239,7 +247,7 @@ def _create_timm(timm: Any, arch: str, kwargs: dict) -> nn.Module:
         return timm.create_model(arch, **kwargs)
 
 
-def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False) -> Backbone:
+def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False, in_channels: int = 3) -> Backbone:
     arch = name.split(":", 1)[1]
     try:
         import timm
@@ -249,6 +257,8 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False) 
             f"or use one of: {', '.join(NAMES)}"
         ) from None
     kwargs: dict[str, Any] = {"features_only": True, "pretrained": pretrained}
+    if in_channels != 3:  # timm adapts the pretrained first layer itself, as adapt_conv_weight does
+        kwargs["in_chans"] = in_channels
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
     try:
@@ -295,23 +305,67 @@ def imagenet_weights(name: str) -> Any:
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
 
 
-def build_backbone(name: str, output_stride: int = 32, pretrained: bool = False, state: dict | None = None) -> Backbone:
+def build_backbone(
+    name: str, output_stride: int = 32, pretrained: bool = False, state: dict | None = None, in_channels: int = 3
+) -> Backbone:
     """``name`` at ``output_stride`` (8, 16 or 32, checked by the config); ImageNet weights when
-    ``pretrained`` (or the given torchvision ``state``)."""
+    ``pretrained`` (or the given torchvision ``state``); ``in_channels`` input bands (:func:`adapt_first_conv`)."""
     if name.startswith("timm:"):
-        return timm_backbone(name, output_stride, pretrained)
+        return timm_backbone(name, output_stride, pretrained, in_channels)
     if state is None and pretrained:
         state = load_pretrained(imagenet_weights(name))
     for table, make in ((RESNETS, resnet), (VGGS, vgg), (MOBILENETS, mobilenet)):
         if name in table:
-            return make(name, output_stride, state)
+            return adapt_first_conv(make(name, output_stride, state), in_channels, pretrained=state is not None)
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
 
 
-def backbone_from_config(cfg: DictConfig, default_output_stride: int, state: dict | None = None) -> Backbone:
+def backbone_from_config(
+    cfg: DictConfig, default_output_stride: int, state: dict | None = None, in_channels: int = 3
+) -> Backbone:
     """The backbone that ``model.backbone`` / ``output_stride`` / ``pretrained`` ask for (resnet50 when unset)."""
     os_ = cfg.output_stride if cfg.output_stride is not None else default_output_stride
-    return build_backbone(cfg.backbone or "resnet50", os_, cfg.pretrained, state)
+    return build_backbone(cfg.backbone or "resnet50", os_, cfg.pretrained, state, in_channels)
+
+
+# ---------------------------------------------------------------------------
+# Input bands other than RGB
+
+
+def adapt_conv_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """RGB filters ``[out, 3, k, k]`` for ``in_channels`` bands, as smp's ``patch_first_conv`` adapts pretrained
+    weights: one band gets the sum over RGB (a gray image then gives the RGB network's response to R = G = B);
+    more bands repeat R, G, B, R, ... scaled by ``3 / in_channels`` (bands that repeat RGB give its response)."""
+    if in_channels == weight.shape[1]:
+        return weight
+    if in_channels == 1:
+        return weight.sum(1, keepdim=True)
+    index = torch.arange(in_channels, device=weight.device) % weight.shape[1]
+    return weight[:, index] * (weight.shape[1] / in_channels)
+
+
+def adapt_first_conv(module: nn.Module, in_channels: int, pretrained: bool = True) -> nn.Module:
+    """Make the first ``Conv2d`` of ``module`` take ``in_channels`` bands, in place; returns ``module``.
+
+    ``pretrained``: its weights are adapted (:func:`adapt_conv_weight`); otherwise new weights are drawn
+    with the init torchvision's ResNet, VGG and MobileNet use (Kaiming normal, fan out)."""
+    conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None or conv.in_channels == in_channels:
+        return module
+    if conv.groups != 1:
+        raise ConfigError(f"cannot adapt a grouped first convolution to data.in_channels={in_channels}")
+    with torch.no_grad():
+        if pretrained:
+            weight = adapt_conv_weight(conv.weight.detach(), in_channels).clone()
+        else:
+            weight = conv.weight.new_empty((conv.out_channels, in_channels, *conv.kernel_size))
+            nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+    conv.weight = nn.Parameter(weight)
+    conv.in_channels = in_channels
+    if pretrained:
+        how = "summed over RGB" if in_channels == 1 else f"RGB repeated, scaled by 3/{in_channels}"
+        log.info("pretrained first layer adapted to %d input bands (%s)", in_channels, how)
+    return module
 
 
 # ---------------------------------------------------------------------------

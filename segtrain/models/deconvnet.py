@@ -58,13 +58,20 @@ class DeconvBNReLU(nn.Sequential):
 
 
 class DeconvNet(nn.Module):
-    def __init__(self, num_classes: int, base_channels: int = 64, variant: str = "deconvnet", norm: str = "bn"):
+    def __init__(
+        self,
+        num_classes: int,
+        base_channels: int = 64,
+        variant: str = "deconvnet",
+        norm: str = "bn",
+        in_channels: int = 3,
+    ):
         super().__init__()
         b = base_channels
         widths = [b, 2 * b, 4 * b, 8 * b, 8 * b]
 
         self.encoder = nn.ModuleList()
-        cin = 3
+        cin = in_channels
         for n, w in zip(STAGES, widths):
             self.encoder.append(nn.Sequential(*(ConvBNReLU(cin if i == 0 else w, w, 3, norm=norm) for i in range(n))))
             cin = w
@@ -107,9 +114,15 @@ class DeconvNet(nn.Module):
 
         With BN, our convs have no bias (the BN after them absorbs it), so the
         bias is folded into the running mean: the same function in eval mode.
+        Other input bands than RGB: the first conv's filters are adapted (``backbones.adapt_conv_weight``).
         """
+        from segtrain.models.backbones import adapt_conv_weight
+
         convs = [k[: -len(".weight")] for k, v in state.items() if k.startswith("features.") and v.dim() == 4]
         ours = [m for stage in self.encoder for m in stage]
+        if convs:
+            first = f"{convs[0]}.weight"
+            state = {**state, first: adapt_conv_weight(state[first], ours[0][0].in_channels)}
         if len(convs) != len(ours) or any(state[f"{k}.weight"].shape != m[0].weight.shape for k, m in zip(convs, ours)):
             raise ConfigError("pretrained deconvnet needs model.base_channels=64 (VGG16's widths)")
         with torch.no_grad():

@@ -1,0 +1,81 @@
+"""Binary masks with one sigmoid logit: training learns, validation thresholds at eval.threshold and reports the
+foreground IoU beside the two-row table (segtrain.evaluation, with the trainer and the bce+dice loss)."""
+
+import json
+
+import pytest
+import torch
+from fake_datasets import write_squares
+from test_config import composed
+
+from segtrain.config import validate
+from segtrain.evaluation import class_names, evaluate_loader
+from segtrain.runtime import BatchToDevice
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: OpenMP threads stall badly when other processes share the cores (as test_models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def test_sigmoid_training_learns_a_square(tmp_path):
+    from segtrain.trainer import Trainer
+
+    write_squares(tmp_path / "squares", n=40, size=32)
+    cfg = composed(
+        "data=folder", f"data.root={tmp_path / 'squares'}", "data.num_classes=1", "loss=bce_dice",
+        "data.in_channels=1", "data.mean=auto", "data.crop_size=32", "data.batch_size=8", "data.num_workers=0",
+        "data.val_fraction=0.2", "model.base_channels=8", "optimizer.lr=0.01", "trainer.max_iters=40",
+        "trainer.val_interval=40", "trainer.progress=false", "device=cpu",
+    )  # fmt: skip
+    validate(cfg)
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.model.classifier.out_channels == 1 and trainer.class_names == ["background", "foreground"]
+    summary = trainer.fit()
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(m["per_class_iou"]) == {"background", "foreground"} and m["fg_iou"] == summary["fg_iou"]
+    assert m["fg_iou"] == m["per_class_iou"]["foreground"] and m["history"][-1]["fg_iou"] == m["fg_iou"]
+    # chance (all foreground) is ~0.12 here; 40 steps find the squares
+    assert m["fg_iou"] > 0.5, m
+
+    # eval.threshold moves the mask: a high threshold keeps fewer foreground pixels
+    trainer.model.eval()
+    counts = []
+    for threshold in (0.05, 0.95):
+        cfg.eval.threshold = threshold
+        _, cm, _ = evaluate_loader(
+            trainer.model, trainer.val_loader, trainer.batch_to_device, torch.no_grad, cfg, trainer.class_names
+        )
+        counts.append(int(cm.mat[:, 1].sum()))
+    assert counts[0] > counts[1]
+
+
+def test_binary_class_names_and_one_channel_scores():
+    class Empty:
+        class_names: list = []
+
+    assert class_names(Empty(), 1) == ["background", "foreground"]
+    assert class_names(Empty(), 1, ["sky", "cloud"]) == ["sky", "cloud"]
+    assert class_names(Empty(), 3) == ["0", "1", "2"]
+
+    cfg = composed("data.num_classes=1", "loss=bce_dice")
+    batches = [(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([[[0, 1, 1, 255]] * 4]))]
+    model = torch.nn.Conv2d(3, 1, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.constant_(model.bias, 3.0)  # sigmoid 0.95 everywhere: all foreground
+    m, cm, _ = evaluate_loader(model, batches, BatchToDevice(torch.device("cpu"), cfg.data.mean, cfg.data.std),
+                               torch.no_grad, cfg, ["background", "foreground"])  # fmt: skip
+    assert cm.mat.tolist() == [[0, 4], [0, 8]] and m["fg_iou"] == pytest.approx(8 / 12)
+    cfg.eval.threshold = 0.96
+    m, cm, _ = evaluate_loader(model, batches, BatchToDevice(torch.device("cpu"), cfg.data.mean, cfg.data.std),
+                               torch.no_grad, cfg, ["background", "foreground"])  # fmt: skip
+    assert cm.mat.tolist() == [[4, 0], [8, 0]] and m["fg_iou"] == 0
