@@ -319,6 +319,24 @@ def min_input_size(model: DictConfig) -> int:
 # Validation of values a type cannot express.
 
 
+def _validate_class_weights(cfg: DictConfig, check) -> None:
+    """``loss.class_weights``: auto, or one non-negative weight per class."""
+    d, lo = cfg.data, cfg.loss
+    if isinstance(lo.class_weights, str):
+        check(lo.class_weights == "auto", f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}")
+    elif lo.class_weights is not None:
+        check(
+            isinstance(lo.class_weights, (list, ListConfig)),
+            f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}",
+        )
+        check(
+            len(lo.class_weights) == mask_classes(d.num_classes),
+            f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}"
+            + (" (one sigmoid logit: 2 weights, background and foreground)" if d.num_classes == 1 else ""),
+        )
+        check(all(w >= 0 for w in lo.class_weights), "loss.class_weights must be >= 0")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line, naming the key) for an impossible value."""
 
@@ -380,19 +398,7 @@ def validate(cfg: DictConfig) -> None:
     check(s.warmup_iters >= 0, f"scheduler.warmup_iters must be >= 0, got {s.warmup_iters}")
     check(0 < s.warmup_ratio <= 1, f"scheduler.warmup_ratio must be in (0, 1], got {s.warmup_ratio}")
 
-    if isinstance(lo.class_weights, str):
-        check(lo.class_weights == "auto", f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}")
-    elif lo.class_weights is not None:
-        check(
-            isinstance(lo.class_weights, (list, ListConfig)),
-            f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}",
-        )
-        check(
-            len(lo.class_weights) == mask_classes(d.num_classes),
-            f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}"
-            + (" (one sigmoid logit: 2 weights, background and foreground)" if d.num_classes == 1 else ""),
-        )
-        check(all(w >= 0 for w in lo.class_weights), "loss.class_weights must be >= 0")
+    _validate_class_weights(cfg, check)
     check(lo.aux_weight >= 0, f"loss.aux_weight must be >= 0, got {lo.aux_weight}")
     check(0 <= lo.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {lo.label_smoothing}")
     check(0 < lo.ohem_thresh <= 1, f"loss.ohem_thresh must be in (0, 1], got {lo.ohem_thresh}")
