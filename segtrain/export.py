@@ -94,14 +94,18 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str]) -> int:
+def _example(channels: int) -> torch.Tensor:
+    return torch.randn(EXAMPLE_SHAPE[0], channels, *EXAMPLE_SHAPE[2:])
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str], channels: int = 3) -> int:
     """Write ``model`` (from :func:`exportable`) as ONNX with dynamic batch, height and width; the opset written."""
     from torch.export import Dim
 
     # min 32: every network pools its input at least 32x (a guard a smaller range would trip, sending the
     # exporter to a slower fallback strategy)
     dims = {0: Dim("batch"), 2: Dim("height", min=MIN_SIZE), 3: Dim("width", min=MIN_SIZE)}
-    example = torch.randn(*EXAMPLE_SHAPE)
+    example = _example(channels)
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), _quiet_loggers():
@@ -127,9 +131,9 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
     return written
 
 
-def export_torchscript(model: nn.Module, path: Path) -> None:
+def export_torchscript(model: nn.Module, path: Path, channels: int = 3) -> None:
     """Trace ``model`` (from :func:`exportable`) with torch.jit.trace and save it."""
-    example = torch.randn(*EXAMPLE_SHAPE)
+    example = _example(channels)
     try:
         with _quiet_loggers(), torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
@@ -178,7 +182,7 @@ def _runner(path: Path, fmt: str):
     return run, f"torch.jit {torch.__version__}"
 
 
-def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance: float) -> dict:
+def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance: float, channels: int = 3) -> dict:
     """Run the exported file and ``model`` (fp32, CPU) on the same random inputs at ``sizes`` (the second
     one with batch 2); the largest absolute difference per size, and whether all are within ``tolerance``."""
     from segtrain.utils import as_hw
@@ -189,7 +193,7 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
     results = []
     for k, size in enumerate(sizes):
         h, w = as_hw(size, "check_sizes")
-        x = torch.randn(2 if k == 1 else 1, 3, h, w, generator=g)
+        x = torch.randn(2 if k == 1 else 1, channels, h, w, generator=g)
         with torch.no_grad():
             ref = model(x)
         try:
@@ -210,11 +214,12 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
 def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | None, check: dict) -> dict:
     """What a deployment needs to feed the exported file and read its output."""
     from segtrain import __version__
+    from segtrain.config import mask_classes
     from segtrain.evaluation import class_names
     from segtrain.predict import palette_of
 
     meta = state.get("meta", {})
-    k = cfg.data.num_classes
+    k, c = cfg.data.num_classes, cfg.data.in_channels
     return {
         "format": fmt,
         "file": path.name,
@@ -223,9 +228,10 @@ def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | Non
             "name": INPUT_NAME,
             "layout": "NCHW",
             "dtype": "float32",
-            "shape": ["batch", 3, "height", "width"],
-            "channels": "RGB",
-            "normalisation": "(pixel / 255 - mean) / std, pixel in [0, 255], per channel",
+            "shape": ["batch", c, "height", "width"],
+            "channels": "RGB" if c == 3 else f"{c} bands, in the order training read them",
+            "normalisation": "(pixel / range - mean) / std per channel, range = 255 for 8-bit images, 65535 "
+            "for 16-bit, 1 for float",
             "dynamic_axes": ["batch", "height", "width"],
         },
         "output": {
@@ -233,12 +239,14 @@ def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | Non
             "layout": "NCHW",
             "dtype": "float32",
             "shape": ["batch", k, "height", "width"],
-            "meaning": "class scores (logits) at the input size; argmax over axis 1 gives the class map",
+            "meaning": "class scores (logits) at the input size; argmax over axis 1 gives the class map"
+            if k > 1
+            else f"one logit at the input size: sigmoid(logit) > {cfg.eval.threshold} is the foreground (class 1)",
         },
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "num_classes": k,
-        "class_names": class_names(None, k, cfg.data.class_names or meta.get("class_names")),
+        "class_names": class_names(None, mask_classes(k), cfg.data.class_names or meta.get("class_names")),
         "palette": palette_of(cfg, meta).tolist(),
         "ignore_index": cfg.data.ignore_index,
         "val_size": OmegaConf.to_container(cfg.data)["val_size"],
@@ -299,11 +307,12 @@ def export_checkpoint(cfg: DictConfig) -> dict:
     try:
         tmp, ready, opset = staging / target.name, exportable(model), None
         if fmt == "onnx":
-            opset = export_onnx(ready, tmp, cfg.opset, {"segtrain": json.dumps(_short_meta(stored, state))})
+            meta = {"segtrain": json.dumps(_short_meta(stored, state))}
+            opset = export_onnx(ready, tmp, cfg.opset, meta, stored.data.in_channels)
         else:
-            export_torchscript(ready, tmp)
+            export_torchscript(ready, tmp, stored.data.in_channels)
         seconds = time.perf_counter() - t0
-        check = check_export(tmp, fmt, model, list(cfg.check_sizes), cfg.tolerance)
+        check = check_export(tmp, fmt, model, list(cfg.check_sizes), cfg.tolerance, stored.data.in_channels)
         _log_check(check, fmt)
         if not check["passed"]:
             raise ExportError(

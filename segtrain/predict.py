@@ -82,12 +82,23 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB view of any image (the first three bands, or one band repeated), each band stretched from
+    its 1st to 99th percentile: for overlays of multi-band or 16-bit images."""
+    bands = image if image.ndim == 3 else image[..., None]
+    bands = bands[..., :3] if bands.shape[2] >= 3 else np.repeat(bands[..., :1], 3, axis=2)
+    bands = bands.astype(np.float32)
+    lo, hi = np.percentile(bands, 1, axis=(0, 1)), np.percentile(bands, 99, axis=(0, 1))
+    return np.clip((bands - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
+
+
 def palette_of(cfg: DictConfig, meta: Mapping) -> np.ndarray:
     """The class colours: ``data.palette`` (an override, or the training config's), else the palette the
     checkpoint stores (the data set's own, e.g. the built-in set's or ``classes.yaml``'s), else the VOC map."""
+    from segtrain.config import mask_classes
     from segtrain.data.palette import default_palette, palette_array
 
-    k = cfg.data.num_classes
+    k = mask_classes(cfg.data.num_classes)
     for value, key in ((cfg.data.palette, "data.palette"), (meta.get("palette"), "the checkpoint's palette")):
         pal = palette_array(value, key)
         if pal is not None and len(pal) >= k:
@@ -104,12 +115,15 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: DictConfig, class_names: list[str], palette: np.ndarray):
+        from segtrain.config import mask_classes
         from segtrain.data.transforms import standard_val
         from segtrain.evaluation import eval_settings
         from segtrain.runtime import BatchToDevice, resolve_device
 
         self.cfg, self.class_names, self.palette = cfg, list(class_names), np.asarray(palette, np.uint8)
-        self.num_classes = cfg.data.num_classes
+        self.num_classes = cfg.data.num_classes  # network outputs: 1 for one sigmoid logit
+        self.mask_classes = mask_classes(self.num_classes)  # classes in the masks: 2 for one sigmoid logit
+        self.in_channels = cfg.data.in_channels
         self.device, self.precision = resolve_device(cfg.device)
         memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format).eval()
@@ -162,7 +176,7 @@ class Predictor:
     # ------------------------------------------------------------------------------------------------
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """An HxWx3 uint8 RGB image as validation feeds it to the network: uint8 [3, h, w]."""
+        """An HxWxC image (:meth:`read`) as validation feeds it to the network: [C, h, w]."""
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -185,13 +199,41 @@ class Predictor:
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return out
 
+    def read(self, source: Any) -> np.ndarray:
+        """``source`` as the network's input image: HxWx3 uint8 RGB (:func:`read_image`) for 3-band networks;
+        for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
+        array with that many bands."""
+        if self.in_channels == 3:
+            return read_image(source)
+        if isinstance(source, np.ndarray):
+            image = source if source.ndim == 3 else source[..., None]
+            if image.shape[2] != self.in_channels:
+                raise ValueError(f"expected {self.in_channels} bands (data.in_channels), got shape {source.shape}")
+            return image
+        from segtrain.data.disk import read_image as read_bands
+
+        return read_bands(Path(source), self.in_channels)
+
+    def labels(self, scores: torch.Tensor) -> torch.Tensor:
+        """[K, H, W] scores -> [H, W] class indices (one sigmoid logit: ``sigmoid > eval.threshold``)."""
+        from segtrain.inference import labels
+
+        return labels(scores[None], self.cfg.eval.threshold)[0]
+
+    def probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """[K, H, W] scores -> [C, H, W] class probabilities (one sigmoid logit: background, foreground)."""
+        if scores.shape[0] == 1:
+            fg = scores.float().sigmoid()
+            return torch.cat([1 - fg, fg])
+        return scores.float().softmax(0)
+
     def __call__(self, image: Any) -> np.ndarray:
         """HxW int64 class indices at the image's own (upright) size."""
-        return self.scores([read_image(image)])[0].argmax(0).cpu().numpy()
+        return self.labels(self.scores([self.read(image)])[0]).cpu().numpy()
 
     def probabilities(self, image: Any) -> np.ndarray:
         """C x H x W float32 class probabilities at the image's own (upright) size."""
-        return self.scores([read_image(image)])[0].softmax(0).float().cpu().numpy()
+        return self.probs(self.scores([self.read(image)])[0]).cpu().numpy()
 
     def colorize(self, mask: np.ndarray) -> np.ndarray:
         """HxW class indices -> HxWx3 uint8 colours of ``palette``."""
@@ -242,6 +284,11 @@ def upright_size(path: Path) -> tuple[int, int]:
     """(h, w) of an image file as a viewer shows it, from its header (no decoding)."""
     from PIL import Image
 
+    from segtrain.data.disk import TIFF_EXTS, read_header
+
+    if Path(path).suffix.lower() in TIFF_EXTS:  # multi-band and float TIFFs: tifffile's header
+        h, w = read_header(Path(path))[:2]
+        return h, w
     with Image.open(path) as im:
         w, h = im.size
         if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
@@ -258,15 +305,15 @@ def _reason(e: BaseException) -> str:
 class _Images(torch.utils.data.Dataset):
     """Decodes image files (in DataLoader workers): (index, HxWx3 uint8 RGB or the reason it failed)."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path], read):
+        self.files, self.read = files, read
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
         try:
-            return i, read_image(self.files[i])
+            return i, self.read(self.files[i])
         except Exception as e:  # noqa: BLE001 - any decoding failure skips the file with its reason
             return i, _reason(e)
 
@@ -298,8 +345,8 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
 
     from segtrain.outputs import overlay
 
-    pred = scores.argmax(0).cpu().numpy()
-    if predictor.num_classes <= 256:
+    pred = predictor.labels(scores).cpu().numpy()
+    if predictor.mask_classes <= 256:
         im = Image.fromarray(pred.astype(np.uint8))
         pal = np.zeros((256, 3), np.uint8)
         pal[: len(predictor.palette)] = predictor.palette
@@ -309,13 +356,15 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
     _save(stem.with_name(stem.name + ".png"), lambda f: im.save(f, format="PNG"))
     p = cfg.predict
     if p.overlay:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # bands: an 8-bit view of the first
+            image = display_rgb(image)
         blend = overlay(
             torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
         )
         jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
         _save(stem.with_name(stem.name + "_overlay.jpg"), lambda f: jpg.save(f, format="JPEG", quality=90))
     if p.save_probs:
-        probs = scores.softmax(0).to(torch.float16).cpu().numpy()
+        probs = predictor.probs(scores).to(torch.float16).cpu().numpy()
         buf = io.BytesIO()
         np.save(buf, probs)
         _save(stem.with_name(stem.name + ".npy"), buf.getvalue())
@@ -355,10 +404,10 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
         log.warning("skipped %s: %s", files[i], reason)
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
-        _Images(files), batch_sampler=batches, num_workers=workers, collate_fn=list,
+        _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
         worker_init_fn=_quiet_worker if workers > 0 else None,
     )  # fmt: skip
-    counts, done = np.zeros(predictor.num_classes, np.int64), 0
+    counts, done = np.zeros(predictor.mask_classes, np.int64), 0
     bar = tqdm(
         total=len(files) - len(skipped), desc="predict", unit="img", disable=not bars_wanted(cfg.trainer.progress)
     )
@@ -377,7 +426,7 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
                     raise OutputError(
                         f"cannot write the outputs of {files[i]} to {out_dir}: {e.strerror or e}"
                     ) from None
-                counts += np.bincount(pred.ravel(), minlength=predictor.num_classes)[: predictor.num_classes]
+                counts += np.bincount(pred.ravel(), minlength=predictor.mask_classes)[: predictor.mask_classes]
                 done += 1
         bar.update(len(batch))
     bar.close()

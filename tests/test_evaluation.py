@@ -4,6 +4,7 @@ foreground IoU beside the two-row table (segtrain.evaluation, with the trainer a
 import json
 
 import pytest
+import numpy as np
 import torch
 from fake_datasets import write_squares
 from test_config import composed
@@ -46,6 +47,16 @@ def test_sigmoid_training_learns_a_square(tmp_path):
     assert m["fg_iou"] == m["per_class_iou"]["foreground"] and m["history"][-1]["fg_iou"] == m["fg_iou"]
     # chance (all foreground) is ~0.12 here; 40 steps find the squares
     assert m["fg_iou"] > 0.5, m
+
+    # the Predictor follows: one logit -> a 0/1 mask, two probability planes (background, foreground)
+    from segtrain.predict import Predictor
+
+    p = Predictor.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", device="cpu")
+    image = trainer.val_set.read_image(0)
+    mask, probs = p(image), p.probabilities(image)
+    assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1} and mask.any()
+    assert probs.shape == (2, *image.shape[:2]) and np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert np.array_equal(mask, (probs[1] > 0.5).astype(mask.dtype))
 
     # eval.threshold moves the mask: a high threshold keeps fewer foreground pixels
     trainer.model.eval()

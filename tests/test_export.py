@@ -86,6 +86,19 @@ def test_networks_trace_to_torchscript(family, tmp_path):
     assert check["passed"], check
 
 
+def test_four_bands_and_one_sigmoid_logit_export(tmp_path):
+    """data.in_channels=4 and data.num_classes=1: the exported file takes 4 bands and returns one logit."""
+    torch.manual_seed(0)
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "deeplabv3plus", "backbone": "resnet18"})
+    model = build_model(cfg, 1, in_channels=4).eval()
+    export_torchscript(exportable(model), tmp_path / "m.pt", channels=4)
+    check = check_export(tmp_path / "m.pt", "torchscript", model, SIZES, 1e-3, channels=4)
+    assert check["passed"], check
+    assert [r["input_shape"] for r in check["results"]] == [[1, 4, 97, 131], [2, 4, 160, 96]]
+    out = torch.jit.load(str(tmp_path / "m.pt"))(torch.randn(1, 4, 64, 80))
+    assert out.shape == (1, 1, 64, 80)
+
+
 @pytest.mark.parametrize("size", [(13, 13), (9, 20), (6, 6), (31, 7), (2, 5)])
 @pytest.mark.parametrize("bins", [1, 2, 3, 6])
 def test_dynamic_adaptive_pool_equals_torch(size, bins):

@@ -159,3 +159,14 @@ def test_four_band_16bit_tiff_folder_trains_and_validates(tmp_path):
     assert summary["step"] == 4 and 0 <= summary["best_miou"] <= 1
     stored = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["config"]
     assert "auto" not in str(OmegaConf.create(stored).data.mean)  # the checkpoint holds the numbers
+
+    # the Predictor reads a 4-band 16-bit TIFF as training did and returns a mask of its size
+    from segtrain.predict import Predictor
+
+    p = Predictor.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", device="cpu")
+    tile = sorted((tmp_path / "tiles" / "images").glob("*.tif"))[0]
+    mask = p(tile)
+    assert mask.shape == tifffile.imread(tile).shape[-2:] or mask.shape == tifffile.imread(tile).shape[:2]
+    assert p(p.read(tile)).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="4 bands"):
+        p(np.zeros((8, 8, 3), np.uint16))
