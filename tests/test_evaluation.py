@@ -3,8 +3,8 @@ foreground IoU beside the two-row table (segtrain.evaluation, with the trainer a
 
 import json
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from fake_datasets import write_squares
 from test_config import composed
