@@ -14,8 +14,8 @@ ema_decay from the first step.
 Validation, ``best.pt`` and ``best-*.pt`` use the averaged weights.  Every checkpoint's ``model`` holds the
 weights validation uses (the EMA's), so ``segtrain-eval`` and ``model.init_from`` read them; the raw training
 weights are in ``raw_model`` and the update count in ``ema``, so that a resume continues bitwise.  Under DDP
-the average is of the unwrapped module on every rank (the weights are identical after each step); under
-``torch.compile`` the averaged copy is compiled for validation too.
+the average is of the unwrapped module on every rank (the weights are identical after each step);
+validation runs the averaged copy eagerly, as it runs the raw model (``device.compile`` compiles training).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ log = logging.getLogger("segtrain")
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float, warmup: int | None, compile: bool = False):
+    def __init__(self, model: nn.Module, decay: float, warmup: int | None):
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
-        self.net = torch.compile(self.module) if compile else self.module  # what validation calls
+        self.net = self.module  # what validation calls: eager, as for the raw model
         self._pairs: list | None = None
 
     def current_decay(self) -> float:

@@ -224,7 +224,6 @@ class WandbLogger(Backend):
             dir=str(run_dir),
             id=previous,
             resume="allow" if previous else None,
-            reinit="create_new",
         )
         _save_id(run_dir, "wandb", self.run.id)
 
@@ -256,6 +255,7 @@ class MLflowLogger(Backend):
 
         self.client = MlflowClient(tracking_uri=uri)
         previous = _ids(run_dir, start_step).get("mlflow")
+        self.start_step = start_step if previous else 0
         if previous:
             self.run_id = previous
             self.client.update_run(previous, status="RUNNING")
@@ -271,11 +271,12 @@ class MLflowLogger(Backend):
     def config(self, config: dict, hparams: dict) -> None:
         from mlflow.entities import Param
 
-        flat = _flatten(config)
-        params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        logged = self.client.get_run(self.run_id).data.params if self.start_step else {}  # params cannot change
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items() if k not in logged]
         for i in range(0, len(params), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.client.log_text(self.run_id, OmegaConf.to_yaml(OmegaConf.create(config)), "config.yaml")
+        name = f"config-resumed-{self.start_step}.yaml" if self.start_step else "config.yaml"
+        self.client.log_text(self.run_id, OmegaConf.to_yaml(OmegaConf.create(config)), name)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

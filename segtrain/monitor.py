@@ -78,8 +78,7 @@ class Monitor:
                 f"for {self.bad} validation(s) (trainer.early_stop_patience={self.patience}); best "
                 f"{self.best:.4f} at step {self.best_step}"
             )
-            log.info("%s", self.stop_reason)
-        self.pending = {"best": improved, "write": None, "delete": []}
+        self.pending = {"best": improved, "write": None, "delete": [], "stop": self.stop_reason is not None}
         worst = self.kept[-1]["value"] if self.kept else math.nan
         if self.top_k < 0 or (self.top_k > 0 and (len(self.kept) < self.top_k or self.better(value, worst))):
             entry = {"step": step, "value": value, "file": f"best-{step}-{value:.4f}.pt"}
@@ -91,7 +90,7 @@ class Monitor:
         return improved
 
     def save(self, state: dict) -> None:
-        """Rank 0, after last.pt: the new top-k file, best.pt, and the files that left the top k."""
+        """Rank 0, after last.pt: the new top-k file, best.pt, the files that left the top k; logs a stop."""
         p, self.pending = self.pending, {}
         if p.get("write"):
             checkpoint.save_atomic(state, self.ckpt_dir / p["write"])
@@ -102,6 +101,8 @@ class Monitor:
                 checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
         for name in p.get("delete", []):
             (self.ckpt_dir / name).unlink(missing_ok=True)
+        if p.get("stop"):  # said here, after the validation's line, on rank 0 only
+            log.info("%s", self.stop_reason)
 
     def summary(self, step: int, max_iters: int) -> dict:
         reason = self.stop_reason or (f"completed trainer.max_iters ({max_iters})" if step >= max_iters else None)

@@ -87,7 +87,7 @@ class Trainer:
             checkpoint.remove_stale_temporaries(self.ckpt_dir)
         if cfg.model.init_from:
             resume.init_from(self.model, cfg.model.init_from, cfg.model.name)
-        self.ema = ema.EMA(self.model, t.ema_decay, t.ema_warmup, cfg.device.compile) if t.ema_decay else None
+        self.ema = ema.EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay else None
         self.monitor = monitor.Monitor(t, self.ckpt_dir, self.class_names)  # best.pt, top-k, early stopping
         self.resumed_from = resume.restore(self)  # trainer.resume: the checkpoint's path, after loading it
         self.model, self.sync_bn = distributed.wrap(self.model, self.device, self.dist, cfg.device.sync_bn)

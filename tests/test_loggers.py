@@ -118,16 +118,21 @@ def test_csv_header_grows_and_resume_drops_later_rows(tmp_path):
 
 def test_mlflow_resume_continues_the_run(tmp_path):
     pytest.importorskip("mlflow")
-    cfg = composed("logger=mlflow")
-    first = Loggers(cfg, tmp_path)
+    first = Loggers(composed("logger=mlflow"), tmp_path)
+    first.config(composed("logger=mlflow", "trainer.stop_at=1"), {})
     first.scalars({"train/loss": 1.0}, 1)
     first.close("killed")
-    again = Loggers(cfg, tmp_path, start_step=1)
+    again = Loggers(composed("logger=mlflow"), tmp_path, start_step=1)
+    again.config(composed("logger=mlflow", "trainer.resume=auto"), {})  # changed params: MLflow refuses changes
     again.scalars({"train/loss": 0.5}, 2)
     again.close("finished")
+    assert [b.name for b in again.backends] == ["mlflow"]  # not switched off by an error
     (run_id,) = {b.run_id for b in (*first.backends, *again.backends)}
-    (metric,) = tmp_path.glob(f"mlruns/*/{run_id}/metrics/train/loss")
-    assert [ln.split()[1:] for ln in metric.read_text().split("\n") if ln] == [["1.0", "1"], ["0.5", "2"]]
+    (run,) = tmp_path.glob(f"mlruns/*/{run_id}")
+    assert [ln.split()[1:] for ln in (run / "metrics/train/loss").read_text().split("\n") if ln] == [
+        ["1.0", "1"], ["0.5", "2"]]  # fmt: skip
+    assert (run / "params/trainer.stop_at").read_text() == "1" and (run / "artifacts/config-resumed-1.yaml").is_file()
+    assert "status: 3" in (run / "meta.yaml").read_text()  # FINISHED
 
 
 @pytest.mark.parametrize("backend, module", [("wandb", "wandb"), ("mlflow", "mlflow")])
