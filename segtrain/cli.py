@@ -45,9 +45,9 @@ def config_dir() -> str:
 
 
 def _train(cfg: DictConfig) -> float:
+    validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
     from segtrain.trainer import Trainer
 
-    validate(cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     summary = Trainer(cfg, run_dir).fit()
     return summary["best_miou"]
@@ -263,6 +263,7 @@ def _speed_up_help() -> None:
 def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> None:
     """Run ``task`` as a Hydra app with segtrain's error handling; ``prog`` prefixes its error lines."""
     console.protect_std_streams()
+    logging.raiseExceptions = False  # a log file on a full disk: records are dropped, not tracebacks printed
     register_configs()
     if any(a in ("--help", "-h", "--hydra-help") for a in sys.argv[1:]):
         _speed_up_help()

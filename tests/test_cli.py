@@ -183,11 +183,27 @@ def _one_line(proc, code: int, prefix: str = "segtrain: error: ") -> str:
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas must be [beta1, beta2]"),
     ],
 )
-def test_config_mistakes_fail_before_anything_runs(tmp_path, args, expect):
-    """Caught by config.validate before Hydra creates the run dir: nothing is written, torch is not even loaded."""
-    proc = run_cli(["debug=smoke", *args, "hydra.run.dir=run"], tmp_path)
+def test_config_mistakes_fail_before_anything_runs(finished_run, args, expect):
+    """Caught by config.validate before Hydra touches the run dir (torch is not even loaded): a new dir is
+    not created, and an earlier run's dir stays byte for byte as it was."""
+    root, before = finished_run
+    proc = run_cli(["debug=smoke", *args, "hydra.run.dir=new"], root)
+    assert expect in _one_line(proc, 2) and not (root / "new").exists()
+    proc = run_cli(["debug=smoke", *args, "trainer.resume=auto", "hydra.run.dir=run"], root)
     assert expect in _one_line(proc, 2)
-    assert not (tmp_path / "run").exists()
+    assert _snapshot(root / "run") == before
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    proc = run_cli(["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "hydra.run.dir=run"], root)
+    assert proc.returncode == 0, proc.stderr
+    return root, _snapshot(root / "run")
 
 
 def _eval_cli(args, cwd):
