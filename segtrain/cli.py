@@ -31,6 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 from segtrain import console  # noqa: E402
 from segtrain.config import register_configs, validate  # noqa: E402
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
+from segtrain.rundir import Refused  # noqa: E402
 
 log = logging.getLogger("segtrain")
 
@@ -168,6 +169,8 @@ def _guarded(task, full_errors: bool, prog: str):
     """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on."""
 
     def job(cfg: DictConfig):
+        import signal
+        import threading
         import time
 
         from hydra.types import RunMode
@@ -185,7 +188,14 @@ def _guarded(task, full_errors: bool, prog: str):
                     hc.runtime.output_dir, state, error, list(hc.overrides.task), time.perf_counter() - start, result
                 )
 
+        def terminated(signum, frame):  # SIGTERM outside the training loop (which handles it): record, then die
+            status("aborted", f"{signal.Signals(signum).name} outside the training loop")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
         status("running", None)  # replaces an earlier run's record: status.json is always this run's
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
         try:
             result = task(cfg)
             status("done", None, result)
@@ -199,6 +209,9 @@ def _guarded(task, full_errors: bool, prog: str):
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
             err, kind = e, "error"
             msg, code = _classify(e)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         line = console.error_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors:
@@ -286,8 +299,6 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message
     job = _guarded(task, full_errors, prog)
     app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(job)
-    from segtrain.rundir import Refused
-
     try:
         app()
     except Refused as e:  # a config mistake, or a run dir that cannot be used: Hydra wrote nothing there
