@@ -384,7 +384,8 @@ class RunDirGuard(Callback):
     """Hydra callback: claim the run dir before Hydra writes its files (``.hydra/``, the job log) there,
     so a refused run leaves the dir exactly as it was.
 
-    ``train=False`` (``segtrain-eval``): only check that the dir can be created and written."""
+    ``train=False`` (``segtrain-eval`` and other commands that write results): only check that the dir can
+    be created and does not hold a training run."""
 
     def __init__(self, train: bool = True):
         self.train = train
@@ -396,6 +397,11 @@ class RunDirGuard(Callback):
         try:
             if not self.train:
                 check_path(folder)
+                if any(name.startswith("checkpoints/") for name in _outputs(folder)):
+                    raise OutputError(
+                        f"{short_path(folder, 80)} holds a training run, whose metrics.json this would replace; "
+                        "give the evaluation its own hydra.run.dir"
+                    )
                 return
             from segtrain.config import validate
 

@@ -214,11 +214,15 @@ def _eval_cli(args, cwd):
     return run_cli(args, cwd, exe=[str(script)] if script.exists() else [sys.executable, "-m", "segtrain.evaluate"])
 
 
-def test_segtrain_eval_errors_carry_its_name(tmp_path):
+def test_segtrain_eval_errors_carry_its_name(tmp_path, finished_run):
     assert "no checkpoint given: add ckpt=PATH" in _one_line(_eval_cli([], tmp_path), 2, "segtrain-eval: error: ")
     (tmp_path / "notes.txt").write_text("best run: lr 0.01\n")
     line = _one_line(_eval_cli(["ckpt=notes.txt"], tmp_path), 2, "segtrain-eval: error: ")
     assert "notes.txt is a text file, not a checkpoint" in line and "unsafe" not in line
+    root, before = finished_run  # its results into a training run's dir: refused, the run's metrics.json kept
+    proc = _eval_cli(["ckpt=run/checkpoints/last.pt", "hydra.run.dir=run"], root)
+    assert "holds a training run" in _one_line(proc, 4, "segtrain-eval: error: ")
+    assert _snapshot(root / "run") == before
 
 
 def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(tmp_path):
