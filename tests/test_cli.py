@@ -245,3 +245,17 @@ def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(t
     assert "set device.compile=false" in line and "cli.log" in line
     log = (tmp_path / "run" / "cli.log").read_text()
     assert log.count("error: in generated kernel") >= 4000 and "Traceback" in log
+
+
+def test_cli_and_schema_load_without_torch():
+    """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir\n"
+        "heavy = [m for m in ('torch', 'numpy', 'albumentations', 'cv2', 'torchvision') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

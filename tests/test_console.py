@@ -20,9 +20,9 @@ def _bash(cmd: str, cwd) -> subprocess.CompletedProcess:
 def test_closed_pipe_and_full_disk_do_not_stop_training(tmp_path):
     exe = " ".join(segtrain_exe())
     args = "debug=smoke trainer.max_iters=2 trainer.num_vis=0"
-    proc = _bash(
-        f"{exe} {args} hydra.run.dir=piped | head -1 > first.txt; echo ${{PIPESTATUS[0]}} > rc1; "
-        f"{exe} {args} hydra.run.dir=full > /dev/full; echo $? > rc2",
+    proc = _bash(  # the two runs side by side
+        f"({exe} {args} hydra.run.dir=piped | head -1 > first.txt; echo ${{PIPESTATUS[0]}} > rc1) & "
+        f"({exe} {args} hydra.run.dir=full > /dev/full; echo $? > rc2) & wait",
         tmp_path,
     )
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
