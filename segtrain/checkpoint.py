@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,9 +139,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require_mod
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        what = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(e))
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = f"it would call {what.group(1) or what.group(2)}" if what else first[:120]
         raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain values ({first[:200]}); "
+            f"refusing to load {path}: it holds objects other than tensors and plain values ({detail}); "
             "only load checkpoints you trust, and re-save their state_dict"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:

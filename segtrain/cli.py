@@ -31,6 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 from segtrain import console  # noqa: E402
 from segtrain.config import register_configs, validate  # noqa: E402
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
+from segtrain.rundir import Refused  # noqa: E402
 
 log = logging.getLogger("segtrain")
 
@@ -46,9 +47,9 @@ def config_dir() -> str:
 
 def _train(cfg: DictConfig) -> tuple[float, dict]:
     """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
+    validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
     from segtrain.trainer import Trainer
 
-    validate(cfg)
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     summary = Trainer(cfg, run_dir).fit()
     keys = ("monitor", "monitor_mode", "best_value", "best_step", "best_checkpoint", "stop_reason")
@@ -183,6 +184,8 @@ def _guarded(task, full_errors: bool, prog: str):
     ``details`` dict goes into the job's ``status.json`` too."""
 
     def job(cfg: DictConfig):
+        import signal
+        import threading
         import time
 
         from hydra.types import RunMode
@@ -199,7 +202,14 @@ def _guarded(task, full_errors: bool, prog: str):
                 elapsed = time.perf_counter() - start
                 write_status(hc.runtime.output_dir, state, error, list(hc.overrides.task), elapsed, result, details)
 
+        def terminated(signum, frame):  # SIGTERM outside the training loop (which handles it): record, then die
+            status("aborted", f"{signal.Signals(signum).name} outside the training loop")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
         status("running", None)  # replaces an earlier run's record: status.json is always this run's
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
         try:
             result = task(cfg)
             result, details = result if isinstance(result, tuple) else (result, None)
@@ -214,6 +224,9 @@ def _guarded(task, full_errors: bool, prog: str):
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
             err, kind = e, "error"
             msg, code = _classify(e)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         line = console.error_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors:
@@ -280,6 +293,7 @@ def _speed_up_help() -> None:
 def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> None:
     """Run ``task`` as a Hydra app with segtrain's error handling; ``prog`` prefixes its error lines."""
     console.protect_std_streams()
+    logging.raiseExceptions = False  # a log file on a full disk: records are dropped, not tracebacks printed
     register_configs()
     if any(a in ("--help", "-h", "--hydra-help") for a in sys.argv[1:]):
         _speed_up_help()
@@ -302,8 +316,6 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the one-line message
     job = _guarded(task, full_errors, prog)
     app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(job)
-    from segtrain.rundir import Refused
-
     try:
         app()
     except Refused as e:  # a config mistake, or a run dir that cannot be used: Hydra wrote nothing there

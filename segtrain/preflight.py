@@ -41,6 +41,16 @@ def check_val_images(val_set, cfg) -> None:
         )
 
 
+class _FirstImage(list):
+    """The first image of a loader's first batch, as a one-batch loader that still names its file (the
+    ``dataset``/``batch_size``/``sampler`` that :func:`segtrain.evaluation.evaluate_loader` reads)."""
+
+    def __init__(self, batch, loader):
+        super().__init__([] if batch is None else [(batch[0][:1], batch[1][:1])])
+        self.dataset, self.batch_size = loader.dataset, 1
+        self.sampler = list(loader.sampler)[:1]
+
+
 def dry_validation(trainer) -> None:
     """One validation image through :func:`segtrain.evaluation.evaluate_loader`, as at the first validation
     (the plain module: no compilation, no DDP hooks).  Under DDP every rank runs it (it all-reduces)."""
@@ -56,7 +66,7 @@ def dry_validation(trainer) -> None:
             f"validation images differ in size, so they cannot be batched {bs} at a time: set "
             "data.val_batch_size=1, or data.val_size to resize them"
         ) from None
-    batches = [] if batch is None else [(batch[0][:1], batch[1][:1])]
+    batches = _FirstImage(batch, trainer.val_loader)
     model = unwrap(trainer.model)
     was_training = model.training
     model.eval()  # left so on failure: an out-of-memory error is then reported as one "in validation"

@@ -24,6 +24,7 @@ Imports only the standard library and Hydra: the callback runs before torch is l
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import json
 import logging
@@ -195,17 +196,32 @@ class Lock:
         log.warning(msg)
         self.notes.append(msg)
 
+    def _create(self) -> None:
+        """Create the lock file with its content in one step: written to a temporary file, then hard-linked
+        to the lock's name (which fails if it exists), so no process ever reads a half-written lock.  Where
+        hard links are not supported, an exclusive create."""
+        tmp = self.folder / f"{LOCK_NAME}.{self.token}.tmp"
+        tmp.write_text(json.dumps(self.info))
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.info, f)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def acquire(self) -> None:
         for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
             except OSError as e:
                 raise _fail(self.folder, f"cannot write in it ({e.strerror or e})") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
             self.held = True
             return
         raise _fail(self.folder, f"cannot take its lock file {LOCK_NAME}")
@@ -226,10 +242,19 @@ class Lock:
                 f"{info.get('started')}); wait for it, stop it, or change hydra.run.dir (delete {LOCK_NAME} "
                 "there if that run is gone)"
             )
-        stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+        stale = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
         try:
             os.rename(self.path, stale)  # atomic: of two processes taking over, one wins
         except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(stale.read_text() or "{}")
+        except (OSError, ValueError):
+            moved = {}
+        if moved != info:  # another process took the stale lock over meanwhile: give its lock back
+            with contextlib.suppress(OSError):
+                os.link(stale, self.path)
+            stale.unlink(missing_ok=True)
             return
         stale.unlink(missing_ok=True)
         self.note(
@@ -359,7 +384,8 @@ class RunDirGuard(Callback):
     """Hydra callback: claim the run dir before Hydra writes its files (``.hydra/``, the job log) there,
     so a refused run leaves the dir exactly as it was.
 
-    ``train=False`` (``segtrain-eval``): only check that the dir can be created and written."""
+    ``train=False`` (``segtrain-eval`` and other commands that write results): only check that the dir can
+    be created and does not hold a training run."""
 
     def __init__(self, train: bool = True):
         self.train = train
@@ -371,6 +397,11 @@ class RunDirGuard(Callback):
         try:
             if not self.train:
                 check_path(folder)
+                if any(name.startswith("checkpoints/") for name in _outputs(folder)):
+                    raise OutputError(
+                        f"{short_path(folder, 80)} holds a training run, whose metrics.json this would replace; "
+                        "give the evaluation its own hydra.run.dir"
+                    )
                 return
             from segtrain.config import validate
 

@@ -190,7 +190,7 @@ def summarise(sweep_dir: str | Path) -> list[dict]:
 def failed_jobs(sweep_dir: str | Path, since: float | None = None) -> list[tuple[str, str]]:
     """(job, error) of the failed jobs under ``sweep_dir`` whose status was written at or after ``since``."""
     return [
-        (r["job"], r["error"])
+        (r["job"], r["error"] or f"did not finish (status {r['status']})")
         for r in collect(sweep_dir)
         if r["status"] != "done" and (since is None or r["mtime"] >= since)
     ]

@@ -187,11 +187,27 @@ def _one_line(proc, code: int, prefix: str = "segtrain: error: ") -> str:
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas must be [beta1, beta2]"),
     ],
 )
-def test_config_mistakes_fail_before_anything_runs(tmp_path, args, expect):
-    """Caught by config.validate before Hydra creates the run dir: nothing is written, torch is not even loaded."""
-    proc = run_cli(["debug=smoke", *args, "hydra.run.dir=run"], tmp_path)
+def test_config_mistakes_fail_before_anything_runs(finished_run, args, expect):
+    """Caught by config.validate before Hydra touches the run dir (torch is not even loaded): a new dir is
+    not created, and an earlier run's dir stays byte for byte as it was."""
+    root, before = finished_run
+    proc = run_cli(["debug=smoke", *args, "hydra.run.dir=new"], root)
+    assert expect in _one_line(proc, 2) and not (root / "new").exists()
+    proc = run_cli(["debug=smoke", *args, "trainer.resume=auto", "hydra.run.dir=run"], root)
     assert expect in _one_line(proc, 2)
-    assert not (tmp_path / "run").exists()
+    assert _snapshot(root / "run") == before
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    proc = run_cli(["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "hydra.run.dir=run"], root)
+    assert proc.returncode == 0, proc.stderr
+    return root, _snapshot(root / "run")
 
 
 def _eval_cli(args, cwd):
@@ -202,11 +218,15 @@ def _eval_cli(args, cwd):
     return run_cli(args, cwd, exe=[str(script)] if script.exists() else [sys.executable, "-m", "segtrain.evaluate"])
 
 
-def test_segtrain_eval_errors_carry_its_name(tmp_path):
+def test_segtrain_eval_errors_carry_its_name(tmp_path, finished_run):
     assert "no checkpoint given: add ckpt=PATH" in _one_line(_eval_cli([], tmp_path), 2, "segtrain-eval: error: ")
     (tmp_path / "notes.txt").write_text("best run: lr 0.01\n")
     line = _one_line(_eval_cli(["ckpt=notes.txt"], tmp_path), 2, "segtrain-eval: error: ")
     assert "notes.txt is a text file, not a checkpoint" in line and "unsafe" not in line
+    root, before = finished_run  # its results into a training run's dir: refused, the run's metrics.json kept
+    proc = _eval_cli(["ckpt=run/checkpoints/last.pt", "hydra.run.dir=run"], root)
+    assert "holds a training run" in _one_line(proc, 4, "segtrain-eval: error: ")
+    assert _snapshot(root / "run") == before
 
 
 def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(tmp_path):
@@ -229,3 +249,17 @@ def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(t
     assert "set device.compile=false" in line and "cli.log" in line
     log = (tmp_path / "run" / "cli.log").read_text()
     assert log.count("error: in generated kernel") >= 4000 and "Traceback" in log
+
+
+def test_cli_and_schema_load_without_torch():
+    """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir\n"
+        "heavy = [m for m in ('torch', 'numpy', 'albumentations', 'cv2', 'torchvision') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -20,18 +20,20 @@ def _bash(cmd: str, cwd) -> subprocess.CompletedProcess:
 def test_closed_pipe_and_full_disk_do_not_stop_training(tmp_path):
     exe = " ".join(segtrain_exe())
     args = "debug=smoke trainer.max_iters=2 trainer.num_vis=0"
-    proc = _bash(
-        f"{exe} {args} hydra.run.dir=piped | head -1 > first.txt; echo ${{PIPESTATUS[0]}} > rc1; "
-        f"{exe} {args} hydra.run.dir=full > /dev/full; echo $? > rc2",
+    proc = _bash(  # the two runs side by side
+        f"({exe} {args} hydra.run.dir=piped | head -1 > first.txt; echo ${{PIPESTATUS[0]}} > rc1) & "
+        f"({exe} {args} hydra.run.dir=full > /dev/full; echo $? > rc2) & wait",
         tmp_path,
     )
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # no bars when stderr is not a terminal
     assert (tmp_path / "first.txt").read_text().startswith("model unet")
     for run, rc, reason in (("piped", "rc1", "Broken pipe"), ("full", "rc2", "No space left on device")):
         assert (tmp_path / rc).read_text().strip() in ("0", "75"), run
         assert (tmp_path / run / "checkpoints" / "last.pt").is_file(), run
         log = (tmp_path / run / "cli.log").read_text()
         assert f"stdout failed ({reason})" in log and "best val mIoU" in log, run  # the log went on
+        assert "step 2/2: loss" in log  # a plain line every trainer.log_interval instead of a bar
 
 
 def test_help_into_a_closed_pipe_ends_quietly(tmp_path):
@@ -75,3 +77,22 @@ def test_error_line_is_short_and_the_log_has_everything(file_log):
     logged = file_log.read_text()
     assert path in logged and "ValueError: inner" in logged  # the full message and the traceback
     assert console.error_line("p: ", "short") == "p: short"
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("env, wanted", [({}, True), ({"TERM": "dumb"}, False), ({"NO_COLOR": "1"}, False)])
+def test_bars_only_on_a_terminal_that_can_redraw(monkeypatch, env, wanted):
+    from segtrain.outputs import bars_wanted
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("sys.stderr", _Terminal())
+    assert bars_wanted(True) is wanted and bars_wanted(False) is False
+    monkeypatch.setattr("sys.stderr", console.QuietStream(open(os.devnull, "w"), "stderr"))  # not a terminal
+    assert bars_wanted(True) is False

@@ -22,7 +22,6 @@ def folder_data(tmp_path, small: str | None = "img_05", **over) -> list[str]:
     root = tmp_path / "data"
     write_folder(root, layout="lists")
     if small:
-        (root / "images" / f"{small}.png").unlink(missing_ok=True)
         for old in (root / "images").glob(f"{small}.*"):
             old.unlink()
         Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / f"{small}.png")
@@ -44,12 +43,14 @@ def folder_data(tmp_path, small: str | None = "img_05", **over) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def test_small_validation_image_is_named_before_training(tmp_path):
-    trainer = Trainer(composed(*folder_data(tmp_path)), tmp_path / "run")
+@pytest.mark.parametrize("small, check", [("img_05", "true"), ("img_04", "false")])
+def test_small_validation_image_is_named_before_training(tmp_path, small, check):
+    """Found by the label check's sizes (any val image), or else by the dry pass (the first val image)."""
+    trainer = Trainer(composed(*folder_data(tmp_path, small, **{"data.check_labels": check})), tmp_path / "run")
     with pytest.raises(DataError) as e:
         trainer.fit()
     msg = str(e.value)
-    assert "validation image" in msg and "img_05.png is 12x10 px" in msg and "16 px model=unet" in msg, msg
+    assert "validation image" in msg and f"{small}.png is 12x10 px" in msg and "16 px model=unet" in msg, msg
     assert "data.val_size=16" in msg and trainer.step == 0
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 

@@ -52,12 +52,12 @@ def test_collect_and_write_summary_sort_best_first_failed_last(tmp_path):
 
 
 def test_single_run_writes_status(cli):
-    proc, run = cli("optimizer.lr=-1", *FAST, check=False)
-    assert proc.returncode != 0
+    proc, run = cli("data=folder", f"data.root={cli.cwd / 'nowhere'}", *FAST, check=False)
+    assert proc.returncode == 2
     status = json.loads((run / "status.json").read_text())
-    assert (
-        status["status"] == "failed" and "optimizer.lr" in status["error"] and "optimizer.lr=-1" in status["overrides"]
-    )
+    assert status["status"] == "failed" and "data.root=" in status["error"] and "data=folder" in status["overrides"]
+    proc, run = cli("optimizer.lr=-1", *FAST, run_dir="typo", check=False)  # a config mistake: no dir at all
+    assert proc.returncode == 2 and not run.exists()
 
 
 def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
