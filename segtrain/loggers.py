@@ -339,8 +339,9 @@ class Loggers:
         for name, make in BACKENDS.items():
             if cfg.logger[name] is not None:
                 self.backends.append(make(cfg.logger[name], run_dir, start_step))
-        if self.backends:
-            log.info("loggers: %s", ", ".join(b.name for b in self.backends))
+
+    def __str__(self) -> str:
+        return ", ".join(b.name for b in self.backends) or "none"
 
     def _call(self, method: str, *args) -> None:
         for b in list(self.backends):

@@ -263,6 +263,7 @@ def log_run_start(trainer) -> None:
     )  # fmt: skip
     if tr.dist.enabled:
         log.info("world size %d (backend %s, SyncBN %s)", tr.world_size, tr.dist.backend, tr.sync_bn)
+    log.info("loggers: %s", tr.loggers)
 
 
 def log_run_end(trainer, summary: dict) -> None:

@@ -25,11 +25,14 @@ log = logging.getLogger("segtrain")
 
 def check_val_images(val_set, cfg) -> None:
     """A validation image smaller than the network accepts (``val_set.smallest``: (path, h, w), set by the
-    label check of on-disk data sets) is named before training; ``data.val_size`` rescales every image
-    (checked in ``config.validate``)."""
+    label check of on-disk data sets) is named before training; when validation rescales every image
+    (``data.val_size``, else ``data.base_size``: ``transforms.val_scale``) the sizes are checked in
+    ``config.validate``."""
+    from segtrain.data.transforms import val_scale
+
     smallest = getattr(val_set, "smallest", None)
     need = min_input_size(cfg.model)
-    if smallest is None or cfg.data.val_size is not None:
+    if smallest is None or val_scale(cfg.data) is not None:
         return
     path, h, w = smallest
     low = min([1.0, *(float(s) for s in cfg.eval.scales)])

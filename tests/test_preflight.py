@@ -31,6 +31,7 @@ def folder_data(tmp_path, small: str | None = "img_05", **over) -> list[str]:
         "data.root": str(root),
         "data.num_classes": 3,
         "data.crop_size": 32,
+        "data.base_size": "null",  # validate at the images' own size (base_size=auto would rescale them)
         "data.batch_size": 2,
         "data.num_workers": 0,
         "model.base_channels": 4,
@@ -63,6 +64,13 @@ def test_failed_validation_names_the_image_and_keeps_the_steps(tmp_path):
     with pytest.raises(DataError) as e:
         trainer.fit()
     assert "validation image" in str(e.value) and "img_05.png is 12x10 px" in str(e.value)
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_small_validation_image_is_fine_when_validation_rescales(tmp_path):
+    """data=folder's default base_size=auto rescales validation images to the training scale."""
+    args = folder_data(tmp_path, **{"data.base_size": "auto", "data.val_batch_size": 1})
+    Trainer(composed(*args), tmp_path / "run").fit()
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
 
 
