@@ -59,3 +59,13 @@ def tiny_run(tmp_path_factory):
     cfg = composed("debug=smoke", "trainer.max_iters=2", "trainer.progress=false", "model.base_channels=4")
     Trainer(cfg, run).fit()
     return run
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished ``debug=smoke trainer.max_iters=1`` run: (its root dir, the run dir ``root/run``), shared by
+    the tests that only read it or that must find it unchanged (copy it with ``shutil.copytree`` to change it)."""
+    root = tmp_path_factory.mktemp("finished")
+    proc = run_cli(["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "hydra.run.dir=run"], root)
+    assert proc.returncode == 0, proc.stderr
+    return root, root / "run"

@@ -188,26 +188,17 @@ def _one_line(proc, code: int, prefix: str = "segtrain: error: ") -> str:
     ],
 )
 def test_config_mistakes_fail_before_anything_runs(finished_run, args, expect):
-    """Caught by config.validate before Hydra touches the run dir (torch is not even loaded): a new dir is
-    not created, and an earlier run's dir stays byte for byte as it was."""
-    root, before = finished_run
-    proc = run_cli(["debug=smoke", *args, "hydra.run.dir=new"], root)
-    assert expect in _one_line(proc, 2) and not (root / "new").exists()
+    """Caught by config.validate before Hydra touches the run dir (torch is not even loaded): an earlier
+    run's dir stays byte for byte as it was."""
+    root, run = finished_run
+    before = _snapshot(run)
     proc = run_cli(["debug=smoke", *args, "trainer.resume=auto", "hydra.run.dir=run"], root)
     assert expect in _one_line(proc, 2)
-    assert _snapshot(root / "run") == before
+    assert _snapshot(root / "run") == before  # a new dir is not even created (tests/test_sweep.py)
 
 
 def _snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finished")
-    proc = run_cli(["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "hydra.run.dir=run"], root)
-    assert proc.returncode == 0, proc.stderr
-    return root, _snapshot(root / "run")
 
 
 def _eval_cli(args, cwd):
@@ -223,7 +214,8 @@ def test_segtrain_eval_errors_carry_its_name(tmp_path, finished_run):
     (tmp_path / "notes.txt").write_text("best run: lr 0.01\n")
     line = _one_line(_eval_cli(["ckpt=notes.txt"], tmp_path), 2, "segtrain-eval: error: ")
     assert "notes.txt is a text file, not a checkpoint" in line and "unsafe" not in line
-    root, before = finished_run  # its results into a training run's dir: refused, the run's metrics.json kept
+    root, run = finished_run  # its results into a training run's dir: refused, the run's metrics.json kept
+    before = _snapshot(run)
     proc = _eval_cli(["ckpt=run/checkpoints/last.pt", "hydra.run.dir=run"], root)
     assert "holds a training run" in _one_line(proc, 4, "segtrain-eval: error: ")
     assert _snapshot(root / "run") == before

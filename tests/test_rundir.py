@@ -4,6 +4,7 @@ dirs that cannot be used."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,8 +46,9 @@ def env() -> dict:
 # Through the CLI.
 
 
-def test_second_run_is_refused_and_overwrite_keeps_the_old_files(cli):
-    _, run = cli(*SMOKE1, run_dir="D")
+def test_second_run_is_refused_and_overwrite_keeps_the_old_files(cli, finished_run):
+    run = cli.cwd / "D"
+    shutil.copytree(finished_run[1], run)  # a finished debug=smoke run
     before = snapshot(run)
     assert "checkpoints/last.pt" in before and "metrics.json" in before and ".hydra/config.yaml" in before
     proc, _ = cli(*SMOKE1, run_dir="D", check=False)
