@@ -218,7 +218,7 @@ def main() -> None:
     """``segtrain-info``: parameters, FLOPs and latency."""
     from segtrain.cli import run_hydra_app
 
-    run_hydra_app(_info, config_name="info")
+    run_hydra_app(_info, config_name="info", prog="segtrain-info")
 
 
 if __name__ == "__main__":
