@@ -7,6 +7,11 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel test processes (pytest -n N): one compute thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # (the segtrain subprocesses inherit it)
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
