@@ -152,14 +152,17 @@ def _worker_init(worker_id: int) -> None:
 
 def num_workers(value, world_size: int = 1) -> int:
     """``data.num_workers``: a number, or ``auto``: the CPUs this process may use, shared among the training
-    processes of this node, one left for the training process itself, at least 2 and at most 16."""
+    processes of this node, one left for the training process itself, at most 16; none (batches made in the
+    training process) when there are 2 CPUs or fewer, where a loader process would only take CPU time from
+    the training step (measured: docs/performance.md)."""
     if value != "auto":
         return int(value)
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 2
-    return max(2, min(16, cpus // max(1, world_size) - 1))
+    per_process = cpus // max(1, world_size)
+    return 0 if per_process <= 2 else min(16, per_process - 1)
 
 
 def build_loader(
