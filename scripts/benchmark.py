@@ -300,23 +300,51 @@ def bench_overhead(env: Env, args) -> dict:
     return out
 
 
+def _measure_network(env: Env, name: str, overrides: list[str], size: int, bs: int, iters: int) -> dict:
+    model, params = build(env, overrides, 21)
+    x, y = env.batch(bs, size, 21)
+    with PeakMemory(env) as mem:
+        train = env.train_rate(model, x, y, iters)
+    evaluate = env.eval_rate(model, x, 21, iters)
+    return {"network": name, "params": params, "size": size, "batch": bs, "train_images_per_sec": train,
+            "eval_images_per_sec": evaluate, "peak_mib": mem.mib}  # fmt: skip
+
+
+def _child(overrides: list[str], name: str, net: list[str], size: int, bs: int, iters: int, queue) -> None:
+    queue.put(_measure_network(Env(overrides), name, net, size, bs, iters))
+
+
+def _in_child(env: Env, name: str, net: list[str], size: int, bs: int, iters: int) -> dict:
+    """The measurement in a fresh process (spawned: OpenMP does not survive a fork), so that the peak
+    resident-set growth counted is this network's alone."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    child = ctx.Process(target=_child, args=(env.overrides, name, net, size, bs, iters, queue))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"the measurement of {name} failed (exit code {child.exitcode})")
+    return queue.get()
+
+
 def bench_models(env: Env, args) -> list[dict]:
+    """On CUDA the networks run one after another (peak memory: max allocated, reset between them); on a
+    CPU each runs in a forked child, so that its peak resident-set growth is its own."""
     size = args.size or (96 if args.quick else 512)
     bs = args.batch or (2 if args.quick else 8)
     iters = args.iters or (3 if args.quick else 20)
     nets = NETWORKS if args.quick or env.device.type != "cuda" else {**NETWORKS, **FULL_NETWORKS}
     rows = []
     for name, overrides in nets.items():
-        model, params = build(env, overrides, 21)
-        x, y = env.batch(bs, size, 21)
-        with PeakMemory(env) as mem:
-            train = env.train_rate(model, x, y, iters)
-        evaluate = env.eval_rate(model, x, 21, iters)
-        rows.append({"network": name, "params": params, "size": size, "batch": bs, "train_images_per_sec": train,
-                     "eval_images_per_sec": evaluate, "peak_mib": mem.mib})  # fmt: skip
-        print(f"models: {name:20s} {params / 1e6:6.2f}M  train {train:7.1f} img/s  eval {evaluate:7.1f} img/s  "
-              f"peak {mem.mib:7.0f} MiB", flush=True)  # fmt: skip
-        del model, x, y
+        if env.device.type == "cuda":
+            row = _measure_network(env, name, overrides, size, bs, iters)
+        else:
+            row = _in_child(env, name, overrides, size, bs, iters)
+        rows.append(row)
+        print(f"models: {name:20s} {row['params'] / 1e6:6.2f}M  train {row['train_images_per_sec']:7.1f} img/s  "
+              f"eval {row['eval_images_per_sec']:7.1f} img/s  peak {row['peak_mib']:7.0f} MiB", flush=True)  # fmt: skip
     return rows
 
 
@@ -413,6 +441,7 @@ def bench_compile(env: Env, args) -> dict:
     x, y = env.batch(bs, size, 21)
     eager = env.train_rate(model, x, y, iters)
     compiled = torch.compile(model)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="segtrain-inductor-"))  # cold cache
     t0 = time.perf_counter()
     env.train_rate(compiled, x, y, 1, warmup=0)
     compile_s = time.perf_counter() - t0
@@ -448,12 +477,14 @@ def markdown(result: dict) -> str:
                          f"{r['train_images_per_sec']:.1f} | {r['eval_images_per_sec']:.1f} | {r['peak_mib']:.0f} |")  # fmt: skip
         lines.append("")
     if "peers" in result:
-        lines += ["| network | implementation | train img/s | ratio to peer |", "|---|---|---|---|"]
+        lines += ["| network | implementation | parameters | train img/s | ratio to peer |", "|---|---|---|---|---|"]
         for r in result["peers"]:
             peer = r.get("peer")
             for label, v in r["images_per_sec"].items():
                 ratio = f"{v / r['images_per_sec'][peer]:.3f}" if peer else "-"
-                lines.append(f"| {r['network']} ({r['size']}px, batch {r['batch']}) | {label} | {v:.1f} | {ratio} |")
+                params = r["peer_params"] if label == peer else r["params"]
+                lines.append(f"| {r['network']} ({r['size']}px, batch {r['batch']}) | {label} | {params / 1e6:.2f}M | "
+                             f"{v:.1f} | {ratio} |")  # fmt: skip
         lines.append("")
     if "compile" in result:
         c = result["compile"]
