@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Loader throughput: img/s of the training loader with the full VOC recipe at a 512 crop, by worker count.
 
-    python scripts/bench_loader.py [--images 64] [--workers 0,1,2] [--batches 30]
+    python scripts/bench_loader.py [--images 64] [--workers 0,1,2] [--batches 30] [--target IMG_PER_S]
 
 Writes a VOC-layout tree of real files (JPEG photos-sized 500x375 drawn by the synthetic generator, palette
 PNG masks with 255 borders) to a temp dir, then times ``segtrain.data.build_loader`` over it: random resize
 0.5-2.0 around 512x2048, crop 512 with cat_max_ratio 0.75, pad, flip, photometric distortion, uint8 collate.
 The first batches (worker start-up) are excluded.  All numbers come from the same run.
+
+``--target``: the rate a model trains at on your GPU (e.g. 263 img/s for DeepLabv3+ R50 at 512 px on an
+H200, from ``scripts/benchmark.py models``); the report ends with the smallest worker count tried that
+feeds it, or says that none did (and what one worker gives, for a rough count to try).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--target", type=float, default=None, help="img/s the loader must exceed (a model's GPU rate)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_tree(Path(tmp), args.images)
@@ -71,22 +76,33 @@ def main() -> None:
             f"{os.cpu_count()} CPUs"
         )
         print("| workers | img/s |\n|---|---|")
+        rates = {}
         for w in (int(x) for x in args.workers.split(",")):
             cfg.num_workers = w
             loader = build_loader(train, cfg, train=True, seed=0)
-            n, t0, epoch = 0, None, 0
-            while n < args.batches:
+            n, seen, t0, epoch = 0, 0, None, 0
+            while t0 is None or n < args.batches:
                 loader.sampler.set_epoch(epoch)
-                for i, _batch in enumerate(loader):
-                    if t0 is None and i == 2:
+                for _batch in loader:
+                    seen += 1
+                    if t0 is None and seen == 2:  # the first batches include the workers' start-up
                         t0, n = time.perf_counter(), 0
                     n += 1
-                    if n >= args.batches:
+                    if t0 is not None and n >= args.batches:
                         break
                 epoch += 1
             ips = n * cfg.batch_size / (time.perf_counter() - t0)
             print(f"| {w} | {ips:.1f} |", flush=True)
+            rates[w] = ips
             del loader
+        if args.target:
+            enough = [w for w, r in sorted(rates.items()) if r > args.target]
+            if enough:
+                print(f"{enough[0]} worker(s) feed {args.target:g} img/s ({rates[enough[0]]:.1f} img/s)")
+            else:
+                one = rates.get(1)
+                hint = f"; one worker gives {one:.1f} img/s, so try about {args.target / one:.0f}" if one else ""
+                print(f"none of {sorted(rates)} worker(s) feeds {args.target:g} img/s{hint}")
 
 
 if __name__ == "__main__":
