@@ -68,7 +68,9 @@ class DataConfig:
     crop_size: Any = None  # int or [h, w]; None: no crop
     batch_size: int = 16
     val_batch_size: int | None = None  # None: batch_size
-    num_workers: Any = "auto"  # loader processes per training process; auto: one per CPU but one (<= 16; 0 with <= 2 CPUs)
+    num_workers: Any = (
+        "auto"  # loader processes per training process; auto: one per CPU but one (<= 16; 0 with <= 2 CPUs)
+    )
     pin_memory: bool = True
     persistent_workers: bool = True
     ignore_index: int = 255

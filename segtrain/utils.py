@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -47,6 +48,19 @@ def as_size(value: Any, key: str) -> int | tuple[int, int] | None:
     if _whole(value):
         return as_hw(value, key)[0]
     return as_hw(value, key)
+
+
+def files_digest(paths: list, *extra: Any) -> str:
+    """A 32-hex-digit key of ``extra`` and of each file's absolute path, size and modification time (a file
+    that changes, moves or disappears changes the key): what the label-check and image-statistics caches use."""
+    h = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:32]
 
 
 def call_with_timeout(fn: Callable[[], T], timeout: float) -> T:

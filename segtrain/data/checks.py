@@ -10,7 +10,6 @@ keyed by the files' paths, sizes and mtimes and the label settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import numpy as np
 
 from segtrain.data.disk import EXIF_ORIENTATION, TIFF_EXTS, DiskDataset, open_pil, size_message, value_problem
 from segtrain.errors import DataError
+from segtrain.utils import files_digest
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +35,8 @@ def cache_dir() -> Path:
 
 
 def _fingerprint(datasets: list[DiskDataset], num_classes: int, ignore_index: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([num_classes, ignore_index]).encode())
-    for ds in datasets:
-        h.update(ds.cache_key().encode())
-        for p in (*ds.images, *ds.masks):
-            try:
-                st = os.stat(p)
-                h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()[:32]
+    files = [p for ds in datasets for p in (*ds.images, *ds.masks)]
+    return files_digest(files, num_classes, ignore_index, *(ds.cache_key() for ds in datasets))
 
 
 def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:

@@ -17,7 +17,6 @@ beside the label-check cache), keyed by the image files' paths, sizes and mtimes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from omegaconf import DictConfig
 
 from segtrain.data.disk import DiskDataset, band_message, header_bands_fit, read_header
 from segtrain.errors import ConfigError, DataError
-from segtrain.utils import atomic_write
+from segtrain.utils import atomic_write, files_digest
 
 log = logging.getLogger("segtrain")
 
@@ -52,17 +51,6 @@ def cache_dir() -> Path:
 
 def _workers() -> int:
     return min(8, os.cpu_count() or 2)
-
-
-def _key(paths: list[Path], *extra: Any) -> str:
-    h = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()[:32]
 
 
 def _cached(kind: str, key: str, compute: Callable[[], dict]) -> tuple[dict, Path]:
@@ -111,7 +99,7 @@ def _scan(train: DiskDataset, val: DiskDataset, in_channels: int) -> dict:
 def scan_images(train: DiskDataset, val: DiskDataset, in_channels: int) -> dict:
     """Headers of every image: ``dtype`` (the one carried type), the training images' ``median_hw`` and
     ``median_short_long``; a one-line DataError for bands that do not fit ``in_channels`` or mixed bit depths."""
-    key = _key([*train.images, *val.images], "headers-v1", in_channels, len(train.images))
+    key = files_digest([*train.images, *val.images], "headers-v1", in_channels, len(train.images))
     result, path = _cached("headers", key, lambda: _scan(train, val, in_channels))
     log.debug("image headers: %s (%s)", result, path)
     return result
@@ -154,7 +142,7 @@ def channel_stats(dataset: Any, in_channels: int) -> tuple[list[float], list[flo
     """Per-band (mean, std) over every pixel of ``dataset``'s un-augmented images, in ``data.mean``'s units.
     Cached for on-disk data sets; a band with no variation gets std 1 (with a warning)."""
     if isinstance(dataset, DiskDataset):
-        key = _key(dataset.images, "stats-v1", in_channels)
+        key = files_digest(dataset.images, "stats-v1", in_channels)
         result, path = _cached("stats", key, lambda: _stats(dataset))
         where = f"cached in {path}"
     else:
