@@ -335,6 +335,16 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
         sys.exit(1)
 
 
+def command(task, config_name: str, prog: str):
+    """The console-script entry point of a Hydra app: ``main = command(task, "eval", "segtrain-eval")``."""
+
+    def main() -> None:
+        run_hydra_app(task, config_name=config_name, prog=prog)
+
+    main.__doc__ = f"``{prog}``"
+    return main
+
+
 def main() -> None:
     """``segtrain``: train a network."""
     run_hydra_app(_train)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segtrain.cli import command
 from segtrain.config import SegtrainConfig, validate
 from segtrain.errors import CheckpointError, ConfigError
 
@@ -188,12 +189,7 @@ def _eval(cfg: DictConfig) -> float:
     return evaluate_checkpoint(cfg)["miou"]
 
 
-def main() -> None:
-    """``segtrain-eval``: evaluate a checkpoint."""
-    from segtrain.cli import run_hydra_app
-
-    run_hydra_app(_eval, config_name="eval", prog="segtrain-eval")
-
+main = command(_eval, "eval", "segtrain-eval")  # the console script
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from segtrain.cli import command
 from segtrain.errors import ExportError, OutputError
 
 log = logging.getLogger("segtrain")
@@ -353,12 +354,7 @@ def _export(cfg: DictConfig) -> float:
     return export_checkpoint(cfg)["check"]["max_abs_diff"]
 
 
-def main() -> None:
-    """``segtrain-export``: a checkpoint as ONNX or TorchScript."""
-    from segtrain.cli import run_hydra_app
-
-    run_hydra_app(_export, config_name="export", prog="segtrain-export")
-
+main = command(_export, "export", "segtrain-export")  # the console script
 
 if __name__ == "__main__":
     main()

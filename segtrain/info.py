@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from segtrain import checkpoint
+from segtrain.cli import command
 from segtrain.config import SegtrainConfig, validate
 from segtrain.errors import CheckpointError, ConfigError
 from segtrain.utils import as_hw
@@ -214,12 +215,7 @@ def _info(cfg: DictConfig) -> float:
     return info["gflops"]
 
 
-def main() -> None:
-    """``segtrain-info``: parameters, FLOPs and latency."""
-    from segtrain.cli import run_hydra_app
-
-    run_hydra_app(_info, config_name="info", prog="segtrain-info")
-
+main = command(_info, "info", "segtrain-info")  # the console script
 
 if __name__ == "__main__":
     main()

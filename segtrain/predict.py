@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segtrain.cli import command
 from segtrain.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger("segtrain")
@@ -504,12 +505,7 @@ def _predict(cfg: DictConfig) -> int:
     return run_predict(cfg)["predicted"]
 
 
-def main() -> None:
-    """``segtrain-predict``: a checkpoint on images, folders or globs."""
-    from segtrain.cli import run_hydra_app
-
-    run_hydra_app(_predict, config_name="predict", prog="segtrain-predict")
-
+main = command(_predict, "predict", "segtrain-predict")  # the console script
 
 if __name__ == "__main__":
     main()

@@ -30,19 +30,12 @@ from segtrain.data.palette import default_palette
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "star", "ellipse"]
 CLASS_NAMES = ["background", *SHAPES]
 MAX_CLASSES = len(CLASS_NAMES)
-PALETTE = np.array(
-    [
-        [0, 0, 0],
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-    ],
-    dtype=np.uint8,
-)
+# fmt: off
+PALETTE = np.array([
+    [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240],
+], dtype=np.uint8)
+# fmt: on
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 CACHE_BYTES = 512 * 2**20
 
