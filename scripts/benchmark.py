@@ -12,7 +12,10 @@ Sections (all of them when none is named):
                                  metrics.json's train_images_per_sec), after the first epoch / bare-loop img/s
                                  (data already in memory); end_to_end_ratio_first_epoch: the same in the first
                                  epoch (the built-in data set is generated then, and loader processes start).
-              The Trainer trains 2 epochs with --quick, else the config's whole run (the default run: 12).
+              The bare loop runs --iters steps after each of the Trainer's epochs (interleaved T B T B ... T); each
+              ratio is the median, over the bare blocks after the first epoch, of the mean rate of the two epochs
+              around the block / the block's rate.  The Trainer trains 10 epochs of 20 steps with --quick (the
+              built-in set cut to 320 images), else the config's whole run (the default run: 12 epochs of 100).
     models    each network: train img/s (forward, backward, optimizer step), eval img/s (whole-image inference)
               and peak memory (CUDA: max allocated; CPU: peak resident-set growth).
     peers     the same architecture from torchvision / segmentation_models_pytorch (when installed), trained side by
@@ -205,95 +208,106 @@ def build(env: Env, overrides: list[str], classes: int):
 # sections
 
 
-def _first_epoch_speed(trainer) -> dict:
-    """The trainer's Throughput counters at its first validation (the end of epoch 1), filled in when it comes."""
-    snap: dict = {}
-    validate = trainer.validate
-
-    def first_then_validate():
-        if not snap:
-            snap.update(trainer.speed.state_dict())
-        return validate()
-
-    trainer.validate = first_then_validate
-    return snap
-
-
-def bench_overhead(env: Env, args) -> dict:
-    """Trainer (real loader, real loop) against a bare loop over the same in-memory batches."""
+def _bare_loop(env: Env, trainer, iters: int) -> float:
+    """img/s of a bare PyTorch loop on the trainer's model, precision and batch: uint8 batches already in host
+    memory, normalised on the device as the Trainer does, plain cross-entropy and AdamW, no logging."""
     import torch
     import torch.nn.functional as F
 
+    cfg, ds, bs = trainer.cfg, trainer.train_set, trainer.cfg.data.batch_size
+    xs = torch.stack([ds[(0, i)][0] for i in range(min(len(ds), bs * 8))])
+    ys = torch.stack([ds[(0, i)][1] for i in range(min(len(ds), bs * 8))]).long()
+    model, device = trainer.model, trainer.device
+    mean = torch.tensor(list(cfg.data.mean), device=device).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.data.std), device=device).view(1, -1, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
+    model.train()
+    n, elapsed = 0, 0.0
+    for it in range(iters + 1):
+        j = (it * bs) % (len(xs) - bs + 1)
+        t0 = time.perf_counter()
+        x = xs[j : j + bs].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+        x = x.contiguous(memory_format=trainer.memory_format)
+        y = ys[j : j + bs].to(device, non_blocking=True)
+        with env.autocast():
+            loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        loss.item()
+        if it > 0:  # as in the Trainer, the first step is warm-up
+            elapsed += time.perf_counter() - t0
+            n += bs
+    return n / elapsed
+
+
+def bench_overhead(env: Env, args) -> dict:
+    """The Trainer (real loader, real loop) against a bare loop on the same model, interleaved T B T B ... T: after
+    each of the Trainer's epochs but the last (at its validation, when the loader is idle) the bare loop runs
+    ``iters`` steps.  Each bare block is compared with the mean of the two epochs around it, which cancels a
+    machine that drifts slower or faster during the run; the ratios are the medians over the blocks after the
+    first epoch."""
     from segtrain.trainer import Trainer
 
-    iters = args.iters or (60 if args.quick else 120)  # bare-loop iterations
-    epochs = 2 if args.quick else None  # the Trainer: 2 epochs, or the config's whole run
+    iters = args.iters or (20 if args.quick else 60)  # bare-loop steps after each epoch
     base = ["trainer.progress=false", "trainer.num_vis=0", "trainer.val_interval=null", "data.num_val=8"]
-    length = ["trainer.max_iters=null"] + ([f"trainer.max_epochs={epochs}"] if epochs else [])
-    cfg = compose(env.overrides + base + length)
-    bs = cfg.data.batch_size
-    runs = {"trainer_e2e": [], "trainer_first_epoch_e2e": [], "trainer_compute": [], "bare": []}
+    length = ["trainer.max_iters=null"]  # --quick: 10 short epochs (finer interleaving), else the config's run
+    if args.quick:
+        short = ["data.num_train=320"] if compose(env.overrides).data.name == "synthetic" else []
+        length = short + length + ["trainer.max_epochs=10"]
+    cfg = compose(length + env.overrides + base)
+    rows: list[dict] = []  # one per epoch: the Trainer's rates in it, and the bare rate right after it
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(compose(env.overrides + base + ["trainer.max_iters=6"]), Path(tmp) / "warm").fit()  # warm-up
-        trainer = None
-        for rep in range(2):
-            trainer = Trainer(cfg.copy(), Path(tmp) / f"run{rep}")
-            first = _first_epoch_speed(trainer)
-            s = trainer.fit()
-            after = {k: trainer.speed.state_dict()[k] - first[k] for k in first}  # epochs 2 ... (cached data)
-            runs["trainer_e2e"].append(after["images"] / (after["wait"] + after["compute"]))
-            runs["trainer_first_epoch_e2e"].append(first["images"] / (first["wait"] + first["compute"]))
-            runs["trainer_compute"].append(after["images"] / after["compute"])  # the same window
-            assert s["step"] == trainer.max_iters
-            # the bare loop: the same network, precision and batch; uint8 batches already in host memory
-            ds = trainer.train_set
-            xs = torch.stack([ds[(0, i)][0] for i in range(min(len(ds), bs * 8))])
-            ys = torch.stack([ds[(0, i)][1] for i in range(min(len(ds), bs * 8))]).long()
-            model, device = trainer.model, trainer.device
-            mean = torch.tensor(list(cfg.data.mean), device=device).view(1, -1, 1, 1)
-            std = torch.tensor(list(cfg.data.std), device=device).view(1, -1, 1, 1)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
-            model.train()
-            n, elapsed = 0, 0.0
-            for it in range(iters):
-                j = (it * bs) % (len(xs) - bs + 1)
-                t0 = time.perf_counter()
-                x = xs[j : j + bs].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-                x = x.contiguous(memory_format=trainer.memory_format)
-                y = ys[j : j + bs].to(device, non_blocking=True)
-                with env.autocast():
-                    loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss.item()
-                if it > 0:  # as the Trainer, the first step is warm-up
-                    elapsed += time.perf_counter() - t0
-                    n += bs
-            runs["bare"].append(n / elapsed)
-    med = {k: statistics.median(v) for k, v in runs.items()}
+        trainer = Trainer(cfg.copy(), Path(tmp) / "run")
+        validate, last = trainer.validate, {"images": 0, "wait": 0.0, "compute": 0.0}
+
+        def validate_then_bare():
+            m = validate()
+            now = trainer.speed.state_dict()
+            d = {k: now[k] - last[k] for k in now}
+            last.update(now)
+            rows.append({"epoch": trainer.epoch, "trainer_e2e": d["images"] / (d["wait"] + d["compute"]),
+                         "trainer_compute": d["images"] / d["compute"],
+                         "data_wait_fraction": d["wait"] / (d["wait"] + d["compute"])})  # fmt: skip
+            if trainer.step < trainer.max_iters:
+                rows[-1]["bare"] = _bare_loop(env, trainer, iters)
+            return m
+
+        trainer.validate = validate_then_bare
+        s = trainer.fit()
+        assert s["step"] == trainer.max_iters and len(rows) >= 3, (s, len(rows))
+    first = rows[0]
+    first["bare"] = rows[0].get("bare") or rows[1]["bare"]
+    pairs = [(a, b) for a, b in zip(rows[1:], rows[2:])]  # (epoch e, epoch e+1) around the bare block after e
+
+    def med(key: str, ratio: bool = False) -> float:
+        vals = [(a[key] + b[key]) / 2 / (a["bare"] if ratio else 1.0) for a, b in pairs]
+        return statistics.median(vals)
+
     out = {
         "model": cfg.model.name,
-        "batch": bs,
+        "batch": cfg.data.batch_size,
         "image_size": cfg.data.image_size,
         "iters": iters,
         "num_workers": trainer.train_loader.num_workers,
-        "epochs": cfg.trainer.max_epochs,
-        "trainer_images_per_sec": med["trainer_e2e"],
-        "trainer_first_epoch_images_per_sec": med["trainer_first_epoch_e2e"],
-        "trainer_compute_images_per_sec": med["trainer_compute"],
-        "bare_images_per_sec": med["bare"],
-        "overhead_ratio": med["trainer_compute"] / med["bare"],
-        "end_to_end_ratio": med["trainer_e2e"] / med["bare"],
-        "end_to_end_ratio_first_epoch": med["trainer_first_epoch_e2e"] / med["bare"],
-        "runs": runs,
+        "epochs": len(rows),
+        "trainer_images_per_sec": med("trainer_e2e"),
+        "trainer_first_epoch_images_per_sec": first["trainer_e2e"],
+        "trainer_compute_images_per_sec": med("trainer_compute"),
+        "bare_images_per_sec": statistics.median(a["bare"] for a, _ in pairs),
+        "data_wait_fraction": med("data_wait_fraction"),
+        "overhead_ratio": med("trainer_compute", ratio=True),
+        "end_to_end_ratio": med("trainer_e2e", ratio=True),
+        "end_to_end_ratio_first_epoch": first["trainer_e2e"] / first["bare"],
+        "epochs_measured": rows,
     }
     print(
-        f"overhead: trainer {med['trainer_e2e']:.1f} img/s end to end after the first epoch "
-        f"({med['trainer_first_epoch_e2e']:.1f} in it; {med['trainer_compute']:.1f} compute), bare loop "
-        f"{med['bare']:.1f} img/s -> overhead_ratio {out['overhead_ratio']:.3f}, end_to_end_ratio "
+        f"overhead: trainer {out['trainer_images_per_sec']:.1f} img/s end to end after the first epoch "
+        f"({first['trainer_e2e']:.1f} in it; {out['trainer_compute_images_per_sec']:.1f} compute), bare loop "
+        f"{out['bare_images_per_sec']:.1f} img/s -> overhead_ratio {out['overhead_ratio']:.3f}, end_to_end_ratio "
         f"{out['end_to_end_ratio']:.3f} (first epoch {out['end_to_end_ratio_first_epoch']:.3f})",
         flush=True,
     )

@@ -60,7 +60,7 @@ run_tests() {
 run_bench() {  # on CUDA: paper-size networks at 512 px against torchvision/smp, and the loop against a bare one
   local dev=device="$DEV" b=(timeout -k 15 $((T / 3)) "$PY" scripts/benchmark.py)
   "${b[@]}" overhead --out "$OUT/bench_e2e" $dev model=deeplabv3plus data.image_size=512 data.batch_size=8 \
-    data.num_train=1024 2>&1 | tee "$OUT/bench.log"
+    data.num_train=1024 trainer.max_epochs=4 2>&1 | tee "$OUT/bench.log"
   "${b[@]}" models peers --out "$OUT/bench_models" $dev 2>&1 | tee -a "$OUT/bench.log"
   "${b[@]}" compile --size 128 --batch 16 --out "$OUT/bench_compile" $dev model=deeplabv3plus 2>&1 | tee -a "$OUT/bench.log"
 }

@@ -204,21 +204,29 @@ class DivergenceGuard:
 
 class Throughput:
     """Training speed over the steps after the first (which includes warm-up: allocator, cuDNN autotuning,
-    compilation).  ``wait``: seconds spent waiting for the loader; ``compute``: seconds in the training step."""
+    compilation).  ``wait``: seconds spent waiting for the loader; ``compute``: seconds in the training step and its
+    logging (the scheduler, the progress bar, the loggers)."""
 
     def __init__(self):
         self.images, self.wait, self.compute = 0, 0.0, 0.0
         self.warned = False
+        self._window: tuple[float, float] | None = None  # (wait, compute) at the previous check
 
     def warn_if_loader_bound(self, num_workers: int) -> None:
-        """Once per run: say so when more than 10% of the training time went to waiting for batches."""
-        wait = self.rates()["data_wait_fraction"]
-        if wait is not None and wait > 0.1 and not self.warned:
+        """Once per run: say so when more than 10% of the training time since the previous check went to waiting
+        for batches.  The first window is warm-up (loader processes starting, the built-in set being generated
+        and cached) and is not judged."""
+        if self._window is None:
+            self._window = (self.wait, self.compute)
+            return
+        wait, compute = self.wait - self._window[0], self.compute - self._window[1]
+        self._window = (self.wait, self.compute)
+        if wait + compute > 0 and wait / (wait + compute) > 0.1 and not self.warned:
             self.warned = True
             log.warning(
                 "the data loader is the bottleneck: %.0f%% of the training time went to waiting for batches; "
                 "raise data.num_workers (now %d)",
-                100 * wait,
+                100 * wait / (wait + compute),
                 num_workers,
             )
 

@@ -132,10 +132,10 @@ class Trainer:
                 micro = []
                 self.scheduler.step()
                 self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
-                if self.step > 1:  # the first step includes warm-up (allocator, compile, cudnn autotune)
-                    self.speed.add(n_images * self.world_size, t0 - t_wait, time.perf_counter() - t0)
                 loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
                 self._log_step(bar, loss, loss_avg)
+                if self.step > 1:  # the first step includes warm-up (allocator, compile, cudnn autotune)
+                    self.speed.add(n_images * self.world_size, t0 - t_wait, time.perf_counter() - t0)  # logging too
                 epoch_done = self.epoch_step >= self.iters_per_epoch
                 if epoch_done:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
