@@ -42,7 +42,7 @@ mark("segtrain.trainer imported (torch ...)")
 wrap(tr, "build_datasets", "build data sets")
 wrap(tr, "build_model", "build model")
 wrap(tr, "build_optimizer", "build optimizer")
-wrap(tr.preflight, "dry_validation", "dry validation pass")
+wrap(tr, "dry_validation", "dry validation pass")
 step = tr.Trainer.train_step
 def first(self, micro):
     mark("FIRST STEP starts")

@@ -21,3 +21,15 @@ def test_overhead_section_writes_interleaved_ratios(tmp_path):
         assert 0.1 < out[key] < 10, (key, out[key])
     assert out["end_to_end_ratio"] <= out["overhead_ratio"]  # wall time includes the loader waits
     assert "overhead_ratio" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_startup_time_script_finds_every_phase():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "startup_time.py"), "--runs", "1"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for phase in ("segtrain --help:", "build data sets", "build model", "dry validation pass", "FIRST STEP starts",
+                  "first training step of debug=smoke starts at"):  # fmt: skip
+        assert phase in proc.stdout, phase
