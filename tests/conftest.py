@@ -22,12 +22,23 @@ def segtrain_exe() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain"]
 
 
+def cli_env(extra: dict | None = None) -> dict:
+    """This environment for a command under test: offline, no albumentations update check, and no
+    HYDRA_FULL_ERROR (so that errors are the one-line ones a user sees), plus ``extra``."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", **(extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, exe: list[str] | None = None, env: dict | None = None):
-    full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        (exe or segtrain_exe()) + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+        (exe or segtrain_exe()) + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env(env)
     )
+
+
+def start_cli(args: list[str], cwd: Path, **popen_kw) -> subprocess.Popen:
+    """``segtrain ARGS`` started in the background (to signal or kill it), in :func:`cli_env`."""
+    return subprocess.Popen(segtrain_exe() + list(args), cwd=cwd, env=cli_env(), **popen_kw)
 
 
 @pytest.fixture
@@ -52,6 +63,25 @@ def console_script(name: str) -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: small CPU kernels gain little from a second thread, and OpenMP
+    threads stall badly (5x slower here) when another process shares the cores. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """``$SEGTRAIN_CACHE`` (label-check and image-statistics caches) in the test's own temp dir."""
+    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """ONE tiny training run (U-Net, base_channels 4, 2 iterations on the built-in data set, in-process),
@@ -74,3 +104,16 @@ def finished_run(tmp_path_factory):
     proc = run_cli(["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "hydra.run.dir=run"], root)
     assert proc.returncode == 0, proc.stderr
     return root, root / "run"
+
+
+def one_line_error(proc, *needles, prog="segtrain"):
+    """The single ``PROG: error:`` stderr line (<= 300 characters, no traceback) of a failed command,
+    holding each of ``needles``."""
+    assert proc.returncode != 0, proc.stdout
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error:") and len(lines[0]) <= 300, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -1,4 +1,5 @@
-"""Miniature on-disk data set trees (real JPEG/PNG files) for the data set tests."""
+"""Miniature on-disk data set trees (real JPEG/PNG files) for the data set tests, and ``data_cfg``: the data
+config of a shipped data option that reads them."""
 
 from __future__ import annotations
 
@@ -7,11 +8,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from segtrain.config import DataConfig
 from segtrain.data.palette import default_palette
 
+REPO = Path(__file__).resolve().parents[1]
+
 SIZES = [(61, 83), (50, 70), (64, 48), (72, 90)]  # (h, w), odd on purpose
+
+
+def data_cfg(name: str, root=None, **over) -> DictConfig:
+    """configs/data/NAME.yaml over the schema, reading ``root``, with 32-px crops in batches of 2 and the
+    ``over`` keys (dotted keys allowed) set as given."""
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml"))
+    cfg.root = None if root is None else str(root)
+    cfg.crop_size, cfg.batch_size = 32, 2
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v, merge=False)
+    return cfg
 
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:

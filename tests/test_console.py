@@ -6,15 +6,13 @@ import os
 import subprocess
 
 import pytest
-from conftest import segtrain_exe
+from conftest import cli_env, segtrain_exe
 
 from segtrain import console
 
 
 def _bash(cmd: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=300, env=cli_env())
 
 
 def test_closed_pipe_and_full_disk_do_not_stop_training(tmp_path):

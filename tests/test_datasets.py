@@ -5,32 +5,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_datasets import FOLDER_PALETTE, write_ade, write_cityscapes, write_folder, write_png, write_voc
-from omegaconf import OmegaConf
+from fake_datasets import FOLDER_PALETTE, data_cfg, write_ade, write_cityscapes, write_folder, write_png, write_voc
 from PIL import Image
 
-from segtrain.config import DataConfig
 from segtrain.data import build_datasets
 from segtrain.data import transforms as T
 from segtrain.data.base import seed_pipeline
 from segtrain.data.checks import cache_dir
 from segtrain.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
-
-
-def data_cfg(name: str, root, **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml"))
-    cfg.root = None if root is None else str(root)
-    cfg.crop_size, cfg.batch_size = 32, 2
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v, merge=False)
-    return cfg
+def load_every_image(cfg) -> None:
+    """Build the data sets of ``cfg`` and read every image and mask (what the label check may have skipped)."""
+    train, val = build_datasets(cfg, seed=0)
+    for ds in (train, val):
+        for i in range(len(ds)):
+            ds.load(i)
 
 
 def one_line_error(excinfo) -> str:
@@ -382,10 +374,7 @@ def test_exif_rotated_image_is_named_as_such(tmp_path, check_labels):
     _rotate_exif(tmp_path / "images" / "img_00.jpg")  # 83x61 as stored, its mask too; shown as 61x83
     cfg = data_cfg("folder", tmp_path, num_classes=3, check_labels=check_labels)
     with pytest.raises(DataError) as e:
-        train, val = build_datasets(cfg, seed=0)
-        for ds in (train, val):
-            for i in range(len(ds)):
-                ds.load(i)
+        load_every_image(cfg)
     msg = one_line_error(e)
     assert "img_00.jpg has EXIF orientation 6" in msg and "61x83" in msg and "83x61" in msg, msg
     assert "remove the orientation tag" in msg
@@ -400,10 +389,7 @@ def test_jpeg_masks_get_save_as_png(tmp_path, check_labels):
         Image.fromarray(mask).save(png.with_suffix(".jpg"), quality=75)
     cfg = data_cfg("folder", tmp_path, num_classes=2, label_map={255: 1}, check_labels=check_labels)
     with pytest.raises(DataError) as e:
-        train, val = build_datasets(cfg, seed=0)
-        for ds in (train, val):
-            for i in range(len(ds)):
-                ds.load(i)
+        load_every_image(cfg)
     msg = one_line_error(e)
     assert "masks are JPEG files" in msg and "save masks as PNG" in msg and ".jpg" in msg, msg
     assert "data.num_classes=" not in msg

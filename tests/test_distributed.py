@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 COMMON = [
@@ -28,10 +28,10 @@ COMMON = [
 
 
 def torchrun(args, cwd, nproc=2):
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
     cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "segtrain", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=cli_env({"OMP_NUM_THREADS": "1"})
+    )
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")

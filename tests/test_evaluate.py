@@ -1,11 +1,16 @@
-"""segtrain-eval takes the scale rule and the computed ``auto`` values from the checkpoint's stored config
-(segtrain.evaluate, run in-process through its Hydra entry point)."""
+"""segtrain-eval (segtrain.evaluate): whole / sliding-window / multi-scale+flip evaluation of a checkpoint and its
+one-line errors (as a subprocess), and the scale rule and the computed ``auto`` values taken from the checkpoint's
+stored config (in-process through its Hydra entry point)."""
 
 import json
+import logging
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from fake_datasets import write_voc
 from test_config import composed
 
@@ -18,8 +23,13 @@ def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # run_hydra_app sets it; monkeypatch restores it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     torch.set_num_threads(threads)
+    for handler in set(root.handlers) - set(handlers):  # Hydra's job logging (eval.log in the run dir): a later
+        handler.close()  # test in this process must not find it (tests/test_console.py names the log file)
+    root.handlers[:], root.level = handlers, level
 
 
 def segtrain_eval(monkeypatch, tmp_path, name: str, *args: str) -> dict:
@@ -53,3 +63,63 @@ def test_eval_validates_at_the_checkpoints_training_scale(tmp_path, monkeypatch)
     assert m["val_scale"] == 40  # an explicit data.val_size wins
     m = segtrain_eval(monkeypatch, tmp_path, "eval_auto", f"ckpt={ckpt}", "data.mean=auto", "data.base_size=auto")
     assert m["val_scale"] == [56, 76] and m["miou"] == pytest.approx(summary["best_miou"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# segtrain-eval as a subprocess, on a checkpoint of a tiny training run.
+
+
+def _eval_exe() -> list[str]:
+    exe = Path(sys.executable).parent / "segtrain-eval"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain.evaluate"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    proc = run_cli(["debug=smoke", "trainer.max_iters=8", "trainer.progress=false", "hydra.run.dir=run"], root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "run" / "checkpoints" / "best.pt"
+
+
+def _evaluate(ckpt: Path, tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = run_cli(
+        [f"ckpt={ckpt}", f"hydra.run.dir={name}", "trainer.progress=false", *args], tmp_path, exe=_eval_exe()
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / name
+    assert (out / "confusion_matrix.png").stat().st_size > 500
+    import cv2
+
+    assert cv2.imread(str(out / "confusion_matrix.png")) is not None
+    return proc, json.loads((out / "metrics.json").read_text())
+
+
+def test_eval_modes(trained, tmp_path):
+    proc, whole = _evaluate(trained, tmp_path, "whole")
+    assert "mean" in proc.stdout and "IoU" in proc.stdout  # the per-class table
+    assert {"miou", "aacc", "macc", "per_class_iou"} <= set(whole)
+    assert whole["eval"]["mode"] == "whole" and whole["num_images"] == 8
+    trained_metrics = json.loads((trained.parents[1] / "metrics.json").read_text())
+    assert whole["miou"] == pytest.approx(trained_metrics["best_miou"], abs=1e-3)
+
+    _, covering = _evaluate(trained, tmp_path, "cover", "eval.mode=slide", "eval.crop_size=64")
+    assert covering["miou"] == pytest.approx(whole["miou"], abs=1e-9)
+    assert covering["confusion_matrix"] == whole["confusion_matrix"]
+
+    _, small = _evaluate(trained, tmp_path, "small", "eval.mode=slide", "eval.crop_size=32", "eval.stride=16")
+    assert small["eval"]["crop_size"] == 32 and 0 <= small["miou"] <= 1
+
+    _, tta = _evaluate(trained, tmp_path, "tta", "eval.scales=[0.75,1.0,1.25]", "eval.flip=true")
+    assert tta["eval"]["flip"] and tta["eval"]["scales"] == [0.75, 1.0, 1.25] and 0 <= tta["miou"] <= 1
+    assert sum(map(sum, tta["confusion_matrix"])) == sum(map(sum, whole["confusion_matrix"]))
+
+
+def test_eval_errors_are_one_line(trained, tmp_path):
+    missing = run_cli(["ckpt=/nonexistent/best.pt"], tmp_path, exe=_eval_exe())
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "checkpoint not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    no_ckpt = run_cli([], tmp_path, exe=_eval_exe())
+    assert no_ckpt.returncode != 0 and "ckpt" in no_ckpt.stderr and "Traceback" not in no_ckpt.stderr
+    model = run_cli([f"ckpt={trained}", "model.base_channels=4"], tmp_path, exe=_eval_exe())
+    assert model.returncode != 0 and "from the checkpoint" in model.stderr

@@ -13,19 +13,7 @@ from segtrain.config import validate
 from segtrain.evaluation import class_names, evaluate_loader
 from segtrain.runtime import BatchToDevice
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: OpenMP threads stall badly when other processes share the cores (as test_models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 
 
 def test_sigmoid_training_learns_a_square(tmp_path):

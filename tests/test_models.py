@@ -29,14 +29,7 @@ H, W = 97, 131  # odd, and no multiple of 8, 16 or 32
 K = 3  # classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU kernels gain little from a second thread, and OpenMP threads stall badly (5x slower here) when
-    another process shares the cores; one intra-op thread keeps this file at ~20 s either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread keeps this file at ~20 s either way
 
 
 def model_cfg(**kw) -> DictConfig:

@@ -11,10 +11,7 @@ from segtrain import checkpoint
 from segtrain.errors import ConfigError, DataError
 from segtrain.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def folder_data(tmp_path, small: str | None = "img_05", **over) -> list[str]:

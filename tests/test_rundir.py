@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, segtrain_exe
+from conftest import run_cli, start_cli
 
 from segtrain import rundir
 from segtrain.errors import OutputError
@@ -34,12 +34,6 @@ def one_line(proc, code: int, *needles: str) -> str:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) and its bytes."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def env() -> dict:
-    out = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-    out.pop("HYDRA_FULL_ERROR", None)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -65,10 +59,7 @@ def test_runs_started_together_get_their_own_dirs(tmp_path):
     """The default run dir is ``${unique_dir:outputs/DATE/TIME}``: here the base name is the date alone, so
     both runs ask for the same dir, as two runs started in the same second do."""
     args = [*SMOKE1, 'hydra.run.dir="${unique_dir:outputs/${now:%Y-%m-%d}}"']
-    procs = [
-        subprocess.Popen(segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
-        for _ in range(2)
-    ]
+    procs = [start_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
@@ -138,9 +129,7 @@ def test_lock_refuses_a_second_process_and_a_stale_lock_is_taken_over(tmp_path):
         "trainer.progress=false",
         "hydra.run.dir=D",
     ]
-    a = subprocess.Popen(
-        segtrain_exe() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
-    )
+    a = start_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _read_until(a.stdout, "step 1/")
         lock = json.loads((tmp_path / "D" / rundir.LOCK_NAME).read_text())
@@ -249,3 +238,15 @@ def test_resume_command_stays_short():
     assert rundir.resume_command(Path("/runs/x"), limit=10) == (
         "the same command plus trainer.resume=auto hydra.run.dir=/runs/x"
     )
+
+
+def test_unwritable_run_dir_is_caught_before_training(tmp_path):
+    proc = run_cli(["debug=smoke", "hydra.run.dir=/proc/segtrain-run"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "/proc/segtrain-run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_full_disk_is_caught_before_training(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OutputError, match="MiB free"):
+        rundir.check_writable(tmp_path / "ck", 1_000_000)

@@ -1,7 +1,15 @@
-"""segtrain.runtime.BatchToDevice: images of any type normalised on the device by data.mean / data.std."""
+"""segtrain.runtime: BatchToDevice (images of any type normalised on the device by data.mean / data.std),
+Throughput, StopSignals (first signal noted, second aborts), DivergenceGuard (a non-finite loss stops the run
+with its checkpoints kept; fp16 overflow steps skipped) and the out-of-memory advice."""
+
+import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from segtrain.config import IMAGENET_MEAN, IMAGENET_STD
 from segtrain.errors import ConfigError
@@ -58,3 +66,86 @@ def test_loader_warning_judges_each_window_after_the_warm_up_once(caplog):
     speed.warn_if_loader_bound(2)
     assert caplog.text.count("the data loader is the bottleneck: 33% of the training time") == 1
     assert "raise data.num_workers (now 2)" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_first_signal_is_noted_second_aborts(name):
+    code = f"""
+import os, signal, sys, time
+from segtrain.runtime import StopSignals
+with StopSignals() as s:
+    os.kill(os.getpid(), signal.{name})
+    time.sleep(0.2)
+    print("received", s.received, flush=True)
+    os.kill(os.getpid(), signal.{name})  # the second one: default action, the process dies now
+    time.sleep(5)
+    print("still alive", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert f"received {name}" in proc.stdout and "still alive" not in proc.stdout
+    assert proc.returncode == -getattr(signal, name)
+    assert "stopping after this step" in proc.stderr
+
+
+def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli):
+    _, run = cli("debug=smoke", "trainer.max_iters=4", run_dir="r")
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    proc, _ = cli(
+        "debug=smoke",
+        "data.std=[1e-45,1e-45,1e-45]",  # inputs become inf/NaN (a resume keeps the checkpoint's lr)
+        "device.precision=fp32",
+        "trainer.max_iters=8",
+        "trainer.progress=false",
+        "trainer.resume=auto",
+        run_dir="r",
+        check=False,
+    )  # the same run dir, continued: its checkpoints must survive the divergence
+    line = one_line_error(proc, "non-finite", "optimizer.lr", "device.precision")
+    assert proc.returncode == 3 and "at step 5" in line
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch, caplog):
+    """fp16 autocast + GradScaler on the CPU: two steps with overflowing gradients are skipped, not fatal."""
+    from segtrain.trainer import Trainer
+    from tests.test_config import composed
+
+    trainer = Trainer(
+        composed("debug=smoke", "device=cpu", "device.precision=fp16", "trainer.max_iters=4", "trainer.progress=false"),
+        tmp_path / "run",
+    )
+    criterion, calls = trainer.criterion, []
+
+    def blow_up(out, y):
+        loss = criterion(out, y)
+        if not torch.is_grad_enabled():  # the dry validation pass before the first step
+            return loss
+        calls.append(1)
+        return loss * 1e8 if len(calls) <= 2 else loss  # the first two steps overflow fp16 gradients
+
+    monkeypatch.setattr(trainer, "criterion", blow_up)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with caplog.at_level("WARNING", logger="segtrain"):
+        summary = trainer.fit()
+    assert summary["skipped_steps"] == 2 and summary["step"] == 4
+    assert "scaler skipped the step" in caplog.text
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_steps"] == 2
+
+
+def test_out_of_memory_becomes_advice(tmp_path, monkeypatch):
+    from segtrain.errors import ResourceError
+    from segtrain.trainer import Trainer
+    from tests.test_config import composed
+
+    trainer = Trainer(composed("debug=smoke", "trainer.progress=false"), tmp_path / "run")
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train_step", oom)
+    with pytest.raises(ResourceError) as e:
+        trainer.fit()
+    msg = str(e.value)
+    assert "data.batch_size=4" in msg and "trainer.accumulate=2" in msg and "precision" in msg

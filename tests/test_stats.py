@@ -7,39 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fake_datasets import write_png, write_tiff_folder, write_voc
+from fake_datasets import data_cfg, write_png, write_tiff_folder, write_voc
 from omegaconf import OmegaConf
 
-from segtrain.config import DataConfig
 from segtrain.data import build_datasets
 from segtrain.data import disk as D
 from segtrain.data.stats import cache_dir, channel_stats
 from segtrain.errors import DataError
 
 tifffile = pytest.importorskip("tifffile")
-REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: OpenMP threads stall badly when other processes share the cores (as test_models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 
 
 def folder_cfg(root, name: str = "folder", **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml"))
-    cfg.root, cfg.crop_size, cfg.batch_size, cfg.num_workers = str(root), 32, 4, 0
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v, merge=False)
-    return cfg
+    return data_cfg(name, root, batch_size=4, num_workers=0, **over)
 
 
 def one_line(excinfo) -> str:

@@ -2,34 +2,17 @@
 pipelines on images of any bands and bit depth (segtrain.data.transforms)."""
 
 import logging
-from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import pytest
-from fake_datasets import write_folder, write_voc
-from omegaconf import OmegaConf
+from fake_datasets import data_cfg, write_folder, write_voc
 
-from segtrain.config import DataConfig
 from segtrain.data import build_datasets
 from segtrain.data import transforms as T
 from segtrain.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
-
-
-def data_cfg(name: str, root=None, **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml"))
-    cfg.root = None if root is None else str(root)
-    cfg.crop_size, cfg.batch_size = 32, 2
-    for k, v in over.items():
-        OmegaConf.update(cfg, k, v, merge=False)
-    return cfg
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def rescale_of(pipeline) -> object:

@@ -1,0 +1,100 @@
+"""segtrain.resume: a run stopped mid-epoch resumes bitwise, trainer.resume=auto falls back to last-1.pt when
+last.pt is torn, a checkpoint of another config is refused with its differences listed, and model.init_from loads
+the tensors that fit."""
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import one_line_error
+
+from segtrain import checkpoint
+
+
+def model_tensors(run: Path, name: str = "last.pt") -> dict:
+    return torch.load(run / "checkpoints" / name, weights_only=True)["model"]
+
+
+DETERMINISTIC = [
+    "debug=smoke",
+    "model=fcn",
+    "model.backbone=resnet18",
+    "model.variant=32s",
+    "device=cpu",
+    "trainer.deterministic=true",
+    "trainer.max_iters=12",
+    "data.num_workers=2",
+    "trainer.num_vis=0",
+    "trainer.progress=false",
+]
+
+
+def test_resume_mid_epoch_is_bitwise_identical(cli):
+    _, straight = cli(*DETERMINISTIC, run_dir="straight")
+    proc, part = cli(*DETERMINISTIC, "trainer.stop_at=5", run_dir="part", check=False)
+    assert proc.returncode == 75, proc.stderr
+    assert "resume with:" in proc.stderr and "trainer.resume=auto" in proc.stderr
+    assert checkpoint.load(part / "checkpoints" / "last.pt")["step"] == 5  # mid-epoch: 4 iterations per epoch
+    proc, part = cli(*DETERMINISTIC, "trainer.resume=auto", run_dir="part")
+    assert "resumed from" in proc.stdout
+    a, b = model_tensors(straight), model_tensors(part)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((part / "metrics.json").read_text())
+    assert ma["best_miou"] == mb["best_miou"] and [h["miou"] for h in ma["history"]] == [
+        h["miou"] for h in mb["history"]
+    ]
+
+
+def test_keep_last_and_fallback_when_last_is_corrupt(cli):
+    _, run = cli("debug=smoke", "trainer.max_iters=8", "trainer.val_interval=4", "trainer.keep_last=2")
+    ck = run / "checkpoints"
+    assert (ck / "last-1.pt").is_file() and not (ck / "last-2.pt").exists()
+    assert checkpoint.load(ck / "last-1.pt")["step"] == 4 and checkpoint.load(ck / "last.pt")["step"] == 8
+    data = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").write_bytes(data[: len(data) // 3])  # a torn file (e.g. copied off a dying node)
+    (ck / ".last.pt.abc.tmp").write_bytes(b"partial")  # what kill -9 during a write leaves
+    proc, run = cli(
+        "debug=smoke", "trainer.max_iters=10", "trainer.val_interval=4", "trainer.resume=auto", "trainer.keep_last=2"
+    )
+    assert "trying" in proc.stdout + proc.stderr and "at step 4" in proc.stdout
+    assert checkpoint.load(ck / "last.pt")["step"] == 10
+    assert not (ck / ".last.pt.abc.tmp").exists()
+
+
+def test_foreign_checkpoint_lists_differences(cli, finished_run):
+    run = finished_run[1]  # a debug=smoke run (unet, base_channels 8, 6 classes), only read
+    proc, _ = cli(
+        "debug=smoke",
+        "model.base_channels=4",
+        "data.num_classes=3",
+        f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
+        check=False,
+    )
+    one_line_error(proc, "cannot resume", "num_classes 6 (here 3)", "model.base_channels 8 (here 4)", "shape")
+
+
+def test_init_from_loads_what_fits(cli, finished_run):
+    run = finished_run[1]  # a debug=smoke run (unet, 6 classes), only read
+    proc, _ = cli(
+        "debug=smoke",
+        "trainer.max_iters=2",
+        "data.num_classes=3",
+        f"model.init_from={run / 'checkpoints' / 'best.pt'}",
+        run_dir="dst",
+    )
+    log = proc.stdout
+    assert "model.init_from=" in log and "shape differs: classifier.weight" in log
+    ours = model_tensors(run)
+    theirs = model_tensors(cli.cwd / "dst", "last.pt")
+    assert theirs["classifier.weight"].shape[0] == 3 and ours["classifier.weight"].shape[0] == 6
+    proc, _ = cli(
+        "debug=smoke",
+        "model=fcn",
+        "model.backbone=resnet18",
+        f"model.init_from={run / 'checkpoints' / 'best.pt'}",
+        check=False,
+    )
+    one_line_error(proc, "no tensor matches")

@@ -1,0 +1,139 @@
+"""segtrain.trainer: every network trains through the loop, gradient accumulation equals a bigger batch,
+SIGTERM (also during a validation) writes a resumable last.pt, and a failed save keeps the previous checkpoint."""
+
+import json
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import run_cli, start_cli
+from test_config import composed
+
+from segtrain import checkpoint
+from segtrain.config import validate
+from segtrain.trainer import Trainer
+
+# The overrides of each network family and variant; each run is the CLI's (config.validate, then
+# Trainer(cfg, run_dir).fit()) in this process: ~5 s of imports less per network than a subprocess.
+# tests/test_cli.py trains one of them through the console script.
+MODELS = [
+    ["model=fcn", "model.backbone=resnet18"],
+    ["model=fcn", "model.variant=8s", "model.backbone=resnet18"],
+    ["model=deconvnet"],
+    ["model=deconvnet", "model.variant=segnet"],
+    ["model=unet"],
+    ["model=unet", "model.backbone=resnet18"],
+    ["model=pspnet", "model.backbone=resnet18"],
+    ["model=deeplabv3", "model.backbone=resnet18"],
+    ["model=deeplabv3plus", "model.backbone=resnet18"],
+    ["model=pspnet", "model.backbone=mobilenet_v3_large"],
+    ["model=deeplabv3plus", "model.backbone=mobilenet_v3_large"],
+    ["model=pspnet", "model.backbone=resnet18", "data.image_size=[97,131]"],
+]
+
+
+@pytest.mark.parametrize("overrides", MODELS, ids=lambda o: "-".join(x.split("=")[1] for x in o))
+def test_every_model_trains(tmp_path, overrides):
+    cfg = composed("debug=smoke", "trainer.num_vis=1", *overrides)
+    validate(cfg)
+    run = tmp_path / "run"
+    summary = Trainer(cfg, run).fit()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
+    assert summary["step"] == 8 and summary["skipped_steps"] == 0 and summary["model"] == cfg.model.name
+    assert [h["step"] for h in metrics["history"]] == [4, 8]  # debug=smoke: a validation per epoch of 4 steps
+    assert all(math.isfinite(h["loss"]) and 0 <= h["miou"] <= 1 for h in metrics["history"])
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 8
+    assert (run / "checkpoints" / "best.pt").is_file()
+    assert list((run / "tb").iterdir())  # the TensorBoard events
+
+
+def test_accumulate_matches_a_bigger_batch(cli):
+    common = [
+        "debug=smoke",
+        "model.norm=none",
+        "device=cpu",
+        "device.precision=fp32",
+        "trainer.max_iters=1",
+        "trainer.progress=false",
+        "data.augment=false",
+        "optimizer=sgd",
+        "trainer.deterministic=true",
+    ]
+    _, big = cli(*common, "data.batch_size=4", run_dir="big")
+    _, acc = cli(*common, "data.batch_size=2", "trainer.accumulate=2", run_dir="acc")
+    _, small = cli(*common, "data.batch_size=2", run_dir="small")
+    load = lambda d: torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"]  # noqa: E731
+    a, b, c = load(big), load(acc), load(small)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # the test can fail: batch 2 alone differs
+
+
+def test_sigterm_writes_last_and_resume_continues(tmp_path):
+    args = [
+        "debug=smoke",
+        "trainer.max_iters=100000",
+        "trainer.val_interval=100000",
+        "data.num_workers=2",
+        "trainer.progress=false",
+        "hydra.run.dir=run",
+    ]
+    proc = start_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tb = tmp_path / "run" / "tb"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tb.is_dir() and any(tb.iterdir())):  # training has started
+        time.sleep(0.5)
+    time.sleep(3)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 60
+    assert proc.returncode == 75, out + err
+    assert "segtrain: stopped: stopped by SIGTERM" in err and "trainer.resume=auto" in err and "Traceback" not in err
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    step = state["step"]
+    assert step >= 1
+    again = run_cli([*args, "trainer.resume=auto", f"trainer.stop_at={step + 2}"], tmp_path)
+    assert again.returncode == 75, again.stderr
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at step {step}" in again.stdout
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == step + 2
+
+
+def test_sigterm_during_validation_stops_at_the_next_batch(tmp_path):
+    """A long validation (2000 images) is cut at the next batch: last.pt holds the 2 steps done, exit 75,
+    and the status says stopped (not a whole validation plus one more training step later)."""
+    args = ["debug=smoke", "data.num_val=2000", "data.val_batch_size=1", "trainer.val_interval=2",
+            "trainer.max_iters=100", "trainer.progress=false", "trainer.num_vis=0", "hydra.run.dir=run"]  # fmt: skip
+    proc = start_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):  # logged after step 2; its validation starts now
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGTERM at step 2/100" in err and "Traceback" not in err
+    assert "val mIoU" not in out  # the validation was cut, not finished
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and state["history"] == []
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"
+
+
+def test_save_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from segtrain.errors import OutputError
+
+    cfg = composed("debug=smoke", "trainer.max_iters=2", "trainer.progress=false")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    good = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_atomic", full)
+    with pytest.raises(OutputError, match="No space left on device.*previous checkpoint is kept"):
+        trainer.save()
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == good
