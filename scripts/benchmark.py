@@ -386,34 +386,47 @@ PEERS = [  # (segtrain network, its overrides, the peer with the same architectu
 ]
 
 
+VARIANT_FLAGS = {  # segtrain's other implementations of a layer: (switch in segtrain.models.blocks, value)
+    "up-conv as pixel shuffle": ("UPCONV_AS_SHUFFLE", True),
+    "bilinear as interpolation": ("BILINEAR_AS_INTERPOLATE", True),
+    "bilinear as transposed conv": ("BILINEAR_AS_INTERPOLATE", False),
+}
+VARIANTS = {"fcn32s-r50-d8": ["bilinear as interpolation", "bilinear as transposed conv"],
+            "unet-r34": ["up-conv as pixel shuffle"]}  # fmt: skip
+
+
+def _default_form(name: str, device) -> bool:
+    """Whether variant ``name`` is what the default computes on ``device`` (then it is not measured twice)."""
+    from segtrain.models import blocks
+
+    attr, value = VARIANT_FLAGS[name]
+    current = getattr(blocks, attr)
+    return (device.type == "cuda" if current is None else current) == value
+
+
 @contextlib.contextmanager
 def variant(name: str):
-    """segtrain's other implementation of a layer (same weights, same function: tests/test_blocks.py), flipped on
+    """segtrain's other implementation of a layer (same weights, same function: tests/test_blocks.py), switched on
     for the block, to compare speeds."""
     from segtrain.models import blocks
 
     if name == "default":
         yield
         return
-    attr = {"up-conv as pixel shuffle": "UPCONV_AS_SHUFFLE", "bilinear as interpolation": "BILINEAR_AS_INTERPOLATE"}[
-        name
-    ]
+    attr, value = VARIANT_FLAGS[name]
     old = getattr(blocks, attr)
-    setattr(blocks, attr, not old)
+    setattr(blocks, attr, value)
     try:
         yield
     finally:
         setattr(blocks, attr, old)
 
 
-VARIANTS = {"fcn32s-r50-d8": ["bilinear as interpolation"], "unet-r34": ["up-conv as pixel shuffle"]}
-
-
 def bench_peers(env: Env, args) -> list[dict]:
     size = args.size or (128 if args.quick else 512)
-    bs = args.batch or (2 if args.quick else 8)
-    iters = args.iters or (2 if args.quick else 20)
-    reps = 2 if args.quick else 3
+    bs = args.batch or (4 if args.quick else 8)
+    iters = args.iters or (3 if args.quick else 20)
+    reps = 3  # interleaved rounds; the best of each
     rows = []
     for name, overrides, peer_name in PEERS:
         try:
@@ -425,7 +438,8 @@ def bench_peers(env: Env, args) -> list[dict]:
         x, y = env.batch(bs, size, 21)
         candidates = {"segtrain": ("default", ours)}
         for v in VARIANTS.get(name, []):
-            candidates[f"segtrain ({v})"] = (v, ours)
+            if not _default_form(v, env.device):
+                candidates[f"segtrain ({v})"] = (v, ours)
         if peer is not None:
             candidates[peer_name] = ("default", peer)
         rates: dict[str, list[float]] = {k: [] for k in candidates}

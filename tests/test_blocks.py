@@ -45,3 +45,21 @@ def test_upconv_as_pixel_shuffle_is_the_same_function(flag):
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-4)
     assert list(m.state_dict()) == ["weight", "bias"]  # checkpoints of either form load in the other
+
+
+def test_fixed_bilinear_upsample_default_picks_the_form_by_device(flag):
+    """None (the default): the transposed conv on a CPU and in exported graphs; interpolation on CUDA."""
+    assert blocks.BILINEAR_AS_INTERPOLATE is None
+    torch.manual_seed(0)
+    up, x = blocks.FixedBilinearUpsample(3, 8), torch.randn(2, 3, 5, 9)
+    flag("BILINEAR_AS_INTERPOLATE", False)
+    conv = up(x)
+    flag("BILINEAR_AS_INTERPOLATE", None)
+    assert torch.equal(up(x), conv)  # the same kernel, bit for bit
+    if torch.cuda.is_available():
+        flag("BILINEAR_AS_INTERPOLATE", True)
+        interp = up.cuda()(x.cuda())
+        flag("BILINEAR_AS_INTERPOLATE", None)
+        assert torch.equal(up(x.cuda()), interp)
+        traced = torch.jit.trace(up, x.cuda())  # exported graphs keep the one transposed-conv operator
+        assert "conv_transpose" in str(traced.graph) or "_convolution" in str(traced.graph)

@@ -80,7 +80,10 @@ class BilinearConvTranspose2d(nn.ConvTranspose2d):
 
 
 # Two implementations of the same functions, whose speeds differ by device (scripts/benchmark.py peers).
-BILINEAR_AS_INTERPOLATE = False  # FixedBilinearUpsample: interpolation x border weights instead of a transposed conv
+# FixedBilinearUpsample: interpolation x border weights (True) or the transposed conv (False); None: interpolation
+# on CUDA, where grouped transposed convs are slow (pytorch#47341, #95604), the transposed conv elsewhere and in
+# exported graphs (one operator, any input size).
+BILINEAR_AS_INTERPOLATE: bool | None = None
 UPCONV_AS_SHUFFLE = False  # UpConv2x2: a 1x1 conv to 4x the channels + pixel shuffle instead of a transposed conv
 
 
@@ -105,7 +108,10 @@ class FixedBilinearUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factor
-        if BILINEAR_AS_INTERPOLATE:
+        interpolate = BILINEAR_AS_INTERPOLATE
+        if interpolate is None:
+            interpolate = x.is_cuda and not tracing()
+        if interpolate:
             h, w = x.shape[-2:]
             up = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)
             return up * _edge_weights(h, f, up)[:, None] * _edge_weights(w, f, up)[None, :]
