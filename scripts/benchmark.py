@@ -20,6 +20,8 @@ Sections (all of them when none is named):
               and peak memory (CUDA: max allocated; CPU: peak resident-set growth).
     peers     the same architecture from torchvision / segmentation_models_pytorch (when installed), trained side by
               side at the same size, with segtrain's alternative implementations of a layer where it has one.
+    profile   torch.profiler over a few training steps of each network: the operators with the most self time
+              (CUDA kernels on a GPU, CPU time otherwise) and their share of the step.
     compile   torch.compile: compile time of the first step and steady-state img/s against eager.
 
 KEY=VALUE arguments are segtrain overrides (e.g. device=cuda, device.precision=fp32, data.num_workers=8) and
@@ -45,7 +47,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("overhead", "models", "peers", "compile")
+SECTIONS = ("overhead", "models", "peers", "profile", "compile")
 NETWORKS = {  # name: model overrides
     "unet": ["model=unet"],
     "unet-r18": ["model=unet", "model.backbone=resnet18"],
@@ -460,6 +462,42 @@ def bench_peers(env: Env, args) -> list[dict]:
     return rows
 
 
+def bench_profile(env: Env, args) -> list[dict]:
+    """torch.profiler over a few training steps of each network: the operators that take the most time (self
+    time on the device: CUDA kernels on a GPU, CPU time otherwise), to see where each family spends its step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch = env.torch
+    size = args.size or (96 if args.quick else 512)
+    bs = args.batch or (2 if args.quick else 8)
+    iters = args.iters or (2 if args.quick else 5)
+    cuda = env.device.type == "cuda"
+    nets = NETWORKS if args.quick or not cuda else {**NETWORKS, **FULL_NETWORKS}
+    rows = []
+    for name, overrides in nets.items():
+        model, _ = build(env, overrides, 21)
+        x, y = env.batch(bs, size, 21)
+        env.train_rate(model, x, y, 1, warmup=1)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            env.train_rate(model, x, y, iters, warmup=0)
+        events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+
+        def self_time(e) -> float:
+            if cuda:
+                return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+            return e.self_cpu_time_total
+
+        total = sum(self_time(e) for e in events) or 1.0
+        top = sorted(events, key=self_time, reverse=True)[:6]
+        ops = [{"op": e.key, "share": self_time(e) / total, "calls": e.count // iters} for e in top]
+        rows.append({"network": name, "size": size, "batch": bs, "device_ms_per_step": total / 1e3 / iters, "top": ops})
+        print(f"profile: {name:20s} " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops), flush=True)
+        del model, x, y
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_compile(env: Env, args) -> dict:
     torch = env.torch
     size = args.size or (64 if args.quick else 256)
@@ -513,6 +551,15 @@ def markdown(result: dict) -> str:
                 params = r["peer_params"] if label == peer else r["params"]
                 lines.append(f"| {r['network']} ({r['size']}px, batch {r['batch']}) | {label} | {params / 1e6:.2f}M | "
                              f"{v:.1f} | {ratio} |")  # fmt: skip
+        lines.append("")
+    if "profile" in result:
+        lines += ["| network | ms per step (self time, all operators) | operators with the most self time (share of the step) |",
+                  "|---|---|---|"]  # fmt: skip
+        for r in result["profile"]:
+            ops = ", ".join(f"`{o['op']}` {100 * o['share']:.0f}%" for o in r["top"])
+            lines.append(
+                f"| {r['network']} ({r['size']}px, batch {r['batch']}) | {r['device_ms_per_step']:.1f} | {ops} |"
+            )
         lines.append("")
     if "compile" in result:
         c = result["compile"]
