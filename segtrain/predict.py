@@ -64,23 +64,39 @@ def read_image(source: Any) -> np.ndarray:
     if not isinstance(source, Image.Image):
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(source).__name__}")
     im = ImageOps.exif_transpose(source)
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if im.mode in HIGH_DEPTH_MODES:
         return _array_to_rgb(np.asarray(im).astype(np.float64) * (255.0 / 65535.0))
     return np.array(im.convert("RGB"))
 
 
-def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit and float images
+
+
+def _array_to_rgb(a: np.ndarray, keep_depth: bool = False) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] in (1, 3, 4):
         a = a[..., :3] if a.shape[2] != 1 else a[..., 0]
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"expected an HxW or HxWx3 image, got shape {a.shape}")
+    if keep_depth and a.dtype == np.uint16:
+        return np.ascontiguousarray(a)
     if a.dtype == np.uint16:
         a = a.astype(np.float64) * (255.0 / 65535.0)
     if a.dtype != np.uint8:
         a = np.clip(np.round(a), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
+
+
+def _high_depth(path: Any) -> bool:
+    """Whether the image file at ``path`` has 16-bit or float pixels (False when PIL cannot tell)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode in HIGH_DEPTH_MODES
+    except (OSError, ValueError):
+        return False
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
@@ -201,10 +217,17 @@ class Predictor:
         return out
 
     def read(self, source: Any) -> np.ndarray:
-        """``source`` as the network's input image: HxWx3 uint8 RGB (:func:`read_image`) for 3-band networks;
+        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (uint8 by
+        :func:`read_image`; 16-bit and float files and uint16 arrays keep their depth);
         for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
         array with that many bands."""
         if self.in_channels == 3:
+            if isinstance(source, np.ndarray) and source.dtype == np.uint16:
+                return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
+            if isinstance(source, (str, os.PathLike)) and _high_depth(source):
+                from segtrain.data.disk import read_image as read_bands
+
+                return read_bands(Path(source), 3)  # a 16-bit or float file: the training reader, not 8 bits
             return read_image(source)
         if isinstance(source, np.ndarray):
             image = source if source.ndim == 3 else source[..., None]

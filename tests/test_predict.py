@@ -166,9 +166,11 @@ def test_write_outputs_probabilities_without_overlay(predictor, tmp_path):
     assert (tmp_path / "a" / "b.png").is_file() and not (tmp_path / "a" / "b_overlay.jpg").exists()
 
 
-def test_predictor_equals_segtrain_eval(ckpt, tmp_path):
+@pytest.mark.parametrize("depth", ["rgb8", "gray16"])
+def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     """The same pictures through segtrain-eval's loop (data set, val_size rescale, TTA, scores resized back to
-    the mask) and through Predictor: identical class maps, and the same scores (the loss on them)."""
+    the mask) and through Predictor: identical class maps, and the same scores (the loss on them).  16-bit
+    grayscale PNGs (as in medical imaging) are read at their full depth by both."""
     import torch.nn.functional as F
 
     from segtrain.data import build_datasets, build_loader
@@ -179,7 +181,8 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path):
     sizes = [(61, 83), (50, 70), (72, 90)]
     for split in ("train", "val"):
         for i, (h, w) in enumerate(sizes):
-            write_png(tmp_path / split / "images" / f"im{i}.png", _pixels(h, w, 20 + i))
+            pixels = _pixels(h, w, 20 + i) if depth == "rgb8" else _pixels(h, w, 20 + i, 1, np.uint16, 65536)
+            write_png(tmp_path / split / "images" / f"im{i}.png", pixels)
             write_png(tmp_path / split / "masks" / f"im{i}.png", _pixels(h, w, 30 + i, channels=1, high=6))
     overrides = {
         "data.name": "folder",
@@ -199,7 +202,8 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path):
     )
     mine, losses, preds = ConfusionMatrix(6, 255, torch.device("cpu")), [], []
     for i in range(len(sizes)):
-        image = read_image(tmp_path / "val" / "images" / f"im{i}.png")
+        image = p.read(tmp_path / "val" / "images" / f"im{i}.png")
+        assert image.dtype == (np.uint8 if depth == "rgb8" else np.uint16)
         mask = torch.from_numpy(np.asarray(Image.open(tmp_path / "val" / "masks" / f"im{i}.png")).astype(np.int64))
         scores = p.scores([image]).cpu()
         preds.append(p(image))
@@ -209,8 +213,12 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path):
     assert torch.equal(mine.mat.cpu(), cm.mat.cpu())  # every image: the same (truth, prediction) counts
     assert np.mean(losses) == pytest.approx(metrics["loss"], rel=1e-6)  # the same scores
     plain = Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32")  # without val_size and TTA
-    image = read_image(tmp_path / "val" / "images" / "im0.png")
+    image = p.read(tmp_path / "val" / "images" / "im0.png")
     assert not torch.allclose(plain.scores([image]), p.scores([image]), atol=1e-3)  # the settings matter
+    assert (p(tmp_path / "val" / "images" / "im0.png") == p(image)).all()  # a path or the array it holds
+    if depth == "gray16":  # what 8 bits would have lost is visible in the scores
+        eight = read_image(tmp_path / "val" / "images" / "im0.png")
+        assert eight.dtype == np.uint8 and not torch.equal(p.scores([eight]), p.scores([image]))
 
 
 def test_predict_config_checks():
