@@ -42,7 +42,8 @@ gradient graph (backward works and yields zero gradients).  Below ``p`` is
     ``sum_{i in V} w_t_i * BCE(sigmoid(z_i), t_i) / sum_{i in V} w_t_i``, ``w`` the two class weights
     (background, foreground) when set; exactly ``F.binary_cross_entropy_with_logits`` averaged over ``V``.
     With one logit ``dice`` is the soft Dice of the foreground:
-    ``1 - (2 sum_V p y + s) / (sum_V p + sum_V y + s)`` with ``p = sigmoid(z)`` (smp's binary mode).
+    ``1 - (2 sum_V p y + s) / (sum_V p + sum_V y + s)`` with ``p = sigmoid(z)`` (smp's binary mode); the class
+    weights do not enter it (one class's Dice has nothing to weigh): in ``bce+dice`` they weigh the ``bce``.
 
 ``loss.name`` is one term or a sum such as ``ce+dice`` (one logit: ``bce+dice``):
 ``sum_term loss.weights[term] * term`` (weight 1 for each term not listed).
