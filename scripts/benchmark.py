@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -462,6 +463,26 @@ def bench_peers(env: Env, args) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def kineto_quiet():
+    """The profiler's C++ side (kineto) writes start/stop chatter to file descriptor 2 ("USDT: ... profiler_start",
+    and on a machine without a GPU "gpuGetDeviceCount failed"): hold it back, and pass on every other line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines():
+                if not re.match(r"\w+:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\]", line):
+                    print(line, file=sys.stderr)
+
+
 def bench_profile(env: Env, args) -> list[dict]:
     """torch.profiler over a few training steps of each network: the operators that take the most time (self
     time on the device: CUDA kernels on a GPU, CPU time otherwise), to see where each family spends its step."""
@@ -478,7 +499,10 @@ def bench_profile(env: Env, args) -> list[dict]:
         model, _ = build(env, overrides, 21)
         x, y = env.batch(bs, size, 21)
         env.train_rate(model, x, y, 1, warmup=1)
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with (
+            kineto_quiet(),
+            profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof,
+        ):
             env.train_rate(model, x, y, iters, warmup=0)
         events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
 

@@ -7,10 +7,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_overhead_section_writes_interleaved_ratios(tmp_path):
+def load_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_overhead_section_writes_interleaved_ratios(tmp_path):
+    bench = load_benchmark()
     bench.main(["--quick", "overhead", "--iters", "2", "debug=smoke", "data.num_train=16", "trainer.max_epochs=4",
                 "--out", str(tmp_path)])  # fmt: skip
     out = json.loads((tmp_path / "benchmark.json").read_text())["overhead"]
@@ -33,3 +38,14 @@ def test_startup_time_script_finds_every_phase():
     for phase in ("segtrain --help:", "build data sets", "build model", "dry validation pass", "FIRST STEP starts",
                   "first training step of debug=smoke starts at"):  # fmt: skip
         assert phase in proc.stdout, phase
+
+
+def test_profiler_chatter_is_held_back_and_other_lines_pass(capfd):
+    import os
+
+    with load_benchmark().kineto_quiet():
+        os.write(2, b"USDT:2026-11-27 18:58:33 2804:2804 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"ERROR:2026-11-27 18:58:34 2804:2804 DeviceProperties.cpp:56] gpuGetDeviceCount failed\n")
+        os.write(2, b"a real warning from a kernel\n")
+    err = capfd.readouterr().err
+    assert "a real warning from a kernel" in err and "profiler_start" not in err and "gpuGetDeviceCount" not in err
