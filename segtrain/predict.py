@@ -88,17 +88,6 @@ def _array_to_rgb(a: np.ndarray, keep_depth: bool = False) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _high_depth(path: Any) -> bool:
-    """Whether the image file at ``path`` has 16-bit or float pixels (False when PIL cannot tell)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.mode in HIGH_DEPTH_MODES
-    except (OSError, ValueError):
-        return False
-
-
 def display_rgb(image: np.ndarray) -> np.ndarray:
     """An 8-bit RGB view of any image (the first three bands, or one band repeated), each band stretched from
     its 1st to 99th percentile: for overlays of multi-band or 16-bit images."""
@@ -224,7 +213,13 @@ class Predictor:
         if self.in_channels == 3:
             if isinstance(source, np.ndarray) and source.dtype == np.uint16:
                 return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
-            if isinstance(source, (str, os.PathLike)) and _high_depth(source):
+            if isinstance(source, (str, os.PathLike)):
+                from PIL import Image
+
+                with Image.open(source) as im:  # one open: the header says the depth
+                    if im.mode not in HIGH_DEPTH_MODES:
+                        im.load()
+                        return read_image(im)
                 from segtrain.data.disk import read_image as read_bands
 
                 return read_bands(Path(source), 3)  # a 16-bit or float file: the training reader, not 8 bits
