@@ -122,29 +122,30 @@ class Env:
     def train_rate(self, model, x, y, iters: int, warmup: int = 2) -> float:
         """img/s of forward + loss + backward + SGD step (fp16: with a GradScaler)."""
         torch = self.torch
-        import torch.nn.functional as F
-
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-
-        def step():
-            with self.autocast():
-                out = model(x)
-                loss = F.cross_entropy((out["out"] if isinstance(out, dict) else out).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
         for _ in range(warmup):
-            step()
+            self.step(model, opt, scaler, x, y)
         self.sync()
         t0 = time.perf_counter()
         for _ in range(iters):
-            step()
+            self.step(model, opt, scaler, x, y)
         self.sync()
         return x.shape[0] * iters / (time.perf_counter() - t0)
+
+    def step(self, model, opt, scaler, x, y):
+        """One bare training step: forward under autocast, cross-entropy, backward, optimizer step; the loss."""
+        import torch.nn.functional as F
+
+        with self.autocast():
+            out = model(x)
+            loss = F.cross_entropy((out["out"] if isinstance(out, dict) else out).float(), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss
 
     def eval_rate(self, model, x, classes: int, iters: int, warmup: int = 1) -> float:
         from segtrain.inference import predict
@@ -211,15 +212,21 @@ def build(env: Env, overrides: list[str], classes: int):
 # sections
 
 
-def _bare_loop(env: Env, trainer, iters: int) -> float:
-    """img/s of a bare PyTorch loop on the trainer's model, precision and batch: uint8 batches already in host
+def _in_memory_batches(trainer) -> tuple:
+    """The first 8 training batches (epoch 0's augmentation), uint8 in host memory, for the bare loop."""
+    import torch
+
+    ds, bs = trainer.train_set, trainer.cfg.data.batch_size
+    samples = [ds[(0, i)] for i in range(min(len(ds), bs * 8))]
+    return torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples]).long()
+
+
+def _bare_loop(env: Env, trainer, batches: tuple, iters: int) -> float:
+    """img/s of a bare PyTorch loop on the trainer's model, precision and batch: uint8 ``batches`` already in host
     memory, normalised on the device as the Trainer does, plain cross-entropy and AdamW, no logging."""
     import torch
-    import torch.nn.functional as F
 
-    cfg, ds, bs = trainer.cfg, trainer.train_set, trainer.cfg.data.batch_size
-    xs = torch.stack([ds[(0, i)][0] for i in range(min(len(ds), bs * 8))])
-    ys = torch.stack([ds[(0, i)][1] for i in range(min(len(ds), bs * 8))]).long()
+    (xs, ys), cfg, bs = batches, trainer.cfg, trainer.cfg.data.batch_size
     model, device = trainer.model, trainer.device
     mean = torch.tensor(list(cfg.data.mean), device=device).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.data.std), device=device).view(1, -1, 1, 1)
@@ -233,13 +240,7 @@ def _bare_loop(env: Env, trainer, iters: int) -> float:
         x = xs[j : j + bs].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
         x = x.contiguous(memory_format=trainer.memory_format)
         y = ys[j : j + bs].to(device, non_blocking=True)
-        with env.autocast():
-            loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        loss.item()
+        env.step(model, opt, scaler, x, y).item()
         if it > 0:  # as in the Trainer, the first step is warm-up
             elapsed += time.perf_counter() - t0
             n += bs
@@ -258,7 +259,7 @@ def bench_overhead(env: Env, args) -> dict:
     base = ["trainer.progress=false", "trainer.num_vis=0", "trainer.val_interval=null", "data.num_val=8"]
     length = ["trainer.max_iters=null"]  # --quick: 10 short epochs (finer interleaving), else the config's run
     if args.quick:
-        short = ["data.num_train=320"] if compose(env.overrides).data.name == "synthetic" else []
+        short = ["data.num_train=320"] if env.cfg.data.name == "synthetic" else []
         length = short + length + ["trainer.max_epochs=10"]
     cfg = compose(length + env.overrides + base)
     rows: list[dict] = []  # one per epoch: the Trainer's rates in it, and the bare rate right after it
@@ -266,6 +267,7 @@ def bench_overhead(env: Env, args) -> dict:
         Trainer(compose(env.overrides + base + ["trainer.max_iters=6"]), Path(tmp) / "warm").fit()  # warm-up
         trainer = Trainer(cfg.copy(), Path(tmp) / "run")
         validate, last = trainer.validate, {"images": 0, "wait": 0.0, "compute": 0.0}
+        batches = _in_memory_batches(trainer)
 
         def validate_then_bare():
             m = validate()
@@ -276,15 +278,14 @@ def bench_overhead(env: Env, args) -> dict:
                          "trainer_compute": d["images"] / d["compute"],
                          "data_wait_fraction": d["wait"] / (d["wait"] + d["compute"])})  # fmt: skip
             if trainer.step < trainer.max_iters:
-                rows[-1]["bare"] = _bare_loop(env, trainer, iters)
+                rows[-1]["bare"] = _bare_loop(env, trainer, batches, iters)
             return m
 
         trainer.validate = validate_then_bare
         s = trainer.fit()
         assert s["step"] == trainer.max_iters and len(rows) >= 3, (s, len(rows))
-    first = rows[0]
-    first["bare"] = rows[0].get("bare") or rows[1]["bare"]
-    pairs = [(a, b) for a, b in zip(rows[1:], rows[2:])]  # (epoch e, epoch e+1) around the bare block after e
+    first = rows[0]  # every epoch but the last has its bare block
+    pairs = list(zip(rows[1:], rows[2:]))  # (epoch e, epoch e+1) around the bare block after e
 
     def med(key: str, ratio: bool = False) -> float:
         vals = [(a[key] + b[key]) / 2 / (a["bare"] if ratio else 1.0) for a, b in pairs]
@@ -494,6 +495,12 @@ def bench_profile(env: Env, args) -> list[dict]:
     iters = args.iters or (2 if args.quick else 5)
     cuda = env.device.type == "cuda"
     nets = NETWORKS if args.quick or not cuda else {**NETWORKS, **FULL_NETWORKS}
+
+    def self_time(e) -> float:
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
     rows = []
     for name, overrides in nets.items():
         model, _ = build(env, overrides, 21)
@@ -505,12 +512,6 @@ def bench_profile(env: Env, args) -> list[dict]:
         ):
             env.train_rate(model, x, y, iters, warmup=0)
         events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
-
-        def self_time(e) -> float:
-            if cuda:
-                return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-            return e.self_cpu_time_total
-
         total = sum(self_time(e) for e in events) or 1.0
         top = sorted(events, key=self_time, reverse=True)[:6]
         ops = [{"op": e.key, "share": self_time(e) / total, "calls": e.count // iters} for e in top]
