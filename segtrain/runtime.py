@@ -99,8 +99,8 @@ class BatchToDevice:
         self.device, self.memory_format = device, memory_format
         self.mean = torch.tensor([float(v) for v in mean], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor([float(v) for v in std], device=device).view(1, -1, 1, 1)
-        self.scale, self.shift = 1.0 / (255.0 * self.std), -self.mean / self.std  # uint8
-        self._scales = {torch.uint8: self.scale}
+        self.shift = -self.mean / self.std
+        self._scales: dict[torch.dtype, torch.Tensor] = {}  # 1 / (range x std), per image type
 
     def _scale(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._scales:
