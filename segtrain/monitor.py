@@ -8,10 +8,10 @@
 * ``trainer.save_top_k`` = k > 0 keeps the k best validations as ``best-<step>-<value>.pt`` (the k-th best
   is replaced by a better one; ties keep the earlier), -1 keeps every validation, 0 (default) none; best.pt
   is then a hard link to the best of them (a copy where links fail);
-* early stopping (``trainer.early_stop_patience`` = p, null: off): a validation that does not beat the best
-  value seen by more than ``trainer.early_stop_min_delta`` counts as bad; p bad validations in a row stop
-  training, as Lightning's EarlyStopping does.  The reason goes to the log, ``metrics.json`` and
-  ``status.json``.
+* early stopping (``trainer.early_stop_patience`` = p, null: off): a validation that does not beat the last
+  improvement (at first: the first validation) by more than ``trainer.early_stop_min_delta`` counts as bad;
+  p bad validations in a row stop training, as Lightning's EarlyStopping does.  The reason goes to the
+  log, ``metrics.json`` and ``status.json``.
 
 The whole state (best value and step, the bad count, the kept files) is in every checkpoint, so a resumed
 run stops at the same validation and keeps the same files as one that never stopped.
@@ -34,8 +34,8 @@ VAL_KEYS = ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss")
 
 
 def monitor_mode(monitor: str, mode: str) -> str:
-    """``auto``: min for a loss, max for a score."""
-    return ("min" if monitor.endswith("loss") else "max") if mode == "auto" else mode
+    """``auto``: min for ``val/loss``, max for a score."""
+    return ("min" if monitor == "val/loss" else "max") if mode == "auto" else mode
 
 
 class Monitor:
@@ -62,6 +62,13 @@ class Monitor:
             return True
         return value - delta > than if self.mode == "max" else value + delta < than
 
+    def _reason(self) -> str:
+        return (
+            f"early stopping: {self.key} did not improve on {self.reference:.4f} by more than {self.min_delta} "
+            f"for {self.bad} validation(s) (trainer.early_stop_patience={self.patience}); best "
+            f"{self.best:.4f} at step {self.best_step}"
+        )
+
     def update(self, scalars: dict[str, float], step: int) -> bool:
         """Record one validation (on every rank: the metrics are the same); True when it is the best yet."""
         value = float(scalars[self.key])
@@ -73,17 +80,17 @@ class Monitor:
         else:
             self.bad += 1
         if self.patience is not None and self.bad >= self.patience:
-            self.stop_reason = (
-                f"early stopping: {self.key} did not improve on {self.reference:.4f} by more than {self.min_delta} "
-                f"for {self.bad} validation(s) (trainer.early_stop_patience={self.patience}); best "
-                f"{self.best:.4f} at step {self.best_step}"
-            )
+            self.stop_reason = self._reason()
         self.pending = {"best": improved, "write": None, "delete": [], "stop": self.stop_reason is not None}
         worst = self.kept[-1]["value"] if self.kept else math.nan
-        if self.top_k < 0 or (self.top_k > 0 and (len(self.kept) < self.top_k or self.better(value, worst))):
+        finite = math.isfinite(value)  # a NaN (an absent class's IoU) takes no top-k place, and sorts last in -1
+        if self.top_k < 0 or (self.top_k > 0 and finite and (len(self.kept) < self.top_k or self.better(value, worst))):
             entry = {"step": step, "value": value, "file": f"best-{step}-{value:.4f}.pt"}
             self.kept.append(entry)
-            self.kept.sort(key=lambda e: (-e["value"] if self.mode == "max" else e["value"], e["step"]))
+            sign = -1 if self.mode == "max" else 1
+            self.kept.sort(
+                key=lambda e: (-1, sign * e["value"], e["step"]) if math.isfinite(e["value"]) else (0, 0, e["step"])
+            )
             self.pending["write"] = entry["file"]
             while 0 < self.top_k < len(self.kept):
                 self.pending["delete"].append(self.kept.pop()["file"])
@@ -133,5 +140,8 @@ class Monitor:
         self.kept = [dict(e) for e in state["kept"]]
         if self.patience is None or self.bad < self.patience:  # trainer.early_stop_patience raised: go on
             self.stop_reason = None
+        elif self.stop_reason is None:  # lowered to the bad count or below: stop now, as such a run would have
+            self.stop_reason = self._reason()
+            log.info("%s", self.stop_reason)
         if self.top_k >= 0:  # trainer.save_top_k lowered on resume: keep the record of the k best
             self.kept = self.kept[: self.top_k] if self.top_k else []

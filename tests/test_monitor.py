@@ -71,6 +71,10 @@ def test_resumed_state_stops_at_the_same_validation(tmp_path):
     more = monitor(tmp_path, early_stop_patience=5)
     more.load_state_dict(straight.state_dict())
     assert more.stop_reason is None and more.bad == 3
+    # a lowered one stops the resumed run at once, as a run with it would have stopped
+    less = monitor(tmp_path, early_stop_patience=2)
+    less.load_state_dict(first.state_dict())  # bad == 2
+    assert less.stop_reason and "for 2 validation(s)" in less.stop_reason
 
 
 def _saved(obj, tmp_path):
@@ -93,6 +97,25 @@ def test_top_k_bookkeeping_and_files(tmp_path):
         str(tmp_path / "best-6-0.6000.pt"),
         str(tmp_path / "best-2-0.5000.pt"),
     ]
+
+
+def test_nan_takes_no_top_k_place_and_sorts_last(tmp_path):
+    key = "val_iou/circle"
+    m = monitor(tmp_path, monitor=key, save_top_k=2)
+    for step, v in enumerate([math.nan, 0.5, 0.6], 1):
+        m.update({key: v}, step)
+        m.save({"step": step})
+    assert [e["step"] for e in m.kept] == [3, 2]  # the 2nd best is kept, not the NaN
+    assert sorted(p.name for p in tmp_path.glob("best*.pt")) == ["best-2-0.5000.pt", "best-3-0.6000.pt", "best.pt"]
+    every = monitor(tmp_path / "all", monitor=key, save_top_k=-1)
+    for step, v in enumerate([0.2, math.nan, 0.5, 0.1, math.nan], 1):
+        every.update({key: v}, step)
+    assert [e["step"] for e in every.kept] == [3, 1, 4, 2, 5]  # best first, NaNs last in step order
+
+
+def test_auto_mode_is_min_for_val_loss_only(tmp_path):
+    assert monitor(tmp_path, monitor="val/loss").mode == "min"
+    assert Monitor(OmegaConf.structured(TrainerConfig(monitor="val_iou/gloss")), tmp_path, ["gloss"]).mode == "max"
 
 
 def test_top_k_off_writes_best_only_and_minus_one_keeps_all(tmp_path):
