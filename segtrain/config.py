@@ -14,6 +14,7 @@ what they change.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -336,7 +337,9 @@ def _validate_class_weights(cfg: DictConfig, check) -> None:
             f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}"
             + (" (one sigmoid logit: 2 weights, background and foreground)" if d.num_classes == 1 else ""),
         )
-        check(all(w >= 0 for w in lo.class_weights), "loss.class_weights must be >= 0")
+        weights = list(lo.class_weights)
+        numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+        check(numbers and all(w >= 0 for w in weights), f"loss.class_weights must be numbers >= 0, got {weights}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -542,19 +545,34 @@ def _check_input_sizes(cfg: DictConfig, check) -> None:
         at_least(window[0], OmegaConf.select(cfg, window[0]), min(window[1]))
     low = min([1.0, *(float(v) for v in e.scales)])  # the smallest view multi-scale evaluation makes
     how = f" at eval.scales {low:g}" if low < 1 else ""
+    # the size validation rescales to, as transforms.val_scale picks it (base_size=auto: checked once resolved)
+    rescale = None
     if d.val_size is not None:
-        val = as_size(d.val_size, "data.val_size")
-        at_least("data.val_size", d.val_size, (val if isinstance(val, int) else min(val)) * low, how)
+        rescale = "data.val_size", d.val_size
+    elif d.base_size not in (None, "auto") and d.train_pipeline is None and d.name != "synthetic":
+        rescale = "data.base_size", d.base_size
+    if rescale is not None:
+        val = as_size(rescale[1], rescale[0])
+        at_least(rescale[0], rescale[1], (val if isinstance(val, int) else min(val)) * low, how)
     elif d.name == "synthetic":
-        at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * min(low, 1.0), how)
+        at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * low, how)
+
+
+VAL_KEYS = ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss")  # what every validation logs
+
+
+def missing_package(backend: str) -> str:
+    """The one line for ``logger=<backend>`` whose package (of the same name) is not installed."""
+    return (
+        f"logger={backend} needs the {backend} package, which is not installed: pip install 'segtrain[{backend}]' "
+        f"(or drop {backend} from logger=...)"
+    )
 
 
 def _validate_monitor_ema(t: DictConfig, lg: DictConfig) -> None:
     """trainer.monitor / early stopping / top-k / EMA, and the logger settings."""
-    if not (
-        t.monitor in ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss") or t.monitor.startswith("val_iou/")
-    ):
-        raise ConfigError(f"trainer.monitor must be val/mIoU, val/aAcc, val/mAcc, val/mDice, val/loss or val_iou/<class>, got {t.monitor!r}")  # fmt: skip
+    if not (t.monitor in VAL_KEYS or t.monitor.startswith("val_iou/")):
+        raise ConfigError(f"trainer.monitor must be {', '.join(VAL_KEYS)} or val_iou/<class>, got {t.monitor!r}")
     if t.monitor_mode not in ("auto", "max", "min"):
         raise ConfigError(f"trainer.monitor_mode must be auto, max or min, got {t.monitor_mode!r}")
     if t.early_stop_patience is not None and t.early_stop_patience < 1:
@@ -569,6 +587,9 @@ def _validate_monitor_ema(t: DictConfig, lg: DictConfig) -> None:
         raise ConfigError(f"trainer.ema_warmup must be >= 1 (or null: no warm-up), got {t.ema_warmup}")
     if lg.wandb is not None and lg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got {lg.wandb.mode!r}")
+    for backend in ("wandb", "mlflow"):  # before anything starts (W&B would otherwise have begun a run)
+        if lg[backend] is not None and importlib.util.find_spec(backend) is None:
+            raise ConfigError(missing_package(backend))
 
 
 def require(cfg: DictConfig, usage: str, *keys: str) -> None:

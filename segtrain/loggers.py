@@ -24,6 +24,7 @@ overrides or the run dir's name.  A resumed run (``trainer.resume``) continues t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain.config import missing_package
 from segtrain.errors import ConfigError
 from segtrain.utils import atomic_write
 
@@ -49,14 +51,11 @@ def _finite(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def _import(module: str, backend: str):
+def _import(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise ConfigError(
-            f"logger={backend} needs the {module} package, which is not installed: pip install 'segtrain[{backend}]' "
-            f"(or drop {backend} from logger=...)"
-        ) from None
+        raise ConfigError(missing_package(module)) from None
 
 
 def run_names(run_dir: Path) -> tuple[str, str | None]:
@@ -110,8 +109,9 @@ class TensorBoardLogger(Backend):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: events after the resumed step (written before a crash) are dropped on resume
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.start_step or None)
+            # purge_step: events after the resumed step (written before a crash) are dropped on resume; those
+            # at it (its training and validation values, logged before its checkpoint) stay, as in metrics.csv
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.start_step + 1 if self.start_step else None)
             if self._config is not None:
                 self._writer.add_text("config", self._config, 0)
         return self._writer
@@ -184,34 +184,29 @@ class CSVLogger(Backend):
             csv.DictWriter(f, fieldnames=self.columns, restval="", lineterminator="\n").writerow(row)
 
 
-def _ids(run_dir: Path, start_step: int) -> dict:
-    """The W&B / MLflow run ids of this run dir when resuming (a new run starts new ones)."""
-    path = run_dir / IDS_FILE
-    if not start_step or not path.is_file():
-        return {}
+def _read_ids(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
 
 
+def _ids(run_dir: Path, start_step: int) -> dict:
+    """The W&B / MLflow run ids of this run dir when resuming (a new run starts new ones)."""
+    return _read_ids(run_dir / IDS_FILE) if start_step else {}
+
+
 def _save_id(run_dir: Path, backend: str, value: str) -> None:
-    ids = {}
-    path = run_dir / IDS_FILE
-    if path.is_file():
-        try:
-            ids = json.loads(path.read_text())
-        except (OSError, ValueError):
-            ids = {}
+    ids = _read_ids(run_dir / IDS_FILE)
     ids[backend] = value
-    atomic_write(path, json.dumps(ids, indent=2) + "\n", durable=False)
+    atomic_write(run_dir / IDS_FILE, json.dumps(ids, indent=2) + "\n", durable=False)
 
 
 class WandbLogger(Backend):
     name = "wandb"
 
     def __init__(self, cfg: DictConfig, run_dir: Path, start_step: int):
-        self.wandb = _import("wandb", "wandb")
+        self.wandb = _import("wandb")
         name, group = run_names(run_dir)
         previous = _ids(run_dir, start_step).get("wandb")
         self.run = self.wandb.init(
@@ -248,9 +243,11 @@ class MLflowLogger(Backend):
 
     def __init__(self, cfg: DictConfig, run_dir: Path, start_step: int):
         uri = cfg.tracking_uri or (run_dir / "mlruns").absolute().as_uri()
+        if "://" not in uri and not uri.startswith(("file:", "databricks")):  # a path, as `mlflow ui` takes it
+            uri = Path(uri).expanduser().absolute().as_uri()
         if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        _import("mlflow", "mlflow")
+        _import("mlflow")
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -336,9 +333,13 @@ class Loggers:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name, make in BACKENDS.items():
-            if cfg.logger[name] is not None:
-                self.backends.append(make(cfg.logger[name], run_dir, start_step))
+        try:
+            for name, make in BACKENDS.items():
+                if cfg.logger[name] is not None:
+                    self.backends.append(make(cfg.logger[name], run_dir, start_step))
+        except BaseException:  # the ones already started end too (a W&B or MLflow run would stay "running")
+            self.close("failed")
+            raise
 
     def __str__(self) -> str:
         return ", ".join(b.name for b in self.backends) or "none"
@@ -351,6 +352,9 @@ class Loggers:
                 log.warning("logger %s failed (%s: %s); it is switched off for the rest of the run", b.name,
                             type(e).__name__, " ".join(str(e).split())[:200])  # fmt: skip
                 self.backends.remove(b)
+                if method != "close":  # its files flushed, its W&B / MLflow run marked failed
+                    with contextlib.suppress(Exception):
+                        b.close("failed")
 
     def config(self, cfg: DictConfig, hparams: dict) -> None:
         self._call("config", OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), hparams)

@@ -26,11 +26,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain import checkpoint
+from segtrain.config import VAL_KEYS
 from segtrain.errors import ConfigError
 
 log = logging.getLogger("segtrain")
-
-VAL_KEYS = ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss")
 
 
 def monitor_mode(monitor: str, mode: str) -> str:

@@ -116,6 +116,38 @@ def test_csv_header_grows_and_resume_drops_later_rows(tmp_path):
     assert list(csv.DictReader((tmp_path / "metrics.csv").open())) == []
 
 
+def test_tensorboard_resume_keeps_the_resumed_steps_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = composed("logger=tensorboard")
+    first = Loggers(cfg, tmp_path)
+    for step, values in [
+        (1, {"train/loss": 1.0}),
+        (2, {"train/loss": 0.5}),
+        (2, {"val/mIoU": 0.3}),
+        (3, {"train/loss": 0.4}),
+    ]:
+        first.scalars(values, step)
+    first.close("failed")  # crashed after step 3; last.pt is at step 2
+    again = Loggers(cfg, tmp_path, start_step=2)
+    again.scalars({"train/loss": 0.45}, 3)
+    again.close("finished")
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.45)]
+    assert [e.step for e in acc.Scalars("val/mIoU")] == [2]
+
+
+def test_mlflow_plain_path_tracking_uri(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # as in a fresh process
+    store = tmp_path / "store"
+    lg = Loggers(composed("logger=mlflow", f"logger.mlflow.tracking_uri={store}"), tmp_path / "run")
+    lg.scalars({"train/loss": 1.0}, 1)
+    lg.close("finished")
+    assert [b.name for b in lg.backends] == ["mlflow"] and list(store.glob("*/*/metrics/train/loss"))
+
+
 def test_mlflow_resume_continues_the_run(tmp_path):
     pytest.importorskip("mlflow")
     first = Loggers(composed("logger=mlflow"), tmp_path)
@@ -141,14 +173,44 @@ def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, bac
     with pytest.raises(ConfigError, match=rf"logger={backend} needs the {module} package.*segtrain\[{backend}\]") as e:
         Loggers(composed(f"logger=[csv,{backend}]"), tmp_path)
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=rf"logger={backend} needs the {module} package"):
+        validate(composed(f"logger=[csv,{backend}]"))  # found before the run starts anything
+
+
+def test_a_backend_that_fails_to_start_closes_the_ones_started(tmp_path, monkeypatch):
+    import segtrain.loggers as loggers
+
+    closed = []
+
+    class Started(Backend):
+        name = "started"
+
+        def __init__(self, cfg, run_dir, start_step):
+            pass
+
+        def close(self, status):
+            closed.append(status)
+
+    class Fails(Backend):
+        def __init__(self, cfg, run_dir, start_step):
+            raise ConfigError("cannot start")
+
+    monkeypatch.setattr(loggers, "BACKENDS", {"tensorboard": Started, "csv": Fails})
+    with pytest.raises(ConfigError, match="cannot start"):
+        Loggers(composed("logger=[tensorboard,csv]"), tmp_path)
+    assert closed == ["failed"]
 
 
 def test_a_failing_backend_is_switched_off_with_a_warning(tmp_path, caplog):
     class Broken(Backend):
         name = "broken"
+        closed = []
 
         def scalars(self, values, step):
             raise OSError("disk full")
+
+        def close(self, status):
+            self.closed.append(status)
 
     lg = Loggers(composed("logger=csv"), tmp_path)
     lg.backends.append(Broken())
@@ -156,6 +218,7 @@ def test_a_failing_backend_is_switched_off_with_a_warning(tmp_path, caplog):
     lg.scalars({"a": 2.0}, 2)
     assert [b.name for b in lg.backends] == ["csv"]
     assert "logger broken failed (OSError: disk full)" in caplog.text
+    assert Broken.closed == ["failed"]  # closed once, when switched off (its files flushed, its run failed)
     assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 2
     lg.image("x", torch.zeros(3, 4, 4, dtype=torch.uint8), 2)
     lg.close()
