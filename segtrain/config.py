@@ -367,8 +367,9 @@ def validate(cfg: DictConfig) -> None:
         f"data.num_workers must be auto or an integer >= 0, got {d.num_workers!r}",
     )
     check(
-        0 <= d.ignore_index < 256 or d.ignore_index == -100,
-        f"data.ignore_index must be in [0, 255] (or -100), got {d.ignore_index}",
+        0 <= d.ignore_index < 256,
+        f"data.ignore_index must be in [0, 255] (masks are 8-bit; padding and unlabelled pixels get it), "
+        f"got {d.ignore_index}; use 255",
     )
     check(
         not (0 <= d.ignore_index < mask_classes(d.num_classes)),

@@ -299,8 +299,9 @@ def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     return [rel if counts[s] > 1 else s for s, (_, rel) in zip(stems, items)]
 
 
-def upright_size(path: Path) -> tuple[int, int]:
-    """(h, w) of an image file as a viewer shows it, from its header (no decoding)."""
+def upright_size(path: Path, in_channels: int = 3) -> tuple[int, int]:
+    """(h, w) of an image file as :meth:`Predictor.read` gives it, from its header (no decoding): as a viewer
+    shows it for 3-band networks, as stored (no EXIF rotation) for others, as training read them."""
     from PIL import Image
 
     from segtrain.data.disk import TIFF_EXTS, read_header
@@ -310,7 +311,7 @@ def upright_size(path: Path) -> tuple[int, int]:
         return h, w
     with Image.open(path) as im:
         w, h = im.size
-        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
+        if in_channels == 3 and im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
             w, h = h, w
     return h, w
 
@@ -337,14 +338,14 @@ class _Images(torch.utils.data.Dataset):
             return i, _reason(e)
 
 
-def size_batches(files: list[Path], batch_size: int) -> tuple[list[list[int]], dict[int, str]]:
+def size_batches(files: list[Path], batch_size: int, in_channels: int = 3) -> tuple[list[list[int]], dict[int, str]]:
     """Indices of ``files`` grouped into batches of one upright size, and the files whose header cannot
     be read (index -> reason)."""
     groups: dict[tuple[int, int], list[int]] = {}
     bad: dict[int, str] = {}
     for i, f in enumerate(files):
         try:
-            groups.setdefault(upright_size(f), []).append(i)
+            groups.setdefault(upright_size(f, in_channels), []).append(i)
         except Exception as e:  # noqa: BLE001
             bad[i] = _reason(e)
     batches = [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
@@ -418,7 +419,7 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
 
     from segtrain.outputs import bars_wanted
 
-    batches, skipped = size_batches(files, cfg.predict.batch_size)
+    batches, skipped = size_batches(files, cfg.predict.batch_size, predictor.in_channels)
     for i, reason in skipped.items():
         log.warning("skipped %s: %s", files[i], reason)
     workers = cfg.data.num_workers

@@ -270,6 +270,11 @@ def test_val_pipeline_and_custom_pipeline():
     assert out["image"].shape == (16, 16, 3)
     with pytest.raises(ConfigError, match="Normalize"):
         T.standard_train(data_cfg("voc", None, train_pipeline=[{"_target_": "albumentations.Normalize"}]))
+    nested = {"_target_": "albumentations.OneOf", "transforms": [{"_target_": "albumentations.Normalize"}]}
+    with pytest.raises(ConfigError, match=r"data.train_pipeline\[0\] holds Normalize: remove it"):
+        T.standard_train(data_cfg("voc", None, train_pipeline=[nested]))
+    with pytest.raises(ConfigError, match="holds ToTensorV2"):
+        T.standard_train(data_cfg("voc", None, train_pipeline=[{"_target_": "albumentations.pytorch.ToTensorV2"}]))
 
 
 # --- the CLI ------------------------------------------------------------------------------------------
@@ -306,10 +311,8 @@ def test_cli_trains_on_each_tree(cli, name, writer, extra):
 def test_val_size_scores_at_the_original_mask_size(cli):
     """data.val_size rescales validation images only; the predictions are resized back to each mask (mmseg)."""
     import json
-    import sys
-    from pathlib import Path
 
-    from tests.conftest import run_cli
+    from tests.conftest import console_script, run_cli
 
     root = cli.cwd / "data"
     expected = write_voc(root)
@@ -317,7 +320,7 @@ def test_val_size_scores_at_the_original_mask_size(cli):
     fast = [a for a in FAST if not a.startswith("trainer.num_vis")]
     _, run = cli("data=voc", f"data.root={root}", *fast, "data.val_size=24", "trainer.num_vis=2", env=env)
     assert (run / "metrics.json").is_file()
-    exe = [str(Path(sys.executable).parent / "segtrain-eval")]
+    exe = console_script("segtrain-eval")
     proc = run_cli(
         [f"ckpt={run / 'checkpoints' / 'last.pt'}", "hydra.run.dir=ev", "trainer.progress=false"],
         cli.cwd,
@@ -378,6 +381,51 @@ def test_exif_rotated_image_is_named_as_such(tmp_path, check_labels):
     msg = one_line_error(e)
     assert "img_00.jpg has EXIF orientation 6" in msg and "61x83" in msg and "83x61" in msg, msg
     assert "remove the orientation tag" in msg
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_exif_tag_is_ignored_for_other_band_counts(tmp_path, check_labels):
+    """in_channels != 3 reads images as stored (no rotation), as their masks: the check must agree."""
+    write_folder(tmp_path)
+    for p in (tmp_path / "images").iterdir():  # every image as 1-band grayscale JPEG, one with an EXIF tag
+        Image.open(p).convert("L").save(p.with_suffix(".jpg"), quality=95)
+        if p.suffix != ".jpg":
+            p.unlink()
+    _rotate_exif(tmp_path / "images" / "img_00.jpg")
+    cfg = data_cfg("folder", tmp_path, num_classes=3, in_channels=1, mean=[0.5], std=[0.25], check_labels=check_labels)
+    load_every_image(cfg)
+
+
+def test_bad_ignore_color_is_one_line(tmp_path):
+    write_folder(tmp_path, masks="rgb")
+    (tmp_path / "classes.yaml").write_text(
+        "names: [a, b, c]\npalette: [[0,0,0],[255,0,0],[0,255,0]]\nignore_color: [255, 255, white]\n"
+    )
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
+    assert "ignore_color must be one [r, g, b] colour with integers in [0, 255]" in one_line_error(e)
+
+
+def test_eval_split_alone_and_a_whole_folder(tmp_path):
+    """segtrain-eval builds the validation split only: ROOT/val without ROOT/train, or every image of a flat
+    folder with data.val_fraction=1 (which training refuses)."""
+    write_folder(tmp_path / "dirs", layout="dirs")
+    import shutil
+
+    shutil.rmtree(tmp_path / "dirs" / "train")
+    train, val = build_datasets(data_cfg("folder", tmp_path / "dirs", num_classes=3, base_size=64), 0, train=False)
+    assert train is None and len(val) == 2 and val.transform is not None
+    write_folder(tmp_path / "flat")
+    cfg = data_cfg("folder", tmp_path / "flat", num_classes=3, val_fraction=1.0, base_size=64)
+    _, val = build_datasets(cfg, seed=0, train=False)
+    assert len(val) == 6
+    val.load(5)
+    with pytest.raises(DataError, match="data.val_fraction=1 puts every image in validation"):
+        build_datasets(cfg, seed=0)
+    with pytest.raises(ConfigError, match="data.mean=auto is computed from the training images"):
+        build_datasets(
+            data_cfg("folder", tmp_path / "flat", num_classes=3, base_size=64, mean="auto", std="auto"), 0, train=False
+        )
 
 
 @pytest.mark.parametrize("check_labels", [True, False])

@@ -62,6 +62,32 @@ def test_16bit_png_float_tiff_and_int16(tmp_path):
     assert D.read_image(tmp_path / "dem.tif", 1).min() == -300.0
 
 
+def test_gray_alpha_and_palette_png_bands_match_their_header(tmp_path):
+    """OpenCV expands gray + alpha (and tRNS) to 4 bands: the reader gives the bands the header reports."""
+    from PIL import Image
+
+    la = np.dstack([np.arange(12 * 10, dtype=np.uint8).reshape(12, 10), np.full((12, 10), 200, np.uint8)])
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert D.read_header(tmp_path / "la.png")[2] == 2
+    np.testing.assert_array_equal(D.read_image(tmp_path / "la.png", 2), la)
+    pal = Image.fromarray(np.arange(6 * 5, dtype=np.uint8).reshape(6, 5) % 3, "P")
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert D.read_header(tmp_path / "p.png")[2] == 3
+    rgb = D.read_image(tmp_path / "p.png", 4 - 1)
+    assert rgb.shape == (6, 5, 3) and rgb[0, 0].tolist() == [255, 0, 0]
+
+
+def test_nan_pixels_are_named(tmp_path):
+    f = np.ones((2, 8, 9), np.float32)
+    f[1, 3, 4] = np.nan
+    tifffile.imwrite(tmp_path / "nodata.tif", f, photometric="minisblack")
+    with pytest.raises(DataError) as e:
+        D.read_image(tmp_path / "nodata.tif", 2)
+    assert "nodata.tif holds NaN or infinite pixels" in one_line(e)
+
+
 def test_band_mismatch_is_one_line_naming_the_file(tmp_path):
     write_tiff_folder(tmp_path, n=6, bands=4)
     with pytest.raises(DataError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import cv2
 import torch
@@ -18,15 +19,18 @@ from torch.utils.data import DataLoader
 
 from segtrain.config import mask_classes
 from segtrain.data.base import EpochSampler, SegDataset
-from segtrain.errors import ConfigError, DataError
+from segtrain.errors import ConfigError
 from segtrain.utils import as_hw
+
+if TYPE_CHECKING:
+    from segtrain.data.disk import DiskDataset
 
 log = logging.getLogger("segtrain")
 
 __all__ = ["build_datasets", "build_loader", "SegDataset", "EpochSampler"]
 
 
-def _synthetic(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
+def _synthetic(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegDataset, SegDataset]:
     from segtrain.data import transforms
     from segtrain.data.synthetic import SyntheticShapes
 
@@ -40,10 +44,10 @@ def _synthetic(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
 def _on_disk(module: str, fn: str = "build"):
     """A builder that imports ``segtrain.data.<module>`` on first use and calls its ``fn``."""
 
-    def build(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
+    def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegDataset | None, SegDataset]:
         import importlib
 
-        return getattr(importlib.import_module(f"segtrain.data.{module}"), fn)(cfg, seed)
+        return getattr(importlib.import_module(f"segtrain.data.{module}"), fn)(cfg, seed, train)
 
     build.__name__ = f"_{module}_{fn}"
     return build
@@ -59,9 +63,11 @@ BUILDERS = {
 }
 
 
-def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
+def build_datasets(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegDataset, SegDataset]:
     """(train, val) data sets for ``cfg.data``; ``seed`` seeds augmentation.  ``auto`` values in ``cfg``
-    (``base_size``, ``mean``, ``std``) are replaced by the numbers computed from the training images."""
+    (``base_size``, ``mean``, ``std``) are replaced by the numbers computed from the training images.
+    ``train=False`` (``segtrain-eval``, whose config holds those numbers): only the validation split is read
+    and checked, and the on-disk training set comes back as None."""
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     on_disk = cfg.name != "synthetic"
@@ -69,54 +75,56 @@ def build_datasets(cfg: DictConfig, seed: int) -> tuple[SegDataset, SegDataset]:
         raise ConfigError(
             "data.crop_size is null but on-disk images differ in size: set data.crop_size=512 (or data.batch_size=1)"
         )
-    train, val = BUILDERS[cfg.name](cfg, seed)
+    train_set, val = BUILDERS[cfg.name](cfg, seed, train)
     if cfg.class_names is not None:
-        train.class_names = val.class_names = list(cfg.class_names)
+        for ds in (train_set, val):
+            if ds is not None:
+                ds.class_names = list(cfg.class_names)
     if on_disk:
-        _prepare_on_disk(cfg, train, val)
+        _prepare_on_disk(cfg, train_set, val)
     else:
         from segtrain.data.stats import resolve_auto
 
-        resolve_auto(cfg, train, None)
-    return train, val
+        resolve_auto(cfg, train_set, None)
+    return train_set, val
 
 
-def _prepare_on_disk(cfg: DictConfig, train: SegDataset, val: SegDataset) -> None:
-    """Checks, ``auto`` values, the scale report and the standard pipelines of an on-disk (train, val) pair."""
+def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDataset) -> None:
+    """Checks, ``auto`` values, the scale report and the standard pipelines of an on-disk (train, val) pair
+    (train None: the validation split alone, for ``segtrain-eval``).  The builders refuse empty splits."""
     from segtrain.data import transforms
     from segtrain.data.checks import check_labels
-    from segtrain.data.disk import DiskDataset
     from segtrain.data.palette import palette_array
     from segtrain.data.stats import resolve_auto, scan_images
 
-    for ds, split in ((train, cfg.train_split), (val, cfg.val_split)):
-        if len(ds) == 0:
-            raise DataError(f"data={cfg.name} split {split!r} under data.root={cfg.root} holds no samples")
+    sets = [ds for ds in (train, val) if ds is not None]
     if cfg.palette is not None:
         pal = palette_array(cfg.palette, "data.palette")
         if len(pal) != mask_classes(cfg.num_classes):
             raise ConfigError(f"data.palette has {len(pal)} colours but data.num_classes={cfg.num_classes}")
-        train.palette = val.palette = pal
-    if not (isinstance(train, DiskDataset) and isinstance(val, DiskDataset)):
-        return
-    train.in_channels = val.in_channels = cfg.in_channels
+        for ds in sets:
+            ds.palette = pal
+    for ds in sets:
+        ds.in_channels = cfg.in_channels
     scan = scan_images(train, val, cfg.in_channels)  # bands and bit depth of every image (headers only)
     if cfg.check_labels:  # every mask, once (cached); also finds the smallest image of each split
-        train.smallest, val.smallest = check_labels([train, val], mask_classes(cfg.num_classes), cfg.ignore_index)
+        for ds, smallest in zip(sets, check_labels(sets, mask_classes(cfg.num_classes), cfg.ignore_index)):
+            ds.smallest = smallest
     else:  # each mask as it is loaded, naming the file
-        train.check_values(mask_classes(cfg.num_classes), cfg.ignore_index)
-        val.check_values(mask_classes(cfg.num_classes), cfg.ignore_index)
+        for ds in sets:
+            ds.check_values(mask_classes(cfg.num_classes), cfg.ignore_index)
     base_from_auto = cfg.base_size == "auto"
     resolve_auto(cfg, train, scan)
-    transforms.report_scales(cfg, scan["median_hw"], base_from_auto)
-    colour = cfg.in_channels == 3 and scan["dtype"] == "uint8"
-    if cfg.photometric and cfg.augment and not colour and cfg.train_pipeline is None:
-        log.info(
-            "photometric distortion off: it needs 3-band 8-bit images, these have %d band(s) of %s",
-            cfg.in_channels,
-            scan["dtype"],
-        )
-    train.transform = transforms.standard_train(cfg, colour)
+    if train is not None:
+        transforms.report_scales(cfg, scan["median_hw"], base_from_auto)
+        colour = cfg.in_channels == 3 and scan["dtype"] == "uint8"
+        if cfg.photometric and cfg.augment and not colour and cfg.train_pipeline is None:
+            log.info(
+                "photometric distortion off: it needs 3-band 8-bit images, these have %d band(s) of %s",
+                cfg.in_channels,
+                scan["dtype"],
+            )
+        train.transform = transforms.standard_train(cfg, colour)
     val.transform = transforms.standard_val(cfg)
 
 

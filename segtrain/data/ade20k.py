@@ -174,8 +174,7 @@ SPLITS = {"train": "training", "val": "validation"}
 
 def reduce_zero_lut(ignore_index: int = 255) -> np.ndarray:
     lut = (np.arange(256, dtype=np.int64) - 1).clip(0, 255).astype(np.uint8)
-    lut[0] = ignore_index if 0 <= ignore_index < 256 else 255
-    lut[255] = ignore_index if 0 <= ignore_index < 256 else 255
+    lut[0] = lut[255] = ignore_index
     return lut
 
 
@@ -207,9 +206,9 @@ def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ign
     return ds
 
 
-def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map, base=reduce_zero_lut(cfg.ignore_index))
-    train = ade_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index)
+    train = ade_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index) if train else None
     val = ade_split(root, cfg.val_split, None, seed, lut, cfg.ignore_index)
     return train, val

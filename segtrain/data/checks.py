@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.disk import EXIF_ORIENTATION, TIFF_EXTS, DiskDataset, open_pil, size_message, value_problem
+from segtrain.data.disk import (
+    EXIF_ORIENTATION,
+    TIFF_EXTS,
+    DiskDataset,
+    open_pil,
+    size_message,
+    valid_values,
+    value_problem,
+)
 from segtrain.errors import DataError
 from segtrain.utils import files_digest
 
@@ -47,11 +55,11 @@ def _check_one(ds: DiskDataset, i: int) -> tuple[np.ndarray | None, str | None, 
         else:
             img = open_pil(ds.images[i], "image")
             w, h = img.size
-            if int(img.getexif().get(EXIF_ORIENTATION, 1)) >= 5:  # OpenCV loads it rotated by 90 degrees
+            if ds.in_channels == 3 and int(img.getexif().get(EXIF_ORIENTATION, 1)) >= 5:  # OpenCV rotates it
                 w, h = h, w
         raw = ds.read_mask(i, mapped=False)
         if raw.shape != (h, w):
-            return None, size_message(ds.images[i], (h, w), ds.masks[i], raw.shape), (h, w)
+            return None, size_message(ds.images[i], (h, w), ds.masks[i], raw.shape, ds.in_channels), (h, w)
         return np.bincount(raw.ravel(), minlength=256) > 0, None, (h, w)
     except DataError as e:
         return None, str(e), (0, 0)
@@ -90,10 +98,7 @@ def check_labels(
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise DataError(errors[0] + more)
-    valid = np.zeros(256, bool)
-    valid[:num_classes] = True
-    if 0 <= ignore_index < 256:
-        valid[ignore_index] = True
+    valid = valid_values(num_classes, ignore_index)
     union = np.zeros(256, bool)
     bad_files: list[tuple[DiskDataset, int, list[int]]] = []
     for (ds, i), (present, _, _) in zip(jobs, results):

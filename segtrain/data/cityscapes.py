@@ -67,7 +67,7 @@ LAYOUT = "ROOT/{leftImg8bit,gtFine}/{train,val}/CITY/*_{leftImg8bit,gtFine_label
 
 
 def trainid_lut(ignore_index: int = 255) -> np.ndarray:
-    lut = np.full(256, ignore_index if 0 <= ignore_index < 256 else 255, np.uint8)
+    lut = np.full(256, ignore_index, np.uint8)
     for k, v in LABEL_TO_TRAIN.items():
         lut[k] = v
     return lut
@@ -100,9 +100,9 @@ def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarr
     return ds
 
 
-def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map, base=trainid_lut(cfg.ignore_index))
-    train = cityscapes_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index)
+    train = cityscapes_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index) if train else None
     val = cityscapes_split(root, cfg.val_split, None, seed, lut, cfg.ignore_index)
     return train, val

@@ -150,8 +150,10 @@ def read_image(path: Path, in_channels: int = 3) -> np.ndarray:
     """An HxWxC image with C = ``in_channels`` (uint8, uint16 or float32), or a one-line DataError naming the file.
 
     ``in_channels=3`` reads JPEG/PNG/BMP as RGB (grayscale files become 3-channel, an alpha channel is dropped,
-    16-bit PNGs stay 16-bit); TIFFs are read band by band with tifffile (when installed), and every other
-    image must have exactly ``in_channels`` bands (a 1-band image is repeated when ``in_channels=3``)."""
+    16-bit PNGs stay 16-bit, EXIF orientation is applied); TIFFs are read band by band with tifffile (when
+    installed), and every other image must have exactly ``in_channels`` bands (a 1-band image is repeated when
+    ``in_channels=3``), read as stored (no EXIF rotation): gray, gray + alpha, RGB or RGBA; a palette PNG gives
+    its RGB colours (transparency dropped)."""
     path = Path(path)
     tiff = path.suffix.lower() in TIFF_EXTS and (in_channels != 3 or _tifffile() is not None)
     if tiff:
@@ -160,15 +162,23 @@ def read_image(path: Path, in_channels: int = 3) -> np.ndarray:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
         if img is None:
             raise _unreadable(path)
-        return _as_carried(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     else:
         img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if img is None:
             raise _unreadable(path)
         if img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
-    img = img if img.ndim == 3 else img[..., None]
-    return _as_carried(_check_bands(img, in_channels, path))
+            header = _png_header(path) if path.suffix.lower() == ".png" else None
+            if header is not None and header[2] != img.shape[2]:  # OpenCV expands gray + alpha and tRNS to RGBA
+                img = img[..., {1: [0], 2: [0, 3], 3: [0, 1, 2]}[header[2]]]
+    img = _as_carried(_check_bands(img if img.ndim == 3 else img[..., None], in_channels, path))
+    if img.dtype.kind == "f" and not np.isfinite(img).all():  # would make the loss (and data.mean=auto) NaN
+        raise DataError(
+            f"image {path} holds NaN or infinite pixels (nodata?): fill them with a value, e.g. "
+            "numpy.nan_to_num or gdal_fillnodata.py, before training or predicting"
+        )
+    return img
 
 
 def _as_carried(img: np.ndarray) -> np.ndarray:
@@ -275,6 +285,14 @@ def _map_colours(rgb: np.ndarray, palette: np.ndarray, path: Path, ignore_color:
     return out[inv.reshape(codes.shape)]
 
 
+def valid_values(num_classes: int, ignore_index: int) -> np.ndarray:
+    """The 256-entry table of accepted mask values: the class ids and ``ignore_index``."""
+    valid = np.zeros(256, bool)
+    valid[:num_classes] = True
+    valid[ignore_index] = True
+    return valid
+
+
 class DiskDataset(SegDataset):
     """Images and masks as files.  ``lut``: a 256-entry uint8 table applied to the mask's values."""
 
@@ -346,7 +364,9 @@ class DiskDataset(SegDataset):
         image = self.read_image(index)
         mask = self.read_mask(index)
         if image.shape[:2] != mask.shape[:2]:
-            raise DataError(size_message(self.images[index], image.shape[:2], self.masks[index], mask.shape[:2]))
+            raise DataError(
+                size_message(self.images[index], image.shape[:2], self.masks[index], mask.shape[:2], self.in_channels)
+            )
         if self.valid is not None and not self.valid[mask].all():  # data.check_labels=false: checked here
             bad = np.unique(mask[~self.valid[mask]]).tolist()
             raise DataError(
@@ -362,10 +382,7 @@ class DiskDataset(SegDataset):
 
     def check_values(self, num_classes: int, ignore_index: int) -> None:
         """Make :meth:`load` reject mask values outside ``[0, num_classes)`` and ``ignore_index``."""
-        self.valid = np.zeros(256, bool)
-        self.valid[:num_classes] = True
-        if 0 <= ignore_index < 256:
-            self.valid[ignore_index] = True
+        self.valid = valid_values(num_classes, ignore_index)
         self.num_classes, self.ignore_index = num_classes, ignore_index
 
     def cache_key(self) -> str:
@@ -382,10 +399,17 @@ def exif_orientation(path: Path) -> int:
         return 1
 
 
-def size_message(img_path: Path, img_hw: tuple, mask_path: Path, mask_hw: tuple) -> str:
+def loads_rotated(path: Path, in_channels: int) -> int:
+    """The EXIF orientation (5-8) by which :func:`read_image` rotates ``path`` by 90 degrees, else 0: OpenCV
+    applies it to the colour photos of ``in_channels=3`` only."""
+    orientation = exif_orientation(path) if in_channels == 3 and Path(path).suffix.lower() not in TIFF_EXTS else 1
+    return orientation if orientation >= 5 else 0
+
+
+def size_message(img_path: Path, img_hw: tuple, mask_path: Path, mask_hw: tuple, in_channels: int = 3) -> str:
     """The error for an image and mask of different sizes (``img_hw`` as loaded, EXIF rotation applied)."""
-    orientation = exif_orientation(img_path)
-    if orientation >= 5 and tuple(img_hw[::-1]) == tuple(mask_hw):
+    orientation = loads_rotated(img_path, in_channels)
+    if orientation and tuple(img_hw[::-1]) == tuple(mask_hw):
         return (
             f"image {img_path} has EXIF orientation {orientation}: it loads rotated by 90 degrees as "
             f"{img_hw[1]}x{img_hw[0]}, while its mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH) as stored; "
@@ -409,7 +433,7 @@ def mapped_from(ds: DiskDataset, index: int, values: list[int]) -> list[int]:
 def value_problem(ds: DiskDataset, index: int, values: list[int], num_classes: int, ignore_index: int) -> str:
     """What is wrong with mask values ``values`` (after the mapping) of sample ``index``, and the fix:
     JPEG masks, values made by ``data.label_map``, or values that need num_classes / a remap."""
-    path, ignore = ds.masks[index], ignore_index if 0 <= ignore_index < 256 else 255
+    path, ignore = ds.masks[index], ignore_index
     if Path(path).suffix.lower() in (".jpg", ".jpeg"):
         return (
             f"{path} has values {values[:8]}: the masks are JPEG files, whose lossy compression changes class "

@@ -4,7 +4,8 @@ Splits, first match wins:
 
 1. ``root/train.txt`` and ``root/val.txt``: one image name (stem, extension optional) per line;
 2. ``root/train/{images,masks}`` and ``root/val/{images,masks}``;
-3. a seeded hold-out of ``data.val_fraction`` of ``root/images`` (seed ``data.seed``).
+3. a seeded hold-out of ``data.val_fraction`` of ``root/images`` (seed ``data.seed``); for ``segtrain-eval``
+   on a separate test set, ``data.val_fraction=1`` scores every image.
 
 Class names and colours come from ``root/classes.yaml`` (or ``data.class_names`` /
 ``data.palette``)::
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 from segtrain.config import mask_classes
 from segtrain.data.disk import DiskDataset, label_map_lut, list_images, read_list, resolve_root
 from segtrain.data.palette import default_palette, palette_array
-from segtrain.errors import DataError
+from segtrain.errors import ConfigError, DataError
 
 LAYOUT = (
     "ROOT/images/* + ROOT/masks/* with matching names [+ ROOT/{train,val}.txt], or ROOT/{train,val}/{images,masks}/*"
@@ -53,14 +54,13 @@ def read_classes(root: Path) -> dict:
     if names is not None and not (isinstance(names, list) and all(isinstance(n, (str, int)) for n in names)):
         raise DataError(f"{path}: names must be a list of class names")
     out = {"names": [str(n) for n in names] if names is not None else None, "path": path}
-    try:
-        out["palette"] = palette_array(data.get("palette"), f"{path} palette")
-    except Exception as e:
-        raise DataError(str(e)) from None
-    ic = data.get("ignore_color")
-    if ic is not None and not (isinstance(ic, list) and len(ic) == 3):
-        raise DataError(f"{path}: ignore_color must be [r, g, b], got {ic!r}")
-    out["ignore_color"] = ic
+    for key, value, many in (("palette", data.get("palette"), True), ("ignore_color", data.get("ignore_color"), False)):
+        try:
+            colours = palette_array(value if many or value is None else [value], f"{path} {key}")
+        except ConfigError:
+            shape = "a list of [r, g, b] colours" if many else "one [r, g, b] colour"
+            raise DataError(f"{path}: {key} must be {shape} with integers in [0, 255], got {value!r}") from None
+        out[key] = colours if many or colours is None else colours[0].tolist()
     return out
 
 
@@ -92,30 +92,44 @@ def _pairs(
     return [images[s] for s in stems], [masks[s] for s in stems]
 
 
-def splits(root: Path, cfg: DictConfig) -> tuple[tuple[list[Path], list[Path]], tuple[list[Path], list[Path]]]:
-    lists = [root / f"{cfg.train_split}.txt", root / f"{cfg.val_split}.txt"]
+Pairs = tuple[list[Path], list[Path]]
+
+
+def splits(root: Path, cfg: DictConfig, train: bool = True) -> tuple[Pairs | None, Pairs]:
+    """(train, val) image and mask paths; train None when not wanted (``segtrain-eval``: the training split
+    may then be absent, and ``data.val_fraction=1`` makes every image of ``ROOT/images`` the validation set)."""
+    names = [cfg.train_split, cfg.val_split]
+    lists = [root / f"{n}.txt" for n in names]
     if any(p.is_file() for p in lists):
-        return tuple(_pairs(root / "images", root / "masks", read_list(p, LAYOUT), str(p)) for p in lists)  # type: ignore[return-value]
-    dirs = [root / cfg.train_split, root / cfg.val_split]
+        found = [_pairs(root / "images", root / "masks", read_list(p, LAYOUT), str(p)) if train or k else None
+                 for k, p in enumerate(lists)]  # fmt: skip
+        return found[0], found[1]
+    dirs = [root / n for n in names]
     if any((d / "images").is_dir() for d in dirs):
-        return tuple(_pairs(d / "images", d / "masks") for d in dirs)  # type: ignore[return-value]
+        found = [_pairs(d / "images", d / "masks") if train or k else None for k, d in enumerate(dirs)]
+        return found[0], found[1]
     if not (root / "images").is_dir():
         raise DataError(f"data.root={root} has no images/ folder (expected layout: {LAYOUT})")
     images, masks = _pairs(root / "images", root / "masks")
-    if not 0 < cfg.val_fraction < 1:
-        raise DataError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not 0 < cfg.val_fraction <= 1:
+        raise DataError(f"data.val_fraction must be in (0, 1], got {cfg.val_fraction}")
+    if cfg.val_fraction == 1:
+        if train:
+            raise DataError(
+                "data.val_fraction=1 puts every image in validation, leaving none to train on: it is for "
+                "segtrain-eval on a separate test set; use a fraction such as 0.1"
+            )
+        return None, (images, masks)
     if len(images) < 2:
         raise DataError(f"{root / 'images'} holds {len(images)} image; a train/val hold-out needs at least 2")
     order = np.random.default_rng(cfg.seed).permutation(len(images))
     n_val = min(len(images) - 1, max(1, int(round(len(images) * cfg.val_fraction))))
     val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
-    return ([images[i] for i in train_idx], [masks[i] for i in train_idx]), (
-        [images[i] for i in val_idx],
-        [masks[i] for i in val_idx],
-    )
+    val = [images[i] for i in val_idx], [masks[i] for i in val_idx]
+    return ([images[i] for i in train_idx], [masks[i] for i in train_idx]) if train else None, val
 
 
-def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     root = resolve_root(cfg, LAYOUT)
     meta = read_classes(root)
     k = mask_classes(cfg.num_classes)  # one sigmoid logit (num_classes=1): background and foreground
@@ -137,9 +151,10 @@ def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
         )
     palette = colours if colours is not None else default_palette(k)
     lut = label_map_lut(cfg.label_map)
-    (tr_i, tr_m), (va_i, va_m) = splits(root, cfg)
     common = dict(lut=lut, colour_palette=colours, ignore_color=meta.get("ignore_color"), ignore_index=cfg.ignore_index)
-    train = DiskDataset(tr_i, tr_m, names, palette, None, seed, **common)
-    val = DiskDataset(va_i, va_m, names, palette, None, seed, **common)
-    train.kind = val.kind = "folder"
-    return train, val
+    found = [None if pairs is None else DiskDataset(*pairs, names, palette, None, seed, **common)
+             for pairs in splits(root, cfg, train)]  # fmt: skip
+    for ds in found:
+        if ds is not None:
+            ds.kind = "folder"
+    return found[0], found[1]

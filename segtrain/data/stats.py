@@ -73,8 +73,9 @@ def _cached(kind: str, key: str, compute: Callable[[], dict]) -> tuple[dict, Pat
 # Headers: sizes, bands, bit depth.
 
 
-def _scan(train: DiskDataset, val: DiskDataset, in_channels: int) -> dict:
-    paths = [*train.images, *val.images]
+def _scan(train: DiskDataset | None, val: DiskDataset, in_channels: int) -> dict:
+    n_train = 0 if train is None else len(train.images)
+    paths = [*(train.images if train is not None else []), *val.images]
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         headers = list(pool.map(read_header, paths))
     bad = [(p, b) for p, (_, _, b, _) in zip(paths, headers) if not header_bands_fit(b, in_channels, p)]
@@ -87,19 +88,23 @@ def _scan(train: DiskDataset, val: DiskDataset, in_channels: int) -> dict:
     if len(dtypes) > 1:
         (a, _), (b, pb) = list(dtypes.items())[:2]
         raise DataError(f"images mix bit depths ({a}, {b}): {pb} is {b}; convert the images to one type")
-    sizes = np.array([(h, w) for h, w, _, _ in headers[: len(train.images)]], np.float64).reshape(-1, 2)
+    sizes = np.array([(h, w) for h, w, _, _ in headers[:n_train]], np.float64).reshape(-1, 2)
     return {
         "images": len(paths),
         "dtype": next(iter(dtypes)),
-        "median_hw": [int(round(v)) for v in np.median(sizes, axis=0)],
-        "median_short_long": [int(round(np.median(sizes.min(1)))), int(round(np.median(sizes.max(1))))],
+        "median_hw": [int(round(v)) for v in np.median(sizes, axis=0)] if n_train else None,
+        "median_short_long": [int(round(np.median(sizes.min(1)))), int(round(np.median(sizes.max(1))))]
+        if n_train
+        else None,
     }
 
 
-def scan_images(train: DiskDataset, val: DiskDataset, in_channels: int) -> dict:
+def scan_images(train: DiskDataset | None, val: DiskDataset, in_channels: int) -> dict:
     """Headers of every image: ``dtype`` (the one carried type), the training images' ``median_hw`` and
-    ``median_short_long``; a one-line DataError for bands that do not fit ``in_channels`` or mixed bit depths."""
-    key = files_digest([*train.images, *val.images], "headers-v1", in_channels, len(train.images))
+    ``median_short_long`` (None without a training set); a one-line DataError for bands that do not fit
+    ``in_channels`` or mixed bit depths."""
+    train_images = [] if train is None else train.images
+    key = files_digest([*train_images, *val.images], "headers-v1", in_channels, len(train_images))
     result, path = _cached("headers", key, lambda: _scan(train, val, in_channels))
     log.debug("image headers: %s (%s)", result, path)
     return result
@@ -172,6 +177,12 @@ def channel_stats(dataset: Any, in_channels: int) -> tuple[list[float], list[flo
 
 def resolve_auto(cfg: DictConfig, train: Any, scan: dict | None) -> None:
     """Replace ``base_size: auto`` and ``mean`` / ``std: auto`` in ``cfg`` (the data config) by numbers."""
+    autos = [k for k in ("base_size", "mean", "std") if cfg[k] == "auto"]
+    if autos and train is None:  # segtrain-eval: the checkpoint's config holds the numbers training found
+        raise ConfigError(
+            f"data.{autos[0]}=auto is computed from the training images, which segtrain-eval does not read: "
+            f"leave data.{autos[0]} as the checkpoint stores it, or give numbers"
+        )
     if cfg.base_size == "auto":
         if scan is None:
             raise ConfigError("data.base_size=auto needs images on disk")

@@ -144,16 +144,29 @@ def custom_pipeline(spec: Any, key: str) -> A.Compose:
             raise ConfigError(
                 f"{key}[{i}] needs a _target_ (e.g. _target_: albumentations.HorizontalFlip), got {item!r}"
             )
-        if str(target).rsplit(".", 1)[-1] == "Normalize":
-            raise ConfigError(
-                f"{key}[{i}] is Normalize: remove it, images are normalised on the device by data.mean/data.std"
-            )
         try:
-            ops.append(instantiate(item, _convert_="all"))
+            op = instantiate(item, _convert_="all")
         except Exception as e:  # hydra wraps import / argument errors
             msg = " ".join(str(e).split())
             raise ConfigError(f"{key}[{i}] ({target}) cannot be built: {msg}") from None
+        bad = next((t for t in _nested(op) if type(t).__name__ in DEVICE_SIDE), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{key}[{i}] holds {type(bad).__name__}: remove it; segtrain makes tensors and normalises them on "
+                "the device, by data.mean/data.std"
+            )
+        ops.append(op)
     return A.Compose(ops)
+
+
+DEVICE_SIDE = ("Normalize", "ToTensorV2", "ToTensor")  # BatchToDevice does these, on the device
+
+
+def _nested(t: Any):
+    """``t`` and every transform inside it (``OneOf``, ``Sequential``, ``SomeOf``, ``Compose``)."""
+    yield t
+    for child in getattr(t, "transforms", None) or []:
+        yield from _nested(child)
 
 
 def standard_train(cfg: DictConfig, colour: bool = True) -> A.Compose:

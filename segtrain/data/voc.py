@@ -77,15 +77,15 @@ def voc_split(
     return ds
 
 
-def build(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     base = find_voc2012(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map)
-    train = voc_split(base, cfg.train_split, None, seed, lut, cfg.ignore_index)
+    train = voc_split(base, cfg.train_split, None, seed, lut, cfg.ignore_index) if train else None
     val = voc_split(base, cfg.val_split, None, seed, lut, cfg.ignore_index)
     return train, val
 
 
-def build_aug(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
+def build_aug(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     base = find_voc2012(resolve_root(cfg, AUG_LAYOUT))
     if not (base / "SegmentationClassAug").is_dir():
         raise DataError(
@@ -93,16 +93,13 @@ def build_aug(cfg: DictConfig, seed: int) -> tuple[DiskDataset, DiskDataset]:
             f"`segtrain-data sbd --root DIR` (expected layout: {AUG_LAYOUT})"
         )
     lut = label_map_lut(cfg.label_map)
-    train = voc_split(
-        base,
-        cfg.train_split,
-        None,
-        seed,
-        lut,
-        cfg.ignore_index,
-        mask_dir="SegmentationClassAug",
-        layout=AUG_LAYOUT,
+    train = (
+        voc_split(base, cfg.train_split, None, seed, lut, cfg.ignore_index, "SegmentationClassAug", AUG_LAYOUT)
+        if train
+        else None
     )
     val = voc_split(base, cfg.val_split, None, seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
-    train.kind = "voc_aug"
+    for ds in (train, val):
+        if ds is not None:
+            ds.kind = "voc_aug"
     return train, val
