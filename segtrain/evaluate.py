@@ -103,7 +103,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from segtrain.evaluation import class_names as names_of
     from segtrain.evaluation import evaluate_loader
     from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table, write_json
-    from segtrain.runtime import BatchToDevice, autocast, resolve_device
+    from segtrain.runtime import BatchToDevice, autocast, configure_backends, resolve_device
 
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     path = Path(cfg.ckpt).expanduser()
@@ -114,7 +114,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     num_classes = ecfg.data.num_classes
 
     device, precision = resolve_device(ecfg.device)
-    _, val_set = build_datasets(ecfg.data, ecfg.seed)
+    configure_backends(device, ecfg.trainer.deterministic, ecfg.device.cudnn_benchmark)  # as validation ran
+    _, val_set = build_datasets(ecfg.data, ecfg.seed, train=False)  # the training split is not read
     loader = build_loader(val_set, ecfg.data, False, ecfg.seed)
     model = checkpoint_model(state, ecfg, path)
     memory_format = torch.channels_last if ecfg.device.channels_last else torch.contiguous_format

@@ -181,6 +181,13 @@ class DivergenceGuard:
     def scale(self) -> float | None:
         return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
+    def load_state_dict(self, state: dict) -> None:
+        """The skip count and the scaler's state from a checkpoint; a run without fp16 (bf16, fp32) saved an
+        empty scaler state, so that a resumed fp16 run (a GPU's precision=auto) starts with a fresh scale."""
+        self.skipped_steps = state["skipped_steps"]
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
     def check(self, loss: float, scale_before: float | None, step: int) -> None:
         skipped = scale_before is not None and self.scaler.get_scale() < scale_before
         if skipped:

@@ -291,10 +291,9 @@ class Trainer:
         self.monitor.load_state_dict(state.get("monitor"))  # absent before segtrain 0.2
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.guard.load_state_dict(state)  # the GradScaler's state and the skipped-step count
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best_miou, self.history = state["best_miou"], list(state["history"])
         if "speed" in state:  # absent in checkpoints of segtrain 0.1.0
             self.speed.load_state_dict(state["speed"])
-        self.guard.skipped_steps = state["skipped_steps"]
         checkpoint.set_rng_state(state["rng"])

@@ -17,9 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def segtrain_exe() -> list[str]:
-    """The installed ``segtrain`` console script next to this Python."""
-    exe = Path(sys.executable).parent / "segtrain"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain"]
+    """The installed ``segtrain`` console script next to this Python, else ``python -m segtrain``."""
+    return console_script("segtrain")
 
 
 def cli_env(extra: dict | None = None) -> dict:
@@ -59,7 +58,9 @@ def cli(tmp_path):
 def console_script(name: str) -> list[str]:
     """An installed console script next to this Python, else ``python -m MODULE`` (same code)."""
     exe = Path(sys.executable).parent / name
-    module = {"segtrain-predict": "segtrain.predict", "segtrain-export": "segtrain.export"}[name]
+    module = {"segtrain": "segtrain", "segtrain-data": "segtrain.data.prepare", "segtrain-eval": "segtrain.evaluate",
+              "segtrain-info": "segtrain.info", "segtrain-predict": "segtrain.predict",
+              "segtrain-export": "segtrain.export"}[name]  # fmt: skip
     return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
 
 

@@ -3,13 +3,12 @@ loading (text files named, pickled code refused and never run)."""
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line_error, run_cli, start_cli
+from conftest import console_script, one_line_error, run_cli, start_cli
 
 from segtrain import checkpoint
 from segtrain.errors import CheckpointError
@@ -82,8 +81,7 @@ def test_pickled_code_is_refused_and_not_run(tmp_path):
     MARKER.unlink(missing_ok=True)
     proc = run_cli(["debug=smoke", f"trainer.resume={evil}"], tmp_path)
     one_line_error(proc, "refusing to load", "evil.pt")
-    exe = [str(Path(sys.executable).parent / "segtrain-eval")]
-    proc = run_cli([f"ckpt={evil}"], tmp_path, exe=exe)
+    proc = run_cli([f"ckpt={evil}"], tmp_path, exe=console_script("segtrain-eval"))
     one_line_error(proc, "refusing to load", "it would call posix.system", prog="segtrain-eval")
     proc = run_cli(["debug=smoke", f"model.init_from={evil}"], tmp_path)
     one_line_error(proc, "refusing to load")

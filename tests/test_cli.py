@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import one_line_error, run_cli
+from conftest import console_script, one_line_error, run_cli
 
 
 def scalar_tags(tb_dir):
@@ -212,11 +212,7 @@ def _snapshot(folder):
 
 
 def _eval_cli(args, cwd):
-    import sys
-    from pathlib import Path
-
-    script = Path(sys.executable).parent / "segtrain-eval"
-    return run_cli(args, cwd, exe=[str(script)] if script.exists() else [sys.executable, "-m", "segtrain.evaluate"])
+    return run_cli(args, cwd, exe=console_script("segtrain-eval"))
 
 
 def test_segtrain_eval_errors_carry_its_name(tmp_path, finished_run):

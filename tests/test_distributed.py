@@ -63,6 +63,7 @@ def test_slurm_tasks_map_onto_torch_distributed(tmp_path):
     pytest.importorskip("submitit")
     env = {
         "PATH": os.environ["PATH"],
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),  # submitit may live beside a checkout on PYTHONPATH
         "SUBMITIT_EXECUTOR": "slurm",
         "SLURM_JOB_ID": "123",
         "SLURM_NTASKS": "8",

@@ -1,8 +1,6 @@
 """``segtrain-info``: parameters, FLOPs (a hand count) and latency (segtrain/info.py)."""
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -12,7 +10,7 @@ from segtrain import __version__, checkpoint
 from segtrain.config import to_yaml
 from segtrain.info import count_flops, input_size
 from segtrain.models import build_model, count_parameters
-from tests.conftest import run_cli
+from tests.conftest import console_script, run_cli
 from tests.test_config import composed
 
 
@@ -51,8 +49,7 @@ def test_input_size_defaults():
 
 
 def info_exe() -> list[str]:
-    exe = Path(sys.executable).parent / "segtrain-info"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain.info"]
+    return console_script("segtrain-info")
 
 
 def test_segtrain_info_on_a_checkpoint(tmp_path):

@@ -7,22 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_cli
 
 
 def test_regular_install_trains_from_another_directory(tmp_path):
+    """Built and installed with this environment's pip and hatchling (no network: no build isolation) into a
+    fresh venv that sees this environment's packages but not the checkout, then run from elsewhere."""
+    pytest.importorskip("hatchling", reason="the build backend (in the dev extra): pip would download it")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     # the new venv sees this environment's torch etc. (a path .pth: the editable install's own .pth files
-    # in there are not processed); only segtrain itself is installed into it
+    # in there are not processed) and PYTHONPATH's package folders, but not the checkout; only segtrain itself
+    # is installed into it
     purelib = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    Path(purelib, "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    Path(purelib, "_parent_env.pth").write_text("\n".join([*site.getsitepackages(), *extra]) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     src = tmp_path / "src"
     src.mkdir()
     for rel in ("segtrain", "configs", "pyproject.toml", "README.md"):
@@ -31,11 +38,9 @@ def test_regular_install_trains_from_another_directory(tmp_path):
             shutil.copytree(s, d, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(s, d)
+    pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-build-isolation"]
     proc = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", str(src)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        [*pip, str(src)], capture_output=True, text=True, env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     )
     assert proc.returncode == 0, proc.stderr
     shutil.rmtree(src)  # nothing may refer back to the source tree
@@ -44,13 +49,17 @@ def test_regular_install_trains_from_another_directory(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
         check=True,
     ).stdout.split()
     assert str(venv) in where[0] and str(venv) in where[1], where
     work = tmp_path / "elsewhere"
     work.mkdir()
     proc = run_cli(
-        ["debug=smoke", "trainer.max_iters=2", "hydra.run.dir=out"], work, exe=[str(venv / "bin" / "segtrain")]
+        ["debug=smoke", "trainer.max_iters=2", "hydra.run.dir=out"],
+        work,
+        exe=[str(venv / "bin" / "segtrain")],
+        env={"PYTHONPATH": os.pathsep.join(extra)},
     )
     assert proc.returncode == 0, proc.stderr
     assert (work / "out" / "metrics.json").is_file()

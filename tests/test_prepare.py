@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 from segtrain.data import prepare
-from tests.conftest import run_cli
+from tests.conftest import console_script, run_cli
 
 scipy_io = pytest.importorskip("scipy.io")
 
@@ -26,8 +25,7 @@ H, W = 56, 72
 
 
 def prepare_exe() -> list[str]:
-    exe = Path(sys.executable).parent / "segtrain-data"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segtrain.data.prepare"]
+    return console_script("segtrain-data")
 
 
 def run_prepare(*args: str, cwd: Path, timeout: int = 60) -> subprocess.CompletedProcess:

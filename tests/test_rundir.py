@@ -123,6 +123,7 @@ def _read_until(stream, needle: str, timeout: float = 180) -> str:
 def test_lock_refuses_a_second_process_and_a_stale_lock_is_taken_over(tmp_path):
     args = [
         "debug=smoke",
+        "device=cpu",  # a step of some 100 ms: the second Ctrl-C comes before the first one's step ends
         "data.image_size=160",
         "trainer.max_iters=100000",
         "trainer.val_interval=100000",
