@@ -75,15 +75,24 @@ FULL_NETWORKS = {  # the paper-size networks, for a GPU
 
 
 def compose(overrides: list[str]):
+    """The config of ``segtrain OVERRIDES``, checked as the CLI checks it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from segtrain.cli import config_dir
-    from segtrain.config import register_configs
+    from segtrain.config import register_configs, validate
+    from segtrain.errors import ConfigError
 
     register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(str(e).split())[:280]) from None
+    validate(cfg)
+    return cfg
 
 
 class Env:
@@ -625,18 +634,32 @@ def main(argv: list[str] | None = None) -> None:
               "date": datetime.date.today().isoformat(), "overrides": args.overrides}  # fmt: skip
     print(f"benchmark on {name} ({env.device}, {env.precision}), torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
-    for section in args.sections:
+    for section in args.sections:  # the files are rewritten after each section: a killed run keeps the done ones
         result[section] = globals()[f"bench_{section}"](env, args)
-    result["seconds"] = time.perf_counter() - t0
-    md = markdown(result)
-    print("\n" + md)
+        result["seconds"] = time.perf_counter() - t0
+        write(result, args.out)
+    print("\n" + markdown(result))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "benchmark.md").write_text(md + "\n")
-        print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+        print(f"wrote {Path(args.out) / 'benchmark.json'} and {Path(args.out) / 'benchmark.md'}")
+
+
+def write(result: dict, out: str | None) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+        (Path(out) / "benchmark.md").write_text(markdown(result) + "\n")
+
+
+def run() -> None:
+    """``main`` with segtrain's errors (a bad override, a stop by SIGTERM) as one line and their exit code."""
+    from segtrain.errors import SegtrainError
+
+    try:
+        main()
+    except SegtrainError as e:
+        print(f"benchmark.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-    main()
+    run()
