@@ -36,3 +36,27 @@ def test_num_classes_bounds():
     wide = SyntheticShapes(8, (32, 32), 21)  # more classes than shapes: the extra ones never appear
     assert len(wide.class_names) == 21 and len(wide.palette) == 21
     assert max(wide.load(i)[1].max() for i in range(8)) < MAX_CLASSES
+
+
+def test_cache_is_bounded_and_shared_out_among_loader_workers(monkeypatch):
+    import torch
+
+    import segtrain.data.synthetic as S
+
+    monkeypatch.setattr(S, "CACHE_BYTES", 5 * 16 * 16 * 4)  # five 16x16 samples
+    ds = SyntheticShapes(12, (16, 16), 6)
+    first = [ds.load(i)[0].copy() for i in range(12)]
+    assert sorted(ds._cache) == [0, 1, 2, 3, 4]  # the first five kept, the rest generated again when asked
+    assert all(np.array_equal(ds.load(i)[0], first[i]) for i in range(12))
+
+    class CacheSize(torch.utils.data.Dataset):  # what each worker process's copy of ds holds after a pass
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            ds.load(i)
+            return len(ds._cache)
+
+    ds._cache.clear()
+    sizes = list(torch.utils.data.DataLoader(CacheSize(), batch_size=None, num_workers=2))
+    assert max(sizes) == 2  # 5 // 2 samples each: the workers together keep no more than the budget

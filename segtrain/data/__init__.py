@@ -71,7 +71,7 @@ def build_datasets(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegD
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     on_disk = cfg.name != "synthetic"
-    if on_disk and cfg.train_pipeline is None and cfg.crop_size is None and cfg.batch_size > 1:
+    if train and on_disk and cfg.train_pipeline is None and cfg.crop_size is None and cfg.batch_size > 1:
         raise ConfigError(
             "data.crop_size is null but on-disk images differ in size: set data.crop_size=512 (or data.batch_size=1)"
         )

@@ -28,7 +28,7 @@ from segtrain.data.disk import (
     value_problem,
 )
 from segtrain.errors import DataError
-from segtrain.utils import files_digest
+from segtrain.utils import atomic_write, files_digest
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,12 @@ def check_labels(
     input size (None from a cache written before segtrain recorded it)."""
     key = _fingerprint(datasets, num_classes, ignore_index)
     cache = cache_dir() / f"{key}.json"
-    if cache.is_file():
+    try:
+        smallest = json.loads(cache.read_text())["smallest"]
         log.info("label check: cached result %s", cache)
-        try:
-            smallest = json.loads(cache.read_text()).get("smallest")
-        except (OSError, ValueError):
-            smallest = None
         return [tuple(x) if x else None for x in smallest] if isinstance(smallest, list) else [None] * len(datasets)
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: check again
+        pass
     jobs = [(ds, i) for ds in datasets for i in range(len(ds))]
     workers = workers or min(8, os.cpu_count() or 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -116,7 +115,8 @@ def check_labels(
         smallest.append((min(sizes)[2], *min(sizes)[1]) if sizes else None)  # (path, h, w)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"ok": True, "samples": len(jobs), "values": values, "smallest": smallest}))
+        record = {"ok": True, "samples": len(jobs), "values": values, "smallest": smallest}
+        atomic_write(cache, json.dumps(record), durable=False)  # DDP ranks may write it at once
     except OSError as e:  # a read-only home is no reason to stop
         log.warning("label check: cannot write cache %s: %s", cache, e)
     log.info("label check: %d samples ok (values %s)", len(jobs), values)

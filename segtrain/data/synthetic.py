@@ -145,8 +145,8 @@ class SyntheticShapes(SegDataset):
             :num_classes
         ]
         self.colour_cue = colour_cue
-        # each loader process keeps what it generated, up to CACHE_BYTES for the whole set
-        cache = cache and num_samples * self.image_size[0] * self.image_size[1] * 4 <= CACHE_BYTES
+        # each loader process keeps what it generated: CACHE_BYTES in all, shared out among the loader workers
+        self._sample_bytes = self.image_size[0] * self.image_size[1] * 4  # RGB + mask, uint8
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -156,9 +156,16 @@ class SyntheticShapes(SegDataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         sample = self.generate(index)
-        if self._cache is not None:
+        if self._cache is not None and (len(self._cache) + 1) * self._sample_bytes <= self._cache_share():
             self._cache[index] = sample
         return sample
+
+    @staticmethod
+    def _cache_share() -> int:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()  # None in the main process (data.num_workers=0)
+        return CACHE_BYTES // (info.num_workers if info is not None else 1)
 
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.content_seed, self.split_id, index])
