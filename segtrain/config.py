@@ -322,106 +322,108 @@ def min_input_size(model: DictConfig) -> int:
 # Validation of values a type cannot express.
 
 
-def _validate_class_weights(cfg: DictConfig, check) -> None:
+def _check(ok: bool, msg: str) -> None:
+    """ConfigError ``msg`` (one line naming the key) unless ``ok``."""
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _validate_class_weights(cfg: DictConfig) -> None:
     """``loss.class_weights``: auto, or one non-negative weight per class."""
     d, lo = cfg.data, cfg.loss
     if isinstance(lo.class_weights, str):
-        check(lo.class_weights == "auto", f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}")
+        _check(lo.class_weights == "auto", f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}")
     elif lo.class_weights is not None:
-        check(
+        _check(
             isinstance(lo.class_weights, (list, ListConfig)),
             f"loss.class_weights must be a list or 'auto', got {lo.class_weights!r}",
         )
-        check(
+        _check(
             len(lo.class_weights) == mask_classes(d.num_classes),
             f"loss.class_weights has {len(lo.class_weights)} values but data.num_classes={d.num_classes}"
             + (" (one sigmoid logit: 2 weights, background and foreground)" if d.num_classes == 1 else ""),
         )
         weights = list(lo.class_weights)
         numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
-        check(numbers and all(w >= 0 for w in weights), f"loss.class_weights must be numbers >= 0, got {weights}")
+        _check(numbers and all(w >= 0 for w in weights), f"loss.class_weights must be numbers >= 0, got {weights}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line, naming the key) for an impossible value."""
 
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
     d, o, s, t, lo = cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
-    check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
-    check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
-    check(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
-    check(
+    _check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    _check(
         d.num_classes >= 1,
         f"data.num_classes must be >= 2 (softmax), or 1 (one sigmoid logit with loss.name=bce+dice), got {d.num_classes}",
     )
-    check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    check(
+    _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _check(
         d.val_batch_size is None or d.val_batch_size >= 1,
         f"data.val_batch_size must be >= 1, got {d.val_batch_size}",
     )
-    check(
+    _check(
         d.num_workers == "auto" or (isinstance(d.num_workers, int) and d.num_workers >= 0),
         f"data.num_workers must be auto or an integer >= 0, got {d.num_workers!r}",
     )
-    check(
+    _check(
         0 <= d.ignore_index < 256,
         f"data.ignore_index must be in [0, 255] (masks are 8-bit; padding and unlabelled pixels get it), "
         f"got {d.ignore_index}; use 255",
     )
-    check(
+    _check(
         not (0 <= d.ignore_index < mask_classes(d.num_classes)),
         f"data.ignore_index={d.ignore_index} is a class id (num_classes={d.num_classes}); use 255",
     )
     if d.name == "synthetic":
-        check(d.num_train >= 1, f"data.num_train must be >= 1, got {d.num_train}")
-        check(d.num_val >= 1, f"data.num_val must be >= 1, got {d.num_val}")
+        _check(d.num_train >= 1, f"data.num_train must be >= 1, got {d.num_train}")
+        _check(d.num_val >= 1, f"data.num_val must be >= 1, got {d.num_val}")
         as_hw(d.image_size, "data.image_size")
     if d.crop_size is not None:
         as_hw(d.crop_size, "data.crop_size")
     if d.base_size != "auto":
         as_size(d.base_size, "data.base_size")
     as_size(d.val_size, "data.val_size")
-    check(
+    _check(
         len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
         f"data.scale_range must be [low, high] with 0 < low <= high, got {list(d.scale_range)}",
     )
-    check(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {d.cat_max_ratio}")
+    _check(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {d.cat_max_ratio}")
     if d.class_names is not None:
         k = mask_classes(d.num_classes)
-        check(
+        _check(
             len(d.class_names) == k,
             f"data.class_names has {len(d.class_names)} names but data.num_classes={d.num_classes}"
             + (" (one sigmoid logit: 2 names, background and foreground)" if d.num_classes == 1 else ""),
         )
-    _validate_images(d, check)
-    _validate_binary(cfg, check)
+    _validate_images(d)
+    _validate_binary(cfg)
 
-    check(s.power > 0, f"scheduler.power must be > 0, got {s.power}")
-    check(s.min_lr >= 0, f"scheduler.min_lr must be >= 0, got {s.min_lr}")
-    check(s.warmup_iters >= 0, f"scheduler.warmup_iters must be >= 0, got {s.warmup_iters}")
-    check(0 < s.warmup_ratio <= 1, f"scheduler.warmup_ratio must be in (0, 1], got {s.warmup_ratio}")
+    _check(s.power > 0, f"scheduler.power must be > 0, got {s.power}")
+    _check(s.min_lr >= 0, f"scheduler.min_lr must be >= 0, got {s.min_lr}")
+    _check(s.warmup_iters >= 0, f"scheduler.warmup_iters must be >= 0, got {s.warmup_iters}")
+    _check(0 < s.warmup_ratio <= 1, f"scheduler.warmup_ratio must be in (0, 1], got {s.warmup_ratio}")
 
-    _validate_class_weights(cfg, check)
-    check(lo.aux_weight >= 0, f"loss.aux_weight must be >= 0, got {lo.aux_weight}")
-    check(0 <= lo.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {lo.label_smoothing}")
-    check(0 < lo.ohem_thresh <= 1, f"loss.ohem_thresh must be in (0, 1], got {lo.ohem_thresh}")
-    check(lo.ohem_min_kept >= 0, f"loss.ohem_min_kept must be >= 0, got {lo.ohem_min_kept}")
-    check(lo.focal_gamma >= 0, f"loss.focal_gamma must be >= 0, got {lo.focal_gamma}")
-    check(lo.dice_smooth >= 0, f"loss.dice_smooth must be >= 0, got {lo.dice_smooth}")
-    check(o.head_lr_mult > 0, f"optimizer.head_lr_mult must be > 0, got {o.head_lr_mult}")
-    check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
-    check(t.keep_last >= 0, f"trainer.keep_last must be >= 0, got {t.keep_last}")
-    check(t.stop_at is None or t.stop_at >= 1, f"trainer.stop_at must be >= 1, got {t.stop_at}")
+    _validate_class_weights(cfg)
+    _check(lo.aux_weight >= 0, f"loss.aux_weight must be >= 0, got {lo.aux_weight}")
+    _check(0 <= lo.label_smoothing < 1, f"loss.label_smoothing must be in [0, 1), got {lo.label_smoothing}")
+    _check(0 < lo.ohem_thresh <= 1, f"loss.ohem_thresh must be in (0, 1], got {lo.ohem_thresh}")
+    _check(lo.ohem_min_kept >= 0, f"loss.ohem_min_kept must be >= 0, got {lo.ohem_min_kept}")
+    _check(lo.focal_gamma >= 0, f"loss.focal_gamma must be >= 0, got {lo.focal_gamma}")
+    _check(lo.dice_smooth >= 0, f"loss.dice_smooth must be >= 0, got {lo.dice_smooth}")
+    _check(o.head_lr_mult > 0, f"optimizer.head_lr_mult must be > 0, got {o.head_lr_mult}")
+    _check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
+    _check(t.keep_last >= 0, f"trainer.keep_last must be >= 0, got {t.keep_last}")
+    _check(t.stop_at is None or t.stop_at >= 1, f"trainer.stop_at must be >= 1, got {t.stop_at}")
     _validate_monitor_ema(t, cfg.logger)
     e = cfg.eval
-    check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
-    check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
-    check(0 < e.threshold < 1, f"eval.threshold must be in (0, 1), got {e.threshold}")
+    _check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
+    _check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
+    _check(0 < e.threshold < 1, f"eval.threshold must be in (0, 1), got {e.threshold}")
     if e.mode == "slide":
-        check(
+        _check(
             e.crop_size is not None or d.crop_size is not None,
             "eval.mode=slide needs eval.crop_size (or data.crop_size)",
         )
@@ -430,64 +432,65 @@ def validate(cfg: DictConfig) -> None:
     if e.stride is not None:
         as_hw(e.stride, "eval.stride")
 
-    check(
+    _check(
         t.max_iters is not None or t.max_epochs is not None,
         "set trainer.max_epochs or trainer.max_iters",
     )
-    check(t.max_iters is None or t.max_iters >= 1, f"trainer.max_iters must be >= 1, got {t.max_iters}")
-    check(
+    _check(t.max_iters is None or t.max_iters >= 1, f"trainer.max_iters must be >= 1, got {t.max_iters}")
+    _check(
         t.max_epochs is None or t.max_epochs >= 1,
         f"trainer.max_epochs must be >= 1, got {t.max_epochs}",
     )
-    check(
+    _check(
         t.val_interval is None or t.val_interval >= 1,
         f"trainer.val_interval must be >= 1 (or null for every epoch), got {t.val_interval}",
     )
-    check(t.log_interval >= 1, f"trainer.log_interval must be >= 1, got {t.log_interval}")
-    check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0, got {t.grad_clip}")
+    _check(t.log_interval >= 1, f"trainer.log_interval must be >= 1, got {t.log_interval}")
+    _check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0, got {t.grad_clip}")
     m = cfg.model
-    check(
+    _check(
         m.output_stride in (None, 8, 16, 32),
         f"model.output_stride must be 8, 16 or 32, got {m.output_stride}",
     )
-    check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
-    check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
-    check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
-    _check_seeds_and_optimizer(cfg, check)
-    _check_slide(cfg, check)
-    _check_input_sizes(cfg, check)
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
+    _check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
+    _check_seeds_and_optimizer(cfg)
+    _check_slide(cfg)
+    _check_input_sizes(cfg)
     if t.max_iters is not None:
         check_run_length(cfg, t.max_iters)
 
 
-def _check_seeds_and_optimizer(cfg: DictConfig, check) -> None:
+def _check_seeds_and_optimizer(cfg: DictConfig) -> None:
     for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
-        check(0 <= seed < 2**32, f"{key} must be in [0, 4294967295] (numpy's seed range), got {seed}")
+        _check(0 <= seed < 2**32, f"{key} must be in [0, 4294967295] (numpy's seed range), got {seed}")
     o, s, t = cfg.optimizer, cfg.scheduler, cfg.trainer
     betas = list(o.betas)
-    check(
+    _check(
         len(betas) == 2 and all(0 <= b < 1 for b in betas),
         f"optimizer.betas must be [beta1, beta2], each in [0, 1), got {betas}",
     )
-    check(
+    _check(
         s.name == "constant" or s.min_lr <= o.lr,
         f"scheduler.min_lr={s.min_lr} is above optimizer.lr={o.lr}, so the lr would never decay; set "
         f"scheduler.min_lr below optimizer.lr (e.g. scheduler.min_lr=0)",
     )
-    check(
+    _check(
         not (t.overwrite and t.resume == "auto"),
         "trainer.overwrite=true (start over) and trainer.resume=auto (continue) contradict each other; drop one",
     )
 
 
 def check_run_length(
-    cfg: DictConfig, max_iters: int, num_train: int | None = None, iters_per_epoch: int | None = None
+    cfg: DictConfig, max_iters: int, num_train: int | None = None, iters_per_epoch: int | None = None, world: int = 1
 ) -> None:
     """Checks against the run's length in iterations (known once the data set is, with trainer.max_epochs)."""
     if iters_per_epoch == 0:
+        ranks = f" x {world} processes" if world > 1 else ""
         raise ConfigError(
-            f"the training set has {num_train} images, fewer than data.batch_size={cfg.data.batch_size} x "
-            f"trainer.accumulate={cfg.trainer.accumulate}"
+            f"the training set has {num_train} images, fewer than one optimizer step takes: data.batch_size="
+            f"{cfg.data.batch_size} x trainer.accumulate={cfg.trainer.accumulate}{ranks}; lower them"
         )
     w = cfg.scheduler.warmup_iters
     if w and w >= max_iters:
@@ -507,13 +510,13 @@ def _slide_crop(cfg: DictConfig) -> tuple[str, tuple[int, int]] | None:
     return (key, as_hw(value, key)) if value is not None else None
 
 
-def _check_slide(cfg: DictConfig, check) -> None:
+def _check_slide(cfg: DictConfig) -> None:
     window = _slide_crop(cfg)
     if window is None or cfg.eval.stride is None:
         return
     key, crop = window
     stride = as_hw(cfg.eval.stride, "eval.stride")
-    check(
+    _check(
         stride[0] <= crop[0] and stride[1] <= crop[1],
         f"eval.stride={_shown(cfg.eval.stride)} is larger than the window {key}={_shown(OmegaConf.select(cfg, key))}, "
         f"so pixels between windows would never be predicted; set eval.stride <= {min(crop)} (or leave it unset: "
@@ -525,15 +528,20 @@ def _shown(value: Any) -> str:
     return str(list(value)) if isinstance(value, (list, ListConfig)) else str(value)
 
 
-def _check_input_sizes(cfg: DictConfig, check) -> None:
+def smallest_eval_scale(cfg: DictConfig) -> float:
+    """The smallest view evaluation makes: 1, or the least of ``eval.scales`` below it (multi-scale)."""
+    return min([1.0, *(float(v) for v in cfg.eval.scales)])
+
+
+def _check_input_sizes(cfg: DictConfig) -> None:
     """Crops and validation sizes against the smallest input the network accepts."""
-    need, d, e = min_input_size(cfg.model), cfg.data, cfg.eval
+    need, d = min_input_size(cfg.model), cfg.data
     if need <= 1:
         return
     network = f"model={cfg.model.name}" + ("" if cfg.model.backbone is None else f" ({cfg.model.backbone})")
 
     def at_least(key: str, value: Any, side: float, how: str = "") -> None:
-        check(
+        _check(
             side >= need,
             f"{key}={_shown(value)}{how} gives {int(side)} px, fewer than the {need} px {network} needs "
             f"(its encoder halves the input {need.bit_length() - 1} times); use at least {need}",
@@ -544,7 +552,7 @@ def _check_input_sizes(cfg: DictConfig, check) -> None:
     window = _slide_crop(cfg)
     if window is not None:
         at_least(window[0], OmegaConf.select(cfg, window[0]), min(window[1]))
-    low = min([1.0, *(float(v) for v in e.scales)])  # the smallest view multi-scale evaluation makes
+    low = smallest_eval_scale(cfg)
     how = f" at eval.scales {low:g}" if low < 1 else ""
     # the size validation rescales to, as transforms.val_scale picks it (base_size=auto: checked once resolved)
     rescale = None
@@ -636,50 +644,50 @@ def mask_classes(num_classes: int) -> int:
 SIGMOID_TERMS = ("bce", "dice")  # the loss terms defined on one sigmoid logit
 
 
-def _validate_images(d: DictConfig, check) -> None:
+def _validate_images(d: DictConfig) -> None:
     """``data.in_channels``, ``data.mean`` / ``data.std`` (a list per band, or auto) and ``base_size=auto``."""
     c = d.in_channels
-    check(c >= 1, f"data.in_channels must be >= 1, got {c}")
+    _check(c >= 1, f"data.in_channels must be >= 1, got {c}")
     if d.name == "synthetic":
-        check(c == 3, f"data=synthetic draws RGB images: data.in_channels must be 3, got {c}")
-        check(d.base_size != "auto", "data.base_size=auto needs images on disk; data=synthetic sets data.image_size")
+        _check(c == 3, f"data=synthetic draws RGB images: data.in_channels must be 3, got {c}")
+        _check(d.base_size != "auto", "data.base_size=auto needs images on disk; data=synthetic sets data.image_size")
     auto = d.mean == "auto" or d.std == "auto"  # either computes both
     for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
         value = d[key]
         if isinstance(value, str):
-            check(value == "auto", f"data.{key} must be a list of {c} values or auto, got {value!r}")
+            _check(value == "auto", f"data.{key} must be a list of {c} values or auto, got {value!r}")
             continue
         ok = isinstance(value, (list, ListConfig)) and all(isinstance(v, (int, float)) for v in value)
-        check(ok, f"data.{key} must be a list of {c} values or auto, got {value!r}")
+        _check(ok, f"data.{key} must be a list of {c} values or auto, got {value!r}")
         if auto:
-            check(
+            _check(
                 tuple(float(v) for v in value) == default,
                 f"data.mean=auto / data.std=auto compute both from the training images: drop data.{key}="
                 f"{list(value)}, or give data.mean and data.std both as lists",
             )
             continue
-        check(
+        _check(
             len(value) == c,
             f"data.{key} has {len(value)} values but data.in_channels={c}: give {c} values, or data.mean=auto "
             "(mean and std computed from the training images)",
         )
         if key == "std":
-            check(all(v > 0 for v in value), f"data.std must be > 0, got {list(value)}")
+            _check(all(v > 0 for v in value), f"data.std must be > 0, got {list(value)}")
 
 
-def _validate_binary(cfg: DictConfig, check) -> None:
+def _validate_binary(cfg: DictConfig) -> None:
     """One sigmoid logit (``data.num_classes=1``) goes with ``bce`` / ``dice`` terms, and ``bce`` with it."""
     terms = [t.strip() for t in str(cfg.loss.name).split("+")]
     k = cfg.data.num_classes
     if k == 1:
         bad = [t for t in terms if t not in SIGMOID_TERMS]
-        check(
+        _check(
             not bad,
             f"loss.name={cfg.loss.name} has {bad[0] if bad else ''} (a softmax term) but data.num_classes=1 trains "
             "one sigmoid logit: use loss.name=bce+dice (or bce, dice), or data.num_classes=2 for a softmax",
         )
     else:
-        check(
+        _check(
             "bce" not in terms,
             f"loss.name={cfg.loss.name} needs data.num_classes=1 (one sigmoid logit); with data.num_classes={k} "
             "use ce (softmax)",

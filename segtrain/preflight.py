@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
-from segtrain.config import min_input_size
+from segtrain.config import min_input_size, smallest_eval_scale
 from segtrain.errors import ConfigError, DataError
 from segtrain.evaluation import evaluate_loader
 from segtrain.runtime import autocast, unwrap
@@ -35,7 +35,7 @@ def check_val_images(val_set, cfg) -> None:
     if smallest is None or val_scale(cfg.data) is not None:
         return
     path, h, w = smallest
-    low = min([1.0, *(float(s) for s in cfg.eval.scales)])
+    low = smallest_eval_scale(cfg)
     if min(h, w) * low < need:
         scaled = f" (x{low:g} at the smallest eval.scales)" if low < 1 else ""
         raise DataError(

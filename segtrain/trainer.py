@@ -67,7 +67,7 @@ class Trainer:
         self.val_loader = build_loader(self.val_set, d, False, cfg.seed, rank, world)
         self.iters_per_epoch = len(self.train_loader) // t.accumulate  # optimizer steps per epoch
         self.max_iters = t.max_iters if t.max_iters is not None else t.max_epochs * self.iters_per_epoch
-        check_run_length(cfg, self.max_iters, len(self.train_set), self.iters_per_epoch)
+        check_run_length(cfg, self.max_iters, len(self.train_set), self.iters_per_epoch, world)
 
         # --- model, loss, optimizer, schedule -----------------------------------------------------
         self.model = build_model(cfg.model, self.num_classes, d.in_channels).to(self.device)

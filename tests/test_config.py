@@ -163,8 +163,10 @@ def test_run_length_checks_once_the_data_set_is_known():
     check_run_length(cfg, 41)
     with pytest.raises(ConfigError, match="warmup_iters=40 is not below the run's 40 iterations"):
         check_run_length(cfg, 40)  # trainer.max_epochs: the length is known only with the data set
-    with pytest.raises(ConfigError, match="fewer than data.batch_size=16"):
+    with pytest.raises(ConfigError, match="fewer than one optimizer step takes: data.batch_size=16 x trainer.acc"):
         check_run_length(cfg, 0, num_train=3, iters_per_epoch=0)
+    with pytest.raises(ConfigError, match=r"trainer.accumulate=1 x 2 processes; lower them"):
+        check_run_length(cfg, 0, num_train=20, iters_per_epoch=0, world=2)
 
 
 def test_own_data_keys_that_validate():
