@@ -112,7 +112,10 @@ def test_schema_default_check_can_fail():
         (["model=deconvnet", "data.val_size=20"], "data.val_size=20 gives 20 px, fewer than the 32 px"),
         (["eval.mode=slide", "eval.crop_size=12"], "eval.crop_size=12 gives 12 px"),
         (["data=voc", "data.base_size=8"], "data.base_size=8 gives 8 px"),
-        (["data.ignore_index=-100"], "data.ignore_index must be in [0, 255] (masks are 8-bit"),  # validation rescales to base_size
+        (
+            ["data.ignore_index=-100"],
+            "data.ignore_index must be in [0, 255] (masks are 8-bit",
+        ),  # validation rescales to base_size
         (["loss.class_weights=[a,b,c,d,e,f]"], "loss.class_weights must be numbers >= 0, got ['a', 'b'"),
         (["logger=wandb", "logger.wandb.mode=foo"], "logger.wandb.mode must be offline, online or disabled"),
         (["trainer.early_stop_min_delta=-1"], "trainer.early_stop_min_delta must be >= 0"),
