@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,8 @@ class DivergenceGuard:
     def __init__(self, scaler: torch.amp.GradScaler, precision: str):
         self.scaler, self.precision = scaler, precision
         self.skipped_steps, self.in_row = 0, 0
+        if scaler.is_enabled():  # a skipped step is logged above; PyTorch's schedule-order warning says nothing more
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     def scale(self) -> float | None:
         return self.scaler.get_scale() if self.scaler.is_enabled() else None

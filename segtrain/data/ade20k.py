@@ -188,7 +188,7 @@ def find_root(root: Path) -> Path:
     )
 
 
-def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ignore_index: int) -> DiskDataset:
+def ade_split(root: Path, split: str, seed: int, lut: np.ndarray, ignore_index: int) -> DiskDataset:
     sub = SPLITS.get(split, split)
     img_dir, ann_dir = root / "images" / sub, root / "annotations" / sub
     for d in (img_dir, ann_dir):
@@ -199,9 +199,7 @@ def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ign
         raise DataError(f"{img_dir} holds no images (expected layout: {LAYOUT})")
     masks = [ann_dir / f"{stem}.png" for stem in images]
     require_files(masks, "annotation(s) are", LAYOUT)
-    ds = DiskDataset(
-        list(images.values()), masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index
-    )
+    ds = DiskDataset(list(images.values()), masks, CLASS_NAMES, PALETTE, None, seed, lut=lut, ignore_index=ignore_index)
     ds.kind = "ade20k-reduce-zero"
     return ds
 
@@ -209,6 +207,6 @@ def ade_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ign
 def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map, base=reduce_zero_lut(cfg.ignore_index))
-    train = ade_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index) if train else None
-    val = ade_split(root, cfg.val_split, None, seed, lut, cfg.ignore_index)
+    train = ade_split(root, cfg.train_split, seed, lut, cfg.ignore_index) if train else None
+    val = ade_split(root, cfg.val_split, seed, lut, cfg.ignore_index)
     return train, val

@@ -83,7 +83,7 @@ def find_root(root: Path) -> Path:
     )
 
 
-def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarray, ignore_index: int) -> DiskDataset:
+def cityscapes_split(root: Path, split: str, seed: int, lut: np.ndarray, ignore_index: int) -> DiskDataset:
     img_dir = root / "leftImg8bit" / split
     if not img_dir.is_dir():
         raise DataError(f"split folder {img_dir} is missing (expected layout: {LAYOUT})")
@@ -95,7 +95,7 @@ def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarr
         for p in images
     ]
     require_files(masks, "gtFine label file(s) are", LAYOUT)
-    ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index)
+    ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, None, seed, lut=lut, ignore_index=ignore_index)
     ds.kind = "cityscapes-trainid"
     return ds
 
@@ -103,6 +103,6 @@ def cityscapes_split(root: Path, split: str, transform, seed: int, lut: np.ndarr
 def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     root = find_root(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map, base=trainid_lut(cfg.ignore_index))
-    train = cityscapes_split(root, cfg.train_split, None, seed, lut, cfg.ignore_index) if train else None
-    val = cityscapes_split(root, cfg.val_split, None, seed, lut, cfg.ignore_index)
+    train = cityscapes_split(root, cfg.train_split, seed, lut, cfg.ignore_index) if train else None
+    val = cityscapes_split(root, cfg.val_split, seed, lut, cfg.ignore_index)
     return train, val

@@ -27,7 +27,7 @@ import yaml
 from omegaconf import DictConfig
 
 from segtrain.config import mask_classes
-from segtrain.data.disk import DiskDataset, label_map_lut, list_images, read_list, resolve_root
+from segtrain.data.disk import IMAGE_EXTS, DiskDataset, label_map_lut, list_images, read_list, resolve_root
 from segtrain.data.palette import default_palette, palette_array
 from segtrain.errors import ConfigError, DataError
 
@@ -76,10 +76,7 @@ def _pairs(
         if not stems:
             raise DataError(f"{img_dir} holds no images (.jpg/.jpeg/.png/.bmp/.tif/.tiff) (expected layout: {LAYOUT})")
     else:
-        stems = [
-            Path(s).stem if Path(s).suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") else s
-            for s in stems
-        ]
+        stems = [Path(s).stem if Path(s).suffix.lower() in IMAGE_EXTS else s for s in stems]
         missing = [s for s in stems if s not in images]
         if missing:
             raise DataError(f"{len(missing)} name(s) in {source} have no image in {img_dir}, e.g. {missing[0]!r}")

@@ -60,7 +60,6 @@ def find_voc2012(root: Path) -> Path:
 def voc_split(
     base: Path,
     split: str,
-    transform,
     seed: int,
     lut,
     ignore_index: int,
@@ -72,7 +71,7 @@ def voc_split(
     masks = [base / mask_dir / f"{n}.png" for n in names]
     for kind, paths in (("image", images), ("mask", masks)):
         require_files(paths, f"{kind}(s) listed in ImageSets/Segmentation/{split}.txt are", layout)
-    ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, transform, seed, lut=lut, ignore_index=ignore_index)
+    ds = DiskDataset(images, masks, CLASS_NAMES, PALETTE, None, seed, lut=lut, ignore_index=ignore_index)
     ds.kind = "voc"
     return ds
 
@@ -80,8 +79,8 @@ def voc_split(
 def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset | None, DiskDataset]:
     base = find_voc2012(resolve_root(cfg, LAYOUT))
     lut = label_map_lut(cfg.label_map)
-    train = voc_split(base, cfg.train_split, None, seed, lut, cfg.ignore_index) if train else None
-    val = voc_split(base, cfg.val_split, None, seed, lut, cfg.ignore_index)
+    train = voc_split(base, cfg.train_split, seed, lut, cfg.ignore_index) if train else None
+    val = voc_split(base, cfg.val_split, seed, lut, cfg.ignore_index)
     return train, val
 
 
@@ -94,11 +93,11 @@ def build_aug(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDatas
         )
     lut = label_map_lut(cfg.label_map)
     train = (
-        voc_split(base, cfg.train_split, None, seed, lut, cfg.ignore_index, "SegmentationClassAug", AUG_LAYOUT)
+        voc_split(base, cfg.train_split, seed, lut, cfg.ignore_index, "SegmentationClassAug", AUG_LAYOUT)
         if train
         else None
     )
-    val = voc_split(base, cfg.val_split, None, seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
+    val = voc_split(base, cfg.val_split, seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
     for ds in (train, val):
         if ds is not None:
             ds.kind = "voc_aug"
