@@ -103,7 +103,7 @@ def evaluate_loader(
     num_classes = cfg.data.num_classes
     device = batch_to_device.device
     cm = ConfusionMatrix(mask_classes(num_classes), cfg.data.ignore_index, device, class_names)
-    loss_sum, n_batches, vis = torch.zeros((), device=device), 0, None
+    loss_sum, n_batches, n_images, vis = torch.zeros((), device=device), 0, 0, None
     for images, masks in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
         if should_stop is not None and should_stop():
             return None, None, None
@@ -117,9 +117,9 @@ def evaluate_loader(
             raise _failed(e, loader, n_batches, x, cfg) from e
         if scores.shape[-2:] != y.shape[-2:]:  # data.val_size rescaled the image: score at the mask's size
             scores = F.interpolate(scores, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        if criterion is not None:
-            loss_sum += criterion(scores, y).detach()
-        n_batches += 1
+        if criterion is not None:  # weighted by images: the same mean whatever the batch size or DDP shards
+            loss_sum += criterion(scores, y).detach() * y.shape[0]
+        n_batches, n_images = n_batches + 1, n_images + y.shape[0]
         pred = labels(scores, cfg.eval.threshold)
         cm.update(pred, y)
         if vis is None and num_vis > 0:
@@ -128,7 +128,7 @@ def evaluate_loader(
                 shown = F.interpolate(shown.float(), size=masks.shape[-2:], mode="bilinear").round().to(torch.uint8)
             vis = (shown, masks[:num_vis], pred[:num_vis].cpu())
     cm.all_reduce()
-    count = torch.tensor(float(n_batches), device=device, dtype=torch.float64)
+    count = torch.tensor(float(n_images), device=device, dtype=torch.float64)
     totals = distributed.all_reduce(torch.stack([loss_sum.double(), count]))
     m = cm.compute()
     if num_classes == 1:  # one sigmoid logit: the foreground's IoU on its own (the table keeps both rows)

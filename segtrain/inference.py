@@ -19,7 +19,8 @@ Three ways to turn a network into per-pixel scores for an image of any size:
   **probabilities** of the views are averaged. Their log is returned so the
   result is still usable as logits (argmax, cross-entropy).  With one output
   channel (``data.num_classes=1``, a sigmoid logit) the sigmoid probabilities
-  are averaged and their logit is returned.
+  are averaged and their logit is returned.  Both are computed in log space
+  (``logaddexp`` of log-probabilities), so saturated views stay finite.
 
 :func:`labels` turns scores into a label map: the argmax over classes, or for
 one sigmoid logit ``sigmoid(score) > threshold`` (1 foreground, 0 background).
@@ -42,7 +43,6 @@ import torch.nn.functional as F
 from segtrain.utils import as_hw
 
 MODES = ("whole", "slide")
-_PROB_FLOOR = 1e-8  # log(0) guard when returning log-probabilities of averaged views
 
 
 def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
@@ -97,9 +97,7 @@ def _slide(
     for y1, y2, x1, x2 in windows:  # each window is one batch of all N images
         total[:, :, y1:y2, x1:x2] += _whole(model, images[:, :, y1:y2, x1:x2], num_classes)
         count[:, :, y1:y2, x1:x2] += 1
-    if bool((count == 0).any()):  # cannot happen with stride <= crop (validated)
-        raise RuntimeError("slide inference left pixels uncovered; stride must not exceed crop_size")
-    return total / count
+    return total / count  # every pixel covered: stride <= crop (_crop_and_stride)
 
 
 def _check_args(mode: str, images: torch.Tensor, num_classes: int, scales: Sequence[float]) -> None:
@@ -168,19 +166,16 @@ def predict(
     if len(scales) * len(flips) == 1:
         return scaled(images, float(scales[0]))
 
-    probs = None
+    acc = None  # log of the summed probabilities: (log p) for softmax, (log p, log(1 - p)) for one sigmoid logit
     for s in scales:
         for mirrored in flips:
-            if mirrored:
-                logits = scaled(images.flip(-1), float(s)).flip(-1)
-            else:
-                logits = scaled(images, float(s))
-            p = logits.sigmoid() if num_classes == 1 else logits.softmax(dim=1)
-            probs = p if probs is None else probs + p
-    probs = probs / (len(scales) * len(flips))
+            logits = scaled(images.flip(-1), float(s)).flip(-1) if mirrored else scaled(images, float(s))
+            logits = logits.float()
+            logp = (F.logsigmoid(logits), F.logsigmoid(-logits)) if num_classes == 1 else (logits.log_softmax(1),)
+            acc = logp if acc is None else tuple(torch.logaddexp(a, b) for a, b in zip(acc, logp))
     if num_classes == 1:
-        return torch.logit(probs, eps=_PROB_FLOOR)
-    return probs.clamp_min(_PROB_FLOOR).log()
+        return acc[0] - acc[1]  # logit of the mean sigmoid
+    return acc[0] - math.log(len(scales) * len(flips))  # log of the mean softmax
 
 
 def labels(scores: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

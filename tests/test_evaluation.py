@@ -78,3 +78,22 @@ def test_binary_class_names_and_one_channel_scores():
     m, cm, _ = evaluate_loader(model, batches, BatchToDevice(torch.device("cpu"), cfg.data.mean, cfg.data.std),
                                torch.no_grad, cfg, ["background", "foreground"])  # fmt: skip
     assert cm.mat.tolist() == [[4, 0], [8, 0]] and m["fg_iou"] == 0
+
+
+def test_val_loss_is_the_same_whatever_the_batch_size():
+    """The loss is weighted by images: a short last batch (or a smaller DDP shard) does not count more."""
+    cfg = composed("data.num_classes=3")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    masks = torch.randint(0, 3, (3, 8, 8))
+    model = torch.nn.Conv2d(3, 3, 1)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+    to_device = BatchToDevice(torch.device("cpu"), cfg.data.mean, cfg.data.std)
+    losses = []
+    for b in (1, 2, 3):
+        batches = [(images[i : i + b], masks[i : i + b]) for i in range(0, 3, b)]
+        m, _, _ = evaluate_loader(model, batches, to_device, torch.no_grad, cfg, ["a", "b", "c"], criterion=criterion)
+        losses.append(m["loss"])
+    with torch.no_grad():
+        whole = criterion(model(to_device(images, masks)[0]), masks).item()
+    assert losses == pytest.approx([whole] * 3, rel=1e-6)

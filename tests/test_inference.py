@@ -255,3 +255,29 @@ def test_one_logit_tta_averages_sigmoid_probabilities():
         assert torch.equal(labels(scores, t), (p > t).long())
     many = torch.randn(2, K, 5, 5)
     assert torch.equal(labels(many, 0.9), many.argmax(1))  # K > 1: argmax, the threshold plays no part
+
+
+class Constant(nn.Module):
+    """Scores ``value`` everywhere, whatever the input (a saturated, confident network)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return self.value.to(x.dtype).expand(x.shape[0], -1, *x.shape[-2:])
+
+
+@pytest.mark.parametrize("logit", [30.0, -40.0, 100.0])
+def test_tta_of_saturated_views_stays_finite_and_exact(logit):
+    """Averaging in probability space made logit(1.0) = +inf (float32 cannot hold 1 - 1e-8): log space keeps
+    the exact logit of the mean sigmoid / log of the mean softmax."""
+    x = torch.randn(1, 3, 8, 10)
+    one = predict(Constant(torch.tensor([logit])[:, None, None]), x, 1, flip=True, scales=[1.0, 0.5])
+    assert torch.isfinite(one).all()
+    torch.testing.assert_close(one, torch.full_like(one, logit), rtol=1e-5, atol=1e-4)
+    z = torch.tensor([logit, 0.0, -logit])
+    many = predict(Constant(z[:, None, None]), x, 3, flip=True)
+    assert torch.isfinite(many).all()
+    expect = torch.log_softmax(z.double(), 0).float()[None, :, None, None].expand_as(many)
+    torch.testing.assert_close(many, expect, rtol=1e-5, atol=1e-4)
