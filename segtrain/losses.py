@@ -162,12 +162,13 @@ class DiceLoss(nn.Module):
             inter, den = (p * y).sum(), p.sum() + y.sum() + self.smooth
             return 1 - torch.where(den > 0, _zero_safe_div(2 * inter + self.smooth, den), torch.ones_like(den))
         logp = F.log_softmax(logits.float(), dim=1)
-        # per-class sums without a [N, K, H, W] one-hot: p_t scattered onto its class (index_add is deterministic)
+        # per-class sums without a [N, K, H, W] one-hot: p_t scattered onto its class (on CUDA, index_add's
+        # atomics add in any order: bitwise repeatable only under trainer.deterministic)
         p_t = torch.exp(-F.nll_loss(logp, target, ignore_index=self.ignore_index, reduction="none")) * valid
         t = torch.where(valid, target, 0).flatten()
         inter = logp.new_zeros(num_classes).index_add_(0, t, p_t.flatten())
         target_sum = logp.new_zeros(num_classes).index_add_(0, t, valid.flatten().float())
-        prob_sum = (logp.exp() * valid.unsqueeze(1)).sum((0, 2, 3))
+        prob_sum = torch.einsum("nkhw,nhw->k", logp.exp(), valid.to(logp.dtype))
         den = prob_sum + target_sum + self.smooth
         dice = torch.where(den > 0, _zero_safe_div(2 * inter + self.smooth, den), torch.ones_like(den))
         if self.weight is None:

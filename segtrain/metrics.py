@@ -111,8 +111,9 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrix over processes (DDP); a no-op without torch.distributed."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.mat)
+        from segtrain.distributed import all_reduce
+
+        all_reduce(self.mat)
 
     def compute(self) -> dict:
         return compute_metrics(self.mat, self.class_names)

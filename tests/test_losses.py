@@ -100,6 +100,21 @@ def test_ohem_threshold_wins_when_enough_hard_pixels():
     torch.testing.assert_close(ohem(logits, target), (-p[hard].log()).mean())
 
 
+def test_ohem_with_class_weights_and_smoothing_is_weighted_ce_over_the_kept_pixels():
+    logits, target = batch(seed=3, ignore_frac=0.2)
+    w, eps = torch.tensor([0.5, 2.0, 1.0, 3.0])[: logits.shape[1]], 0.1
+    ohem = OhemCrossEntropy(IGNORE, weight=w, label_smoothing=eps, thresh=0.6, min_kept=5)
+    kept = ohem.kept(logits, target)
+    assert 5 <= kept.sum() < (target != IGNORE).sum()  # the threshold path, not every pixel
+    want = F.cross_entropy(
+        logits, torch.where(kept, target, IGNORE), weight=w, ignore_index=IGNORE, label_smoothing=eps
+    )
+    torch.testing.assert_close(ohem(logits, target), want)
+    # min_kept beyond the labelled pixels: all but the easiest one (the sorted index is clamped)
+    every = OhemCrossEntropy(IGNORE, thresh=0.01, min_kept=10**6).kept(logits, target)
+    assert every.sum() == (target != IGNORE).sum() - 1
+
+
 def test_ohem_skips_ignored_pixels():
     logits, target = batch(seed=2, ignore_frac=0.3)
     ignored = target == IGNORE
