@@ -26,7 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from segtrain import console  # noqa: E402
 from segtrain.config import register_configs, validate  # noqa: E402
@@ -190,11 +190,13 @@ def _guarded(task, full_errors: bool, prog: str):
 
         from hydra.types import RunMode
 
+        from segtrain import distributed
         from segtrain.sweep import write_status
 
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
-        main_rank = os.environ.get("RANK", "0") == "0"
+        distributed.launched()  # a SLURM task learns its RANK here (submitit), before status.json is written
+        main_rank = distributed.env_rank() == 0
         start = time.perf_counter()
 
         def status(state: str, error: str | None, result=None, details=None) -> None:
@@ -229,21 +231,40 @@ def _guarded(task, full_errors: bool, prog: str):
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         line = console.error_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
-        if full_errors:
+        if full_errors or OmegaConf.select(cfg, "trainer.debug_errors", default=False):
+            _DEBUG_ERRORS.append(True)  # run_hydra_app re-raises it too
             raise err
+        by_signal = getattr(err, "by_signal", False)
         # Drop the error (its traceback holds the trainer): its loader workers, which ignore SIGTERM, must shut
         # down now; kept until exit, multiprocessing's exit handler would wait for them forever.
         err = None  # noqa: F841
-        print(line, file=sys.stderr, flush=True)
-        if not multirun:
-            raise SystemExit(code)
-        log.error("job failed: %s", line)
-        _Failures.jobs.append((str(hc.job.num), line.split(": ", 2)[-1]))
+        _job_failed(line, code, main_rank, multirun and not by_signal, str(hc.job.num) if multirun else "")
         return None  # not NaN: the optuna sweeper records None as a failed trial (NaN would abort the study)
 
     job.__name__ = getattr(task, "__name__", "job")
     job.__module__ = getattr(task, "__module__", __name__)
     return job
+
+
+_DEBUG_ERRORS: list[bool] = []  # set when a job's config asked for tracebacks (trainer.debug_errors)
+
+
+def _job_failed(line: str, code: int, main_rank: bool, sweep_goes_on: bool, job_num: str) -> None:
+    """Say a job's error (rank 0; the other ranks log it), then exit with its code, or, in a sweep that goes
+    on, record it.  A signal (Ctrl-C, a scheduler's SIGTERM or SIGUSR2) stops the whole sweep: its summary
+    so far is written, and no later job starts."""
+    if main_rank:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.error("%s", line)
+    if not sweep_goes_on:
+        from segtrain import sweep
+
+        if sweep.current_sweep():
+            sweep.summarise(sweep.current_sweep()[0])
+        raise SystemExit(code)
+    log.error("job failed: %s", line)
+    _Failures.jobs.append((job_num, line.split(": ", 2)[-1]))
 
 
 def _app_failed(exc: Exception, prog: str) -> int:
@@ -327,7 +348,7 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # Hydra/OmegaConf composition errors, the run-dir guard
-        if full_errors:
+        if full_errors or _DEBUG_ERRORS:
             raise
         _Failures.report(prog, summarise=True)  # a sweep stopped part-way: what its jobs did so far
         sys.exit(_app_failed(e, prog))

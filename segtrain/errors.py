@@ -31,9 +31,14 @@ class NonFiniteLossError(SegtrainError):
 
 
 class Preempted(SegtrainError):
-    """SIGINT/SIGTERM (or trainer.stop_at): last.pt was written and the run can be resumed."""
+    """SIGINT/SIGTERM/SIGUSR2 (or trainer.stop_at): last.pt was written and the run can be resumed.
+    ``by_signal``: stopped by a signal (a sweep then stops too), not by ``trainer.stop_at``."""
 
     exit_code = 75  # EX_TEMPFAIL: try again (resume)
+
+    def __init__(self, message: str, by_signal: bool = False):
+        super().__init__(message)
+        self.by_signal = by_signal
 
 
 class OutputError(SegtrainError):

@@ -324,9 +324,17 @@ def move_previous(folder: Path, keep: set[str]) -> Path:
     return target
 
 
+def _has_last(folder: Path) -> bool:
+    return any((folder / "checkpoints").glob("last*.pt"))
+
+
 def _check_outputs(folder: Path, resume: str | None, overwrite: bool, keep: set[str], lock: Lock) -> None:
     found = _outputs(folder)
-    continues = resume == "auto" or (resume and _inside(Path(resume).expanduser(), folder))
+    # resume=auto continues a run only when there is a last*.pt to continue from: a dir whose last*.pt are
+    # gone (best.pt and metrics.json left) would otherwise be trained over from scratch
+    continues = (resume == "auto" and _has_last(folder)) or (
+        resume and resume != "auto" and _inside(Path(resume).expanduser(), folder)
+    )
     if overwrite and resume and continues:
         raise ConfigError(
             f"trainer.overwrite=true would move away the checkpoint trainer.resume={resume} continues; drop one"
@@ -337,10 +345,57 @@ def _check_outputs(folder: Path, resume: str | None, overwrite: bool, keep: set[
         target = move_previous(folder, keep)
         lock.note(f"trainer.overwrite=true: moved the earlier run's files ({', '.join(found[:3])}) to {target}")
         return
+    if resume == "auto":
+        raise OutputError(
+            f"the run dir {short_path(folder, 80)} holds a run ({', '.join(found[:2])}) but no last*.pt to "
+            "continue; start over with trainer.overwrite=true (moves its files to previous-*/), or change hydra.run.dir"
+        )
     raise OutputError(
         f"the run dir {short_path(folder, 80)} already holds a run ({', '.join(found[:2])}); continue it with "
         "trainer.resume=auto, start over with trainer.overwrite=true (moves its files to previous-*/), or change "
         "hydra.run.dir"
+    )
+
+
+def _runs_below(folder: Path) -> list[Path]:
+    """The dirs under ``folder`` that hold a run (checkpoints or metrics.json), earlier ``previous-*`` aside."""
+    found = {p.parent for p in folder.rglob("metrics.json")} | {
+        p.parent.parent for p in folder.rglob("checkpoints/*.pt")
+    }
+    return sorted(d for d in found if not any(part.startswith("previous-") for part in d.relative_to(folder).parts))
+
+
+def check_sweep(sweep_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Before a sweep's first job: Hydra writes each job's ``.hydra/`` and log before the job can claim its
+    dir, so job dirs that hold runs are dealt with here, as :func:`claim` deals with one run dir: refused,
+    continued (``trainer.resume=auto``, each with a ``last*.pt``) or moved to ``previous-*/``
+    (``trainer.overwrite=true``; a job dir in use by a live process is refused)."""
+    runs = _runs_below(sweep_dir) if sweep_dir.is_dir() else []
+    if not runs:
+        return
+    rel = [d.relative_to(sweep_dir).as_posix() or "." for d in runs]
+    if overwrite:
+        for job in runs:
+            lock = Lock(job)
+            lock.acquire()  # a live run's dir: refused (OutputError)
+            try:
+                moved = move_previous(job, keep=set())
+            finally:
+                lock.release()
+            print(f"segtrain: trainer.overwrite=true: moved the earlier run in {job} to {moved.name}/", file=sys.stderr)
+        return
+    if resume == "auto":
+        missing = [r for r, d in zip(rel, runs) if not _has_last(d)]
+        if not missing:
+            return
+        raise OutputError(
+            f"job dir(s) {', '.join(missing[:3])} of the sweep dir {short_path(sweep_dir, 80)} hold a run but no "
+            "last*.pt to continue; start over with trainer.overwrite=true, or change hydra.sweep.dir"
+        )
+    raise OutputError(
+        f"the sweep dir {short_path(sweep_dir, 80)} already holds runs (job dir(s) {', '.join(rel[:3])}); continue "
+        "them with trainer.resume=auto, start over with trainer.overwrite=true (moves their files to previous-*/), "
+        "or change hydra.sweep.dir"
     )
 
 
@@ -390,6 +445,14 @@ class RunDirGuard(Callback):
     def __init__(self, train: bool = True):
         self.train = train
 
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        if not self.train or os.environ.get("RANK", "0") != "0":
+            return
+        try:
+            check_sweep(Path(str(config.hydra.sweep.dir)), config.trainer.resume, config.trainer.overwrite)
+        except SegtrainError as e:
+            raise Refused(e) from None
+
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         if os.environ.get("RANK", "0") != "0":
             return  # DDP: rank 0 owns the run dir; the others run in a scratch dir
@@ -412,13 +475,34 @@ class RunDirGuard(Callback):
 
 
 def resume_command(run_dir: Path, limit: int | None = 160) -> str:
-    """The command line of this run, with trainer.resume=auto and its run dir (a short form when the command
-    is longer than ``limit`` characters, so that the stop line stays one short line)."""
-    drop = ("trainer.resume=", "hydra.run.dir=", "trainer.stop_at=", "run_dir=", "trainer.overwrite=")
+    """The command line of this run, with trainer.resume=auto and its run dir: in a sweep (``-m``) the sweep
+    dir, which resumes every job; under torchrun on one node with ``torchrun``.  A short form when the command
+    is longer than ``limit`` characters, so that the stop line stays one short line."""
+    drop = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.dir=", "trainer.stop_at=", "run_dir=",
+            "trainer.overwrite=")  # fmt: skip
     args = [a for a in sys.argv[1:] if not a.startswith(drop)]
+    where = f"hydra.run.dir={run_dir}"
+    if "-m" in args or "--multirun" in args:
+        where = f"hydra.sweep.dir={_sweep_dir(Path(run_dir))}"
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "segtrain"
     prog = "segtrain" if prog in ("__main__.py", "") else prog
-    full = " ".join(shlex.quote(a) for a in [prog, *args, "trainer.resume=auto", f"hydra.run.dir={run_dir}"])
-    if limit is None or len(full) <= limit:
+    same, written_out = "the same command", True
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: one node's command can be written out
+        if world == local:
+            prog = f"torchrun --nproc_per_node={local} -m segtrain"
+        else:
+            same, written_out = "the same torchrun command on every node", False
+    full = " ".join([prog, *(shlex.quote(a) for a in [*args, "trainer.resume=auto", where])])
+    if written_out and (limit is None or len(full) <= limit):
         return full
-    return f"the same command plus trainer.resume=auto hydra.run.dir={shlex.quote(str(run_dir))}"
+    return f"{same} plus trainer.resume=auto {shlex.quote(where)}"
+
+
+def _sweep_dir(job_dir: Path) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().sweep.dir).absolute()
+    except (ImportError, ValueError):  # no Hydra run (the Python API): the job dir's parent
+        return job_dir.parent

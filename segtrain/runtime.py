@@ -122,11 +122,14 @@ class BatchToDevice:
         return self.images(images), masks.to(self.device, non_blocking=True).long()
 
 
-PREEMPT_SIGNALS = ("SIGINT", "SIGTERM")
+# SIGUSR2: what SLURM sends before a time limit or preemption under submitit (--signal=USR2@120); handled
+# here on every rank, so all ranks stop at the same step and write last.pt (submitit's own handler would
+# stop rank 0 only, with no checkpoint)
+PREEMPT_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR2")
 
 
 class StopSignals:
-    """Within the block, the first SIGINT/SIGTERM sets ``received`` (the loop stops after its step, or at
+    """Within the block, the first SIGINT/SIGTERM/SIGUSR2 sets ``received`` (the loop stops after its step, or at
     the next validation batch); a second one aborts at once, after ``on_abort("aborted by a second SIGINT")``
     (which records the abort in status.json).  A no-op outside the main thread."""
 

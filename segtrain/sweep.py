@@ -113,6 +113,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     rows = []
     for status_path in sweep_dir.rglob(STATUS_FILE):
         job_dir = status_path.parent
+        if any(part.startswith("previous-") for part in job_dir.relative_to(sweep_dir).parts):
+            continue  # an earlier run's files, moved aside by trainer.overwrite=true
         status = _read_json(status_path) or {"status": "failed", "error": f"unreadable {STATUS_FILE}"}
         metrics = _read_json(job_dir / "metrics.json") or {}
         best = _number(metrics.get("best_miou"))

@@ -257,7 +257,7 @@ class Trainer:
         log.warning("stopped by %s at step %d of %d; wrote %s; resume with: %s", reason, self.step, self.max_iters,
                     last, rundir.resume_command(self.run_dir, limit=None))  # fmt: skip
         raise Preempted(f"stopped by {reason} at step {self.step}/{self.max_iters}; {last} written; resume with: "
-                        f"{rundir.resume_command(self.run_dir)}")  # fmt: skip
+                        f"{rundir.resume_command(self.run_dir)}", by_signal=reason.startswith("SIG"))  # fmt: skip
 
     def summary(self, wall_time: float | None) -> dict:
         m, c = self.last_metrics or {}, self.cfg

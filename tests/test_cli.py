@@ -168,6 +168,9 @@ def test_more_bad_inputs_are_one_line(tmp_path, ckpts, args, expect):
 def test_debug_errors_shows_traceback(tmp_path):
     proc = run_cli(["optimizer.lr=-1", "debug=smoke", "trainer.debug_errors=true"], tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+    # any spelling the schema takes (or the key set in a YAML) shows it for an error inside the run too
+    proc = run_cli(["debug=smoke", "data=folder", "data.root=nowhere", "trainer.debug_errors=yes"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataError" in proc.stderr
 
 
 def test_a_backbone_network_trains_through_the_cli(cli):

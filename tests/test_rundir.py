@@ -231,6 +231,10 @@ def test_resume_into_the_dir_is_allowed(tmp_path):
     rundir.release(tmp_path)
     with pytest.raises(OutputError, match="already holds a run"):
         rundir.claim(tmp_path, resume="/elsewhere/last.pt")  # continues another run: this dir's files stay
+    (tmp_path / "checkpoints" / "last.pt").rename(tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(OutputError, match="holds a run .* but no last\\*.pt to continue; start over with"):
+        rundir.claim(tmp_path, resume="auto")  # nothing to continue: best.pt would be trained over
+    assert (tmp_path / "checkpoints" / "best.pt").read_bytes() == b"old"
 
 
 def test_resume_command_stays_short():
@@ -238,6 +242,24 @@ def test_resume_command_stays_short():
     assert cmd.endswith("trainer.resume=auto hydra.run.dir=/runs/x")
     assert rundir.resume_command(Path("/runs/x"), limit=10) == (
         "the same command plus trainer.resume=auto hydra.run.dir=/runs/x"
+    )
+
+
+def test_resume_command_of_a_sweep_and_of_torchrun(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["segtrain", "-m", "optimizer.lr=0.1,0.01", "hydra.sweep.dir=/old"])
+    assert rundir.resume_command(Path("/sw/1"), limit=None) == (
+        "segtrain -m optimizer.lr=0.1,0.01 trainer.resume=auto hydra.sweep.dir=/sw"  # the sweep, every job
+    )
+    monkeypatch.setattr("sys.argv", ["/venv/lib/segtrain/__main__.py", "model=pspnet"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rundir.resume_command(Path("/r"), limit=None) == (
+        "torchrun --nproc_per_node=4 -m segtrain model=pspnet trainer.resume=auto hydra.run.dir=/r"
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes: the command differs per node
+    assert rundir.resume_command(Path("/r"), limit=None) == (
+        "the same torchrun command on every node plus trainer.resume=auto hydra.run.dir=/r"
     )
 
 

@@ -75,6 +75,54 @@ def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
     assert list((sw / "0" / "tb").glob("events.out.tfevents.*"))  # tensorboard --logdir SWEEP_DIR sees every job
 
 
+def test_a_sweep_into_a_used_sweep_dir_is_refused_untouched_then_overwrite_keeps_the_old_runs(cli):
+    """Hydra rewrites a job's .hydra/ and log before the job starts: the sweep dir is checked before that."""
+    sw = cli.cwd / "sw"
+    args = ["-m", "optimizer.lr=0.01,0.02", *FAST, f"hydra.sweep.dir={sw}"]
+    cli(*args)
+    before = {p.relative_to(sw).as_posix(): p.read_bytes() for p in sorted(sw.rglob("*")) if p.is_file()}
+    proc, _ = cli(*args, check=False)
+    assert proc.returncode == 4 and "already holds runs (job dir(s) 0, 1)" in proc.stderr, proc.stderr
+    assert "hydra.sweep.dir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    after = {p.relative_to(sw).as_posix(): p.read_bytes() for p in sorted(sw.rglob("*")) if p.is_file()}
+    assert after == before  # byte for byte: .hydra/, status.json, the logs, checkpoints
+    proc, _ = cli(*args, "trainer.overwrite=true")
+    (previous,) = (sw / "0").glob("previous-*")
+    kept = {p.relative_to(previous).as_posix(): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
+    assert kept == {k[2:]: v for k, v in before.items() if k.startswith("0/")}  # the old job 0, whole
+    assert [r["job"] for r in read_summary(sw)] in (["0", "1"], ["1", "0"])  # previous-* runs are not jobs
+    cli(*args, "trainer.resume=auto")  # continues each job (finished: nothing left to train)
+
+
+def test_a_signal_stops_the_whole_sweep_with_75(cli):
+    import signal
+    import subprocess
+
+    from conftest import segtrain_exe
+    from test_rundir import _read_until
+
+    sw = cli.cwd / "sw"
+    args = ["-m", "optimizer.lr=0.01,0.02", "debug=smoke", "device=cpu", "trainer.max_iters=100000",
+            "trainer.val_interval=100000", "trainer.progress=false", "data.image_size=96", f"hydra.sweep.dir={sw}"]  # fmt: skip
+    from conftest import cli_env
+
+    proc = subprocess.Popen(segtrain_exe() + args, cwd=cli.cwd, env=cli_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _read_until(proc.stdout, "step 1/")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err
+    assert "stopped" in err and "trainer.resume=auto" in err, err  # one line, shortened to fit
+    log = (sw / "0" / "cli.log").read_text()
+    assert "stopped by SIGTERM" in log and f"trainer.resume=auto hydra.sweep.dir={sw}" in log
+    assert json.loads((sw / "0" / "status.json").read_text())["status"] == "stopped"
+    assert not (sw / "1").exists()  # the next job never started
+    assert [r["status"] for r in read_summary(sw)] == ["stopped"]
+
+
 def test_joblib_sweep_derives_failures_from_status_files(cli):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("joblib")  # the plugin package imports without it
