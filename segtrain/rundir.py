@@ -471,6 +471,10 @@ class RunDirGuard(Callback):
             validate(config)  # a config mistake is reported before the run dir is touched
             claim(folder, config.trainer.resume, config.trainer.overwrite, keep=set())
         except SegtrainError as e:
+            if str(folder) in _unique.values():  # the default outputs/DATE/TIME, made for this run: not left empty
+                for empty in (folder, folder.parent, folder.parent.parent):
+                    with contextlib.suppress(OSError):
+                        empty.rmdir()  # only an empty dir goes
             raise Refused(e) from None
 
 

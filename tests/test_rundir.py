@@ -273,3 +273,8 @@ def test_full_disk_is_caught_before_training(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(OutputError, match="MiB free"):
         rundir.check_writable(tmp_path / "ck", 1_000_000)
+
+
+def test_a_refused_run_leaves_no_empty_default_dir(tmp_path):
+    proc = run_cli(["optimizer.lr=-1"], tmp_path)  # the default hydra.run.dir: outputs/DATE/TIME
+    assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
