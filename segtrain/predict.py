@@ -417,12 +417,13 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped})."""
     from tqdm import tqdm
 
+    from segtrain.data import num_workers
     from segtrain.outputs import bars_wanted
 
     batches, skipped = size_batches(files, cfg.predict.batch_size, predictor.in_channels)
     for i, reason in skipped.items():
         log.warning("skipped %s: %s", files[i], reason)
-    workers = cfg.data.num_workers
+    workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
     loader = torch.utils.data.DataLoader(
         _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
         worker_init_fn=_quiet_worker if workers > 0 else None,

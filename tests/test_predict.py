@@ -84,6 +84,26 @@ def test_predict_folder_of_every_kind(ckpt, tmp_path):
     assert "images/s" in out and "class histogram" in out and str(tmp_path / "out") in out
 
 
+def with_stored(ckpt, dest, **data):
+    """A copy of ``ckpt`` at ``dest`` whose stored config has these ``data.*`` values (as if trained with them)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = OmegaConf.create(state["config"])
+    cfg.data.merge_with(data)
+    state["config"] = OmegaConf.to_yaml(cfg)
+    torch.save(state, dest)
+    return dest
+
+
+def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path):
+    """data.num_workers=auto (the training default) is resolved to a number of loader workers."""
+    auto = with_stored(ckpt, tmp_path / "auto.pt", num_workers="auto")
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "a.png")
+    proc = run_cli([f"ckpt={auto}", "input=a.png", "output=out", "hydra.run.dir=run"], tmp_path,
+                   exe=console_script("segtrain-predict"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
 def test_predict_nothing_readable_fails(ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
