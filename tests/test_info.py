@@ -73,3 +73,16 @@ def test_segtrain_info_on_a_checkpoint(tmp_path):
     assert "GFLOPs" in proc.stdout and "img/s" in proc.stdout
     bad = run_cli(["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, exe=info_exe())
     assert bad.returncode == 2 and "takes model from the checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_segtrain_info_without_a_checkpoint(tmp_path):
+    """``segtrain-info model=...`` (the README's example, smaller): the configured network, built from scratch."""
+    args = ["model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "info.latency=false",
+            "info.size=64", "device=cpu", "hydra.run.dir=info"]  # fmt: skip
+    proc = run_cli(args, tmp_path, exe=info_exe())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = json.loads((tmp_path / "info" / "info.json").read_text())
+    model = build_model(composed("model=deeplabv3plus", "model.backbone=resnet18").model, 3).eval()
+    assert info["checkpoint"] is None and info["num_classes"] == 3 and info["input_size"] == [64, 64]
+    assert info["params"] == count_parameters(model) and info["latency"] == []
+    assert info["gflops"] == count_flops(model, torch.randn(1, 3, 64, 64))[0] / 1e9
