@@ -266,7 +266,8 @@ class Predictor:
 def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -> list[tuple[Path, Path]]:
     """The image files of ``input`` as (file, path relative to the input's root): one file (any
     extension), a folder (recursively) or a glob pattern (``**`` recurses); folders and globs keep files
-    with one of ``extensions``; files under ``exclude`` (the output folder) are left out."""
+    with one of ``extensions``; when ``exclude`` (the output folder) lies inside the folder or the glob's root,
+    the files under it (earlier outputs) are left out."""
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     path = Path(os.path.expanduser(spec))
     if path.is_file():
@@ -281,6 +282,8 @@ def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -
     else:
         raise DataError(f"input={spec}: no such file or folder (give an image, a folder or a glob like 'dir/*.jpg')")
     excluded = exclude.resolve() if exclude is not None else None
+    if excluded is not None and root.resolve() not in excluded.parents:
+        excluded = None  # only an output folder inside the input holds earlier outputs that are not inputs
     out = []
     for f in sorted(files):
         if f.suffix.lower() not in exts or (excluded is not None and excluded in f.resolve().parents):
@@ -297,6 +300,26 @@ def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [rel if counts[s] > 1 else s for s, (_, rel) in zip(stems, items)]
+
+
+OUTPUT_SUFFIXES = {"mask": ".png", "overlay": "_overlay.jpg", "probs": ".npy"}  # appended to an image's stem
+
+
+def output_paths(stem: Path, p: DictConfig) -> list[Path]:
+    """The files written for one image (``predict`` config ``p``): the mask, the overlay, the probabilities."""
+    kinds = ["mask"] + ["overlay"] * p.overlay + ["probs"] * p.save_probs
+    return [stem.with_name(stem.name + OUTPUT_SUFFIXES[k]) for k in kinds]
+
+
+def check_no_overwrite(items: list[tuple[Path, Path]], stems: list[Path], out_dir: Path, p: DictConfig) -> None:
+    """An OutputError when an output file would replace one of the input images (e.g. ``a.png``'s mask)."""
+    inputs = {f.resolve(): f for f, _ in items}
+    for stem in stems:
+        for path in output_paths(out_dir / stem, p):
+            if path.resolve() in inputs:
+                image = inputs[path.resolve()]
+                msg = f"output={out_dir} would overwrite the input image {image} with its prediction"
+                raise OutputError(f"{msg[:240]}; give another output= folder")
 
 
 def upright_size(path: Path, in_channels: int = 3) -> tuple[int, int]:
@@ -373,7 +396,7 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
         im.putpalette(pal.ravel().tolist())
     else:
         im = Image.fromarray(pred.astype(np.uint16))
-    _save(stem.with_name(stem.name + ".png"), lambda f: im.save(f, format="PNG"))
+    _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["mask"]), lambda f: im.save(f, format="PNG"))
     p = cfg.predict
     if p.overlay:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # bands: an 8-bit view of the first
@@ -382,12 +405,12 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
             torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
         )
         jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
-        _save(stem.with_name(stem.name + "_overlay.jpg"), lambda f: jpg.save(f, format="JPEG", quality=90))
+        _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["overlay"]), lambda f: jpg.save(f, format="JPEG", quality=90))
     if p.save_probs:
         probs = predictor.probs(scores).to(torch.float16).cpu().numpy()
         buf = io.BytesIO()
         np.save(buf, probs)
-        _save(stem.with_name(stem.name + ".npy"), buf.getvalue())
+        _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["probs"]), buf.getvalue())
     return pred
 
 
@@ -468,6 +491,8 @@ def run_predict(cfg: DictConfig) -> dict:
     if not items:
         exts = " ".join(cfg.predict.extensions)
         raise DataError(f"input={cfg.input} holds no image files (extensions: {exts}); see predict.extensions")
+    stems = output_stems(items)
+    check_no_overwrite(items, stems, out_dir, cfg.predict)
     predictor, pcfg, state = _prepare(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,7 +507,7 @@ def run_predict(cfg: DictConfig) -> dict:
     )  # fmt: skip
     files = [f for f, _ in items]
     t0 = time.perf_counter()
-    counts, done, skipped = predict_files(predictor, files, output_stems(items), out_dir, pcfg)
+    counts, done, skipped = predict_files(predictor, files, stems, out_dir, pcfg)
     seconds = time.perf_counter() - t0
     summary = {
         "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),

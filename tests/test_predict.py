@@ -5,12 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import console_script, run_cli
+from conftest import console_script, one_line_error, run_cli
 from fake_datasets import write_png
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segtrain.predict import Predictor, list_inputs, output_stems, read_image, write_outputs
+from segtrain.errors import OutputError
+from segtrain.predict import (
+    Predictor,
+    check_no_overwrite,
+    list_inputs,
+    output_stems,
+    read_image,
+    write_outputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +155,39 @@ def test_list_inputs_layouts(tmp_path):
     assert [str(r) for _, r in single] == ["notes.txt"]
     nested = list_inputs(str(tmp_path / "in"), exts, exclude=tmp_path / "in" / "sub")  # output inside input
     assert not any(str(r).startswith("sub/") for _, r in nested)
+
+
+def test_predict_refuses_to_overwrite_an_input(ckpt, tmp_path):
+    """input=photos/cat.png output=photos: its mask would be photos/cat.png; refused before anything is written."""
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "photos" / "cat.png")
+    before = (tmp_path / "photos" / "cat.png").read_bytes()
+    args = [f"ckpt={ckpt}", "input=photos/cat.png", "output=photos", "hydra.run.dir=run"]
+    proc = run_cli(args, tmp_path, exe=console_script("segtrain-predict"))
+    assert proc.returncode == 4
+    one_line_error(proc, "photos/cat.png", "output=", prog="segtrain-predict")
+    assert (tmp_path / "photos" / "cat.png").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat.png"]
+
+
+def test_output_folder_checks(tmp_path):
+    """Earlier outputs are left out only when the output folder lies inside the input; every output file (mask,
+    overlay, probabilities) is checked against the inputs."""
+    write_inputs(tmp_path / "photos")
+    exts = [".jpg", ".png"]
+    above = list_inputs(str(tmp_path / "photos"), exts, exclude=tmp_path)  # input=photos output=.
+    assert len(above) == 9 and len(list_inputs(str(tmp_path / "photos" / "*.png"), exts, exclude=tmp_path)) == 3
+    assert list_inputs(str(tmp_path / "photos" / "gray.png"), exts, exclude=tmp_path / "photos")  # one file
+    predict = OmegaConf.create({"overlay": False, "save_probs": False})
+    check_no_overwrite(above, output_stems(above), tmp_path, predict)  # ./photo.png ...: no input replaced
+    with pytest.raises(OutputError, match="depth16.png"):  # its own mask (the first PNG)
+        check_no_overwrite(above, output_stems(above), tmp_path / "photos", predict)
+    Image.fromarray(_pixels(8, 8)).save(tmp_path / "a.jpg")
+    Image.fromarray(_pixels(8, 8)).save(tmp_path / "a_overlay.jpg")
+    pair = list_inputs(str(tmp_path / "a*.jpg"), exts)
+    check_no_overwrite(pair, output_stems(pair), tmp_path, predict)
+    with pytest.raises(OutputError, match="a_overlay.jpg"):  # a.jpg's overlay
+        check_no_overwrite(pair, output_stems(pair), tmp_path, OmegaConf.create({"overlay": True, "save_probs": False}))
 
 
 def test_predictor_api(predictor, tmp_path):
