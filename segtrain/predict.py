@@ -187,6 +187,21 @@ class Predictor:
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
+    def too_small(self, h: int, w: int) -> str | None:
+        """Why an ``h x w`` image cannot be predicted (a side below the network's smallest input once
+        ``data.val_size`` and ``eval.scales`` have rescaled it), or None when it can."""
+        from segtrain.config import min_input_size
+        from segtrain.data.transforms import _target_size, val_scale
+
+        need = min_input_size(self.cfg.model)
+        size = val_scale(self.cfg.data)
+        ph, pw = (h, w) if size is None else _target_size(h, w, size)
+        side = min(max(1, round(v * s)) for v in (ph, pw) for s in self.settings["scales"])  # as inference scales
+        if side >= need:
+            return None
+        seen = f" (predicted at {side} px)" if side != min(h, w) else ""
+        return f"{w}x{h} px{seen}, smaller than the {need} px model={self.cfg.model.name} needs"
+
     @torch.no_grad()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
         """Float32 scores [N, K, H, W] on ``device`` for same-size HxWx3 uint8 RGB images (logits, or
@@ -197,6 +212,9 @@ class Predictor:
         sizes = {im.shape[:2] for im in images}
         if len(sizes) != 1:
             raise ValueError(f"scores() needs images of one size, got {sorted(sizes)}")
+        why = self.too_small(*images[0].shape[:2])
+        if why is not None:
+            raise ValueError(f"cannot predict this image: {why}")
         x = self.to_device.images(torch.stack([self.prepare(im) for im in images]))
         with autocast(self.device, self.precision):
             out = predict(self.model, x, self.num_classes, **self.settings)
@@ -457,10 +475,11 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     )
     for batch in loader:
         for i, image in batch:
-            if isinstance(image, str):
-                skipped[i] = image
-                log.warning("skipped %s: %s", files[i], image)
-        good = [(i, im) for i, im in batch if isinstance(im, np.ndarray)]
+            why = image if isinstance(image, str) else predictor.too_small(*image.shape[:2])
+            if why is not None:
+                skipped[i] = why
+                log.warning("skipped %s: %s", files[i], why)
+        good = [(i, im) for i, im in batch if i not in skipped]
         for shape in dict.fromkeys(im.shape for _, im in good):  # one forward pass per size (headers can lie)
             group = [(i, im) for i, im in good if im.shape == shape]
             for (i, image), scores in zip(group, predictor.scores([im for _, im in group])):

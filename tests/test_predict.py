@@ -112,6 +112,31 @@ def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path):
     assert (tmp_path / "out" / "a.png").is_file()
 
 
+def test_predict_skips_images_too_small_for_the_network(ckpt, tmp_path):
+    """An 8x8 icon among photos (the U-Net needs 16 px): skipped with its reason, the others predicted."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "in" / "photo.png")
+    Image.fromarray(_pixels(8, 8, 1)).save(tmp_path / "in" / "icon.png")
+    proc = run_cli([f"ckpt={ckpt}", "input=in", "output=out", "hydra.run.dir=run"], tmp_path,
+                   exe=console_script("segtrain-predict"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped in/icon.png: 8x8 px, smaller than the 16 px model=unet needs" in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert summary["predicted"] == 1 and list(summary["skipped"]) == ["in/icon.png"]
+    assert (tmp_path / "out" / "photo.png").is_file() and not (tmp_path / "out" / "icon.png").exists()
+
+
+def test_predictor_too_small(ckpt, predictor):
+    """The smallest side the network sees, after data.val_size and eval.scales, decides."""
+    with pytest.raises(ValueError, match="8x8 px, smaller than the 16 px"):
+        predictor(_pixels(8, 8))
+    assert predictor.too_small(16, 40) is None and "15x40 px" in predictor.too_small(40, 15)
+    upscaled = Predictor.from_checkpoint(ckpt, device="cpu", overrides={"data.val_size": 32})
+    assert upscaled(_pixels(8, 8)).shape == (8, 8) and upscaled.too_small(8, 8) is None
+    halved = Predictor.from_checkpoint(ckpt, device="cpu", overrides={"eval.scales": [0.5, 1.0]})
+    assert "(predicted at 12 px)" in halved.too_small(24, 40) and halved.too_small(32, 40) is None
+
+
 def test_predict_nothing_readable_fails(ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
