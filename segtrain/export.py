@@ -1,8 +1,9 @@
 """``segtrain-export ckpt=PATH format=onnx|torchscript output=FILE``: a trained network for deployment.
 
-The exported graph takes float32 NCHW RGB input normalised as in training, ``(pixel / 255 - mean) / std``,
-of any batch, height and width, and returns logits ``[N, num_classes, H, W]`` (one whole-image forward
-pass; the checkpoint's eval settings and ``data.val_size`` are recorded in the sidecar, not baked in).
+The exported graph takes float32 NCHW RGB input normalised as in training, ``(pixel / range - mean) / std``
+(range 255 for 8-bit images, 65535 for 16-bit, 1 for float), of any batch, height and width, and returns
+logits ``[N, num_classes, H, W]`` (one whole-image forward pass; the checkpoint's eval settings and
+``data.val_size`` are recorded in the sidecar, not baked in).
 
 * ONNX: ``torch.onnx.export`` (torch.export based, opset >= 18) with dynamic batch, height and width.
 * TorchScript: ``torch.jit.trace``; the networks take their size-dependent paths while traced

@@ -224,31 +224,25 @@ class Predictor:
         return out
 
     def read(self, source: Any) -> np.ndarray:
-        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (uint8 by
-        :func:`read_image`; 16-bit and float files and uint16 arrays keep their depth);
+        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (8-bit
+        files by :func:`read_image`, upright; 16-bit and float files by the training reader
+        :func:`segtrain.data.disk.read_image` at their depth; uint16 arrays keep theirs);
         for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
         array with that many bands."""
+        from segtrain.data.disk import read_header
+        from segtrain.data.disk import read_image as read_bands
+
         if self.in_channels == 3:
             if isinstance(source, np.ndarray) and source.dtype == np.uint16:
                 return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
-            if isinstance(source, (str, os.PathLike)):
-                from PIL import Image
-
-                with Image.open(source) as im:  # one open: the header says the depth
-                    if im.mode not in HIGH_DEPTH_MODES:
-                        im.load()
-                        return read_image(im)
-                from segtrain.data.disk import read_image as read_bands
-
-                return read_bands(Path(source), 3)  # a 16-bit or float file: the training reader, not 8 bits
+            if isinstance(source, (str, os.PathLike)) and read_header(Path(source))[3] != "uint8":
+                return read_bands(Path(source), 3)  # a 16-bit or float file (the header says): not 8 bits
             return read_image(source)
         if isinstance(source, np.ndarray):
             image = source if source.ndim == 3 else source[..., None]
             if image.shape[2] != self.in_channels:
                 raise ValueError(f"expected {self.in_channels} bands (data.in_channels), got shape {source.shape}")
             return image
-        from segtrain.data.disk import read_image as read_bands
-
         return read_bands(Path(source), self.in_channels)
 
     def labels(self, scores: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -252,11 +253,11 @@ def test_write_outputs_probabilities_without_overlay(predictor, tmp_path):
     assert (tmp_path / "a" / "b.png").is_file() and not (tmp_path / "a" / "b_overlay.jpg").exists()
 
 
-@pytest.mark.parametrize("depth", ["rgb8", "gray16"])
+@pytest.mark.parametrize("depth", ["rgb8", "gray16", "rgb16"])
 def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     """The same pictures through segtrain-eval's loop (data set, val_size rescale, TTA, scores resized back to
     the mask) and through Predictor: identical class maps, and the same scores (the loss on them).  16-bit
-    grayscale PNGs (as in medical imaging) are read at their full depth by both."""
+    grayscale PNGs (as in medical imaging) and 16-bit RGB PNGs are read at their full depth by both."""
     import torch.nn.functional as F
 
     from segtrain.data import build_datasets, build_loader
@@ -267,8 +268,13 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     sizes = [(61, 83), (50, 70), (72, 90)]
     for split in ("train", "val"):
         for i, (h, w) in enumerate(sizes):
-            pixels = _pixels(h, w, 20 + i) if depth == "rgb8" else _pixels(h, w, 20 + i, 1, np.uint16, 65536)
-            write_png(tmp_path / split / "images" / f"im{i}.png", pixels)
+            channels = 1 if depth == "gray16" else 3
+            pixels = _pixels(h, w, 20 + i) if depth == "rgb8" else _pixels(h, w, 20 + i, channels, np.uint16, 65536)
+            if depth == "rgb16":  # PIL writes no 16-bit RGB PNG
+                (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
+                assert cv2.imwrite(str(tmp_path / split / "images" / f"im{i}.png"), pixels[..., ::-1])
+            else:
+                write_png(tmp_path / split / "images" / f"im{i}.png", pixels)
             write_png(tmp_path / split / "masks" / f"im{i}.png", _pixels(h, w, 30 + i, channels=1, high=6))
     overrides = {
         "data.name": "folder",
@@ -302,9 +308,21 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     image = p.read(tmp_path / "val" / "images" / "im0.png")
     assert not torch.allclose(plain.scores([image]), p.scores([image]), atol=1e-3)  # the settings matter
     assert (p(tmp_path / "val" / "images" / "im0.png") == p(image)).all()  # a path or the array it holds
-    if depth == "gray16":  # what 8 bits would have lost is visible in the scores
+    if depth != "rgb8":  # what 8 bits would have lost is visible in the scores
         eight = read_image(tmp_path / "val" / "images" / "im0.png")
         assert eight.dtype == np.uint8 and not torch.equal(p.scores([eight]), p.scores([image]))
+
+
+def test_predictor_reads_16_bit_and_float_rgb_tiffs(predictor, tmp_path):
+    """RGB TIFFs as training reads them: 16-bit at full depth, float32 as stored (PIL opens neither)."""
+    import tifffile
+
+    pixels = _pixels(33, 47, 7, dtype=np.uint16, high=65536)
+    for name, data in (("16.tif", pixels), ("float.tif", pixels.astype(np.float32) / 65535)):
+        tifffile.imwrite(tmp_path / name, data)
+        image = predictor.read(tmp_path / name)
+        assert image.dtype == data.dtype and (image == data).all()
+        assert predictor(tmp_path / name).shape == (33, 47)
 
 
 def test_predict_config_checks():
