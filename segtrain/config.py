@@ -290,7 +290,7 @@ class ExportAppConfig:
 
     ckpt: str = MISSING  # PATH to a segtrain checkpoint (best.pt / last.pt)
     format: ExportFormat = ExportFormat.onnx
-    output: str | None = None  # FILE; None: model.onnx / model.pt in the run dir
+    output: str | None = None  # FILE (.onnx; .pt/.pth) or FOLDER/ (model.onnx / model.pt in it); None: the run dir
     opset: int = 18  # ONNX opset (>= 18)
     check_sizes: list[Any] = field(default_factory=lambda: [[97, 131], [75, 109], [160, 96]])  # [h, w] self-check sizes
     tolerance: float = 0.001  # largest |exported - PyTorch| logit difference the self-check accepts (fp32)
@@ -622,7 +622,7 @@ def validate_predict(cfg: DictConfig) -> None:
 
 def validate_export(cfg: DictConfig) -> None:
     """``segtrain-export``'s keys."""
-    require(cfg, "segtrain-export ckpt=PATH [format=onnx|torchscript] [output=FILE]", "ckpt")
+    require(cfg, "segtrain-export ckpt=PATH [format=onnx|torchscript] [output=FILE|FOLDER/]", "ckpt")
     if cfg.opset < 18:  # torch.export-based ONNX export writes opset 18 or newer
         raise ConfigError(f"opset must be >= 18 (the exporter writes opset 18 or newer), got {cfg.opset}")
     if cfg.tolerance <= 0:

@@ -1,8 +1,9 @@
 """``segtrain-export ckpt=PATH format=onnx|torchscript output=FILE``: a trained network for deployment.
 
-The exported graph takes float32 NCHW RGB input normalised as in training, ``(pixel / 255 - mean) / std``,
-of any batch, height and width, and returns logits ``[N, num_classes, H, W]`` (one whole-image forward
-pass; the checkpoint's eval settings and ``data.val_size`` are recorded in the sidecar, not baked in).
+The exported graph takes float32 NCHW RGB input normalised as in training, ``(pixel / range - mean) / std``
+(range 255 for 8-bit images, 65535 for 16-bit, 1 for float), of any batch, height and width, and returns
+logits ``[N, num_classes, H, W]`` (one whole-image forward pass; the checkpoint's eval settings and
+``data.val_size`` are recorded in the sidecar, not baked in).
 
 * ONNX: ``torch.onnx.export`` (torch.export based, opset >= 18) with dynamic batch, height and width.
 * TorchScript: ``torch.jit.trace``; the networks take their size-dependent paths while traced
@@ -38,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segtrain.cli import command
-from segtrain.errors import ExportError, OutputError
+from segtrain.errors import ConfigError, ExportError, OutputError
 
 log = logging.getLogger("segtrain")
 
@@ -268,13 +269,28 @@ def _require_onnx() -> None:
         raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")
 
 
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}  # the first: the default file name's
+
+
 def _target(cfg: DictConfig) -> Path:
+    """The file to write: ``output`` (a folder, existing or ending in ``/``, gets ``model.onnx`` / ``model.pt``),
+    else that name in the run dir.  A file name whose suffix belongs to no format's files is refused."""
     from hydra.core.hydra_config import HydraConfig
 
-    if cfg.output:
-        return Path(os.path.expanduser(cfg.output))
-    suffix = ".onnx" if _format(cfg) == "onnx" else ".pt"
-    return Path(HydraConfig.get().runtime.output_dir) / f"model{suffix}"
+    fmt = _format(cfg)
+    name = f"model{SUFFIXES[fmt][0]}"
+    if not cfg.output:
+        return Path(HydraConfig.get().runtime.output_dir) / name
+    out = os.path.expanduser(cfg.output)
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / name
+    suffix = Path(out).suffix
+    if suffix and suffix.lower() not in SUFFIXES[fmt]:
+        raise ConfigError(
+            f"output={cfg.output}: format={fmt} writes {' or '.join(SUFFIXES[fmt])} files, not {suffix}; "
+            f"name it {Path(out).stem}{SUFFIXES[fmt][0]}, or set the format= that {suffix} stands for"
+        )
+    return Path(out)
 
 
 def _format(cfg: DictConfig) -> str:

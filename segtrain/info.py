@@ -11,7 +11,7 @@ set itself is never read.  It prints a table and writes ``info.json`` into its r
 
 * ``params``, ``trainable_params`` and ``backbone_params``;
 * ``gflops`` for one image of ``info.size`` (default ``data.crop_size``, else the synthetic
-  ``data.image_size``, else 512) in eval mode, counted by ``torch.utils.flop_counter.FlopCounterMode``: the
+  ``data.image_size``, else 512) with ``data.in_channels`` bands in eval mode, counted by ``torch.utils.flop_counter.FlopCounterMode``: the
   matrix products and convolutions (forward and transposed), **a multiply-add counted as 2 FLOPs** (as
   torch does; mmsegmentation's ``get_flops`` and fvcore count a multiply-add as 1, so their "FLOPs" are
   ``gmacs`` here); element-wise work (normalisation, activations, interpolation, pooling) is not counted.
@@ -35,10 +35,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from segtrain import checkpoint
 from segtrain.cli import command
-from segtrain.config import SegtrainConfig, validate
-from segtrain.errors import CheckpointError, ConfigError
+from segtrain.config import validate
+from segtrain.errors import ConfigError
 from segtrain.utils import as_hw
 
 log = logging.getLogger("segtrain")
@@ -104,13 +103,10 @@ def input_size(cfg: DictConfig) -> tuple[int, int]:
 
 def _from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict]:
     """The checkpoint's model and data config (with this command line's device and info)."""
-    from segtrain.resume import stored_config
+    from segtrain.evaluate import load_checkpoint
 
     path = Path(cfg.ckpt).expanduser()
-    state = checkpoint.load(path)
-    if "config" not in state:
-        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
-    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))
+    state, stored = load_checkpoint(path)
     given = (
         [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
     )
@@ -126,6 +122,7 @@ def _from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict]:
 
 def model_info(cfg: DictConfig) -> dict:
     """Parameters, FLOPs and latency of the configured network; see the module docstring."""
+    from segtrain.evaluate import checkpoint_model
     from segtrain.models import build_model
     from segtrain.runtime import autocast, resolve_device
 
@@ -141,16 +138,15 @@ def model_info(cfg: DictConfig) -> dict:
         with open_dict(cfg):
             cfg.model.pretrained = False  # FLOPs and latency do not depend on the weights: no download
     device, precision = resolve_device(cfg.device)
-    model = build_model(cfg.model, cfg.data.num_classes)
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"the weights in {cfg.ckpt} do not fit model={cfg.model.name}: {str(e).splitlines()[-1].strip()}") from None  # fmt: skip
+    bands = cfg.data.in_channels
+    if state is None:
+        model = build_model(cfg.model, cfg.data.num_classes, bands)
+    else:
+        model = checkpoint_model(state, cfg, cfg.ckpt)
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     h, w = input_size(cfg)
-    x1 = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=memory_format)
+    x1 = torch.randn(1, bands, h, w, device=device).contiguous(memory_format=memory_format)
     flops, by_module = count_flops(model, x1)
     backbone = getattr(model, "backbone", None)
     out = {
@@ -162,6 +158,7 @@ def model_info(cfg: DictConfig) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "backbone_params": sum(p.numel() for p in backbone.parameters()) if isinstance(backbone, nn.Module) else None,
         "input_size": [h, w],
+        "in_channels": bands,
         "gflops": flops / 1e9,
         "gmacs": flops / 2e9,
         "gflops_by_module": {k: v / 1e9 for k, v in by_module.items()},
@@ -177,7 +174,7 @@ def model_info(cfg: DictConfig) -> dict:
     if i.latency:
         net = torch.compile(model) if cfg.device.compile else model
         for n in sorted({1, i.batch_size}):
-            x = torch.randn(n, 3, h, w, device=device).contiguous(memory_format=memory_format)
+            x = torch.randn(n, bands, h, w, device=device).contiguous(memory_format=memory_format)
             out["latency"].append(time_forward(net, x, lambda: autocast(device, precision), i.warmup, i.iters))
     return out
 

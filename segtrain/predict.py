@@ -187,6 +187,21 @@ class Predictor:
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
+    def too_small(self, h: int, w: int) -> str | None:
+        """Why an ``h x w`` image cannot be predicted (a side below the network's smallest input once
+        ``data.val_size`` and ``eval.scales`` have rescaled it), or None when it can."""
+        from segtrain.config import min_input_size
+        from segtrain.data.transforms import _target_size, val_scale
+
+        need = min_input_size(self.cfg.model)
+        size = val_scale(self.cfg.data)
+        ph, pw = (h, w) if size is None else _target_size(h, w, size)
+        side = min(max(1, round(v * s)) for v in (ph, pw) for s in self.settings["scales"])  # as inference scales
+        if side >= need:
+            return None
+        seen = f" (predicted at {side} px)" if side != min(h, w) else ""
+        return f"{w}x{h} px{seen}, smaller than the {need} px model={self.cfg.model.name} needs"
+
     @torch.no_grad()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
         """Float32 scores [N, K, H, W] on ``device`` for same-size HxWx3 uint8 RGB images (logits, or
@@ -197,6 +212,9 @@ class Predictor:
         sizes = {im.shape[:2] for im in images}
         if len(sizes) != 1:
             raise ValueError(f"scores() needs images of one size, got {sorted(sizes)}")
+        why = self.too_small(*images[0].shape[:2])
+        if why is not None:
+            raise ValueError(f"cannot predict this image: {why}")
         x = self.to_device.images(torch.stack([self.prepare(im) for im in images]))
         with autocast(self.device, self.precision):
             out = predict(self.model, x, self.num_classes, **self.settings)
@@ -206,31 +224,25 @@ class Predictor:
         return out
 
     def read(self, source: Any) -> np.ndarray:
-        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (uint8 by
-        :func:`read_image`; 16-bit and float files and uint16 arrays keep their depth);
+        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (8-bit
+        files by :func:`read_image`, upright; 16-bit and float files by the training reader
+        :func:`segtrain.data.disk.read_image` at their depth; uint16 arrays keep theirs);
         for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
         array with that many bands."""
+        from segtrain.data.disk import read_header
+        from segtrain.data.disk import read_image as read_bands
+
         if self.in_channels == 3:
             if isinstance(source, np.ndarray) and source.dtype == np.uint16:
                 return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
-            if isinstance(source, (str, os.PathLike)):
-                from PIL import Image
-
-                with Image.open(source) as im:  # one open: the header says the depth
-                    if im.mode not in HIGH_DEPTH_MODES:
-                        im.load()
-                        return read_image(im)
-                from segtrain.data.disk import read_image as read_bands
-
-                return read_bands(Path(source), 3)  # a 16-bit or float file: the training reader, not 8 bits
+            if isinstance(source, (str, os.PathLike)) and read_header(Path(source))[3] != "uint8":
+                return read_bands(Path(source), 3)  # a 16-bit or float file (the header says): not 8 bits
             return read_image(source)
         if isinstance(source, np.ndarray):
             image = source if source.ndim == 3 else source[..., None]
             if image.shape[2] != self.in_channels:
                 raise ValueError(f"expected {self.in_channels} bands (data.in_channels), got shape {source.shape}")
             return image
-        from segtrain.data.disk import read_image as read_bands
-
         return read_bands(Path(source), self.in_channels)
 
     def labels(self, scores: torch.Tensor) -> torch.Tensor:
@@ -266,7 +278,8 @@ class Predictor:
 def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -> list[tuple[Path, Path]]:
     """The image files of ``input`` as (file, path relative to the input's root): one file (any
     extension), a folder (recursively) or a glob pattern (``**`` recurses); folders and globs keep files
-    with one of ``extensions``; files under ``exclude`` (the output folder) are left out."""
+    with one of ``extensions``; when ``exclude`` (the output folder) lies inside the folder or the glob's root,
+    the files under it (earlier outputs) are left out."""
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     path = Path(os.path.expanduser(spec))
     if path.is_file():
@@ -281,6 +294,8 @@ def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -
     else:
         raise DataError(f"input={spec}: no such file or folder (give an image, a folder or a glob like 'dir/*.jpg')")
     excluded = exclude.resolve() if exclude is not None else None
+    if excluded is not None and root.resolve() not in excluded.parents:
+        excluded = None  # only an output folder inside the input holds earlier outputs that are not inputs
     out = []
     for f in sorted(files):
         if f.suffix.lower() not in exts or (excluded is not None and excluded in f.resolve().parents):
@@ -297,6 +312,26 @@ def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [rel if counts[s] > 1 else s for s, (_, rel) in zip(stems, items)]
+
+
+OUTPUT_SUFFIXES = {"mask": ".png", "overlay": "_overlay.jpg", "probs": ".npy"}  # appended to an image's stem
+
+
+def output_paths(stem: Path, p: DictConfig) -> list[Path]:
+    """The files written for one image (``predict`` config ``p``): the mask, the overlay, the probabilities."""
+    kinds = ["mask"] + ["overlay"] * p.overlay + ["probs"] * p.save_probs
+    return [stem.with_name(stem.name + OUTPUT_SUFFIXES[k]) for k in kinds]
+
+
+def check_no_overwrite(items: list[tuple[Path, Path]], stems: list[Path], out_dir: Path, p: DictConfig) -> None:
+    """An OutputError when an output file would replace one of the input images (e.g. ``a.png``'s mask)."""
+    inputs = {f.resolve(): f for f, _ in items}
+    for stem in stems:
+        for path in output_paths(out_dir / stem, p):
+            if path.resolve() in inputs:
+                image = inputs[path.resolve()]
+                msg = f"output={out_dir} would overwrite the input image {image} with its prediction"
+                raise OutputError(f"{msg[:240]}; give another output= folder")
 
 
 def upright_size(path: Path, in_channels: int = 3) -> tuple[int, int]:
@@ -373,7 +408,7 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
         im.putpalette(pal.ravel().tolist())
     else:
         im = Image.fromarray(pred.astype(np.uint16))
-    _save(stem.with_name(stem.name + ".png"), lambda f: im.save(f, format="PNG"))
+    _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["mask"]), lambda f: im.save(f, format="PNG"))
     p = cfg.predict
     if p.overlay:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # bands: an 8-bit view of the first
@@ -382,12 +417,12 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
             torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
         )
         jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
-        _save(stem.with_name(stem.name + "_overlay.jpg"), lambda f: jpg.save(f, format="JPEG", quality=90))
+        _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["overlay"]), lambda f: jpg.save(f, format="JPEG", quality=90))
     if p.save_probs:
         probs = predictor.probs(scores).to(torch.float16).cpu().numpy()
         buf = io.BytesIO()
         np.save(buf, probs)
-        _save(stem.with_name(stem.name + ".npy"), buf.getvalue())
+        _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["probs"]), buf.getvalue())
     return pred
 
 
@@ -417,12 +452,13 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped})."""
     from tqdm import tqdm
 
+    from segtrain.data import num_workers
     from segtrain.outputs import bars_wanted
 
     batches, skipped = size_batches(files, cfg.predict.batch_size, predictor.in_channels)
     for i, reason in skipped.items():
         log.warning("skipped %s: %s", files[i], reason)
-    workers = cfg.data.num_workers
+    workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
     loader = torch.utils.data.DataLoader(
         _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
         worker_init_fn=_quiet_worker if workers > 0 else None,
@@ -433,10 +469,11 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     )
     for batch in loader:
         for i, image in batch:
-            if isinstance(image, str):
-                skipped[i] = image
-                log.warning("skipped %s: %s", files[i], image)
-        good = [(i, im) for i, im in batch if isinstance(im, np.ndarray)]
+            why = image if isinstance(image, str) else predictor.too_small(*image.shape[:2])
+            if why is not None:
+                skipped[i] = why
+                log.warning("skipped %s: %s", files[i], why)
+        good = [(i, im) for i, im in batch if i not in skipped]
         for shape in dict.fromkeys(im.shape for _, im in good):  # one forward pass per size (headers can lie)
             group = [(i, im) for i, im in good if im.shape == shape]
             for (i, image), scores in zip(group, predictor.scores([im for _, im in group])):
@@ -467,6 +504,8 @@ def run_predict(cfg: DictConfig) -> dict:
     if not items:
         exts = " ".join(cfg.predict.extensions)
         raise DataError(f"input={cfg.input} holds no image files (extensions: {exts}); see predict.extensions")
+    stems = output_stems(items)
+    check_no_overwrite(items, stems, out_dir, cfg.predict)
     predictor, pcfg, state = _prepare(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -481,7 +520,7 @@ def run_predict(cfg: DictConfig) -> dict:
     )  # fmt: skip
     files = [f for f, _ in items]
     t0 = time.perf_counter()
-    counts, done, skipped = predict_files(predictor, files, output_stems(items), out_dir, pcfg)
+    counts, done, skipped = predict_files(predictor, files, stems, out_dir, pcfg)
     seconds = time.perf_counter() - t0
     summary = {
         "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from segtrain.config import ExportAppConfig, ModelConfig
-from segtrain.errors import ExportError
+from segtrain.errors import ConfigError, ExportError
 from segtrain.export import AdaptiveAvgPool2dDynamic, check_export, export_onnx, export_torchscript, exportable
 from segtrain.models import build_model
 
@@ -126,7 +126,7 @@ def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path):
     side = json.loads((tmp_path / "deploy" / "model.onnx.json").read_text())
     shapes = [r["input_shape"] for r in side["check"]["results"]]
     assert shapes == [[1, 3, 97, 131], [2, 3, 75, 109], [1, 3, 160, 96]]
-    assert side["format"] == "onnx" and side["opset"] >= 17 and side["num_classes"] == 6
+    assert side["format"] == "onnx" and side["opset"] == 18 and side["num_classes"] == 6
     assert side["class_names"][:2] == ["background", "circle"] and len(side["palette"]) == 6
     assert side["mean"] == [0.485, 0.456, 0.406] and side["input"]["layout"] == "NCHW"
     assert side["check"]["passed"] and side["check"]["max_abs_diff"] <= 1e-3
@@ -162,6 +162,27 @@ def test_failed_self_check_leaves_no_file(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="self-check failed"):
         export.export_checkpoint(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_output_folder_and_suffix(tiny_run, tmp_path):
+    """output= an existing folder or a path ending in / gets model.pt inside; a suffix of another format is
+    refused before anything is exported."""
+    import segtrain.export as export
+
+    base = OmegaConf.merge(
+        OmegaConf.structured(ExportAppConfig),
+        {"ckpt": str(tiny_run / "checkpoints" / "best.pt"), "format": "torchscript", "check_sizes": [[32, 48]]},
+    )
+    (tmp_path / "deploy").mkdir()
+    for output, folder in ((tmp_path / "deploy", "deploy"), (f"{tmp_path / 'new'}/", "new")):
+        export.export_checkpoint(OmegaConf.merge(base, {"output": str(output)}))
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["model.pt", "model.pt.json"]
+    export.export_checkpoint(OmegaConf.merge(base, {"output": str(tmp_path / "m.pth")}))
+    with pytest.raises(ConfigError, match="format=torchscript writes .pt or .pth files, not .onnx; name it x.pt"):
+        export.export_checkpoint(OmegaConf.merge(base, {"output": str(tmp_path / "x.onnx")}))
+    with pytest.raises(ConfigError, match="format=onnx writes .onnx files, not .pt"):
+        export.export_checkpoint(OmegaConf.merge(base, {"format": "onnx", "output": str(tmp_path / "x.pt")}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy", "m.pth", "m.pth.json", "new"]
 
 
 def test_export_config_checks():

@@ -73,3 +73,46 @@ def test_segtrain_info_on_a_checkpoint(tmp_path):
     assert "GFLOPs" in proc.stdout and "img/s" in proc.stdout
     bad = run_cli(["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, exe=info_exe())
     assert bad.returncode == 2 and "takes model from the checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_segtrain_info_without_a_checkpoint(tmp_path):
+    """``segtrain-info model=...`` (the README's example, smaller): the configured network, built from scratch."""
+    args = ["model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "info.latency=false",
+            "info.size=64", "device=cpu", "hydra.run.dir=info"]  # fmt: skip
+    proc = run_cli(args, tmp_path, exe=info_exe())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = json.loads((tmp_path / "info" / "info.json").read_text())
+    model = build_model(composed("model=deeplabv3plus", "model.backbone=resnet18").model, 3).eval()
+    assert info["checkpoint"] is None and info["num_classes"] == 3 and info["input_size"] == [64, 64]
+    assert info["params"] == count_parameters(model) and info["latency"] == []
+    assert info["gflops"] == count_flops(model, torch.randn(1, 3, 64, 64))[0] / 1e9
+
+
+def info_config(*overrides):
+    """segtrain-info's config (configs/info.yaml) with ``overrides``, composed in-process."""
+    from hydra import compose, initialize_config_dir
+
+    from segtrain.cli import config_dir
+    from segtrain.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("info", overrides=list(overrides))
+
+
+def test_info_counts_every_input_band(tmp_path):
+    """data.in_channels=4: a 4-band checkpoint loads, and FLOPs are counted for 4 bands, with or without it."""
+    from segtrain.info import model_info
+
+    args = ["model=unet", "model.base_channels=8", "data=folder", "data.root=fields", "data.num_classes=3",
+            "data.in_channels=4", "data.mean=[0.5,0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2,0.2]", "device=cpu"]  # fmt: skip
+    cfg = composed(*args)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3, 4).eval()
+    checkpoint.save_atomic({"model": model.state_dict(), "config": to_yaml(cfg), "meta": {}}, tmp_path / "best.pt")
+    flops = count_flops(model, torch.randn(1, 4, 32, 32))[0]
+    assert flops != count_flops(build_model(cfg.model, 3).eval(), torch.randn(1, 3, 32, 32))[0]
+    for extra in ([f"ckpt={tmp_path / 'best.pt'}"], args):
+        info = model_info(info_config("info.size=32", "info.batch_size=2", "info.warmup=0", "info.iters=1", *extra))
+        assert info["in_channels"] == 4 and info["params"] == count_parameters(model)
+        assert info["gflops"] == flops / 1e9 and len(info["latency"]) == 2

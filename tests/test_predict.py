@@ -2,15 +2,24 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import console_script, run_cli
+from conftest import console_script, one_line_error, run_cli
 from fake_datasets import write_png
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segtrain.predict import Predictor, list_inputs, output_stems, read_image, write_outputs
+from segtrain.errors import OutputError
+from segtrain.predict import (
+    Predictor,
+    check_no_overwrite,
+    list_inputs,
+    output_stems,
+    read_image,
+    write_outputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +93,51 @@ def test_predict_folder_of_every_kind(ckpt, tmp_path):
     assert "images/s" in out and "class histogram" in out and str(tmp_path / "out") in out
 
 
+def with_stored(ckpt, dest, **data):
+    """A copy of ``ckpt`` at ``dest`` whose stored config has these ``data.*`` values (as if trained with them)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = OmegaConf.create(state["config"])
+    cfg.data.merge_with(data)
+    state["config"] = OmegaConf.to_yaml(cfg)
+    torch.save(state, dest)
+    return dest
+
+
+def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path):
+    """data.num_workers=auto (the training default) is resolved to a number of loader workers."""
+    auto = with_stored(ckpt, tmp_path / "auto.pt", num_workers="auto")
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "a.png")
+    proc = run_cli([f"ckpt={auto}", "input=a.png", "output=out", "hydra.run.dir=run"], tmp_path,
+                   exe=console_script("segtrain-predict"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
+def test_predict_skips_images_too_small_for_the_network(ckpt, tmp_path):
+    """An 8x8 icon among photos (the U-Net needs 16 px): skipped with its reason, the others predicted."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "in" / "photo.png")
+    Image.fromarray(_pixels(8, 8, 1)).save(tmp_path / "in" / "icon.png")
+    proc = run_cli([f"ckpt={ckpt}", "input=in", "output=out", "hydra.run.dir=run"], tmp_path,
+                   exe=console_script("segtrain-predict"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped in/icon.png: 8x8 px, smaller than the 16 px model=unet needs" in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert summary["predicted"] == 1 and list(summary["skipped"]) == ["in/icon.png"]
+    assert (tmp_path / "out" / "photo.png").is_file() and not (tmp_path / "out" / "icon.png").exists()
+
+
+def test_predictor_too_small(ckpt, predictor):
+    """The smallest side the network sees, after data.val_size and eval.scales, decides."""
+    with pytest.raises(ValueError, match="8x8 px, smaller than the 16 px"):
+        predictor(_pixels(8, 8))
+    assert predictor.too_small(16, 40) is None and "15x40 px" in predictor.too_small(40, 15)
+    upscaled = Predictor.from_checkpoint(ckpt, device="cpu", overrides={"data.val_size": 32})
+    assert upscaled(_pixels(8, 8)).shape == (8, 8) and upscaled.too_small(8, 8) is None
+    halved = Predictor.from_checkpoint(ckpt, device="cpu", overrides={"eval.scales": [0.5, 1.0]})
+    assert "(predicted at 12 px)" in halved.too_small(24, 40) and halved.too_small(32, 40) is None
+
+
 def test_predict_nothing_readable_fails(ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
@@ -129,6 +183,39 @@ def test_list_inputs_layouts(tmp_path):
     assert not any(str(r).startswith("sub/") for _, r in nested)
 
 
+def test_predict_refuses_to_overwrite_an_input(ckpt, tmp_path):
+    """input=photos/cat.png output=photos: its mask would be photos/cat.png; refused before anything is written."""
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "photos" / "cat.png")
+    before = (tmp_path / "photos" / "cat.png").read_bytes()
+    args = [f"ckpt={ckpt}", "input=photos/cat.png", "output=photos", "hydra.run.dir=run"]
+    proc = run_cli(args, tmp_path, exe=console_script("segtrain-predict"))
+    assert proc.returncode == 4
+    one_line_error(proc, "photos/cat.png", "output=", prog="segtrain-predict")
+    assert (tmp_path / "photos" / "cat.png").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat.png"]
+
+
+def test_output_folder_checks(tmp_path):
+    """Earlier outputs are left out only when the output folder lies inside the input; every output file (mask,
+    overlay, probabilities) is checked against the inputs."""
+    write_inputs(tmp_path / "photos")
+    exts = [".jpg", ".png"]
+    above = list_inputs(str(tmp_path / "photos"), exts, exclude=tmp_path)  # input=photos output=.
+    assert len(above) == 9 and len(list_inputs(str(tmp_path / "photos" / "*.png"), exts, exclude=tmp_path)) == 3
+    assert list_inputs(str(tmp_path / "photos" / "gray.png"), exts, exclude=tmp_path / "photos")  # one file
+    predict = OmegaConf.create({"overlay": False, "save_probs": False})
+    check_no_overwrite(above, output_stems(above), tmp_path, predict)  # ./photo.png ...: no input replaced
+    with pytest.raises(OutputError, match="depth16.png"):  # its own mask (the first PNG)
+        check_no_overwrite(above, output_stems(above), tmp_path / "photos", predict)
+    Image.fromarray(_pixels(8, 8)).save(tmp_path / "a.jpg")
+    Image.fromarray(_pixels(8, 8)).save(tmp_path / "a_overlay.jpg")
+    pair = list_inputs(str(tmp_path / "a*.jpg"), exts)
+    check_no_overwrite(pair, output_stems(pair), tmp_path, predict)
+    with pytest.raises(OutputError, match="a_overlay.jpg"):  # a.jpg's overlay
+        check_no_overwrite(pair, output_stems(pair), tmp_path, OmegaConf.create({"overlay": True, "save_probs": False}))
+
+
 def test_predictor_api(predictor, tmp_path):
     image = _pixels(37, 53, 9)
     assert not predictor.model.training
@@ -166,11 +253,11 @@ def test_write_outputs_probabilities_without_overlay(predictor, tmp_path):
     assert (tmp_path / "a" / "b.png").is_file() and not (tmp_path / "a" / "b_overlay.jpg").exists()
 
 
-@pytest.mark.parametrize("depth", ["rgb8", "gray16"])
+@pytest.mark.parametrize("depth", ["rgb8", "gray16", "rgb16"])
 def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     """The same pictures through segtrain-eval's loop (data set, val_size rescale, TTA, scores resized back to
     the mask) and through Predictor: identical class maps, and the same scores (the loss on them).  16-bit
-    grayscale PNGs (as in medical imaging) are read at their full depth by both."""
+    grayscale PNGs (as in medical imaging) and 16-bit RGB PNGs are read at their full depth by both."""
     import torch.nn.functional as F
 
     from segtrain.data import build_datasets, build_loader
@@ -181,8 +268,13 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     sizes = [(61, 83), (50, 70), (72, 90)]
     for split in ("train", "val"):
         for i, (h, w) in enumerate(sizes):
-            pixels = _pixels(h, w, 20 + i) if depth == "rgb8" else _pixels(h, w, 20 + i, 1, np.uint16, 65536)
-            write_png(tmp_path / split / "images" / f"im{i}.png", pixels)
+            channels = 1 if depth == "gray16" else 3
+            pixels = _pixels(h, w, 20 + i) if depth == "rgb8" else _pixels(h, w, 20 + i, channels, np.uint16, 65536)
+            if depth == "rgb16":  # PIL writes no 16-bit RGB PNG
+                (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
+                assert cv2.imwrite(str(tmp_path / split / "images" / f"im{i}.png"), pixels[..., ::-1])
+            else:
+                write_png(tmp_path / split / "images" / f"im{i}.png", pixels)
             write_png(tmp_path / split / "masks" / f"im{i}.png", _pixels(h, w, 30 + i, channels=1, high=6))
     overrides = {
         "data.name": "folder",
@@ -216,9 +308,21 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     image = p.read(tmp_path / "val" / "images" / "im0.png")
     assert not torch.allclose(plain.scores([image]), p.scores([image]), atol=1e-3)  # the settings matter
     assert (p(tmp_path / "val" / "images" / "im0.png") == p(image)).all()  # a path or the array it holds
-    if depth == "gray16":  # what 8 bits would have lost is visible in the scores
+    if depth != "rgb8":  # what 8 bits would have lost is visible in the scores
         eight = read_image(tmp_path / "val" / "images" / "im0.png")
         assert eight.dtype == np.uint8 and not torch.equal(p.scores([eight]), p.scores([image]))
+
+
+def test_predictor_reads_16_bit_and_float_rgb_tiffs(predictor, tmp_path):
+    """RGB TIFFs as training reads them: 16-bit at full depth, float32 as stored (PIL opens neither)."""
+    import tifffile
+
+    pixels = _pixels(33, 47, 7, dtype=np.uint16, high=65536)
+    for name, data in (("16.tif", pixels), ("float.tif", pixels.astype(np.float32) / 65535)):
+        tifffile.imwrite(tmp_path / name, data)
+        image = predictor.read(tmp_path / name)
+        assert image.dtype == data.dtype and (image == data).all()
+        assert predictor(tmp_path / name).shape == (33, 47)
 
 
 def test_predict_config_checks():
