@@ -274,7 +274,8 @@ def _app_failed(exc: Exception, prog: str) -> int:
     elif _os_error(exc) is not None:  # Hydra could not create the run dir or its log file
         os_err = _os_error(exc)
         where = console.short_path(os_err.filename or "the run dir")
-        msg, code = f"cannot use {where}: {os_err.strerror or os_err}; change hydra.run.dir", 4
+        key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv[1:]) else "hydra.run.dir"
+        msg, code = f"cannot use {where}: {os_err.strerror or os_err}; change {key}", 4
     else:
         msg = _one_line(exc)
         if "Could not find" in msg:

@@ -278,3 +278,10 @@ def test_full_disk_is_caught_before_training(monkeypatch, tmp_path):
 def test_a_refused_run_leaves_no_empty_default_dir(tmp_path):
     proc = run_cli(["optimizer.lr=-1"], tmp_path)  # the default hydra.run.dir: outputs/DATE/TIME
     assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
+
+
+def test_unusable_sweep_dir_names_hydra_sweep_dir(tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    proc = run_cli(["-m", "debug=smoke", "optimizer.lr=0.1,0.2", "hydra.sweep.dir=afile"], tmp_path)
+    one_line(proc, 4, "afile", "change hydra.sweep.dir")
+    assert (tmp_path / "afile").read_text() == "keep me"
