@@ -174,7 +174,9 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the training device's generator only (under DDP each rank's current device; every rank is seeded
+        # alike): the states of all visible GPUs would not fit a machine that shows fewer
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -185,4 +187,5 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        cuda = state["cuda"]  # older checkpoints hold a list, one per visible GPU: the first
+        torch.cuda.set_rng_state((cuda[0] if isinstance(cuda, (list, tuple)) else cuda).cpu())

@@ -35,7 +35,6 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: int | None):
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
-        self.net = self.module  # what validation calls: eager, as for the raw model
         self._pairs: list | None = None
 
     def current_decay(self) -> float:

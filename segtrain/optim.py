@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from omegaconf import DictConfig
@@ -92,5 +93,9 @@ def lr_factor(cfg: DictConfig, step: int, total: int, base_lr: float) -> float:
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_iters: int, base_lr: float):
+    """Per-iteration LambdaLR with one factor per parameter group, each from the group's own base lr
+    (``lr * lr_mult``), so that ``scheduler.min_lr`` is the same floor for every group (mmengine's eta_min)."""
     lr_factor(cfg, 0, total_iters, base_lr)  # validates the name before training starts
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_iters, base_lr))
+    bases = [base_lr * g.get("lr_mult", 1.0) for g in optimizer.param_groups]
+    factors = [partial(lr_factor, cfg, total=total_iters, base_lr=b) for b in bases]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -74,9 +74,26 @@ def restore(trainer) -> str | None:
     if found is None:
         return None
     state, path = found
+    ours, theirs = trainer.cfg.optimizer.name, (stored_config(state).get("optimizer") or {}).get("name", "?")
+    groups = (len(state["optimizer"]["param_groups"]), len(trainer.optimizer.param_groups))
+    if ours != theirs or groups[0] != groups[1]:  # its state (momenta, param groups) cannot carry over
+        raise CheckpointError(
+            f"cannot resume from {path.name}: its optimizer state is {theirs}, {groups[0]} parameter group(s), here "
+            f"{ours}, {groups[1]}; resume with the checkpoint's optimizer settings, or start anew from its weights "
+            "with model.init_from=PATH"
+        )
     trainer.load_state_dict(state)
     log.info("resumed from %s at step %d of %d (epoch %d)", path, trainer.step, trainer.max_iters, trainer.epoch)
     return str(path)
+
+
+def validation_owed(trainer) -> bool:
+    """True when a resumed run's step was due a validation that a signal cut short (its last.pt was written
+    mid-validation): the resumed run validates first, so no validation (the final one above all) is lost."""
+    t, step = trainer.cfg.trainer, trainer.step
+    if not trainer.resumed_from or step == 0 or (trainer.history and trainer.history[-1]["step"] == step):
+        return False
+    return step >= trainer.max_iters or (step % t.val_interval == 0 if t.val_interval else trainer.epoch_step == 0)
 
 
 def warn_changed(cfg: DictConfig, stored: DictConfig) -> None:

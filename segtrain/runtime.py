@@ -59,13 +59,14 @@ def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
 
 
 def configure_backends(device: torch.device, deterministic: bool, cudnn_benchmark: bool) -> None:
-    """Deterministic algorithms, or cuDNN autotuning and TF32 matmuls on CUDA."""
+    """Deterministic algorithms, or cuDNN autotuning and TF32 matmuls on CUDA.  Determinism and autotuning are
+    set either way: jobs of a sweep run one after another in one process, and one job's must not leak into the
+    next (TF32 is deterministic too)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic and device.type == "cuda"
+    if device.type == "cuda" and not deterministic:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -216,13 +217,13 @@ class DivergenceGuard:
 
 
 class Throughput:
-    """Training speed over the steps after the first (which includes warm-up: allocator, cuDNN autotuning,
-    compilation).  ``wait``: seconds spent waiting for the loader; ``compute``: seconds in the training step and its
+    """Training speed over the steps after the first of each process (which includes warm-up: allocator, cuDNN
+    autotuning, compilation; after a resume too).  ``wait``: seconds spent waiting for the loader; ``compute``: seconds in the training step and its
     logging (the scheduler, the progress bar, the loggers)."""
 
     def __init__(self):
         self.images, self.wait, self.compute = 0, 0.0, 0.0
-        self.warned = False
+        self.warned, self._warm = False, False
         self._window: tuple[float, float] | None = None  # (wait, compute) at the previous check
 
     def warn_if_loader_bound(self, num_workers: int) -> None:
@@ -244,6 +245,9 @@ class Throughput:
             )
 
     def add(self, images: int, wait: float, compute: float) -> None:
+        if not self._warm:  # this process's first step: not counted
+            self._warm = True
+            return
         self.images += images
         self.wait += wait
         self.compute += compute

@@ -70,10 +70,9 @@ class Trainer:
         check_run_length(cfg, self.max_iters, len(self.train_set), self.iters_per_epoch, world)
 
         # --- model, loss, optimizer, schedule -----------------------------------------------------
-        self.model = build_model(cfg.model, self.num_classes, d.in_channels).to(self.device)
+        mf = self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model, self.num_classes, d.in_channels).to(self.device, memory_format=mf)
         self.num_params = count_parameters(self.model)
-        self.memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
         self.batch_to_device = BatchToDevice(self.device, d.mean, d.std, self.memory_format)
         self.criterion = build_loss(cfg.loss, self.num_classes, d.ignore_index, self.train_set).to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
@@ -104,7 +103,7 @@ class Trainer:
                     dry_validation(self)  # a run that would crash at its first validation fails now
                     return self._fit()
             except torch.cuda.OutOfMemoryError:
-                where = "in validation" if self.model.training is False else f"at step {self.step + 1}"
+                where = "in validation" if not self.model.training else f"at step {self.step + 1}"
                 raise ResourceError(runtime.oom_message(self.cfg, self.precision, where)) from None
             finally:
                 self.loggers.close()  # a failure (no-op after a normal end or a preemption)
@@ -118,6 +117,8 @@ class Trainer:
         bars = bars_wanted(t.progress and self.is_main)
         bar = tqdm(total=self.max_iters, initial=self.step, desc="train", dynamic_ncols=True, disable=not bars)
         loss_avg, t_start, k = None, time.perf_counter(), t.accumulate
+        if resume.validation_owed(self) and self.validate() is None:  # cut short by a signal before the resume
+            self._preempt(self.signals.received)
         self.model.train()
         while self.step < self.max_iters and not self.monitor.stop_reason:
             self.train_loader.sampler.set_epoch(self.epoch, start=self.epoch_step * k * self.train_loader.batch_size)
@@ -130,12 +131,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, n_images, stop = self.train_step(micro)
                 micro = []
-                self.scheduler.step()
                 self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
                 loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
-                self._log_step(bar, loss, loss_avg)
-                if self.step > 1:  # the first step includes warm-up (allocator, compile, cudnn autotune)
-                    self.speed.add(n_images * self.world_size, t0 - t_wait, time.perf_counter() - t0)  # logging too
+                self._log_step(bar, loss, loss_avg)  # the lr this step used
+                self.scheduler.step()
+                self.speed.add(n_images * self.world_size, t0 - t_wait, time.perf_counter() - t0)  # logging too
                 epoch_done = self.epoch_step >= self.iters_per_epoch
                 if epoch_done:
                     self.epoch, self.epoch_step = self.epoch + 1, 0
@@ -205,7 +205,9 @@ class Trainer:
         """Score the validation set, log it, and save last.pt (best.pt, top-k: when ``trainer.monitor`` improved);
         None when a stop signal came during it (single process: at the next batch; under DDP all ranks finish it)."""
         self.model.eval()
-        net = self.ema.net if self.ema else unwrap(self.model)  # eager, no DDP hooks: compiled graphs would recompile
+        net = (
+            self.ema.module if self.ema else unwrap(self.model)
+        )  # eager, no DDP hooks: compiled graphs would recompile
         stop = None if self.dist.enabled else (lambda: self.signals.received is not None)
         m, cm, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,

@@ -75,10 +75,13 @@ def test_nesterov_and_schedule_follow_each_group():
     for _ in range(50):
         opt.step()
         sched.step()
-    factor = (1 - 1e-4 / 0.01) * 0.5**0.9 + 1e-4 / 0.01
-    lrs = {g["group"]: g["lr"] for g in opt.param_groups}
-    assert lrs["backbone"] == pytest.approx(0.01 * factor)
-    assert lrs["head"] == pytest.approx(0.1 * factor)
+    lrs = {g["group"]: g["lr"] for g in opt.param_groups}  # mmseg's PolyLR per group: (base - min) * ... + min
+    assert lrs["backbone"] == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    assert lrs["head"] == pytest.approx((0.1 - 1e-4) * 0.5**0.9 + 1e-4)
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4] * len(opt.param_groups))  # one floor
 
 
 @pytest.mark.parametrize("step", [0, 1, 50, 99, 100])
@@ -97,3 +100,17 @@ def test_warmup_and_cosine():
     )
     assert lr_factor(cfg, 50, 100, 1.0) == pytest.approx(0.5)
     assert lr_factor(cfg, 100, 100, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_logged_lr_is_the_lr_each_step_used(tmp_path):
+    """train/lr at step s is the lr step s trained with: the warmup's start at step 1, not the next step's."""
+    import csv
+
+    from segtrain.trainer import Trainer
+
+    cfg = composed("debug=smoke", "logger=csv", "trainer.max_iters=4", "trainer.log_interval=1", "trainer.progress=false",
+                   "scheduler.warmup_iters=3", "scheduler.warmup_ratio=0.1", "optimizer.lr=0.01")  # fmt: skip
+    Trainer(cfg, tmp_path).fit()
+    logged = [float(r["train/lr"]) for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("train/lr")]
+    used = [0.01 * lr_factor(cfg.scheduler, s, 4, 0.01) for s in range(4)]
+    assert logged == pytest.approx(used) and logged[0] == pytest.approx(0.001)

@@ -117,3 +117,14 @@ def test_resume_into_fp16_from_a_run_without_a_grad_scaler(tmp_path):
     Trainer(cfg, tmp_path).fit()
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert last["step"] == 3 and last["scaler"]["scale"] > 0
+
+
+def test_resume_with_another_optimizer_is_one_line(cli):
+    """Its state (momenta, parameter groups) cannot carry over: refused before training, with the way out."""
+    _, run = cli("debug=smoke", "trainer.max_iters=2", "trainer.num_vis=0", "trainer.progress=false", run_dir="r")
+    for change in ("optimizer=sgd", "optimizer.no_decay_norm_bias=true"):
+        proc, _ = cli("debug=smoke", "trainer.max_iters=4", "trainer.progress=false", change, "trainer.resume=auto",
+                      run_dir="r", check=False)  # fmt: skip
+        line = one_line_error(proc, "cannot resume from", "parameter group", "model.init_from=")
+        assert proc.returncode == 2, line
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 2  # untouched

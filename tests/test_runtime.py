@@ -44,6 +44,8 @@ def test_band_count_mismatch_is_a_config_error():
 
 def test_throughput_rates_count_loader_waits_in_the_wall_time():
     speed = Throughput()
+    speed.add(images=8, wait=9.0, compute=9.0)  # this process's first step (warm-up; after a resume too): not counted
+    assert speed.rates()["train_images_per_sec"] is None
     speed.add(images=30, wait=1.0, compute=2.0)
     r = speed.rates()
     assert r == {
@@ -55,6 +57,7 @@ def test_throughput_rates_count_loader_waits_in_the_wall_time():
 
 def test_loader_warning_judges_each_window_after_the_warm_up_once(caplog):
     speed = Throughput()
+    speed.add(1, wait=0.0, compute=0.0)  # the first step: not counted
     speed.add(16, wait=5.0, compute=1.0)  # the first window: the built-in set generated, workers starting
     speed.warn_if_loader_bound(0)
     speed.add(16, wait=0.05, compute=1.0)  # 5%: fine
@@ -151,3 +154,16 @@ def test_out_of_memory_becomes_advice(tmp_path, monkeypatch):
         trainer.fit()
     msg = str(e.value)
     assert "data.batch_size=4" in msg and "trainer.accumulate=2" in msg and "precision" in msg
+
+
+def test_backend_flags_do_not_leak_from_one_sweep_job_into_the_next():
+    from segtrain.runtime import configure_backends
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_backends(torch.device("cpu"), True, True)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        configure_backends(torch.device("cpu"), False, True)  # the next job of a sweep, in the same process
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -122,6 +122,11 @@ def test_sigterm_during_validation_stops_at_the_next_batch(tmp_path):
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["step"] == 2 and state["history"] == []
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"
+    # the resumed run owes step 2's validation and runs it first (here it is also the final one)
+    cfg = composed("debug=smoke", "data.num_val=8", "data.val_batch_size=1", "trainer.val_interval=2",
+                   "trainer.max_iters=2", "trainer.progress=false", "trainer.num_vis=0", "trainer.resume=auto")  # fmt: skip
+    summary = Trainer(cfg, tmp_path / "run").fit()
+    assert [h["step"] for h in summary["history"]] == [2] and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 
 def test_save_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
