@@ -401,11 +401,8 @@ PEERS = [  # (segtrain network, its overrides, the peer with the same architectu
 
 VARIANT_FLAGS = {  # segtrain's other implementations of a layer: (switch in segtrain.models.blocks, value)
     "up-conv as pixel shuffle": ("UPCONV_AS_SHUFFLE", True),
-    "bilinear as interpolation": ("BILINEAR_AS_INTERPOLATE", True),
-    "bilinear as transposed conv": ("BILINEAR_AS_INTERPOLATE", False),
 }
-VARIANTS = {"fcn32s-r50-d8": ["bilinear as interpolation", "bilinear as transposed conv"],
-            "unet-r34": ["up-conv as pixel shuffle"]}  # fmt: skip
+VARIANTS = {"unet-r34": ["up-conv as pixel shuffle"]}
 
 
 def _default_form(name: str, device) -> bool:
@@ -413,8 +410,7 @@ def _default_form(name: str, device) -> bool:
     from segtrain.models import blocks
 
     attr, value = VARIANT_FLAGS[name]
-    current = getattr(blocks, attr)
-    return (device.type == "cuda" if current is None else current) == value
+    return getattr(blocks, attr) == value
 
 
 @contextlib.contextmanager

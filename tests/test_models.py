@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.config import ModelConfig
 from segtrain.errors import ConfigError
 from segtrain.models import backbones, build_model, count_parameters
-from segtrain.models.blocks import BilinearConvTranspose2d, FixedBilinearUpsample, SafeBatchNorm2d
+from segtrain.models.blocks import SafeBatchNorm2d
 from segtrain.models.deconvnet import DeconvNet
 from segtrain.models.fcn import VGGFullyConv
 
@@ -192,15 +192,35 @@ def test_deeplabv3_resnet50_matches_torchvision_parameter_count():
     assert count_parameters(ours) == count_parameters(theirs) == 39_638_869
 
 
-def test_bilinear_upsampling_is_bilinear():
-    x = torch.randn(1, 2, 5, 6)
-    for factor in (2, 8):
-        ref = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
-        inner = (slice(None), slice(None), slice(factor, -factor), slice(factor, -factor))  # borders: zero padding
-        for up in (BilinearConvTranspose2d(2, factor), FixedBilinearUpsample(2, factor)):
-            y = up(x)
-            assert y.shape == ref.shape
-            assert torch.allclose(y[inner], ref[inner], atol=1e-5)
+@pytest.mark.parametrize(
+    "name, torchvision_name, aux", [("deeplabv3", "deeplabv3_resnet50", True), ("fcn", "fcn_resnet50", False)]
+)
+def test_resnet50_networks_compute_torchvisions_function(name, torchvision_name, aux):
+    """torchvision's weights (random, BN statistics too) loaded tensor by tensor in order give the same output,
+    borders included: dilations and ASPP rates at output stride 8, FCN's upsampling, the aux head on C4."""
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models.segmentation, torchvision_name)(
+        weights=None, weights_backbone=None, num_classes=K, aux_loss=aux
+    ).eval()
+    for m in theirs.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
+    extra = {"variant": "32s"} if name == "fcn" else {}
+    ours = build(K, name=name, backbone="resnet50", output_stride=8, aux=aux, **extra).eval()
+    keys = [[k for k in net.state_dict() if not k.endswith("num_batches_tracked")] for net in (ours, theirs)]
+    assert len(keys[0]) == len(keys[1])
+    ours.load_state_dict({a: theirs.state_dict()[b] for a, b in zip(*keys)}, strict=False)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x)["out"], rtol=1e-4, atol=1e-4)
+        if aux:
+            ours.train(), theirs.train()
+            ours.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
+            theirs.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
+            torch.manual_seed(1)
+            a = ours(x)["aux"]
+            torch.manual_seed(1)
+            torch.testing.assert_close(a, theirs(x)["aux"], rtol=1e-4, atol=1e-4)
 
 
 def test_vgg_fc_layers_become_convolutions():

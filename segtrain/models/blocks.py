@@ -68,9 +68,11 @@ def bilinear_kernel(factor: int) -> torch.Tensor:
 class BilinearConvTranspose2d(nn.ConvTranspose2d):
     """Learnable ``f``-times upsampling of class scores, initialised to bilinear interpolation (FCN).
 
-    Kernel ``2f``, stride ``f``, padding ``f/2``: an ``n``-pixel map becomes exactly
-    ``n * f`` pixels, each input pixel centred on its ``f x f`` output cell.
-    """
+    Kernel ``2f``, stride ``f``, padding ``f/2``: an ``n``-pixel map becomes exactly ``n * f`` pixels, each input
+    pixel centred on its ``f x f`` output cell.  The map is edge-padded by one pixel first (and the extra ``f``
+    output pixels cropped), so that near the border the kernel sees border values, not zeros: at
+    initialisation it is then ``F.interpolate(mode="bilinear", align_corners=False)`` everywhere, as
+    torchvision's FCN, and as the paper's 100-pixel padding made it inside the image."""
 
     def __init__(self, channels: int, factor: int):
         super().__init__(channels, channels, 2 * factor, stride=factor, padding=factor // 2, bias=False)
@@ -78,44 +80,25 @@ class BilinearConvTranspose2d(nn.ConvTranspose2d):
             self.weight.zero_()
             self.weight[range(channels), range(channels)] = bilinear_kernel(factor)
 
-
-# Two implementations of the same functions, whose speeds differ by device (scripts/benchmark.py peers).
-# FixedBilinearUpsample: interpolation x border weights (True) or the transposed conv (False); None: interpolation
-# on CUDA, where grouped transposed convs are slow (pytorch#47341, #95604), the transposed conv elsewhere and in
-# exported graphs (one operator, any input size).
-BILINEAR_AS_INTERPOLATE: bool | None = None
-UPCONV_AS_SHUFFLE = False  # UpConv2x2: a 1x1 conv to 4x the channels + pixel shuffle instead of a transposed conv
-
-
-def _edge_weights(n: int, factor: int, like: torch.Tensor) -> torch.Tensor:
-    """Per output row of a stride-``factor`` bilinear transposed conv over ``n`` inputs: the share of its kernel
-    that falls inside the input (1 in the interior, less within ``factor / 2`` rows of either edge)."""
-    s = (torch.arange(n * factor, device=like.device, dtype=torch.float32) + 0.5) / factor - 0.5
-    return (1 - (-s).clamp(min=0) - (s - (n - 1)).clamp(min=0)).to(like.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stride[0]
+        return super().forward(F.pad(x, [1, 1, 1, 1], mode="replicate"))[..., f:-f, f:-f]
 
 
 class FixedBilinearUpsample(nn.Module):
-    """The same transposed conv with its bilinear kernel frozen: the FCN paper's last upsampling layer.
-
-    In the interior it is bilinear interpolation (``align_corners=False``); within ``factor / 2`` pixels of an
-    edge the kernel reaches outside the map and the result fades linearly (zero padding), which
-    ``BILINEAR_AS_INTERPOLATE`` reproduces as interpolation times separable edge weights."""
+    """The FCN paper's last upsampling layer, a bilinear transposed conv whose kernel is frozen: bilinear
+    interpolation (``align_corners=False``), computed as such."""
 
     def __init__(self, channels: int, factor: int):
         super().__init__()
         self.factor = factor
-        self.register_buffer("kernel", bilinear_kernel(factor).expand(channels, 1, -1, -1).clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.factor
-        interpolate = BILINEAR_AS_INTERPOLATE
-        if interpolate is None:
-            interpolate = x.is_cuda and not tracing()
-        if interpolate:
-            h, w = x.shape[-2:]
-            up = F.interpolate(x, scale_factor=f, mode="bilinear", align_corners=False)
-            return up * _edge_weights(h, f, up)[:, None] * _edge_weights(w, f, up)[None, :]
-        return F.conv_transpose2d(x, self.kernel.to(x.dtype), stride=f, padding=f // 2, groups=x.shape[1])
+        return F.interpolate(x, scale_factor=self.factor, mode="bilinear", align_corners=False)
+
+
+# UpConv2x2's other form, the same function (tests/test_blocks.py), whose speed scripts/benchmark.py compares
+UPCONV_AS_SHUFFLE = False  # a 1x1 conv to 4x the channels + pixel shuffle instead of a transposed conv
 
 
 class UpConv2x2(nn.ConvTranspose2d):
