@@ -439,6 +439,21 @@ def test_swin_encoder_any_size_and_no_dilation(small_swin):
     assert "\n" not in str(e.value) and "model.output_stride=32" in str(e.value)
 
 
+def test_timm_pretrained_weights_that_cannot_download_are_named_at_any_output_stride(monkeypatch):
+    """Offline, a dilatable timm encoder's failing download is reported as such, not as "no dilated variant"."""
+    timm = pytest.importorskip("timm")
+    create = timm.create_model
+
+    def offline(name, **kw):
+        if kw.get("pretrained"):
+            raise OSError("We couldn't connect to huggingface.co")
+        return create(name, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConfigError, match=r"timm could not create it with its pretrained weights .*huggingface"):
+        backbones.build_backbone("timm:resnet18d", 16, pretrained=True)
+
+
 def test_timm_encoder_with_other_strides_is_refused():
     pytest.importorskip("timm")
     with pytest.raises(ConfigError, match=r"strides \[16, 16, 16\].*4 at strides 4-32"):

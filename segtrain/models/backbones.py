@@ -264,7 +264,7 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False, 
     try:
         model = _create_timm(timm, arch, kwargs)
     except Exception as e:  # unknown name, no dilation support, weights not downloadable ...
-        if output_stride != 32 and _creates(timm, arch):
+        if output_stride != 32 and not _creates(timm, arch, output_stride) and _creates(timm, arch):
             raise ConfigError(
                 f"model.backbone={name} cannot run at model.output_stride={output_stride}: timm has no dilated "
                 "variant of it; set model.output_stride=32 (or use a CNN such as timm:convnext_tiny or resnet50)"
@@ -285,10 +285,12 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False, 
     return TimmBackbone(name, model, channels, nominal, output_stride)
 
 
-def _creates(timm: Any, arch: str) -> bool:
-    """Whether timm builds ``arch`` at output stride 32 (random weights): telling "cannot dilate" apart."""
+def _creates(timm: Any, arch: str, output_stride: int = 32) -> bool:
+    """Whether timm builds ``arch`` at ``output_stride`` with random weights: "cannot dilate" is told apart
+    from other failures (such as pretrained weights that cannot be downloaded)."""
+    stride = {} if output_stride == 32 else {"output_stride": output_stride}
     try:
-        _create_timm(timm, arch, {"features_only": True, "pretrained": False})
+        _create_timm(timm, arch, {"features_only": True, "pretrained": False, **stride})
         return True
     except Exception:  # noqa: BLE001 - any failure: the original error is the one to report
         return False
