@@ -223,6 +223,15 @@ def test_resnet50_networks_compute_torchvisions_function(name, torchvision_name,
             torch.testing.assert_close(a, theirs(x)["aux"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["fcn", "unet", "deeplabv3plus"])
+def test_one_image_whose_deepest_map_is_one_pixel_trains(name):
+    """Batch 1 at 32 px: torchvision's backbone BNs see one value per channel at stride 32 (SafeBatchNorm2d)."""
+    model = build(K, name=name, backbone="resnet18").train()
+    out = model(torch.randn(1, 3, 32, 32))
+    (out["out"] if isinstance(out, dict) else out).sum().backward()
+    assert not [m for m in model.modules() if type(m) is torch.nn.BatchNorm2d]
+
+
 def test_vgg_fc_layers_become_convolutions():
     """fc6 as a 7x7 conv on a 7x7 pool5 map computes exactly the linear layer (its centre pixel)."""
     torch.manual_seed(0)

@@ -46,6 +46,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from segtrain.errors import ConfigError
+from segtrain.models.blocks import SafeBatchNorm2d
 from segtrain.utils import download
 
 log = logging.getLogger("segtrain")
@@ -318,8 +319,18 @@ def build_backbone(
         state = load_pretrained(imagenet_weights(name))
     for table, make in ((RESNETS, resnet), (VGGS, vgg), (MOBILENETS, mobilenet)):
         if name in table:
-            return adapt_first_conv(make(name, output_stride, state), in_channels, pretrained=state is not None)
+            backbone = adapt_first_conv(make(name, output_stride, state), in_channels, pretrained=state is not None)
+            return _safe_batch_norm(backbone)
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
+
+
+def _safe_batch_norm(module: nn.Module) -> nn.Module:
+    """torchvision's BatchNorm2d layers as :class:`SafeBatchNorm2d` (the same layer, weights and keys), so that a
+    training batch of one image whose deepest map is 1x1 (a 32-px crop) does not raise."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SafeBatchNorm2d
+    return module
 
 
 def backbone_from_config(
