@@ -310,10 +310,11 @@ def register_configs() -> None:
 
 def min_input_size(model: DictConfig) -> int:
     """The smallest image side the network accepts: the from-scratch encoders halve it 4 (U-Net) or 5
-    (DeconvNet/SegNet) times with plain pooling; the backbone networks run at any size (rounding up)."""
+    (DeconvNet/SegNet) times with plain pooling, as a VGG backbone does (FCN pads its input to a multiple of
+    32 first); the other backbone networks run at any size (rounding up)."""
     if model.name == "unet" and model.backbone is None:
         return 16
-    if model.name == "deconvnet":
+    if model.name == "deconvnet" or (str(model.backbone or "").startswith("vgg") and model.name != "fcn"):
         return 32
     return 1
 
