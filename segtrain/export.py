@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def exportable(model: nn.Module) -> nn.Module:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    """The error's first line, without the terminal colour codes torch.export puts in it."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
@@ -124,7 +126,10 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
             )
     except Exception as e:  # the exporter names the construct it cannot express
         log.debug("ONNX export output:\n%s", quiet.getvalue())
-        raise ExportError(f"the network cannot be exported to ONNX: {type(e).__name__}: {_first_line(e)}") from None
+        raise ExportError(
+            f"the network cannot be exported to ONNX ({type(e).__name__}: {_first_line(e)}); format=torchscript "
+            "traces it instead (timm encoders of 4 levels, such as ConvNeXt and Swin, need that)"
+        ) from None
     log.debug("ONNX export output:\n%s", quiet.getvalue())
     written = int(program.model.opset_imports.get("", opset))
     for key, value in metadata.items():

@@ -195,3 +195,10 @@ def test_export_config_checks():
     for kw, match in (({"opset": 17}, "opset must be >= 18"), ({"check_sizes": [[16, 40]]}, "32x32 minimum")):
         with pytest.raises(ConfigError, match=match):
             validate_export(OmegaConf.merge(base, {"ckpt": "a.pt", **kw}))
+
+
+def test_export_errors_are_plain_text():
+    from segtrain.export import _first_line
+
+    e = RuntimeError("\x1b[96mCannot create Dim\x1b[0m with inconsistent min=0\nmore detail")
+    assert _first_line(e) == "Cannot create Dim with inconsistent min=0"
