@@ -252,6 +252,15 @@ def test_vgg_fc_layers_become_convolutions():
     assert torch.allclose(conv, linear, atol=1e-4)
 
 
+def test_segnet_decoder_mirrors_the_encoder_as_its_prototxt():
+    """SegNet's decoder has VGG16's 13 convs in reverse, the last one (conv1_1_D) the 3x3 classifier; the
+    DeconvNet decoder mirrors all 13 with transposed convs and scores with a 1x1 conv."""
+    segnet, deconvnet = DeconvNet(12, base_channels=64, variant="segnet"), DeconvNet(12, base_channels=64)
+    assert [len(s) for s in segnet.decoder] == [3, 3, 3, 2, 1] and segnet.classifier.kernel_size == (3, 3)
+    assert [len(s) for s in deconvnet.decoder] == [3, 3, 3, 2, 2] and deconvnet.classifier.kernel_size == (1, 1)
+    assert count_parameters(segnet) == pytest.approx(29.5e6, rel=0.01)  # the paper's 29.5M (CamVid, 12 classes)
+
+
 def test_deconvnet_encoder_takes_vgg16_bn_weights():
     """Pretrained DeconvNet/SegNet: VGG16-BN's conv biases fold into the BN running means; same function."""
     torch.manual_seed(0)

@@ -90,11 +90,13 @@ class DeconvNet(nn.Module):
             layer = ConvBNReLU
 
         # Decoder stage i mirrors encoder stage i: its last layer goes back to the width that stage i got
-        # (stage 1 stays at b channels).  Listed deepest first, in the order they run.
+        # (stage 1 stays at b channels).  Listed deepest first, in the order they run.  SegNet's classifier, a
+        # 3x3 conv, is the last layer of decoder stage 1 (conv1_1_D of its prototxt), which has one conv less.
         self.decoder = nn.ModuleList()
-        for n, w, wout in reversed(list(zip(STAGES, widths, [b, *widths[:-1]]))):
+        for stage, (n, w, wout) in reversed(list(enumerate(zip(STAGES, widths, [b, *widths[:-1]])))):
+            n = n - 1 if variant == "segnet" and stage == 0 else n
             self.decoder.append(nn.Sequential(*(layer(w, w if i < n - 1 else wout, 3, norm=norm) for i in range(n))))
-        k = 1 if variant == "deconvnet" else 3  # SegNet's last decoder layer is a 3x3 conv
+        k = 1 if variant == "deconvnet" else 3
         self.classifier = nn.Conv2d(b, num_classes, k, padding=k // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
