@@ -105,8 +105,6 @@ def _deconvnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Mo
         )
     model = DeconvNet(num_classes, cfg.base_channels, variant, cfg.norm, in_channels)
     if cfg.pretrained:
-        from segtrain.models.backbones import imagenet_weights, load_pretrained
-
         model.load_vgg16(load_pretrained(imagenet_weights("vgg16_bn" if cfg.norm == "bn" else "vgg16")))
     return model
 
