@@ -38,8 +38,6 @@ from segtrain.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger("segtrain")
 
-_EXIF_ORIENTATION = 0x0112
-
 
 def read_image(source: Any) -> np.ndarray:
     """An image as HxWx3 uint8 RGB, upright as a viewer shows it.
@@ -337,18 +335,10 @@ def check_no_overwrite(items: list[tuple[Path, Path]], stems: list[Path], out_di
 def upright_size(path: Path, in_channels: int = 3) -> tuple[int, int]:
     """(h, w) of an image file as :meth:`Predictor.read` gives it, from its header (no decoding): as a viewer
     shows it for 3-band networks, as stored (no EXIF rotation) for others, as training read them."""
-    from PIL import Image
+    from segtrain.data.disk import loads_rotated, read_header
 
-    from segtrain.data.disk import TIFF_EXTS, read_header
-
-    if Path(path).suffix.lower() in TIFF_EXTS:  # multi-band and float TIFFs: tifffile's header
-        h, w = read_header(Path(path))[:2]
-        return h, w
-    with Image.open(path) as im:
-        w, h = im.size
-        if in_channels == 3 and im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
-            w, h = h, w
-    return h, w
+    h, w = read_header(Path(path))[:2]
+    return (w, h) if loads_rotated(Path(path), in_channels) else (h, w)
 
 
 def _reason(e: BaseException) -> str:
