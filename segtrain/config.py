@@ -15,6 +15,7 @@ what they change.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -541,11 +542,11 @@ def _check_input_sizes(cfg: DictConfig) -> None:
         return
     network = f"model={cfg.model.name}" + ("" if cfg.model.backbone is None else f" ({cfg.model.backbone})")
 
-    def at_least(key: str, value: Any, side: float, how: str = "") -> None:
+    def at_least(key: str, value: Any, side: float, how: str = "", scale: float = 1.0) -> None:
         _check(
             side >= need,
             f"{key}={_shown(value)}{how} gives {int(side)} px, fewer than the {need} px {network} needs "
-            f"(its encoder halves the input {need.bit_length() - 1} times); use at least {need}",
+            f"(its encoder halves the input {need.bit_length() - 1} times); use at least {math.ceil(need / scale)}",
         )
 
     if d.crop_size is not None:
@@ -563,9 +564,9 @@ def _check_input_sizes(cfg: DictConfig) -> None:
         rescale = "data.base_size", d.base_size
     if rescale is not None:
         val = as_size(rescale[1], rescale[0])
-        at_least(rescale[0], rescale[1], (val if isinstance(val, int) else min(val)) * low, how)
+        at_least(rescale[0], rescale[1], (val if isinstance(val, int) else min(val)) * low, how, low)
     elif d.name == "synthetic":
-        at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * low, how)
+        at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * low, how, low)
 
 
 VAL_KEYS = ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss")  # what every validation logs

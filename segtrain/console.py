@@ -110,19 +110,24 @@ _PATH = re.compile(r"[^\s,;'\"()\[\]{}]*/[^\s,;'\"()\[\]{}]*")
 
 
 def _shorten_paths(msg: str, keep: int = 2) -> str:
-    """Long paths in ``msg`` cut to their last ``keep`` parts: ``/data/a/b/c/masks/x.png`` -> ``…/masks/x.png``."""
+    """Long paths in ``msg`` cut to their last ``keep`` parts: ``/data/a/b/c/masks/x.png`` -> ``…/masks/x.png``;
+    a ``key=`` in front of one stays, and URLs stay whole (a cut one cannot be used)."""
 
     def cut(m: re.Match) -> str:
         text = m.group(0)
-        parts = text.rstrip("/.").split("/")
-        return text if len(text) <= 40 or len(parts) <= keep else "…/" + "/".join(parts[-keep:])
+        key, _, path = text.rpartition("=") if "=" in text.split("/", 1)[0] else ("", "", text)
+        parts = path.rstrip("/.").split("/")
+        if "://" in text or len(path) <= 40 or len(parts) <= keep:
+            return text
+        return f"{key}{'=' if key else ''}…/" + "/".join(parts[-keep:])
 
     return _PATH.sub(cut, msg)
 
 
 def error_line(prefix: str, msg: str, exc: BaseException | None = None) -> str:
-    """``prefix + msg`` as one line of at most MAX_LINE characters (long paths shortened first, then the end
-    cut); the full text, and ``exc``'s traceback, go to the log files."""
+    """``prefix + msg`` as one line of at most MAX_LINE characters (long paths shortened first, then the middle
+    cut: what is wrong comes first and the fix last, so both stay); the full text, and ``exc``'s traceback, go
+    to the log files."""
     msg = " ".join(str(msg).split())
     files = log_files()
     if exc is not None or len(prefix) + len(msg) > MAX_LINE:
@@ -133,7 +138,8 @@ def error_line(prefix: str, msg: str, exc: BaseException | None = None) -> str:
     msg = _shorten_paths(msg)
     room = MAX_LINE - len(prefix) - len(note)
     if len(msg) > room:
-        msg = msg[: room - 1].rstrip() + "…"
+        head = (room - 3) * 3 // 5
+        msg = msg[:head].rstrip() + " … " + msg[len(msg) - (room - 3 - head) :].lstrip()
     return prefix + msg + note
 
 

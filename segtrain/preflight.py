@@ -13,6 +13,7 @@ The cross-key checks of config values (strides, crops, sizes, seeds ...) live in
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from segtrain.config import min_input_size, smallest_eval_scale
@@ -40,7 +41,7 @@ def check_val_images(val_set, cfg) -> None:
         scaled = f" (x{low:g} at the smallest eval.scales)" if low < 1 else ""
         raise DataError(
             f"validation image {path} is {w}x{h} px{scaled}, smaller than the {need} px model={cfg.model.name} "
-            f"needs; remove it, or set data.val_size={need} (or larger)"
+            f"needs; remove it, or set data.val_size={math.ceil(need / low)} (or larger)"
         )
 
 

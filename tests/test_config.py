@@ -109,6 +109,10 @@ def test_schema_default_check_can_fail():
         (["data.crop_size=8"], "data.crop_size=8 gives 8 px, fewer than the 16 px model=unet needs"),
         (["data.image_size=[10,12]"], "data.image_size=[10, 12] gives 10 px"),
         (["eval.scales=[0.1,1.0]"], "data.image_size=64 at eval.scales 0.1 gives 6 px"),
+        (
+            ["data=voc", "data.val_size=16", "eval.scales=[0.5,1.0]"],
+            "gives 8 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 times); use at least 32",
+        ),
         (["model=deconvnet", "data.val_size=20"], "data.val_size=20 gives 20 px, fewer than the 32 px"),
         (["model.backbone=vgg16", "data.image_size=24"], "data.image_size=24 gives 24 px, fewer than the 32 px"),
         (["eval.mode=slide", "eval.crop_size=12"], "eval.crop_size=12 gives 12 px"),

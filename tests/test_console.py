@@ -77,6 +77,15 @@ def test_error_line_is_short_and_the_log_has_everything(file_log):
     assert console.error_line("p: ", "short") == "p: short"
 
 
+def test_error_line_keeps_urls_keys_and_the_fix_at_its_end():
+    url = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+    msg = (f"data.root=/mnt/storage/datasets/pascal/VOCdevkit/VOC2012 is fine but {url} could not be fetched "
+           + "(a long reason) " * 15 + "; set model.pretrained=false")  # fmt: skip
+    line = console.error_line("segtrain: error: ", msg)
+    assert len(line) <= console.MAX_LINE and url in line and "data.root=…/VOCdevkit/VOC2012" in line
+    assert line.endswith("set model.pretrained=false") and " … " in line  # the middle goes, not the fix
+
+
 class _Terminal:
     def isatty(self) -> bool:
         return True
