@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import tarfile
 import time
@@ -296,3 +297,31 @@ def test_cityscapes_train_ids(prep, tmp_path):
     assert expected[0, 0] == 0 and expected[0, 16] == 13 and expected[8, 0] == 18 and expected[8, 8] == 255
     proc = prep("cityscapes", "--root", str(tmp_path / "empty"), cwd=tmp_path)
     assert_one_line_error(proc, "login", "gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip", "gtFine/")
+
+
+def test_cut_off_or_deleted_extraction_is_redone(prep, tmp_path, archives):
+    """A ``.extracting`` marker (an extraction cut off) makes complete-looking data count as not done, and a
+    ``.extracted`` marker does not stand in for data that was deleted since."""
+    root = tmp_path / "data"
+    root.mkdir()
+    voc = root / "VOCtrainval_11-May-2012.tar"  # where a download would have put it
+    voc.write_bytes(archives["voc"].read_bytes())
+    assert prep("voc", "--root", str(root), "--md5", md5(voc)).returncode == 0
+    base = root / "VOCdevkit" / "VOC2012"
+    marker = root / ".segtrain-data" / "voc2012.extracting"
+    # cut off half way: the folders are there, a file is not, the marker is
+    (base / "JPEGImages" / f"{VOC_IDS[3]}.jpg").unlink()
+    marker.touch()
+    sbd = prep("sbd", "--root", str(root), "--archive", str(archives["sbd"]), "--no-verify")
+    assert_one_line_error(sbd, "segtrain-data voc --root")
+    proc = prep("voc", "--root", str(root), "--md5", md5(voc))
+    assert proc.returncode == 0 and "extracting" in proc.stdout, proc.stdout + proc.stderr
+    assert (base / "JPEGImages" / f"{VOC_IDS[3]}.jpg").is_file() and not marker.exists()
+    # the data deleted after a finished extraction: extracted again (the marker does not count alone)
+    for archive in (["--archive", str(voc)], []):
+        shutil.rmtree(root / "VOCdevkit")
+        proc = prep("voc", "--root", str(root), *archive, "--md5", md5(voc))
+        assert proc.returncode == 0 and "extracting" in proc.stdout, proc.stdout + proc.stderr
+        assert sorted(p.stem for p in (base / "JPEGImages").glob("*.jpg")) == VOC_IDS
+    proc = prep("voc", "--root", str(root), "--md5", md5(voc))
+    assert proc.returncode == 0 and "skipping" in proc.stdout, proc.stdout + proc.stderr

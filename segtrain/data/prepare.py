@@ -130,14 +130,25 @@ def safe_extract(archive: Path, dest: Path) -> None:
         raise DataError(f"cannot extract {archive}: {e} (corrupt or not a tar archive?)") from e
 
 
-def extract_once(archive: Path, root: Path, done_check, tag: str, force: bool) -> None:
-    """Extract unless already done: a marker from a finished run, or ``done_check()`` true without an unfinished run."""
+def extracted(root: Path, tag: str, data_check) -> bool:
+    """The one "done" check: ``data_check()`` finds the data and no extraction of ``tag`` was cut off.
+
+    An extraction runs between ``{tag}.extracting`` (made first) and ``{tag}.extracted`` (made last), so a
+    ``.extracting`` marker means the tree may be partial, whatever the data check says; without it, data
+    that is there (extracted here, or by hand) counts.  A ``.extracted`` marker alone never counts: the data
+    may have been deleted since."""
+    return data_check() and not (root / MARKER_DIR / f"{tag}.extracting").exists()
+
+
+def extract_once(archive: Path, root: Path, data_check, tag: str, force: bool) -> None:
+    """Extract ``archive`` into ``root`` unless :func:`extracted` says it is done (``force``: always)."""
     markers = root / MARKER_DIR
     done, running = markers / f"{tag}.extracted", markers / f"{tag}.extracting"
-    if not force and (done.exists() or (done_check() and not running.exists())):
+    if not force and extracted(root, tag, data_check):
         print(f"{PROG}: {tag} already extracted in {root}; skipping (--force re-extracts)", file=sys.stdout)
         return
     markers.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
     running.touch()
     print(f"{PROG}: extracting {archive} -> {root}", file=sys.stdout)
     safe_extract(archive, root)
@@ -157,9 +168,13 @@ def voc_complete(root: Path) -> bool:
     return all((base / d).is_dir() for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))
 
 
+def voc_ready(root: Path) -> bool:
+    return extracted(root, "voc2012", lambda: voc_complete(root))
+
+
 def cmd_voc(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    if not args.force and voc_complete(root) and args.archive is None:
+    if not args.force and voc_ready(root) and args.archive is None:
         print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +182,7 @@ def cmd_voc(args: argparse.Namespace) -> None:
         args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", VOC_LAYOUT, "PASCAL VOC 2012", "voc"
     )
     extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
-    if not voc_complete(root):
+    if not voc_ready(root):
         raise DataError(f"{archive} did not yield the expected layout {VOC_LAYOUT} under {root}")
     print(f"{PROG}: VOC 2012 ready: data=voc data.root={root}", file=sys.stdout)
 
@@ -230,10 +245,8 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
 
 def cmd_sbd(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    if not voc_complete(root):
-        raise DataError(
-            f"no PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first (expected layout: {VOC_LAYOUT})"
-        )
+    if not voc_ready(root):
+        raise DataError(f"no complete PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first")
     try:
         import scipy.io  # noqa: F401
     except ImportError as e:
@@ -243,10 +256,10 @@ def cmd_sbd(args: argparse.Namespace) -> None:
     def sbd_complete() -> bool:
         return (sbd / "cls").is_dir() and (sbd / "train.txt").is_file() and (sbd / "val.txt").is_file()
 
-    if args.force or args.archive is not None or not sbd_complete():
+    if args.force or args.archive is not None or not extracted(root, "sbd", sbd_complete):
         archive = fetch_archive(args, root, SBD_URL, SBD_MD5, "benchmark.tgz", SBD_LAYOUT, "SBD", "sbd")
         extract_once(archive, root, sbd_complete, "sbd", args.force)
-    if not sbd_complete():
+    if not extracted(root, "sbd", sbd_complete):
         raise DataError(f"SBD is incomplete in {root} (expected layout: {SBD_LAYOUT})")
 
     base = voc_base(root)
