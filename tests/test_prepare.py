@@ -56,6 +56,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     assert proc.returncode != 0, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("segtrain-data: error: "), proc.stderr
+    assert len(lines[0]) <= 300, f"{len(lines[0])} characters: {lines[0]}"
     assert "Traceback" not in proc.stderr + proc.stdout
     for n in needles:
         assert n in lines[0], lines[0]
@@ -212,9 +213,7 @@ def test_offline_download_fails_fast(tmp_path):
     t0 = time.monotonic()
     proc = run_prepare("voc", "--root", str(tmp_path / "d"), "--url", url, cwd=tmp_path, timeout=30)
     assert time.monotonic() - t0 < 15
-    assert_one_line_error(
-        proc, url, "--archive", "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}"
-    )
+    assert_one_line_error(proc, url, "--archive /path/to/VOCtrainval_11-May-2012.tar")
     assert not (tmp_path / "d" / "VOCtrainval_11-May-2012.tar").exists()
 
 

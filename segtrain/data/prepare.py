@@ -20,15 +20,13 @@ import hashlib
 import os
 import sys
 import tarfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from segtrain.console import error_line, first_line
 from segtrain.errors import DataError, SegtrainError
 from segtrain.utils import download
 
@@ -45,6 +43,7 @@ CITYSCAPES_LAYOUT = (
     "DIR/gtFine/{train,val,test}/CITY/*_gtFine_labelIds.png (+ DIR/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png)"
 )
 CITYSCAPES_ZIPS = "gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip"
+CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
 
 MARKER_DIR = ".segtrain-data"
 
@@ -60,9 +59,7 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_archive(
-    args: argparse.Namespace, root: Path, url: str, md5: str, name: str, layout: str, what: str, sub: str
-) -> Path:
+def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name: str, what: str) -> Path:
     """The verified archive: ``--archive`` or ``root/name`` if present, else downloaded from ``url``."""
     expected = (args.md5 or md5).lower()
     if args.archive is not None:
@@ -75,21 +72,22 @@ def fetch_archive(
             print(f"{PROG}: downloading {url} -> {path}", file=sys.stdout)
             try:
                 download(url, path, TIMEOUT_S)
-            except (OSError, urllib.error.URLError, ValueError) as e:
-                reason = getattr(e, "reason", None) or e
+            except (OSError, ValueError) as e:
+                reason = first_line(getattr(e, "reason", None) or e, 100)
+                where = "" if url in reason else f" from {url}"
                 raise DataError(
-                    f"cannot download {what} from {url} ({reason}); fetch it by hand and run "
-                    f"'{PROG} {sub} --root {root} --archive /path/to/{name}' (expected layout "
-                    f"after extraction: {layout})"
+                    f"cannot download {what}{where} ({reason}); fetch {name} by hand and rerun with "
+                    f"--archive /path/to/{name}"
                 ) from e
     if args.no_verify:
         print(f"{PROG}: not verifying {path} (--no-verify)", file=sys.stdout)
     else:
         got = md5sum(path)
         if got != expected:
+            again = "fetch it again" if args.archive is not None else "delete it and rerun"
             raise DataError(
-                f"{path} is corrupt or incomplete: md5 {got} != expected {expected}; delete it and "
-                f"download {url} again (or pass --md5 / --no-verify for a different archive)"
+                f"{path} is corrupt or incomplete (md5 {got}, expected {expected}): {again}, or pass "
+                f"--md5/--no-verify if it is another release"
             )
     return path
 
@@ -126,8 +124,8 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 tf.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, tarfile.FilterError):
-            raise DataError(f"refusing to extract {archive}: {e}") from e
-        raise DataError(f"cannot extract {archive}: {e} (corrupt or not a tar archive?)") from e
+            raise DataError(f"refusing to extract {archive}: {first_line(e, 160)}") from e
+        raise DataError(f"cannot extract {archive}: {first_line(e, 100)} (corrupt or not a tar archive?)") from e
 
 
 def extracted(root: Path, tag: str, data_check) -> bool:
@@ -178,12 +176,10 @@ def cmd_voc(args: argparse.Namespace) -> None:
         print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
         return
     root.mkdir(parents=True, exist_ok=True)
-    archive = fetch_archive(
-        args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", VOC_LAYOUT, "PASCAL VOC 2012", "voc"
-    )
+    archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", "PASCAL VOC 2012")
     extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
     if not voc_ready(root):
-        raise DataError(f"{archive} did not yield the expected layout {VOC_LAYOUT} under {root}")
+        raise DataError(f"{archive} did not yield {VOC_LAYOUT} (DIR: {root}); is it VOC 2012 trainval?")
     print(f"{PROG}: VOC 2012 ready: data=voc data.root={root}", file=sys.stdout)
 
 
@@ -209,7 +205,7 @@ def _convert_mat(job: tuple[str, str]) -> str | None:
             return f"{src}: GTcls.Segmentation has shape {seg.shape}, expected HxW"
         Image.fromarray(seg.astype(np.uint8)).save(dst)
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {e}"
+        return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
     return None
 
 
@@ -225,7 +221,7 @@ def _copy_voc_png(job: tuple[str, str]) -> str | None:
             arr = np.array(im)
         Image.fromarray(arr.astype(np.uint8)).save(dst)
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {e}"
+        return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
     return None
 
 
@@ -257,7 +253,7 @@ def cmd_sbd(args: argparse.Namespace) -> None:
         return (sbd / "cls").is_dir() and (sbd / "train.txt").is_file() and (sbd / "val.txt").is_file()
 
     if args.force or args.archive is not None or not extracted(root, "sbd", sbd_complete):
-        archive = fetch_archive(args, root, SBD_URL, SBD_MD5, "benchmark.tgz", SBD_LAYOUT, "SBD", "sbd")
+        archive = fetch_archive(args, root, SBD_URL, SBD_MD5, "benchmark.tgz", "SBD")
         extract_once(archive, root, sbd_complete, "sbd", args.force)
     if not extracted(root, "sbd", sbd_complete):
         raise DataError(f"SBD is incomplete in {root} (expected layout: {SBD_LAYOUT})")
@@ -308,24 +304,25 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
             return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
         Image.fromarray(lut[arr.astype(np.uint8)]).save(dst)
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {e}"
+        return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
     return None
 
 
 def cmd_cityscapes(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    hint = (
-        f"Cityscapes needs a login, so {PROG} cannot download it: get {CITYSCAPES_ZIPS} from "
-        f"https://www.cityscapes-dataset.com/downloads/ and unzip both into {root} (expected layout: "
-        f"{CITYSCAPES_LAYOUT})"
-    )
     cands = [c for c in (root, root / "cityscapes") if (c / "gtFine").is_dir()]
     if not cands:
-        raise DataError(f"no gtFine/ folder in {root}. {hint}")
+        raise DataError(
+            f"no gtFine/ folder in {root}: Cityscapes needs a login, so get {CITYSCAPES_ZIPS} from "
+            f"{CITYSCAPES_URL} and unzip both there"
+        )
     base = cands[0]
     labels = sorted((base / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
     if not labels:
-        raise DataError(f"{base / 'gtFine'} holds no SPLIT/CITY/*_gtFine_labelIds.png. {hint}")
+        raise DataError(
+            f"{base / 'gtFine'} holds no SPLIT/CITY/*_gtFine_labelIds.png: unzip gtFine_trainvaltest.zip "
+            f"({CITYSCAPES_URL}, needs a login) into its parent folder"
+        )
     jobs = []
     for p in labels:
         dst = p.with_name(p.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
@@ -340,7 +337,11 @@ def cmd_cityscapes(args: argparse.Namespace) -> None:
 
     _run_jobs(partial(_trainid_png, lut=trainid_lut(255)), jobs, workers)
     if not (base / "leftImg8bit").is_dir():
-        print(f"{PROG}: warning: {base / 'leftImg8bit'} is missing; training needs it too ({hint})", file=sys.stdout)
+        print(
+            f"{PROG}: warning: {base / 'leftImg8bit'} is missing; training needs it too: unzip "
+            f"leftImg8bit_trainvaltest.zip ({CITYSCAPES_URL}) into {base} (layout: {CITYSCAPES_LAYOUT})",
+            file=sys.stdout,
+        )
     print(f"{PROG}: Cityscapes labels ready: data=cityscapes data.root={base}", file=sys.stdout)
 
 
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         if not isinstance(e, SegtrainError):
             msg = f"{type(e).__name__}: {msg}"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
         return getattr(e, "exit_code", 1)
     return 0
 
