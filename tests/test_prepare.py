@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -324,3 +325,20 @@ def test_cut_off_or_deleted_extraction_is_redone(prep, tmp_path, archives):
         assert sorted(p.stem for p in (base / "JPEGImages").glob("*.jpg")) == VOC_IDS
     proc = prep("voc", "--root", str(root), "--md5", md5(voc))
     assert proc.returncode == 0 and "skipping" in proc.stdout, proc.stdout + proc.stderr
+
+
+class _ClosedPipe(io.StringIO):
+    """stdout piped into ``head -1`` that has exited: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_stdout_does_not_stop_the_work(tmp_path, archives, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    root = tmp_path / "data"
+    voc = archives["voc"]
+    assert prepare.main(["voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc)]) == 0
+    assert (root / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{VOC_IDS[0]}.jpg").is_file()
+    assert "Error" not in sys.stderr.getvalue()

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from segtrain.console import error_line, first_line
+from segtrain.console import error_line, first_line, protect_std_streams
 from segtrain.errors import DataError, SegtrainError
 from segtrain.utils import download
 
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    protect_std_streams()  # `segtrain-data ... | head -1`: output stops quietly, the work goes on
     args = build_parser().parse_args(argv)
     if getattr(args, "workers", 0) < 0:
         print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
