@@ -6,9 +6,11 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -342,3 +344,34 @@ def test_closed_stdout_does_not_stop_the_work(tmp_path, archives, monkeypatch):
     assert prepare.main(["voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc)]) == 0
     assert (root / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{VOC_IDS[0]}.jpg").is_file()
     assert "Error" not in sys.stderr.getvalue()
+
+
+def test_sigterm_during_download_removes_the_part_file(prep, tmp_path, http_server):
+    """SIGTERM ends segtrain-data like Ctrl-C: the partial download is removed, the caller's handler is back."""
+    url, routes = http_server
+    gate = threading.Event()
+
+    def answer(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(4 << 20))
+        h.end_headers()
+        h.wfile.write(b"t" * 100_000)
+        h.wfile.flush()
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        gate.wait(2)  # (a SIGTERM that is not acted on: the download completes)
+        h.wfile.write(b"t" * ((4 << 20) - 100_000))
+
+    routes["/VOCtrainval_11-May-2012.tar"] = answer
+
+    def callers_handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        proc = prep("voc", "--root", str(tmp_path / "d"), "--url", f"{url}/VOCtrainval_11-May-2012.tar")
+        gate.set()
+        assert proc.returncode == 143 and signal.getsignal(signal.SIGTERM) is callers_handler, proc.stderr
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert_one_line_error(proc, "SIGTERM", "rerun")
+    assert os.listdir(tmp_path / "d") == []  # neither the archive nor VOCtrainval_11-May-2012.tar.part

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
 import tarfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -232,8 +234,11 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
     if workers <= 1:
         errors = [r for r in map(fn, jobs) if r]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        try:
             errors = [r for r in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))) if r]
+        finally:  # stopped (Ctrl-C, SIGTERM) or failed: the jobs not yet started are dropped, not run
+            pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise DataError(errors[0] + more)
@@ -348,6 +353,27 @@ def cmd_cityscapes(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (a partial download is removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the function that puts back the old
+    handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
         print(f"{PROG}: error: {message} (see {PROG} --help)", file=sys.stderr)
@@ -389,11 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "workers", 0) < 0:
         print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
         return 2
+    restore = _sigterm_as_interrupt()
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         if os.environ.get("SEGTRAIN_DATA_DEBUG"):
             raise
@@ -402,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{type(e).__name__}: {msg}"
         print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
         return getattr(e, "exit_code", 1)
+    finally:
+        restore()
     return 0
 
 
