@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -375,3 +376,44 @@ def test_sigterm_during_download_removes_the_part_file(prep, tmp_path, http_serv
         signal.signal(signal.SIGTERM, before)
     assert_one_line_error(proc, "SIGTERM", "rerun")
     assert os.listdir(tmp_path / "d") == []  # neither the archive nor VOCtrainval_11-May-2012.tar.part
+
+
+def test_disk_full_is_named_as_such(prep, tmp_path, archives, monkeypatch):
+    root = tmp_path / "d"
+
+    def full_disk_download(url, dest, timeout):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(dest) + ".part")
+
+    monkeypatch.setattr(prepare, "download", full_disk_download)
+    proc = prep("voc", "--root", str(root), "--url", "http://127.0.0.1:9/VOCtrainval_11-May-2012.tar")
+    assert_one_line_error(proc, f"no space left in {root}: free space and rerun")
+    write = tarfile.TarFile.makefile
+
+    def full_disk_write(self, tarinfo, targetpath):
+        if "JPEGImages" in targetpath:  # some files are written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), targetpath)
+        write(self, tarinfo, targetpath)
+
+    monkeypatch.setattr(tarfile.TarFile, "makefile", full_disk_write)
+    voc = archives["voc"]
+    proc = prep("voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc))
+    assert_one_line_error(proc, f"no space left in {root}: free space and rerun")
+    monkeypatch.setattr(tarfile.TarFile, "makefile", write)  # space freed: the rerun completes the extraction
+    proc = prep("voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc))
+    assert proc.returncode == 0 and "extracting" in proc.stdout, proc.stderr
+    assert len(list((root / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))) == len(VOC_IDS)
+
+
+def test_download_cut_mid_stream_names_the_url(prep, tmp_path, http_server):
+    url, routes = http_server
+
+    def cut(h):
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.wfile.write(b"10000\r\n" + b"c" * 500)  # a 64 KiB chunk, cut after 500 bytes
+
+    routes["/VOCtrainval_11-May-2012.tar"] = cut
+    proc = prep("voc", "--root", str(tmp_path / "d"), "--url", f"{url}/VOCtrainval_11-May-2012.tar")
+    line = assert_one_line_error(proc, f"{url}/VOCtrainval_11-May-2012.tar", "IncompleteRead", "--archive")
+    assert proc.returncode == 2 and os.listdir(tmp_path / "d") == [], line

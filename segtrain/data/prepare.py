@@ -16,6 +16,7 @@ one line on stderr, ``segtrain-data: error: ...``, with a non-zero exit (progres
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import signal
@@ -48,6 +49,11 @@ CITYSCAPES_ZIPS = "gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip"
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
 
 MARKER_DIR = ".segtrain-data"
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file size limit
+
+
+def no_space(folder: Path | str) -> str:
+    return f"no space left in {folder}: free space and rerun"
 
 
 # ----------------------------------------------------------------------------------------------------- download
@@ -75,10 +81,11 @@ def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name
             try:
                 download(url, path, TIMEOUT_S)
             except (OSError, ValueError) as e:
-                reason = first_line(getattr(e, "reason", None) or e, 100)
-                where = "" if url in reason else f" from {url}"
+                if getattr(e, "errno", None) in NO_SPACE:
+                    raise DataError(no_space(path.parent)) from e
+                reason = first_line(str(getattr(e, "reason", None) or e).replace(url, "URL") or type(e).__name__, 80)
                 raise DataError(
-                    f"cannot download {what}{where} ({reason}); fetch {name} by hand and rerun with "
+                    f"cannot download {what} from {url} ({reason}); fetch it by hand and rerun with "
                     f"--archive /path/to/{name}"
                 ) from e
     if args.no_verify:
@@ -125,6 +132,8 @@ def safe_extract(archive: Path, dest: Path) -> None:
             else:  # pragma: no cover - Python without PEP 706
                 tf.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as e:
+        if getattr(e, "errno", None) in NO_SPACE:
+            raise DataError(no_space(dest)) from e
         if isinstance(e, tarfile.FilterError):
             raise DataError(f"refusing to extract {archive}: {first_line(e, 160)}") from e
         raise DataError(f"cannot extract {archive}: {first_line(e, 100)} (corrupt or not a tar archive?)") from e
@@ -207,7 +216,7 @@ def _convert_mat(job: tuple[str, str]) -> str | None:
             return f"{src}: GTcls.Segmentation has shape {seg.shape}, expected HxW"
         Image.fromarray(seg.astype(np.uint8)).save(dst)
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
+        return _conversion_error(src, dst, e)
     return None
 
 
@@ -223,8 +232,14 @@ def _copy_voc_png(job: tuple[str, str]) -> str | None:
             arr = np.array(im)
         Image.fromarray(arr.astype(np.uint8)).save(dst)
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
+        return _conversion_error(src, dst, e)
     return None
+
+
+def _conversion_error(src: str, dst: str, e: Exception) -> str:
+    if getattr(e, "errno", None) in NO_SPACE:
+        return no_space(Path(dst).parent)
+    return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
 
 
 def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
@@ -309,7 +324,7 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
             return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
         Image.fromarray(lut[arr.astype(np.uint8)]).save(dst)
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
+        return _conversion_error(src, dst, e)
     return None
 
 
