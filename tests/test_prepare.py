@@ -417,3 +417,36 @@ def test_download_cut_mid_stream_names_the_url(prep, tmp_path, http_server):
     proc = prep("voc", "--root", str(tmp_path / "d"), "--url", f"{url}/VOCtrainval_11-May-2012.tar")
     line = assert_one_line_error(proc, f"{url}/VOCtrainval_11-May-2012.tar", "IncompleteRead", "--archive")
     assert proc.returncode == 2 and os.listdir(tmp_path / "d") == [], line
+
+
+def test_stopped_conversion_leaves_no_partial_png(prep, tmp_path, monkeypatch):
+    """A conversion stopped while a PNG is being written: the rerun converts that file (none half-written)."""
+    gt = tmp_path / "cs" / "gtFine" / "train" / "aachen"
+    gt.mkdir(parents=True)
+    raw = np.full((32, 48), 26, np.uint8)  # car -> train id 13
+    for i in range(2):
+        Image.fromarray(raw).save(gt / f"aachen_00000{i}_000019_gtFine_labelIds.png")
+    save = Image.Image.save
+
+    def stopped_mid_write(self, fp, format=None, **kw):
+        buf = io.BytesIO()
+        save(self, buf, format="PNG")
+        data = buf.getvalue()[:40]
+        if hasattr(fp, "write"):
+            fp.write(data)
+        else:
+            Path(fp).write_bytes(data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", stopped_mid_write)
+    proc = prep("cityscapes", "--root", str(tmp_path / "cs"), "--workers", "1")
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stderr
+    monkeypatch.setattr(Image.Image, "save", save)
+    proc = prep("cityscapes", "--root", str(tmp_path / "cs"), "--workers", "1")
+    assert proc.returncode == 0 and "writing 2 labelTrainIds PNGs" in proc.stdout, proc.stdout + proc.stderr
+    for i in range(2):
+        out = np.array(Image.open(gt / f"aachen_00000{i}_000019_gtFine_labelTrainIds.png"))
+        assert (out == 13).all()
+    assert sorted(p.name for p in gt.iterdir() if "labelTrainIds" in p.name) == [
+        f"aachen_00000{i}_000019_gtFine_labelTrainIds.png" for i in range(2)
+    ]

@@ -31,7 +31,7 @@ import numpy as np
 
 from segtrain.console import error_line, first_line, protect_std_streams
 from segtrain.errors import DataError, SegtrainError
-from segtrain.utils import download
+from segtrain.utils import atomic_write, download
 
 PROG = "segtrain-data"
 TIMEOUT_S = 10.0
@@ -203,6 +203,12 @@ def _read_ids(path: Path, layout: str) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def _write_png(dst: str, image) -> None:
+    """All of ``dst`` or none of it: a conversion stopped half way leaves no partial PNG that a rerun would
+    take as done (not fsynced: a lost file after a power cut is only converted again)."""
+    atomic_write(dst, lambda f: image.save(f, format="PNG"), durable=False)
+
+
 def _convert_mat(job: tuple[str, str]) -> str | None:
     """SBD ``cls/ID.mat`` -> index PNG; returns an error message or None."""
     src, dst = job
@@ -214,7 +220,7 @@ def _convert_mat(job: tuple[str, str]) -> str | None:
         seg = np.asarray(seg)
         if seg.ndim != 2:
             return f"{src}: GTcls.Segmentation has shape {seg.shape}, expected HxW"
-        Image.fromarray(seg.astype(np.uint8)).save(dst)
+        _write_png(dst, Image.fromarray(seg.astype(np.uint8)))
     except Exception as e:  # noqa: BLE001 - reported as one line
         return _conversion_error(src, dst, e)
     return None
@@ -230,7 +236,7 @@ def _copy_voc_png(job: tuple[str, str]) -> str | None:
             if im.mode not in ("P", "L"):
                 return f"{src}: mode {im.mode}, expected a palette (P) or index (L) PNG"
             arr = np.array(im)
-        Image.fromarray(arr.astype(np.uint8)).save(dst)
+        _write_png(dst, Image.fromarray(arr.astype(np.uint8)))
     except Exception as e:  # noqa: BLE001 - reported as one line
         return _conversion_error(src, dst, e)
     return None
@@ -306,7 +312,7 @@ def cmd_sbd(args: argparse.Namespace) -> None:
             f"{len(missing)} id(s) of the aug list have no {kind}, e.g. {missing[0]} "
             f"(SBD and VOC in {root} do not match)"
         )
-    (sets / "aug.txt").write_text("".join(f"{n}\n" for n in aug))
+    atomic_write(sets / "aug.txt", "".join(f"{n}\n" for n in aug))
     print(f"{PROG}: wrote {sets / 'aug.txt'} ({len(aug)} ids); ready: data=voc_aug data.root={root}", file=sys.stdout)
 
 
@@ -322,7 +328,7 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
             arr = np.array(im)
         if arr.ndim != 2:
             return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
-        Image.fromarray(lut[arr.astype(np.uint8)]).save(dst)
+        _write_png(dst, Image.fromarray(lut[arr.astype(np.uint8)]))
     except Exception as e:  # noqa: BLE001 - reported as one line
         return _conversion_error(src, dst, e)
     return None
