@@ -450,3 +450,23 @@ def test_stopped_conversion_leaves_no_partial_png(prep, tmp_path, monkeypatch):
     assert sorted(p.name for p in gt.iterdir() if "labelTrainIds" in p.name) == [
         f"aachen_00000{i}_000019_gtFine_labelTrainIds.png" for i in range(2)
     ]
+
+
+def test_symlinked_data_folder_names_the_real_root(prep, tmp_path, archives):
+    """ROOT/VOCdevkit -> another disk: refused before anything is written, naming the --root that works."""
+    other = tmp_path / "disk2"
+    (other / "VOCdevkit").mkdir(parents=True)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "VOCdevkit").symlink_to(other / "VOCdevkit")
+    voc = archives["voc"]
+    proc = prep("voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc))
+    assert_one_line_error(proc, f"{root / 'VOCdevkit'} is a symlink out of --root", f"pass --root {other}")
+    assert not (root / ".segtrain-data").exists() and list((other / "VOCdevkit").iterdir()) == []
+    proc = prep("voc", "--root", str(other), "--archive", str(voc), "--md5", md5(voc))
+    assert proc.returncode == 0 and (root / "VOCdevkit" / "VOC2012" / "JPEGImages").is_dir(), proc.stderr
+    # a deeper link whose target has another parent: no --root fits, the message says how to lay it out
+    shutil.rmtree(other / "VOCdevkit" / "VOC2012")
+    (other / "VOCdevkit" / "VOC2012").symlink_to(tmp_path / "disk3" / "voc12")
+    proc = prep("voc", "--root", str(other), "--archive", str(voc), "--md5", md5(voc), "--force")
+    assert_one_line_error(proc, "VOCdevkit/VOC2012 is a symlink out of --root", "link it to DIR/VOCdevkit/VOC2012")

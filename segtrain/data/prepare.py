@@ -109,24 +109,55 @@ def _unsafe_name(name: str) -> bool:
     return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar(.gz) into ``dest``, refusing absolute paths, ``..``, links leaving ``dest`` and devices."""
+def _check_member(archive: Path, m: tarfile.TarInfo) -> None:
+    if _unsafe_name(m.name):
+        raise DataError(f"refusing to extract {archive}: member {m.name!r} has an absolute path or '..'")
+    if m.issym() or m.islnk():
+        target = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
+        if _unsafe_name(m.linkname) or ".." in PurePosixPath(os.path.normpath(str(target))).parts:
+            raise DataError(
+                f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} points outside the extraction folder"
+            )
+    if m.isdev() or m.isfifo():
+        raise DataError(f"refusing to extract {archive}: member {m.name!r} is a device or FIFO")
+
+
+def _check_no_symlink_out(dest: Path, members: list[tarfile.TarInfo]) -> None:
+    """Refuse, before anything is written, a member whose path under ``dest`` runs through an existing
+    symlink that leads out of ``dest`` (``ROOT/VOCdevkit -> /other/disk/VOCdevkit``): the extraction would
+    not follow it (tarfile's data filter stops half way), so the fix is to extract where the data lives."""
+    real_dest = os.path.realpath(dest)
+    seen: set[str] = set()
+    for m in members:
+        parts = PurePosixPath(m.name).parts
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            if rel in seen:
+                continue
+            seen.add(rel)
+            link = dest / rel
+            if not link.is_symlink():
+                continue
+            real = Path(os.path.realpath(link))
+            if os.path.commonpath([real_dest, real]) == real_dest:
+                continue
+            if real.parts[-i:] == parts[:i]:  # extract where the data lives
+                raise DataError(f"{link} is a symlink out of --root: pass --root {Path(*real.parts[:-i])}")
+            raise DataError(f"{link} is a symlink out of --root (to {real}): use --root DIR and link it to DIR/{rel}")
+
+
+def safe_extract(archive: Path, dest: Path, on_start=lambda: None) -> None:
+    """Extract a tar(.gz) into ``dest``, refusing absolute paths, ``..``, links leaving ``dest``, devices and
+    symlinked folders of ``dest`` that lead out of it; ``on_start()`` runs once these checks pass, just
+    before the first file is written."""
     try:
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
             for m in members:
-                if _unsafe_name(m.name):
-                    raise DataError(f"refusing to extract {archive}: member {m.name!r} has an absolute path or '..'")
-                if m.issym() or m.islnk():
-                    target = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
-                    if _unsafe_name(m.linkname) or ".." in PurePosixPath(os.path.normpath(str(target))).parts:
-                        raise DataError(
-                            f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} "
-                            f"points outside the extraction folder"
-                        )
-                if m.isdev() or m.isfifo():
-                    raise DataError(f"refusing to extract {archive}: member {m.name!r} is a device or FIFO")
+                _check_member(archive, m)
+            _check_no_symlink_out(dest, members)
             dest.mkdir(parents=True, exist_ok=True)
+            on_start()
             if hasattr(tarfile, "data_filter"):
                 tf.extractall(dest, members=members, filter="data")
             else:  # pragma: no cover - Python without PEP 706
@@ -156,11 +187,14 @@ def extract_once(archive: Path, root: Path, data_check, tag: str, force: bool) -
     if not force and extracted(root, tag, data_check):
         print(f"{PROG}: {tag} already extracted in {root}; skipping (--force re-extracts)", file=sys.stdout)
         return
-    markers.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
-    running.touch()
+
+    def start() -> None:  # the archive's members passed the checks: from here on the tree may be partial
+        markers.mkdir(parents=True, exist_ok=True)
+        done.unlink(missing_ok=True)
+        running.touch()
+
     print(f"{PROG}: extracting {archive} -> {root}", file=sys.stdout)
-    safe_extract(archive, root)
+    safe_extract(archive, root, start)
     running.unlink()
     done.touch()
 
