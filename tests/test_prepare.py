@@ -470,3 +470,10 @@ def test_symlinked_data_folder_names_the_real_root(prep, tmp_path, archives):
     (other / "VOCdevkit" / "VOC2012").symlink_to(tmp_path / "disk3" / "voc12")
     proc = prep("voc", "--root", str(other), "--archive", str(voc), "--md5", md5(voc), "--force")
     assert_one_line_error(proc, "VOCdevkit/VOC2012 is a symlink out of --root", "link it to DIR/VOCdevkit/VOC2012")
+
+
+def test_force_help_does_not_promise_a_new_download(prep):
+    proc = prep("voc", "--help")
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "--force" in text, proc.stderr
+    assert "download/extract again" not in text and "is reused: delete it to download anew" in text, text

@@ -444,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--archive", metavar="PATH", help=f"use this local {what} instead of downloading")
         sp.add_argument("--md5", metavar="HEX", help="expected md5 of the archive (default: the official one)")
         sp.add_argument("--no-verify", action="store_true", help="skip the md5 check")
-        sp.add_argument("--force", action="store_true", help="download/extract again even if already done")
+        sp.add_argument(
+            "--force",
+            action="store_true",
+            help="extract again even if already done (an archive already in --root is reused: delete it to download anew)",
+        )
 
     v = sub.add_parser("voc", help="PASCAL VOC 2012 trainval -> ROOT/VOCdevkit/VOC2012")
     archive_opts(v, "VOCtrainval_11-May-2012.tar")
