@@ -282,6 +282,11 @@ def _conversion_error(src: str, dst: str, e: Exception) -> str:
     return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
 
 
+def _default_sigterm() -> None:
+    """In a conversion worker: SIGTERM kills it quietly (main's handler, inherited by fork, would raise)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
     if not jobs:
         return
@@ -289,7 +294,7 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
     if workers <= 1:
         errors = [r for r in map(fn, jobs) if r]
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_default_sigterm)
         try:
             errors = [r for r in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))) if r]
         finally:  # stopped (Ctrl-C, SIGTERM) or failed: the jobs not yet started are dropped, not run
