@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import socket
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from segtrain.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock on the part file
+    fcntl = None
 
 T = TypeVar("T")
 
@@ -114,14 +120,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | 
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        _fsync_dir(path.parent)
     return path
 
 
@@ -139,18 +138,86 @@ def _uses_proxy() -> bool:
     return any(os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"))
 
 
+def _claim(part: Path, dest: Path) -> int | None:
+    """A file descriptor on ``part``, emptied and locked (flock) for this process; None when another process,
+    whose lock this one waited for, has meanwhile completed ``dest``.  A lock dies with its process, so a
+    part file left by a killed download is simply taken over."""
+    while True:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"{part}: another process is downloading it; waiting", flush=True)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                here, ours = os.stat(part), os.fstat(fd)
+                mine = (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino)
+            except FileNotFoundError:
+                mine = False
+            if mine:  # still the file at that name (not renamed to dest or removed by the one that held it)
+                os.ftruncate(fd, 0)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if dest.is_file():
+            return None
+
+
 def download(url: str, dest: str | Path, timeout: float, sha256_prefix: str | None = None) -> Path:
-    """Fetch ``url`` into ``dest`` atomically; every network stage gives up after ``timeout`` seconds.
+    """Fetch ``url`` into ``dest``; every network stage gives up after ``timeout`` seconds.
 
     Name resolution and the connection run under :func:`call_with_timeout` (``urlopen``'s own timeout does
     not cover them), each read under the socket timeout.  ``sha256_prefix``: the start of the file's
-    sha256 (torch.hub's file-name convention), checked before ``dest`` appears.  A percentage is shown on
-    a terminal.  Raises ``OSError`` (or ``urllib.error.URLError``, a subclass) with the reason.
+    sha256 (torch.hub's file-name convention), checked before ``dest`` appears.  The data goes to
+    ``dest.part`` (one fixed name, so a retry after a kill overwrites it rather than adding another large
+    file), which is renamed to ``dest`` when complete and removed on any failure, Ctrl-C included; it is
+    locked while written, so a second process fetching the same ``dest`` waits and then uses the first
+    one's file.  A percentage is shown on a terminal.  Raises ``OSError`` (``urllib.error.URLError`` is
+    one) with the reason; a broken or non-HTTP reply is an ``OSError`` naming ``url``.
     """
     dest = Path(dest)
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise OSError(f"not an http(s) URL: {url}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    fd = _claim(part, dest)
+    if fd is None:
+        return dest
+    with os.fdopen(fd, "wb") as out:  # closing it releases the lock: so only after the rename or the removal
+        try:
+            try:
+                _fetch(url, parsed, out, timeout, sha256_prefix, dest.name)
+            except http.client.HTTPException as e:  # IncompleteRead, BadStatusLine ...: not OSErrors
+                detail = " ".join(str(e).split())[:80]
+                raise OSError(f"broken reply from {url}: {type(e).__name__}{f' {detail}' if detail else ''}") from e
+            out.flush()
+            os.fsync(out.fileno())
+            os.replace(part, dest)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _fetch(url: str, parsed, out: IO[bytes], timeout: float, sha256_prefix: str | None, name: str) -> None:
+    """Copy ``url``'s body into ``out``, checking its length and ``sha256_prefix``."""
     if not _uses_proxy():
         _resolve_host(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80), timeout)
     request = urllib.request.Request(url, headers={"User-Agent": "segtrain"})
@@ -158,22 +225,18 @@ def download(url: str, dest: str | Path, timeout: float, sha256_prefix: str | No
     digest = hashlib.sha256()
     total = int(response.headers.get("Content-Length") or 0)
     show = bool(total) and sys.stdout.isatty()
-
-    def copy(out: IO[bytes]) -> None:
-        done, last = 0, -1
-        with response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-                done += len(chunk)
-                if show and 100 * done // total != last:
-                    last = 100 * done // total
-                    print(f"\r{dest.name}: {last}% of {total / 2**20:.0f} MiB", end="", flush=True)
-        if show:
-            print()
-        if total and done != total:
-            raise OSError(f"download of {url} stopped after {done} of {total} bytes")
-        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
-            raise OSError(f"the downloaded file's sha256 does not start with {sha256_prefix}")
-
-    return atomic_write(dest, copy)
+    done, last = 0, -1
+    with response:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+            done += len(chunk)
+            if show and 100 * done // total != last:
+                last = 100 * done // total
+                print(f"\r{name}: {last}% of {total / 2**20:.0f} MiB", end="", flush=True)
+    if show:
+        print()
+    if total and done != total:
+        raise OSError(f"download of {url} stopped after {done} of {total} bytes")
+    if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
+        raise OSError(f"the downloaded file's sha256 does not start with {sha256_prefix}")

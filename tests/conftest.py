@@ -118,3 +118,36 @@ def one_line_error(proc, *needles, prog="segtrain"):
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP/1.1 server in a thread: set ``routes["/path"] = fn(handler)`` to answer GET /path (``fn``
+    writes the reply itself, well-formed or not); yields ``(base_url, routes)``."""
+    import http.server
+    import threading
+
+    routes: dict = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.close_connection = True
+            if self.path not in routes:
+                self.send_error(404)
+                return
+            try:
+                routes[self.path](self)
+            except OSError:  # the client went away
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", routes
+    server.shutdown()
+    server.server_close()

@@ -16,21 +16,22 @@ one line on stderr, ``segtrain-data: error: ...``, with a non-zero exit (progres
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
+import signal
 import sys
 import tarfile
-import urllib.error
-import urllib.parse
-import urllib.request
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from segtrain.console import error_line, first_line, protect_std_streams
 from segtrain.errors import DataError, SegtrainError
-from segtrain.utils import download
+from segtrain.utils import atomic_write, download
 
 PROG = "segtrain-data"
 TIMEOUT_S = 10.0
@@ -45,8 +46,14 @@ CITYSCAPES_LAYOUT = (
     "DIR/gtFine/{train,val,test}/CITY/*_gtFine_labelIds.png (+ DIR/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png)"
 )
 CITYSCAPES_ZIPS = "gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip"
+CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
 
 MARKER_DIR = ".segtrain-data"
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file size limit
+
+
+def no_space(folder: Path | str) -> str:
+    return f"no space left in {folder}: free space and rerun"
 
 
 # ----------------------------------------------------------------------------------------------------- download
@@ -60,9 +67,7 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_archive(
-    args: argparse.Namespace, root: Path, url: str, md5: str, name: str, layout: str, what: str, sub: str
-) -> Path:
+def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name: str, what: str) -> Path:
     """The verified archive: ``--archive`` or ``root/name`` if present, else downloaded from ``url``."""
     expected = (args.md5 or md5).lower()
     if args.archive is not None:
@@ -75,21 +80,23 @@ def fetch_archive(
             print(f"{PROG}: downloading {url} -> {path}", file=sys.stdout)
             try:
                 download(url, path, TIMEOUT_S)
-            except (OSError, urllib.error.URLError, ValueError) as e:
-                reason = getattr(e, "reason", None) or e
+            except (OSError, ValueError) as e:
+                if getattr(e, "errno", None) in NO_SPACE:
+                    raise DataError(no_space(path.parent)) from e
+                reason = first_line(str(getattr(e, "reason", None) or e).replace(url, "URL") or type(e).__name__, 80)
                 raise DataError(
-                    f"cannot download {what} from {url} ({reason}); fetch it by hand and run "
-                    f"'{PROG} {sub} --root {root} --archive /path/to/{name}' (expected layout "
-                    f"after extraction: {layout})"
+                    f"cannot download {what} from {url} ({reason}); fetch it by hand and rerun with "
+                    f"--archive /path/to/{name}"
                 ) from e
     if args.no_verify:
         print(f"{PROG}: not verifying {path} (--no-verify)", file=sys.stdout)
     else:
         got = md5sum(path)
         if got != expected:
+            again = "fetch it again" if args.archive is not None else "delete it and rerun"
             raise DataError(
-                f"{path} is corrupt or incomplete: md5 {got} != expected {expected}; delete it and "
-                f"download {url} again (or pass --md5 / --no-verify for a different archive)"
+                f"{path} is corrupt or incomplete (md5 {got}, expected {expected}): {again}, or pass "
+                f"--md5/--no-verify if it is another release"
             )
     return path
 
@@ -102,45 +109,92 @@ def _unsafe_name(name: str) -> bool:
     return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar(.gz) into ``dest``, refusing absolute paths, ``..``, links leaving ``dest`` and devices."""
+def _check_member(archive: Path, m: tarfile.TarInfo) -> None:
+    if _unsafe_name(m.name):
+        raise DataError(f"refusing to extract {archive}: member {m.name!r} has an absolute path or '..'")
+    if m.issym() or m.islnk():
+        target = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
+        if _unsafe_name(m.linkname) or ".." in PurePosixPath(os.path.normpath(str(target))).parts:
+            raise DataError(
+                f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} points outside the extraction folder"
+            )
+    if m.isdev() or m.isfifo():
+        raise DataError(f"refusing to extract {archive}: member {m.name!r} is a device or FIFO")
+
+
+def _check_no_symlink_out(dest: Path, members: list[tarfile.TarInfo]) -> None:
+    """Refuse, before anything is written, a member whose path under ``dest`` runs through an existing
+    symlink that leads out of ``dest`` (``ROOT/VOCdevkit -> /other/disk/VOCdevkit``): the extraction would
+    not follow it (tarfile's data filter stops half way), so the fix is to extract where the data lives."""
+    real_dest = os.path.realpath(dest)
+    seen: set[str] = set()
+    for m in members:
+        parts = PurePosixPath(m.name).parts
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            if rel in seen:
+                continue
+            seen.add(rel)
+            link = dest / rel
+            if not link.is_symlink():
+                continue
+            real = Path(os.path.realpath(link))
+            if os.path.commonpath([real_dest, real]) == real_dest:
+                continue
+            if real.parts[-i:] == parts[:i]:  # extract where the data lives
+                raise DataError(f"{link} is a symlink out of --root: pass --root {Path(*real.parts[:-i])}")
+            raise DataError(f"{link} is a symlink out of --root (to {real}): use --root DIR and link it to DIR/{rel}")
+
+
+def safe_extract(archive: Path, dest: Path, on_start=lambda: None) -> None:
+    """Extract a tar(.gz) into ``dest``, refusing absolute paths, ``..``, links leaving ``dest``, devices and
+    symlinked folders of ``dest`` that lead out of it; ``on_start()`` runs once these checks pass, just
+    before the first file is written."""
     try:
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
             for m in members:
-                if _unsafe_name(m.name):
-                    raise DataError(f"refusing to extract {archive}: member {m.name!r} has an absolute path or '..'")
-                if m.issym() or m.islnk():
-                    target = PurePosixPath(m.name).parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
-                    if _unsafe_name(m.linkname) or ".." in PurePosixPath(os.path.normpath(str(target))).parts:
-                        raise DataError(
-                            f"refusing to extract {archive}: link {m.name!r} -> {m.linkname!r} "
-                            f"points outside the extraction folder"
-                        )
-                if m.isdev() or m.isfifo():
-                    raise DataError(f"refusing to extract {archive}: member {m.name!r} is a device or FIFO")
+                _check_member(archive, m)
+            _check_no_symlink_out(dest, members)
             dest.mkdir(parents=True, exist_ok=True)
+            on_start()
             if hasattr(tarfile, "data_filter"):
                 tf.extractall(dest, members=members, filter="data")
             else:  # pragma: no cover - Python without PEP 706
                 tf.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as e:
+        if getattr(e, "errno", None) in NO_SPACE:
+            raise DataError(no_space(dest)) from e
         if isinstance(e, tarfile.FilterError):
-            raise DataError(f"refusing to extract {archive}: {e}") from e
-        raise DataError(f"cannot extract {archive}: {e} (corrupt or not a tar archive?)") from e
+            raise DataError(f"refusing to extract {archive}: {first_line(e, 160)}") from e
+        raise DataError(f"cannot extract {archive}: {first_line(e, 100)} (corrupt or not a tar archive?)") from e
 
 
-def extract_once(archive: Path, root: Path, done_check, tag: str, force: bool) -> None:
-    """Extract unless already done: a marker from a finished run, or ``done_check()`` true without an unfinished run."""
+def extracted(root: Path, tag: str, data_check) -> bool:
+    """The one "done" check: ``data_check()`` finds the data and no extraction of ``tag`` was cut off.
+
+    An extraction runs between ``{tag}.extracting`` (made first) and ``{tag}.extracted`` (made last), so a
+    ``.extracting`` marker means the tree may be partial, whatever the data check says; without it, data
+    that is there (extracted here, or by hand) counts.  A ``.extracted`` marker alone never counts: the data
+    may have been deleted since."""
+    return data_check() and not (root / MARKER_DIR / f"{tag}.extracting").exists()
+
+
+def extract_once(archive: Path, root: Path, data_check, tag: str, force: bool) -> None:
+    """Extract ``archive`` into ``root`` unless :func:`extracted` says it is done (``force``: always)."""
     markers = root / MARKER_DIR
     done, running = markers / f"{tag}.extracted", markers / f"{tag}.extracting"
-    if not force and (done.exists() or (done_check() and not running.exists())):
+    if not force and extracted(root, tag, data_check):
         print(f"{PROG}: {tag} already extracted in {root}; skipping (--force re-extracts)", file=sys.stdout)
         return
-    markers.mkdir(parents=True, exist_ok=True)
-    running.touch()
+
+    def start() -> None:  # the archive's members passed the checks: from here on the tree may be partial
+        markers.mkdir(parents=True, exist_ok=True)
+        done.unlink(missing_ok=True)
+        running.touch()
+
     print(f"{PROG}: extracting {archive} -> {root}", file=sys.stdout)
-    safe_extract(archive, root)
+    safe_extract(archive, root, start)
     running.unlink()
     done.touch()
 
@@ -157,18 +211,20 @@ def voc_complete(root: Path) -> bool:
     return all((base / d).is_dir() for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))
 
 
+def voc_ready(root: Path) -> bool:
+    return extracted(root, "voc2012", lambda: voc_complete(root))
+
+
 def cmd_voc(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    if not args.force and voc_complete(root) and args.archive is None:
+    if not args.force and voc_ready(root) and args.archive is None:
         print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
         return
     root.mkdir(parents=True, exist_ok=True)
-    archive = fetch_archive(
-        args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", VOC_LAYOUT, "PASCAL VOC 2012", "voc"
-    )
+    archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", "PASCAL VOC 2012")
     extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
-    if not voc_complete(root):
-        raise DataError(f"{archive} did not yield the expected layout {VOC_LAYOUT} under {root}")
+    if not voc_ready(root):
+        raise DataError(f"{archive} did not yield {VOC_LAYOUT} (DIR: {root}); is it VOC 2012 trainval?")
     print(f"{PROG}: VOC 2012 ready: data=voc data.root={root}", file=sys.stdout)
 
 
@@ -179,6 +235,12 @@ def _read_ids(path: Path, layout: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path} is missing (expected layout: {layout})")
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _write_png(dst: str, image) -> None:
+    """All of ``dst`` or none of it: a conversion stopped half way leaves no partial PNG that a rerun would
+    take as done (not fsynced: a lost file after a power cut is only converted again)."""
+    atomic_write(dst, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 def _convert_mat(job: tuple[str, str]) -> str | None:
@@ -192,9 +254,9 @@ def _convert_mat(job: tuple[str, str]) -> str | None:
         seg = np.asarray(seg)
         if seg.ndim != 2:
             return f"{src}: GTcls.Segmentation has shape {seg.shape}, expected HxW"
-        Image.fromarray(seg.astype(np.uint8)).save(dst)
+        _write_png(dst, Image.fromarray(seg.astype(np.uint8)))
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {e}"
+        return _conversion_error(src, dst, e)
     return None
 
 
@@ -208,10 +270,21 @@ def _copy_voc_png(job: tuple[str, str]) -> str | None:
             if im.mode not in ("P", "L"):
                 return f"{src}: mode {im.mode}, expected a palette (P) or index (L) PNG"
             arr = np.array(im)
-        Image.fromarray(arr.astype(np.uint8)).save(dst)
+        _write_png(dst, Image.fromarray(arr.astype(np.uint8)))
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {e}"
+        return _conversion_error(src, dst, e)
     return None
+
+
+def _conversion_error(src: str, dst: str, e: Exception) -> str:
+    if getattr(e, "errno", None) in NO_SPACE:
+        return no_space(Path(dst).parent)
+    return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
+
+
+def _default_sigterm() -> None:
+    """In a conversion worker: SIGTERM kills it quietly (main's handler, inherited by fork, would raise)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
@@ -221,8 +294,11 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
     if workers <= 1:
         errors = [r for r in map(fn, jobs) if r]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_default_sigterm)
+        try:
             errors = [r for r in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))) if r]
+        finally:  # stopped (Ctrl-C, SIGTERM) or failed: the jobs not yet started are dropped, not run
+            pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise DataError(errors[0] + more)
@@ -230,10 +306,8 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
 
 def cmd_sbd(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    if not voc_complete(root):
-        raise DataError(
-            f"no PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first (expected layout: {VOC_LAYOUT})"
-        )
+    if not voc_ready(root):
+        raise DataError(f"no complete PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first")
     try:
         import scipy.io  # noqa: F401
     except ImportError as e:
@@ -243,10 +317,10 @@ def cmd_sbd(args: argparse.Namespace) -> None:
     def sbd_complete() -> bool:
         return (sbd / "cls").is_dir() and (sbd / "train.txt").is_file() and (sbd / "val.txt").is_file()
 
-    if args.force or args.archive is not None or not sbd_complete():
-        archive = fetch_archive(args, root, SBD_URL, SBD_MD5, "benchmark.tgz", SBD_LAYOUT, "SBD", "sbd")
+    if args.force or args.archive is not None or not extracted(root, "sbd", sbd_complete):
+        archive = fetch_archive(args, root, SBD_URL, SBD_MD5, "benchmark.tgz", "SBD")
         extract_once(archive, root, sbd_complete, "sbd", args.force)
-    if not sbd_complete():
+    if not extracted(root, "sbd", sbd_complete):
         raise DataError(f"SBD is incomplete in {root} (expected layout: {SBD_LAYOUT})")
 
     base = voc_base(root)
@@ -277,7 +351,7 @@ def cmd_sbd(args: argparse.Namespace) -> None:
             f"{len(missing)} id(s) of the aug list have no {kind}, e.g. {missing[0]} "
             f"(SBD and VOC in {root} do not match)"
         )
-    (sets / "aug.txt").write_text("".join(f"{n}\n" for n in aug))
+    atomic_write(sets / "aug.txt", "".join(f"{n}\n" for n in aug))
     print(f"{PROG}: wrote {sets / 'aug.txt'} ({len(aug)} ids); ready: data=voc_aug data.root={root}", file=sys.stdout)
 
 
@@ -293,26 +367,27 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
             arr = np.array(im)
         if arr.ndim != 2:
             return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
-        Image.fromarray(lut[arr.astype(np.uint8)]).save(dst)
+        _write_png(dst, Image.fromarray(lut[arr.astype(np.uint8)]))
     except Exception as e:  # noqa: BLE001 - reported as one line
-        return f"cannot convert {src}: {type(e).__name__}: {e}"
+        return _conversion_error(src, dst, e)
     return None
 
 
 def cmd_cityscapes(args: argparse.Namespace) -> None:
     root = Path(args.root).expanduser()
-    hint = (
-        f"Cityscapes needs a login, so {PROG} cannot download it: get {CITYSCAPES_ZIPS} from "
-        f"https://www.cityscapes-dataset.com/downloads/ and unzip both into {root} (expected layout: "
-        f"{CITYSCAPES_LAYOUT})"
-    )
     cands = [c for c in (root, root / "cityscapes") if (c / "gtFine").is_dir()]
     if not cands:
-        raise DataError(f"no gtFine/ folder in {root}. {hint}")
+        raise DataError(
+            f"no gtFine/ folder in {root}: Cityscapes needs a login, so get {CITYSCAPES_ZIPS} from "
+            f"{CITYSCAPES_URL} and unzip both there"
+        )
     base = cands[0]
     labels = sorted((base / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
     if not labels:
-        raise DataError(f"{base / 'gtFine'} holds no SPLIT/CITY/*_gtFine_labelIds.png. {hint}")
+        raise DataError(
+            f"{base / 'gtFine'} holds no SPLIT/CITY/*_gtFine_labelIds.png: unzip gtFine_trainvaltest.zip "
+            f"({CITYSCAPES_URL}, needs a login) into its parent folder"
+        )
     jobs = []
     for p in labels:
         dst = p.with_name(p.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
@@ -327,11 +402,36 @@ def cmd_cityscapes(args: argparse.Namespace) -> None:
 
     _run_jobs(partial(_trainid_png, lut=trainid_lut(255)), jobs, workers)
     if not (base / "leftImg8bit").is_dir():
-        print(f"{PROG}: warning: {base / 'leftImg8bit'} is missing; training needs it too ({hint})", file=sys.stdout)
+        print(
+            f"{PROG}: warning: {base / 'leftImg8bit'} is missing; training needs it too: unzip "
+            f"leftImg8bit_trainvaltest.zip ({CITYSCAPES_URL}) into {base} (layout: {CITYSCAPES_LAYOUT})",
+            file=sys.stdout,
+        )
     print(f"{PROG}: Cityscapes labels ready: data=cityscapes data.root={base}", file=sys.stdout)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (a partial download is removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the function that puts back the old
+    handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -349,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--archive", metavar="PATH", help=f"use this local {what} instead of downloading")
         sp.add_argument("--md5", metavar="HEX", help="expected md5 of the archive (default: the official one)")
         sp.add_argument("--no-verify", action="store_true", help="skip the md5 check")
-        sp.add_argument("--force", action="store_true", help="download/extract again even if already done")
+        sp.add_argument(
+            "--force",
+            action="store_true",
+            help="extract again even if already done (an archive already in --root is reused: delete it to download anew)",
+        )
 
     v = sub.add_parser("voc", help="PASCAL VOC 2012 trainval -> ROOT/VOCdevkit/VOC2012")
     archive_opts(v, "VOCtrainval_11-May-2012.tar")
@@ -370,23 +474,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    protect_std_streams()  # `segtrain-data ... | head -1`: output stops quietly, the work goes on
     args = build_parser().parse_args(argv)
     if getattr(args, "workers", 0) < 0:
         print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
         return 2
+    restore = _sigterm_as_interrupt()
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         if os.environ.get("SEGTRAIN_DATA_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
         if not isinstance(e, SegtrainError):
             msg = f"{type(e).__name__}: {msg}"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
         return getattr(e, "exit_code", 1)
+    finally:
+        restore()
     return 0
 
 
