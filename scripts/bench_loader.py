@@ -8,8 +8,8 @@ PNG masks with 255 borders) to a temp dir, then times ``segtrain.data.build_load
 0.5-2.0 around 512x2048, crop 512 with cat_max_ratio 0.75, pad, flip, photometric distortion, uint8 collate.
 The first batches (worker start-up) are excluded.  All numbers come from the same run.
 
-``--target``: the rate a model trains at on your GPU (e.g. 263 img/s for DeepLabv3+ R50 at 512 px on an
-H200, from ``scripts/benchmark.py models``); the report ends with the smallest worker count tried that
+``--target``: the rate a model trains at on your GPU (e.g. 263 img/s for DeepLabv3+ R50 at 512 px, batch 8,
+fp16 on an H200 with torch 2.11, 2026-11-27, from ``scripts/benchmark.py models``); the report ends with the smallest worker count tried that
 feeds it, or says that none did (and what one worker gives, for a rough count to try).
 """
 

@@ -25,7 +25,7 @@ Sections (all of them when none is named):
     compile   torch.compile: compile time of the first step and steady-state img/s against eager.
 
 KEY=VALUE arguments are segtrain overrides (e.g. device=cuda, device.precision=fp32, data.num_workers=8) and
-may come anywhere.  --quick: small sizes and few iterations (about 5 minutes on a 2-core CPU).  --out DIR writes
+may come anywhere.  --quick: small sizes and few iterations (about 3 minutes on a 2-core CPU, at most 5).  --out DIR writes
 benchmark.json and benchmark.md there.
 """
 
@@ -601,7 +601,9 @@ def markdown(result: dict) -> str:
 
 def parse(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes, few iterations (about 5 min on 2 CPU cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes, few iterations (about 3 min on 2 CPU cores, at most 5)"
+    )
     p.add_argument("--out", default=None, help="write benchmark.json and benchmark.md into this folder")
     p.add_argument("--size", type=int, default=None, help="input size of the models/peers/compile sections")
     p.add_argument("--batch", type=int, default=None)

@@ -43,7 +43,8 @@ def merge_config(cfg: DictConfig, stored: DictConfig, prog: str = "segtrain-eval
     keys = _overridden_keys()
     with open_dict(out):
         out.device = cfg.device  # this machine
-        if HydraConfig.get().runtime.choices.get("data") not in (None, "null"):
+        choice = HydraConfig.get().runtime.choices.get("data")
+        if choice not in (None, "null", stored.data.get("name")):  # the same kind keeps label_map, classes, sizes
             out.data = cfg.data  # data=NAME: a different data set, seen as the network was trained to see images
             for key in ("in_channels", "mean", "std"):
                 if f"data.{key}" not in keys and key in stored.data:

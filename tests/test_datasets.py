@@ -350,6 +350,18 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
     )
     proc, run = cli("data=folder", f"data.root={root}", *FAST, "data.label_map={255:1}", env=env)
     assert (run / "metrics.json").is_file()
+    # segtrain-eval on a separate test folder of the same kind: the checkpoint's label_map carries over, and
+    # data.val_fraction=1 scores every image (docs/recipes.md)
+    import json
+
+    from tests.conftest import console_script, run_cli
+
+    test = cli.cwd / "test"
+    write_folder(test, masks="binary", classes_yaml=False, n=3)
+    args = [f"ckpt={run / 'checkpoints' / 'last.pt'}", "data=folder", f"data.root={test}", "data.val_fraction=1"]
+    proc = run_cli([*args, "hydra.run.dir=ev"], cli.cwd, exe=console_script("segtrain-eval"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((cli.cwd / "ev" / "metrics.json").read_text())["num_images"] == 3
 
 
 # --- the messages of issue 16 ---------------------------------------------------------------------
