@@ -102,3 +102,17 @@ def test_photometric_only_for_3_band_8_bit(tmp_path):
     write_folder(tmp_path / "rgb", n=4)
     train, _ = build_datasets(data_cfg("folder", tmp_path / "rgb", num_classes=3), seed=0)
     assert any(isinstance(t, A.ColorJitter) for t in train.transform.transforms)
+
+
+def test_a_pipeline_that_does_not_fit_the_images_is_one_line_naming_the_file(tmp_path):
+    from fake_datasets import data_cfg, write_folder
+
+    from segtrain.data import build_datasets
+    from segtrain.errors import DataError
+
+    write_folder(tmp_path)  # images of about 60-90 px
+    crop = [{"_target_": "albumentations.RandomCrop", "height": 256, "width": 256}]
+    train, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=3, train_pipeline=crop), seed=0)
+    with pytest.raises(DataError, match=r"the pipeline failed on .*img_0.*CropSizeError.*PadIfNeeded") as e:
+        train[0]
+    assert "\n" not in str(e.value)

@@ -52,7 +52,15 @@ class SegDataset(Dataset):
         image, mask = self.load(index)
         if self.transform is not None:
             seed_pipeline(self.transform, int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-            out = self.transform(image=image, mask=mask)
+            try:
+                out = self.transform(image=image, mask=mask)
+            except Exception as e:  # e.g. albumentations' CropSizeError: a data.train_pipeline that does not fit
+                from segtrain.errors import DataError
+
+                raise DataError(
+                    f"the pipeline failed on {self.describe(index)} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                    "check data.train_pipeline (a crop larger than the image needs a PadIfNeeded before it)"
+                ) from e
             image, mask = out["image"], out["mask"]
         if image.ndim == 2:  # OpenCV drops the band axis of a 1-band image
             image = image[..., None]
