@@ -227,14 +227,16 @@ class Predictor:
         :func:`segtrain.data.disk.read_image` at their depth; uint16 arrays keep theirs);
         for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
         array with that many bands."""
-        from segtrain.data.disk import read_header
+        from segtrain.data.disk import TIFF_EXTS, read_header
         from segtrain.data.disk import read_image as read_bands
 
         if self.in_channels == 3:
             if isinstance(source, np.ndarray) and source.dtype == np.uint16:
                 return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
-            if isinstance(source, (str, os.PathLike)) and read_header(Path(source))[3] != "uint8":
-                return read_bands(Path(source), 3)  # a 16-bit or float file (the header says): not 8 bits
+            path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+            deep = path is not None and path.suffix.lower() in (".png", *TIFF_EXTS)  # JPEG, BMP ...: 8-bit only
+            if deep and read_header(path)[3] != "uint8":
+                return read_bands(path, 3)  # a 16-bit or float file (the header says): not 8 bits
             return read_image(source)
         if isinstance(source, np.ndarray):
             image = source if source.ndim == 3 else source[..., None]

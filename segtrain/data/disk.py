@@ -169,8 +169,9 @@ def read_image(path: Path, in_channels: int = 3) -> np.ndarray:
             raise _unreadable(path)
         if img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
-            header = _png_header(path) if path.suffix.lower() == ".png" else None
-            if header is not None and header[2] != img.shape[2]:  # OpenCV expands gray + alpha and tRNS to RGBA
+            # OpenCV expands gray + alpha and tRNS to RGBA: only a 4-band PNG needs its header read again
+            header = _png_header(path) if img.shape[2] == 4 and path.suffix.lower() == ".png" else None
+            if header is not None and header[2] != img.shape[2]:
                 img = img[..., {1: [0], 2: [0, 3], 3: [0, 1, 2]}[header[2]]]
     img = _as_carried(_check_bands(img if img.ndim == 3 else img[..., None], in_channels, path))
     if img.dtype.kind == "f" and not np.isfinite(img).all():  # would make the loss (and data.mean=auto) NaN
