@@ -74,7 +74,7 @@ def _pairs(
     if stems is None:
         stems = sorted(images)
         if not stems:
-            raise DataError(f"{img_dir} holds no images (.jpg/.jpeg/.png/.bmp/.tif/.tiff) (expected layout: {LAYOUT})")
+            raise DataError(f"{img_dir} holds no images ({'/'.join(IMAGE_EXTS)}) (expected layout: {LAYOUT})")
     else:
         stems = [Path(s).stem if Path(s).suffix.lower() in IMAGE_EXTS else s for s in stems]
         missing = [s for s in stems if s not in images]

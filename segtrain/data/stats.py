@@ -74,8 +74,8 @@ def _cached(kind: str, key: str, compute: Callable[[], dict]) -> tuple[dict, Pat
 
 
 def _scan(train: DiskDataset | None, val: DiskDataset, in_channels: int) -> dict:
-    n_train = 0 if train is None else len(train.images)
-    paths = [*(train.images if train is not None else []), *val.images]
+    train_images = [] if train is None else train.images
+    n_train, paths = len(train_images), [*train_images, *val.images]
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         headers = list(pool.map(read_header, paths))
     bad = [(p, b) for p, (_, _, b, _) in zip(paths, headers) if not header_bands_fit(b, in_channels, p)]

@@ -98,7 +98,6 @@ def build_aug(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDatas
         else None
     )
     val = voc_split(base, cfg.val_split, seed, lut, cfg.ignore_index, layout=AUG_LAYOUT)
-    for ds in (train, val):
-        if ds is not None:
-            ds.kind = "voc_aug"
+    if train is not None:  # SBD masks; val keeps VOC's own
+        train.kind = "voc_aug"
     return train, val
