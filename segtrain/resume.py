@@ -43,7 +43,9 @@ def _candidates(resume: str, ckpt_dir: Path, keep_last: int) -> list[Path]:
     return [p for p in (checkpoint.numbered(last, i) for i in range(keep_last + 1)) if p.is_file()]
 
 
-def resume_state(cfg: DictConfig, ckpt_dir: Path, model: nn.Module, num_classes: int) -> tuple[dict, Path] | None:
+def resume_state(
+    cfg: DictConfig, ckpt_dir: Path, model: nn.Module, num_classes: int, optimizer: torch.optim.Optimizer
+) -> tuple[dict, Path] | None:
     """The checkpoint to resume from and its path, or None (no ``trainer.resume``, or ``auto`` with none yet)."""
     resume = cfg.trainer.resume
     if not resume:
@@ -64,24 +66,24 @@ def resume_state(cfg: DictConfig, ckpt_dir: Path, model: nn.Module, num_classes:
     diffs = differences(state, stored, cfg.model, model, num_classes)
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: it differs from this config: {'; '.join(diffs)}")
-    warn_changed(cfg, stored)
-    return state, path
-
-
-def restore(trainer) -> str | None:
-    """Load ``trainer.resume``'s checkpoint into ``trainer`` (see :func:`resume_state`); its path, or None."""
-    found = resume_state(trainer.cfg, trainer.ckpt_dir, trainer.model, trainer.num_classes)
-    if found is None:
-        return None
-    state, path = found
-    ours, theirs = trainer.cfg.optimizer.name, (stored_config(state).get("optimizer") or {}).get("name", "?")
-    groups = (len(state["optimizer"]["param_groups"]), len(trainer.optimizer.param_groups))
+    ours, theirs = cfg.optimizer.name, (stored.get("optimizer") or {}).get("name", "?")
+    groups = (len(state["optimizer"]["param_groups"]), len(optimizer.param_groups))
     if ours != theirs or groups[0] != groups[1]:  # its state (momenta, param groups) cannot carry over
         raise CheckpointError(
             f"cannot resume from {path.name}: its optimizer state is {theirs}, {groups[0]} parameter group(s), here "
             f"{ours}, {groups[1]}; resume with the checkpoint's optimizer settings, or start anew from its weights "
             "with model.init_from=PATH"
         )
+    warn_changed(cfg, stored)
+    return state, path
+
+
+def restore(trainer) -> str | None:
+    """Load ``trainer.resume``'s checkpoint into ``trainer`` (see :func:`resume_state`); its path, or None."""
+    found = resume_state(trainer.cfg, trainer.ckpt_dir, trainer.model, trainer.num_classes, trainer.optimizer)
+    if found is None:
+        return None
+    state, path = found
     trainer.load_state_dict(state)
     log.info("resumed from %s at step %d of %d (epoch %d)", path, trainer.step, trainer.max_iters, trainer.epoch)
     return str(path)

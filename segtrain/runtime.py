@@ -218,8 +218,8 @@ class DivergenceGuard:
 
 class Throughput:
     """Training speed over the steps after the first of each process (which includes warm-up: allocator, cuDNN
-    autotuning, compilation; after a resume too).  ``wait``: seconds spent waiting for the loader; ``compute``: seconds in the training step and its
-    logging (the scheduler, the progress bar, the loggers)."""
+    autotuning, compilation; after a resume too).  ``wait``: seconds spent waiting for the loader; ``compute``:
+    seconds in the training step and its logging (the scheduler, the progress bar, the loggers)."""
 
     def __init__(self):
         self.images, self.wait, self.compute = 0, 0.0, 0.0

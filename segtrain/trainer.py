@@ -205,9 +205,8 @@ class Trainer:
         """Score the validation set, log it, and save last.pt (best.pt, top-k: when ``trainer.monitor`` improved);
         None when a stop signal came during it (single process: at the next batch; under DDP all ranks finish it)."""
         self.model.eval()
-        net = (
-            self.ema.module if self.ema else unwrap(self.model)
-        )  # eager, no DDP hooks: compiled graphs would recompile
+        # eager, no DDP hooks: compiled graphs would recompile
+        net = self.ema.module if self.ema else unwrap(self.model)
         stop = None if self.dist.enabled else (lambda: self.signals.received is not None)
         m, cm, vis = evaluate_loader(
             net, self.val_loader, self.batch_to_device, lambda: autocast(self.device, self.precision), self.cfg,
