@@ -277,6 +277,7 @@ class PredictAppConfig(EvalAppConfig):
 
     input: str = MISSING  # an image, a folder (read recursively) or a glob pattern such as 'photos/**/*.jpg'
     output: str | None = None  # folder for the masks; None: the run dir
+    overwrite: bool = False  # replace files this command did not write (earlier predictions); never inputs or run files
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
@@ -295,6 +296,7 @@ class ExportAppConfig:
     opset: int = 18  # ONNX opset (>= 18)
     check_sizes: list[Any] = field(default_factory=lambda: [[97, 131], [75, 109], [160, 96]])  # [h, w] self-check sizes
     tolerance: float = 0.001  # largest |exported - PyTorch| logit difference the self-check accepts (fp32)
+    overwrite: bool = False  # replace a file this command did not write (an earlier export); never a checkpoint
 
 
 def register_configs() -> None:

@@ -202,17 +202,33 @@ class Predictor:
 
     @torch.no_grad()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Float32 scores [N, K, H, W] on ``device`` for same-size HxWx3 uint8 RGB images (logits, or
-        log-probabilities with several TTA views), at the images' own size."""
-        from segtrain.inference import predict
-        from segtrain.runtime import autocast
-
+        """Float32 scores [N, K, H, W] on ``device`` for same-size HxWxC images (:meth:`read`; logits, or
+        log-probabilities with several TTA views), at the images' own size.  Images of different pixel types
+        (8-bit, 16-bit, float: each normalised from its own range) go through the network in separate batches."""
         sizes = {im.shape[:2] for im in images}
         if len(sizes) != 1:
             raise ValueError(f"scores() needs images of one size, got {sorted(sizes)}")
+        for im in images:
+            if im.ndim != 3 or im.shape[2] != self.in_channels:
+                raise ValueError(f"expected HxWx{self.in_channels} images (data.in_channels), got shape {im.shape}")
         why = self.too_small(*images[0].shape[:2])
         if why is not None:
             raise ValueError(f"cannot predict this image: {why}")
+        groups: dict[str, list[int]] = {}
+        for k, im in enumerate(images):
+            groups.setdefault(im.dtype.str, []).append(k)
+        if len(groups) == 1:
+            return self._scores(images)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        for idx in groups.values():
+            for k, row in zip(idx, self._scores([images[k] for k in idx])):
+                out[k] = row
+        return torch.stack(out)
+
+    def _scores(self, images: list[np.ndarray]) -> torch.Tensor:
+        from segtrain.inference import predict
+        from segtrain.runtime import autocast
+
         x = self.to_device.images(torch.stack([self.prepare(im) for im in images]))
         with autocast(self.device, self.precision):
             out = predict(self.model, x, self.num_classes, **self.settings)
@@ -275,13 +291,39 @@ class Predictor:
 # segtrain-predict
 
 
-def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -> list[tuple[Path, Path]]:
+OTHER_IMAGE_TYPES = (".gif", ".apng", ".avif", ".heic", ".heif", ".jfif", ".jpe", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm",
+                     ".pnm", ".tga", ".ico", ".dib", ".pcx", ".psd", ".exr", ".hdr", ".dds", ".qoi", ".sgi", ".ras",
+                     ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # fmt: skip
+
+
+def _extension_set(extensions: list[str]) -> set[str]:
+    return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+
+
+def check_input(spec: str) -> Path:
+    """``input`` as a path; a ConfigError for a blank one (it would read the working directory), a DataError
+    naming what an existing path is when it is neither a file nor a folder (a FIFO, a device ...)."""
+    from segtrain.writeguard import describe
+
+    if not str(spec).strip():
+        raise ConfigError(f"input={spec!r} is blank: give an image, a folder or a glob like 'photos/*.jpg'")
+    path = Path(os.path.expanduser(spec))
+    what = describe(path)
+    if what is not None and what != "a folder":
+        raise DataError(f"input={spec} is {what}, not an image file or a folder of images")
+    return path
+
+
+def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None,
+                left_out: dict[Path, str] | None = None) -> list[tuple[Path, Path]]:  # fmt: skip
     """The image files of ``input`` as (file, path relative to the input's root): one file (any
     extension), a folder (recursively) or a glob pattern (``**`` recurses); folders and globs keep files
     with one of ``extensions``; when ``exclude`` (the output folder) lies inside the folder or the glob's root,
-    the files under it (earlier outputs) are left out."""
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    path = Path(os.path.expanduser(spec))
+    the files under it (earlier outputs) are left out, and when it is that root, the earlier predictions in
+    it (:func:`earlier_prediction`).  ``left_out``: filled with the images of other types that the folder or
+    glob holds (``.gif`` ...), each with the reason."""
+    exts = _extension_set(extensions)
+    path = check_input(spec)
     if path.is_file():
         return [(path, Path(path.name))]
     if path.is_dir():
@@ -293,15 +335,46 @@ def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None) -
         files = (Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
     else:
         raise DataError(f"input={spec}: no such file or folder (give an image, a folder or a glob like 'dir/*.jpg')")
-    excluded = exclude.resolve() if exclude is not None else None
+    excluded, same = (exclude.resolve(), False) if exclude is not None else (None, False)
     if excluded is not None and root.resolve() not in excluded.parents:
-        excluded = None  # only an output folder inside the input holds earlier outputs that are not inputs
+        same, excluded = root.resolve() == excluded, None  # only an output folder in the input holds earlier outputs
     out = []
     for f in sorted(files):
-        if f.suffix.lower() not in exts or (excluded is not None and excluded in f.resolve().parents):
+        suffix = f.suffix.lower()
+        if excluded is not None and excluded in f.resolve().parents:
+            continue
+        if suffix not in exts:
+            if left_out is not None and suffix in OTHER_IMAGE_TYPES:
+                left_out[f] = (
+                    f"a {suffix} image, a type predict.extensions leaves out (add {suffix} to it to predict it)"
+                )
+            continue
+        if same and earlier_prediction(f):
             continue
         out.append((f, f.relative_to(root)))
     return out
+
+
+PREDICTION_MARK = "segtrain-predict"  # the PNG masks' Software text and the overlays' JPEG comment
+
+
+def earlier_prediction(path: Path) -> bool:
+    """Whether ``path`` is a mask, overlay or probabilities file that segtrain-predict wrote (its mark; a
+    ``.npy`` by its mask's)."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        path = path.with_suffix(".png")
+    if path.suffix.lower() not in (".png", ".jpg"):
+        return False
+    try:
+        with Image.open(path) as im:
+            mark = im.info.get("Software") if im.format == "PNG" else im.info.get("comment")
+    except Exception:  # noqa: BLE001 - unreadable: not ours
+        return False
+    mark = mark.decode("latin-1") if isinstance(mark, bytes) else str(mark or "")
+    return mark.startswith(PREDICTION_MARK)
 
 
 def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
@@ -323,24 +396,48 @@ def output_paths(stem: Path, p: DictConfig) -> list[Path]:
     return [stem.with_name(stem.name + OUTPUT_SUFFIXES[k]) for k in kinds]
 
 
-def check_no_overwrite(items: list[tuple[Path, Path]], stems: list[Path], out_dir: Path, p: DictConfig) -> None:
-    """An OutputError when an output file would replace one of the input images (e.g. ``a.png``'s mask)."""
-    inputs = {f.resolve(): f for f, _ in items}
-    for stem in stems:
-        for path in output_paths(out_dir / stem, p):
-            if path.resolve() in inputs:
-                image = inputs[path.resolve()]
-                msg = f"output={out_dir} would overwrite the input image {image} with its prediction"
-                raise OutputError(f"{msg[:240]}; give another output= folder")
+def check_no_overwrite(items: list[tuple[Path, Path]], stems: list[Path], out_dir: Path, p: DictConfig,
+                       overwrite: bool = False, ckpt: Path | None = None, output: str | None = None) -> None:  # fmt: skip
+    """An OutputError (exit 4) before anything is predicted when an output file (mask, overlay, probabilities)
+    may not be written (:mod:`segtrain.writeguard`): it would replace an input image, the checkpoint, a
+    checkpoint or a run dir's file (never), or a file this command did not write, e.g. an earlier prediction
+    (only with ``overwrite``)."""
+    from segtrain.console import short_path
+    from segtrain.writeguard import check_outputs, file_ids
+
+    inputs = {k: f"the input image {f}" for k, f in file_ids(f for f, _ in items).items()}
+    if ckpt is not None:
+        inputs.update({k: f"the checkpoint ckpt={ckpt}" for k in file_ids([ckpt])})
+    paths = [path for stem in stems for path in output_paths(out_dir / stem, p)]
+    refused = check_outputs(
+        paths, inputs, overwrite, lambda f: "an earlier prediction" if earlier_prediction(f) else None
+    )
+    if not refused:
+        return
+    key = f"output={output if output is not None else out_dir}"
+    first = refused[0]
+    if first.hard:
+        msg = f"{key}: {short_path(first.path, 100)} {first.what}"
+        raise OutputError(f"{msg[:200]}; never replaced, not even with overwrite=true: choose another output=")
+    what = f"{short_path(first.path, 80)} {first.what}"[:120]
+    raise OutputError(
+        f"{key} already holds {len(refused)} file(s) this command would replace ({what}); set overwrite=true to "
+        "replace them, or choose another output="
+    )
 
 
-def upright_size(path: Path, in_channels: int = 3) -> tuple[int, int]:
-    """(h, w) of an image file as :meth:`Predictor.read` gives it, from its header (no decoding): as a viewer
-    shows it for 3-band networks, as stored (no EXIF rotation) for others, as training read them."""
-    from segtrain.data.disk import loads_rotated, read_header
+def check_out_dir(out_dir: Path, key: str) -> None:
+    """An OutputError (exit 4) before the model loads when ``out_dir`` cannot be a folder this process writes in."""
+    from segtrain.writeguard import describe
 
-    h, w = read_header(Path(path))[:2]
-    return (w, h) if loads_rotated(Path(path), in_channels) else (h, w)
+    what = "a file" if out_dir.exists() and describe(out_dir) is None else describe(out_dir)
+    if what is not None and what != "a folder":
+        raise OutputError(f"{key} is {what}; segtrain-predict writes its masks into a folder: choose another output=")
+    above = next((d for d in [out_dir, *out_dir.absolute().parents] if os.path.lexists(d)), Path("/"))
+    if not above.is_dir():
+        raise OutputError(f"{key}: {above} is a file, not a folder; choose another output=")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"{key}: cannot write in {above} (permission denied); choose another output=")
 
 
 def _reason(e: BaseException) -> str:
@@ -366,17 +463,38 @@ class _Images(torch.utils.data.Dataset):
 
 
 def size_batches(files: list[Path], batch_size: int, in_channels: int = 3) -> tuple[list[list[int]], dict[int, str]]:
-    """Indices of ``files`` grouped into batches of one upright size, and the files whose header cannot
-    be read (index -> reason)."""
-    groups: dict[tuple[int, int], list[int]] = {}
+    """Indices of ``files`` grouped into batches of one upright size and pixel type (headers), and the files
+    whose header cannot be read (index -> reason)."""
+    from segtrain.data.disk import loads_rotated, read_header
+
+    groups: dict[tuple, list[int]] = {}
     bad: dict[int, str] = {}
     for i, f in enumerate(files):
         try:
-            groups.setdefault(upright_size(f, in_channels), []).append(i)
+            h, w, _, dtype = read_header(Path(f))
+            key = ((w, h) if loads_rotated(Path(f), in_channels) else (h, w), dtype)
+            groups.setdefault(key, []).append(i)
         except Exception as e:  # noqa: BLE001
             bad[i] = _reason(e)
     batches = [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
     return batches, bad
+
+
+MULTI_FRAME_TYPES = (".gif", ".png", ".apng", ".webp", ".mpo")  # animated: PIL reads their first frame
+# (a multi-page TIFF is refused by the training reader, with its shape, and skipped)
+
+
+def frame_count(path: Path) -> int:
+    """The frames of an animated GIF, PNG or WebP (1 for a still image or another type)."""
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in MULTI_FRAME_TYPES:
+        return 1
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - unreadable: reported when it is read
+        return 1
 
 
 def _save(path: Path, write) -> None:
@@ -400,7 +518,14 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
         im.putpalette(pal.ravel().tolist())
     else:
         im = Image.fromarray(pred.astype(np.uint16))
-    _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["mask"]), lambda f: im.save(f, format="PNG"))
+    from PIL.PngImagePlugin import PngInfo
+
+    from segtrain import __version__
+
+    mark = f"{PREDICTION_MARK} {__version__}"  # earlier predictions are told apart from images by it
+    info = PngInfo()
+    info.add_text("Software", mark)
+    _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["mask"]), lambda f: im.save(f, format="PNG", pnginfo=info))
     p = cfg.predict
     if p.overlay:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # bands: an 8-bit view of the first
@@ -409,7 +534,10 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
             torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
         )
         jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
-        _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["overlay"]), lambda f: jpg.save(f, format="JPEG", quality=90))
+        _save(
+            stem.with_name(stem.name + OUTPUT_SUFFIXES["overlay"]),
+            lambda f: jpg.save(f, format="JPEG", quality=90, comment=mark.encode()),
+        )
     if p.save_probs:
         probs = predictor.probs(scores).to(torch.float16).cpu().numpy()
         buf = io.BytesIO()
@@ -441,7 +569,8 @@ def _prepare(cfg: DictConfig) -> tuple[Predictor, DictConfig, dict]:
 
 def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], out_dir: Path, cfg: DictConfig):
     """Predict ``files`` in batches of one size (decoded in ``data.num_workers`` loader workers) and write
-    their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped})."""
+    their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped},
+    {index: note}); an animated image is predicted on its first frame, with a note."""
     from tqdm import tqdm
 
     from segtrain.data import num_workers
@@ -450,6 +579,10 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     batches, skipped = size_batches(files, cfg.predict.batch_size, predictor.in_channels)
     for i, reason in skipped.items():
         log.warning("skipped %s: %s", files[i], reason)
+    notes = {i: f"{n} frames (an animated image): the first is predicted" for i, f in enumerate(files)
+             if i not in skipped and (n := frame_count(f)) > 1}  # fmt: skip
+    for i, note in notes.items():
+        log.warning("%s: %s", files[i], note)
     workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
     loader = torch.utils.data.DataLoader(
         _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
@@ -466,43 +599,88 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
                 skipped[i] = why
                 log.warning("skipped %s: %s", files[i], why)
         good = [(i, im) for i, im in batch if i not in skipped]
-        for shape in dict.fromkeys(im.shape for _, im in good):  # one forward pass per size (headers can lie)
-            group = [(i, im) for i, im in good if im.shape == shape]
-            for (i, image), scores in zip(group, predictor.scores([im for _, im in group])):
+        # one forward pass per size and pixel type (headers can lie; 8- and 16-bit images are not stacked)
+        for kind in dict.fromkeys((im.shape, im.dtype.str) for _, im in good):
+            group = [(i, im) for i, im in good if (im.shape, im.dtype.str) == kind]
+            for (i, image), scores in zip(group, _scores(predictor, [im for _, im in group], cfg)):
                 try:
                     pred = write_outputs(out_dir / stems[i], image, scores, predictor, cfg)
                 except OSError as e:
                     raise OutputError(
-                        f"cannot write the outputs of {files[i]} to {out_dir}: {e.strerror or e}"
+                        f"cannot write the outputs of {files[i]} to output={out_dir}: {e.strerror or e}; free space "
+                        "or choose another output="
                     ) from None
                 counts += np.bincount(pred.ravel(), minlength=predictor.mask_classes)[: predictor.mask_classes]
                 done += 1
         bar.update(len(batch))
     bar.close()
-    return counts, done, skipped
+    return counts, done, skipped, notes
+
+
+def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> torch.Tensor:
+    """:meth:`Predictor.scores`; out of memory is a ResourceError (exit 5) with the keys that help."""
+    from segtrain.errors import ResourceError
+
+    try:
+        return predictor.scores(images)
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) and "memory" not in str(e).lower():
+            raise
+        h, w = images[0].shape[:2]
+        raise ResourceError(
+            f"out of memory predicting {len(images)} image(s) of {w}x{h} px at once on {predictor.device}: lower "
+            f"predict.batch_size (now {cfg.predict.batch_size}), or predict in windows (eval.mode=slide) or at a "
+            "smaller size (data.val_size)"
+        ) from None
 
 
 def run_predict(cfg: DictConfig) -> dict:
-    """The ``segtrain-predict`` job: returns its summary (also written to ``predict.json`` in the run dir)."""
+    """The ``segtrain-predict`` job: returns its summary (also written to ``predict.json`` in the run dir).
+    Everything is checked before the model loads: the input, the output folder, and every file it would
+    write (:func:`check_no_overwrite`); SIGTERM stops it as Ctrl-C does (no temporary file left)."""
+    from segtrain.writeguard import Interrupts
+
+    with Interrupts("segtrain-predict"):
+        return _run_predict(cfg)
+
+
+def _run_predict(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from segtrain.config import validate_predict
     from segtrain.outputs import write_json
+    from segtrain.writeguard import check_ckpt_path, check_outputs
 
     validate_predict(cfg)
+    check_input(cfg.input)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    if cfg.output is not None and cfg.output != "" and not str(cfg.output).strip():
+        raise ConfigError(f"output={cfg.output!r} is blank: give a folder, or leave output out (the run dir)")
     out_dir = Path(os.path.expanduser(cfg.output)) if cfg.output else run_dir
-    items = list_inputs(cfg.input, list(cfg.predict.extensions), exclude=out_dir if cfg.output else None)
+    key = f"output={cfg.output}" if cfg.output else f"the run dir {run_dir}"
+    ckpt = Path(cfg.ckpt).expanduser()
+    check_ckpt_path(ckpt, f"ckpt={cfg.ckpt}")
+    left_out: dict[Path, str] = {}
+    items = list_inputs(cfg.input, list(cfg.predict.extensions), exclude=out_dir, left_out=left_out)
     if not items:
         exts = " ".join(cfg.predict.extensions)
-        raise DataError(f"input={cfg.input} holds no image files (extensions: {exts}); see predict.extensions")
+        other = f"; {len(left_out)} image(s) of other types, e.g. {next(iter(left_out.values()))}" if left_out else ""
+        raise DataError(
+            f"input={cfg.input} holds no image files (extensions: {exts}); see predict.extensions{other}"[:290]
+        )
+    check_out_dir(out_dir, key)
     stems = output_stems(items)
-    check_no_overwrite(items, stems, out_dir, cfg.predict)
+    check_no_overwrite(items, stems, out_dir, cfg.predict, cfg.overwrite, ckpt, cfg.output or str(out_dir))
+    if check_outputs([run_dir / "predict.json"], {}, cfg.overwrite):
+        raise OutputError(f"the run dir {run_dir} already holds predict.json of an earlier run; set overwrite=true "
+                          "to replace it, or give this run its own hydra.run.dir")  # fmt: skip
+    for f, reason in left_out.items():
+        log.warning("skipped %s: %s", f, reason)
     predictor, pcfg, state = _prepare(cfg)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"output={out_dir} cannot be created: {e.strerror or e}") from None
+        raise OutputError(f"{key} cannot be created: {e.strerror or e}; choose another output=") from None
     e = pcfg.eval
     log.info(
         "predicting %d file(s) from %s with %s (%s, step %s) | eval %s%s | %s %s",
@@ -512,14 +690,16 @@ def run_predict(cfg: DictConfig) -> dict:
     )  # fmt: skip
     files = [f for f, _ in items]
     t0 = time.perf_counter()
-    counts, done, skipped = predict_files(predictor, files, stems, out_dir, pcfg)
+    counts, done, skipped, notes = predict_files(predictor, files, stems, out_dir, pcfg)
     seconds = time.perf_counter() - t0
+    skipped_all = {str(files[i]): skipped[i] for i in sorted(skipped)} | {str(f): r for f, r in left_out.items()}
     summary = {
-        "checkpoint": str(Path(cfg.ckpt).expanduser().resolve()),
+        "checkpoint": str(ckpt.resolve()),
         "input": cfg.input,
         "output": str(out_dir.resolve()),
         "predicted": done,
-        "skipped": {str(files[i]): skipped[i] for i in sorted(skipped)},
+        "skipped": skipped_all,
+        "notes": {str(files[i]): notes[i] for i in sorted(notes)},
         "seconds": seconds,
         "images_per_sec": done / seconds if seconds > 0 else None,
         "device": str(predictor.device),
@@ -533,11 +713,11 @@ def run_predict(cfg: DictConfig) -> dict:
     write_json(run_dir / "predict.json", summary)
     if done == 0:
         path, why = next(iter(summary["skipped"].items()))
-        raise DataError(f"no image could be read from input={cfg.input}: {len(skipped)} file(s) skipped "
+        raise DataError(f"no image could be read from input={cfg.input}: {len(skipped_all)} file(s) skipped "
                         f"(first: {path}: {why})"[:290])  # fmt: skip
     log.info(
         "%d image(s) predicted, %d skipped | %.1f images/s (%s, %s) | outputs in %s",
-        done, len(skipped), summary["images_per_sec"] or float("nan"), predictor.device, predictor.precision,
+        done, len(skipped_all), summary["images_per_sec"] or float("nan"), predictor.device, predictor.precision,
         summary["output"],
     )  # fmt: skip
     log.info(_histogram_lines(counts, predictor.class_names))

@@ -459,12 +459,8 @@ class RunDirGuard(Callback):
         folder = Path(str(config.get("run_dir") or config.hydra.run.dir))
         try:
             if not self.train:
+                _check_command_dir(folder, config)
                 check_path(folder)
-                if any(name.startswith("checkpoints/") for name in _outputs(folder)):
-                    raise OutputError(
-                        f"{short_path(folder, 80)} holds a training run, whose metrics.json this would replace; "
-                        "give the evaluation its own hydra.run.dir"
-                    )
                 return
             from segtrain.config import validate
 
@@ -476,6 +472,42 @@ class RunDirGuard(Callback):
                     with contextlib.suppress(OSError):
                         empty.rmdir()  # only an empty dir goes
             raise Refused(e) from None
+
+
+COMMAND_WRITES = {"predict": "predict.json (and, without output=, the masks)", "info": "info.json",
+                  "export": "its log (and, without output=, the exported model)"}  # fmt: skip
+
+
+def _check_command_dir(folder: Path, config: Any) -> None:
+    """The run dir of segtrain-eval/-predict/-export/-info (which write their results, log and ``.hydra/``
+    there) is not a training run's, nor inside one's own folders (``checkpoints/`` ...); for the commands
+    with ``overwrite`` (predict, export) not an earlier run's either, unless ``overwrite=true``."""
+    from segtrain.writeguard import run_file
+
+    name = str(config.hydra.job.name)
+    prog, where = f"segtrain-{name}", short_path(folder, 80)
+    found = [n for n in _outputs(folder) if n.startswith("checkpoints/")]
+    if found and name == "eval":
+        raise OutputError(
+            f"{where} holds a training run, whose metrics.json this would replace; give the evaluation its own "
+            "hydra.run.dir"
+        )
+    if found:
+        raise OutputError(
+            f"{where} holds a training run ({found[0]}); {prog} would write {COMMAND_WRITES.get(name, 'its results')} "
+            "there and replace the run's .hydra/: give it its own hydra.run.dir, or leave hydra.run.dir out"
+        )
+    inside = run_file(folder.absolute().resolve() / "x")
+    if inside is not None:
+        raise OutputError(
+            f"hydra.run.dir={where} is in {inside[1]} of the run {short_path(inside[0], 80)}; give {prog} its own "
+            "hydra.run.dir, or leave it out"
+        )
+    if config.get("overwrite") is False and (folder / ".hydra").is_dir():
+        raise OutputError(
+            f"{where} holds an earlier run (.hydra/), whose record {prog} would replace; give it its own "
+            "hydra.run.dir (or leave it out), or set overwrite=true"
+        )
 
 
 def resume_command(run_dir: Path, limit: int | None = 160) -> str:

@@ -336,3 +336,85 @@ def test_predict_config_checks():
         cfg = OmegaConf.merge(base, {"ckpt": "a.pt", "input": "x", "predict": {key: value}})
         with pytest.raises(ConfigError, match=match):
             validate_predict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile inputs and outputs (issue 21): run in-process, through the command's own job function.
+
+
+@pytest.fixture(scope="module")
+def predict_config():
+    """segtrain-predict's config composed as the command composes it (one Hydra composition per module: each
+    costs a second), its Hydra config set; CPU, fp32, no loader workers."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from segtrain.cli import config_dir
+    from segtrain.config import register_configs
+
+    register_configs()
+    args = ["device=cpu", "device.precision=fp32", "data.num_workers=0", "trainer.progress=false", "ckpt=x", "input=x"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("predict", overrides=args, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def predict_job(cfg, cwd, *overrides):
+    """``segtrain-predict OVERRIDES`` (top-level and predict.* keys) in this process, run in ``cwd``: its
+    summary, or the SegtrainError it raises."""
+    from segtrain.predict import run_predict
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        return run_predict(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_never_replaces_what_it_did_not_write(ckpt, predict_config, tmp_path):
+    """Re-running into its own input folder: the earlier masks and overlays are recognised (not taken as new
+    images) and replaced only with overwrite=true; a file of the user's in output= likewise; an input, a
+    checkpoint (also through a link) or a run dir's files never; all refused before the model loads."""
+    import os
+
+    from segtrain.errors import OutputError
+
+    (tmp_path / "jp").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(_pixels(40, 52, len(name))).save(tmp_path / "jp" / name)
+    job = [f"ckpt={ckpt}", "input=jp", "output=jp"]
+    assert predict_job(predict_config, tmp_path, *job, "run_dir=r1")["predicted"] == 2
+    outputs = {"a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg"}
+    assert {p.name for p in (tmp_path / "jp").iterdir()} == {"a.jpg", "b.jpg", *outputs}
+    before = _tree(tmp_path / "jp")
+    with pytest.raises(OutputError, match=r"output=jp already holds 4 file\(s\) .*\(jp/a.png is an earlier prediction\); set"):
+        predict_job(predict_config, tmp_path, *job, "run_dir=r2")
+    assert _tree(tmp_path / "jp") == before and not (tmp_path / "r2").exists()
+    summary = predict_job(predict_config, tmp_path, *job, "run_dir=r3", "overwrite=true")
+    assert summary["predicted"] == 2 and summary["skipped"] == {}  # its masks were not read as new images
+    with pytest.raises(OutputError, match="the run dir r3 already holds predict.json of an earlier run"):
+        predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=jp/a.jpg", "output=other", "run_dir=r3")
+
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a.png").write_bytes(b"the user's own file")
+    with pytest.raises(OutputError, match="masks/a.png is a file this command did not write"):
+        predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=jp/a.jpg", "output=masks", "run_dir=r4")
+    os.symlink(ckpt, tmp_path / "masks" / "b.png")  # a link to the checkpoint: never, not even with overwrite
+    refusals = {
+        "masks/b.png is the checkpoint ckpt=": ["input=jp/b.jpg", "output=masks", "overwrite=true"],
+        f"{ckpt.parent}/last.png is in checkpoints/ of the training run": [f"input={tmp_path}/jp/*st.png",
+                                                                         f"output={ckpt.parent}"],
+        "never replaced, not even with overwrite=true": ["input=jp/a.png", "output=jp", "overwrite=true"],
+    }  # fmt: skip
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "jp" / "last.png")
+    for match, args in refusals.items():
+        with pytest.raises(OutputError, match=match):
+            predict_job(predict_config, tmp_path, f"ckpt={ckpt}", *args, "run_dir=r5")
+    assert (tmp_path / "masks" / "a.png").read_bytes() == b"the user's own file" and not (tmp_path / "r5").exists()
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["best.pt", "last.pt"]

@@ -1,0 +1,256 @@
+"""What ``segtrain-export`` and ``segtrain-predict`` may write over, checked before any work starts.
+
+* A file the command did not write in this same run is never replaced unless the user says so
+  (``overwrite=true``): an earlier export, an earlier prediction, a file of the user's.
+* Never, not even with ``overwrite=true``: a segtrain checkpoint (any ``torch.save`` file), an input of
+  the command (the ``ckpt``, an input image; symbolic and hard links included), or a file of a run dir
+  (a training run's ``checkpoints/``, ``metrics.json``, ``status.json``, ``.hydra/``, logs, ``tb/`` ...).
+
+Also: :func:`describe` names what a path is when it is not a regular file (a folder, a FIFO, a device),
+and :class:`Interrupts` makes a Ctrl-C or SIGTERM stop a command cleanly even inside the ONNX exporter.
+Imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import signal
+import stat
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+# A run dir (of any segtrain command) holds one of these; its own entries (below) are never written over.
+RUN_MARKERS = (".hydra", ".segtrain.lock", "status.json", "metrics.json", "multirun.yaml")
+RUN_DIRS = ("checkpoints", ".hydra", "tb", "mlruns", "wandb", "previous-*")  # no output goes in there
+RUN_FILES = ("metrics.json", "status.json", "loggers.json", "metrics.csv", "*.log", ".segtrain.lock*",
+             "confusion_matrix.png", "per_class_iou.png", "predictions.png", "multirun.yaml", "summary.csv",
+             "summary.md")  # fmt: skip
+
+
+def describe(path: Path) -> str | None:
+    """What ``path`` is when it exists but is not a regular file: 'a folder', 'a named pipe (FIFO)' ...;
+    None for a regular file (through links) or a path that does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a broken symbolic link (to {os.readlink(path)})" if os.path.islink(path) else None
+    except OSError as e:
+        return f"a path that cannot be read ({e.strerror or e})"
+    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file (a zip archive with a ``data.pkl`` and no TorchScript code,
+    or a legacy pickle): a checkpoint or a state dict, never written over."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    if head.startswith(b"\x80"):
+        return True
+    if not head.startswith(b"PK"):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    pickles = any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
+    return pickles and not any(n.endswith("/constants.pkl") for n in names)  # TorchScript archives have constants
+
+
+def _run_roots(folder: Path, cache: dict[Path, list[Path]]) -> list[Path]:
+    """The run dirs ``folder`` is in or below (itself included), nearest first."""
+    if folder in cache:
+        return cache[folder]
+    here = [folder] if any(os.path.lexists(folder / m) for m in RUN_MARKERS) or _has_checkpoints(folder) else []
+    above = [] if folder.parent == folder else _run_roots(folder.parent, cache)
+    cache[folder] = here + above
+    return cache[folder]
+
+
+def _has_checkpoints(folder: Path) -> bool:
+    try:
+        return any(p.suffix == ".pt" for p in (folder / "checkpoints").iterdir())
+    except OSError:
+        return False
+
+
+def run_file(path: Path, cache: dict[Path, list[Path]] | None = None) -> tuple[Path, str] | None:
+    """(run dir, entry) when ``path`` (absolute, links resolved) is or would be one of a run dir's own
+    files (``checkpoints/...``, ``metrics.json``, ``.hydra/...``, a log ...), else None."""
+    cache = {} if cache is None else cache
+    for root in _run_roots(path.parent, cache):
+        parts = path.relative_to(root).parts
+        if len(parts) > 1 and any(fnmatch.fnmatch(parts[0], d) for d in RUN_DIRS):
+            return root, f"{parts[0]}/"
+        if len(parts) == 1 and any(fnmatch.fnmatch(parts[0], f) for f in RUN_FILES):
+            return root, parts[0]
+    return None
+
+
+def file_ids(paths: Iterable[Path]) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> path of the files that exist: the same file under another name or link."""
+    ids = {}
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            ids.setdefault((st.st_dev, st.st_ino), p)
+    return ids
+
+
+class Refusal:
+    """Why one output path may not be written (``what``: 'is a checkpoint', 'is in checkpoints/ of the
+    training run R' ...): ``hard`` (a checkpoint, an input, a run file: never) or not (a file this command did
+    not write: only with overwrite=true)."""
+
+    def __init__(self, path: Path, what: str, hard: bool):
+        self.path, self.what, self.hard = path, what, hard
+
+
+def _run_kind(root: Path) -> str:
+    training = _has_checkpoints(root) or (root / "metrics.json").is_file()
+    return f"the training run {root}" if training else f"the run dir {root}"
+
+
+def refusal(path: Path, inputs: dict[tuple[int, int], Path], cache: dict, earlier=None) -> Refusal | None:
+    """Why the command may not write ``path`` (None: it may).  ``inputs``: :func:`file_ids` of the command's
+    inputs, with what each is ('the checkpoint ckpt=...', 'the input image ...'); ``earlier(path)``: a
+    description of an earlier output of this command ('an earlier prediction'), or None."""
+    absolute = Path(os.path.abspath(path))
+    if os.path.lexists(absolute):
+        with contextlib.suppress(OSError):
+            st = os.stat(absolute)
+            if (st.st_dev, st.st_ino) in inputs:
+                return Refusal(path, f"is {inputs[(st.st_dev, st.st_ino)]}", True)
+        if is_checkpoint(absolute):
+            return Refusal(path, "is a checkpoint", True)
+    for candidate in dict.fromkeys((absolute, absolute.resolve())):
+        found = run_file(candidate, cache)
+        if found is not None:
+            root, entry = found
+            where = f"in {entry}" if entry.endswith("/") else entry
+            return Refusal(path, f"is {where} of {_run_kind(root)}", True)
+    what = describe(absolute)
+    if what is not None and not what.startswith("a broken"):
+        return Refusal(path, f"is {what}", True)  # a folder, a FIFO ...: nothing to replace
+    if not os.path.lexists(absolute):
+        return None
+    known = earlier(absolute) if earlier is not None else None
+    return Refusal(path, f"is {known or 'a file this command did not write'}", False)
+
+
+def check_outputs(paths: Iterable[Path], inputs: dict, overwrite: bool, earlier=None) -> list[Refusal]:
+    """The refusals of ``paths``: every hard one, and the soft ones when not ``overwrite`` (hard first)."""
+    cache: dict[Path, list[Path]] = {}
+    found = [r for r in (refusal(p, inputs, cache, earlier) for p in paths) if r is not None]
+    return sorted((r for r in found if r.hard or not overwrite), key=lambda r: not r.hard)
+
+
+# ---------------------------------------------------------------------------
+# Signals.
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (``signum``) during a command that :class:`Interrupts` guards."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Interrupts:
+    """SIGINT and SIGTERM while a command writes: outside a :meth:`deferred` section they raise
+    :class:`Interrupted` at once, so that every ``finally`` runs (temporary files removed); inside one (code
+    a Python exception must not cross: the ONNX exporter and the tracer, whose C++ callbacks turn it into
+    their own error or abort the process; the final renames) the signal is recorded and raised when the
+    section ends, however it ends.  A second signal inside a section stops at once: ``cleanup`` runs and the
+    process exits with 128 + the signal (a pending rename section is always finished first).
+
+    On leaving the ``with`` block after a SIGTERM, the previous SIGTERM handler gets it (the CLI records the
+    job as aborted and dies of it: exit 143); a SIGINT leaves as a KeyboardInterrupt (exit 130)."""
+
+    def __init__(self, prog: str):
+        self.prog, self.pending, self.depth, self.critical, self.what = prog, None, 0, False, ""
+        self.cleanups: list = []
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth == 0:
+            raise Interrupted(signum)
+        if self.pending is not None and not self.critical:
+            for fn in self.cleanups:
+                with contextlib.suppress(Exception):
+                    fn()
+            os.write(2, f"{self.prog}: interrupted\n".encode())
+            os._exit(128 + signum)
+        self.pending = self.pending or signum
+        if not self.critical:
+            os.write(2, f"{self.prog}: stopping once {self.what} returns (again: at once)\n".encode())
+
+    def __enter__(self) -> Interrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if isinstance(exc, Interrupted) and exc.signum == signal.SIGTERM:
+            handler = self.previous.get(signal.SIGTERM)
+            if callable(handler):
+                handler(exc.signum, None)  # the CLI's records the job as 'aborted' and dies of SIGTERM
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+    @contextlib.contextmanager
+    def deferred(self, what: str, critical: bool = False) -> Iterator[None]:
+        """Signals in the block are recorded and raised (as :class:`Interrupted`) when it ends, whatever it
+        raised meanwhile (an exporter error caused by the interrupt is no error of the network)."""
+        self.depth, self.critical, self.what = self.depth + 1, critical, what
+        try:
+            yield
+        except BaseException:
+            if self.pending is None:
+                raise
+        finally:
+            self.depth -= 1
+            self.critical = False
+        self.raise_pending()
+
+    def raise_pending(self) -> None:
+        if self.pending is not None and self.depth == 0:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
+
+def check_ckpt_path(path: Path, key: str) -> None:
+    """A CheckpointError (exit 2) when ``path`` exists but is no file: a folder (naming the checkpoints in it),
+    a FIFO, a device ... (a missing path is left to the checkpoint loader's message)."""
+    from segtrain.errors import CheckpointError
+
+    what = describe(path)
+    if what is None or what.startswith("a broken"):
+        return
+    if what == "a folder":
+        found = [p for p in sorted(path.glob("checkpoints/*.pt")) + sorted(path.glob("*.pt")) if is_checkpoint(p)]
+        best = [p for p in found if p.name == "best.pt"] or found
+        hint = f"; e.g. ckpt={best[0]}" if best else "; give a .pt file written by segtrain (best.pt, last.pt)"
+        raise CheckpointError(f"{key} is a folder, not a checkpoint file{hint}")
+    raise CheckpointError(
+        f"{key} is {what}, not a checkpoint file; give a .pt file written by segtrain (best.pt, last.pt)"
+    )
