@@ -368,9 +368,17 @@ def predict_job(cfg, cwd, *overrides):
     summary, or the SegtrainError it raises."""
     from segtrain.predict import run_predict
 
+    for item in overrides:  # as Hydra parses them: 'key=' is an empty string, quotes keep blanks
+        key, value = item.split("=", 1)
+        text = value[1:-1] if value[:1] == value[-1:] == "'" and len(value) > 1 else None
+        if text is None and value:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        else:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}=x"]))
+            OmegaConf.update(cfg, key, text or "")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        return run_predict(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+        return run_predict(cfg)
 
 
 def _tree(folder):
@@ -418,3 +426,97 @@ def test_predict_never_replaces_what_it_did_not_write(ckpt, predict_config, tmp_
             predict_job(predict_config, tmp_path, f"ckpt={ckpt}", *args, "run_dir=r5")
     assert (tmp_path / "masks" / "a.png").read_bytes() == b"the user's own file" and not (tmp_path / "r5").exists()
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_mixed_pixel_types_predict_as_separate_images(ckpt, predictor, predict_config, tmp_path):
+    """An 8-bit and a 16-bit PNG of one size in a folder (and in one Predictor.scores call): each is predicted
+    as it is predicted alone, never stacked into one batch ('Promotion for uint16')."""
+    (tmp_path / "in").mkdir()
+    eight, deep = _pixels(40, 52, 1), _pixels(40, 52, 2, dtype=np.uint16, high=65536)
+    Image.fromarray(eight).save(tmp_path / "in" / "a8.png")
+    assert cv2.imwrite(str(tmp_path / "in" / "b16.png"), deep[..., ::-1])
+    alone = [predictor.scores([predictor.read(tmp_path / "in" / n)])[0] for n in ("a8.png", "b16.png")]
+    both = predictor.scores([predictor.read(tmp_path / "in" / "a8.png"), predictor.read(tmp_path / "in" / "b16.png")])
+    assert torch.allclose(both, torch.stack(alone), atol=1e-5)
+    with pytest.raises(ValueError, match="expected HxWx3 images"):
+        predictor.scores([eight[..., :1]])
+    summary = predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=in", "output=out", "run_dir=run",
+                          "predict.batch_size=8")  # fmt: skip
+    assert summary["predicted"] == 2 and summary["skipped"] == {}
+    for name, scores in zip(("a8", "b16"), alone):
+        assert (np.asarray(Image.open(tmp_path / "out" / f"{name}.png")) == predictor.labels(scores).numpy()).all()
+
+
+def test_predict_paths_that_are_not_what_they_seem(ckpt, predict_config, tmp_path):
+    """A blank input (it would read the working directory), a device, a FIFO, a folder as ckpt=, a file as
+    output=: each says what the path is and what was expected, before the model loads."""
+    import os
+
+    from segtrain.errors import CheckpointError, ConfigError, DataError
+
+    os.mkfifo(tmp_path / "pipe.png")
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "a.jpg")
+    cases = [
+        (ConfigError, "input='' is blank", ["input="]),
+        (ConfigError, "input='  ' is blank", ["input='  '"]),
+        (DataError, "input=/dev/null is a character device, not an image file or a folder", ["input=/dev/null"]),
+        (DataError, "input=pipe.png is a named pipe \\(FIFO\\)", ["input=pipe.png"]),
+        (CheckpointError, f"ckpt={ckpt.parent.parent} is a folder, not a checkpoint file; e.g. ckpt=.*best.pt",
+         [f"ckpt={ckpt.parent.parent}"]),
+        (OutputError, "output=a.jpg is a file; segtrain-predict writes its masks into a folder", ["output=a.jpg"]),
+        (ConfigError, "output=' ' is blank", ["output=' '"]),
+    ]  # fmt: skip
+    for error, match, args in cases:
+        with pytest.raises(error, match=match):
+            predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=a.jpg", "run_dir=run", *args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "pipe.png"]
+
+
+def test_predict_animated_and_other_image_types(ckpt, predict_config, tmp_path):
+    """A GIF in a folder is listed as skipped with the key that adds it; an animated GIF given by name is
+    predicted on its first frame, with a warning line and a note in predict.json."""
+    from segtrain.errors import DataError
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_pixels(40, 52)).save(tmp_path / "in" / "a.jpg")
+    frames = [Image.fromarray(_pixels(40, 52, k)) for k in range(3)]
+    frames[0].save(tmp_path / "in" / "anim.gif", save_all=True, append_images=frames[1:])
+    summary = predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=in", "output=out", "run_dir=r1")
+    reason = "a .gif image, a type predict.extensions leaves out (add .gif to it to predict it)"
+    assert summary["predicted"] == 1 and summary["skipped"] == {"in/anim.gif": reason}
+    assert json.loads((tmp_path / "r1" / "predict.json").read_text())["skipped"] == summary["skipped"]
+    summary = predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=in/anim.gif", "output=out", "run_dir=r2")
+    assert summary["notes"] == {"in/anim.gif": "3 frames (an animated image): the first is predicted"}
+    with Image.open(tmp_path / "out" / "anim.png") as im:
+        assert im.size == (52, 40)
+    with pytest.raises(DataError, match=r"holds no image files .* 1 image\(s\) of other types, e.g. a .gif image"):
+        predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=in/*.gif", "output=out", "run_dir=r3")
+
+
+def test_run_dir_messages_name_the_command(tiny_run, tmp_path):
+    """hydra.run.dir= a training run's dir (or a folder inside its checkpoints/), or an earlier run's without
+    overwrite=true: one line that names what the command would write there; nothing is created."""
+    from omegaconf import OmegaConf
+
+    from segtrain.rundir import Refused, RunDirGuard
+
+    def refused(name, folder, **keys):
+        config = OmegaConf.create({"hydra": {"job": {"name": name}, "run": {"dir": str(folder)}}, **keys})
+        with pytest.raises(Refused) as e:
+            RunDirGuard(train=False).on_run_start(config)
+        assert e.value.error.exit_code == 4 and len(str(e.value)) <= 300
+        return str(e.value)
+
+    assert "segtrain-predict would write predict.json (and, without output=, the masks)" in refused("predict", tiny_run)
+    assert "segtrain-export would write its log (and, without output=, the exported model)" in refused(
+        "export", tiny_run, overwrite=False
+    )
+    assert "segtrain-info would write info.json there" in refused("info", tiny_run)
+    assert "metrics.json this would replace" in refused("eval", tiny_run)
+    assert "is in checkpoints/ of the run" in refused("predict", tiny_run / "checkpoints" / "x", overwrite=True)
+    (tmp_path / "earlier" / ".hydra").mkdir(parents=True)
+    assert "holds an earlier run (.hydra/)" in refused("predict", tmp_path / "earlier", overwrite=False)
+    RunDirGuard(train=False).on_run_start(
+        OmegaConf.create({"hydra": {"job": {"name": "predict"}, "run": {"dir": str(tmp_path / "earlier")}},
+                          "overwrite": True})
+    )  # fmt: skip
+    assert not (tiny_run / "checkpoints" / "x").exists()
