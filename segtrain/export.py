@@ -369,7 +369,9 @@ def _check_target(cfg: DictConfig, paths: list[Path], ckpt: Path) -> None:
         return
     r = refused[0]
     fix = (
-        "set overwrite=true to replace it, or choose" if not r.hard else "never replaced, not even with overwrite=true:"
+        "set overwrite=true to replace it, or choose"
+        if not r.hard
+        else "never replaced, not even with overwrite=true: choose"
     )
     raise OutputError(f"output={cfg.output or r.path}: {short_path(r.path, 100)} {r.what}; {fix} another output=")
 

@@ -2,6 +2,7 @@
 other than the traced one; the self-check; the sidecar."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,170 @@ def test_export_errors_are_plain_text():
 
     e = RuntimeError("\x1b[96mCannot create Dim\x1b[0m with inconsistent min=0\nmore detail")
     assert _first_line(e) == "Cannot create Dim with inconsistent min=0"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile outputs, settings and signals (issue 21).
+
+
+def _export_cfg(tiny_run, **keys):
+    base = {"ckpt": str(tiny_run / "checkpoints" / "best.pt"), "format": "torchscript", "check_sizes": [[32, 48]]}
+    return OmegaConf.merge(OmegaConf.structured(ExportAppConfig), {**base, **keys})
+
+
+def test_export_never_replaces_what_it_did_not_write(tiny_run, tmp_path, monkeypatch):
+    """The training checkpoint (as output=, or through a link), another checkpoint, a file inside a run dir's
+    checkpoints/ or tb/: never, not even with overwrite=true; a file of the user's or an earlier export
+    (and its sidecar): only with overwrite=true.  Every refusal comes before the checkpoint is loaded."""
+    import os
+    import shutil
+
+    import segtrain.evaluate
+    from segtrain.errors import OutputError
+    from segtrain.export import export_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpts = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    ckpt = run / "checkpoints" / "best.pt"
+    os.symlink(run / "checkpoints" / "last.pt", tmp_path / "link.pt")
+    (tmp_path / "mine.pt").write_bytes(b"the user's own file")
+    (tmp_path / "side.pt.json").write_text("{}")
+    never = {
+        "checkpoints/best.pt is the checkpoint ckpt=": run / "checkpoints" / "best.pt",
+        "checkpoints/last.pt is a checkpoint": run / "checkpoints" / "last.pt",
+        "link.pt is a checkpoint": tmp_path / "link.pt",
+        "new.pt is in checkpoints/ of the training run": run / "checkpoints" / "new.pt",
+        "tb/m.pt is in tb/ of the training run": run / "tb" / "m.pt",
+    }
+    real_load = segtrain.evaluate.load_checkpoint
+    monkeypatch.setattr(segtrain.evaluate, "load_checkpoint", lambda p: pytest.fail(f"loaded {p} before refusing"))
+    for match, output in never.items():
+        for overwrite in (False, True):
+            with pytest.raises(OutputError, match=f"{match}.*; never replaced, not even with overwrite=true: choose"):
+                export_checkpoint(_export_cfg(tiny_run, ckpt=str(ckpt), output=str(output), overwrite=overwrite))
+    for name, what in (("mine.pt", "mine.pt is a file this command did not write"), ("side.pt", "side.pt.json is a")):
+        with pytest.raises(OutputError, match=f"{what}.*; set overwrite=true to replace it"):
+            export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / name)))
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == ckpts
+    assert os.path.islink(tmp_path / "link.pt") and (tmp_path / "mine.pt").read_bytes() == b"the user's own file"
+    monkeypatch.setattr(segtrain.evaluate, "load_checkpoint", real_load)
+    export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "mine.pt"), overwrite=True))
+    assert (tmp_path / "mine.pt").read_bytes()[:2] == b"PK" and (tmp_path / "mine.pt.json").is_file()
+    with pytest.raises(OutputError, match="mine.pt is an earlier export; set overwrite=true"):
+        export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "mine.pt")))
+    (tmp_path / "mine.pt").rename(tmp_path / "moved.pt")  # its sidecar alone is still an earlier export's
+    with pytest.raises(OutputError, match="mine.pt.json is an earlier export; set overwrite=true"):
+        export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "mine.pt")))
+    assert not list(tmp_path.glob(".*tmp")) and not list(run.rglob("*.tmp"))
+
+
+def test_export_settings_and_outputs_refused_before_work(tiny_run, tmp_path):
+    """Out-of-range opset (the exporter would write opset 18 instead), non-finite or absurd tolerance, huge
+    self-check sizes, an output without an extension or a blank one, a ckpt= that is no file."""
+    import onnx.defs
+
+    from segtrain.errors import CheckpointError
+    from segtrain.export import _target, check_settings, opset_range
+    from segtrain.writeguard import check_ckpt_path
+
+    assert opset_range() == (18, onnx.defs.onnx_opset_version())
+    newest = opset_range()[1]
+    bad = {
+        f"opset=99: the installed exporter writes opset 18 to {newest}": {"opset": 99},
+        f"opset={newest + 1}: the installed": {"opset": newest + 1},
+        "tolerance must be a number in \\(0, 1\\].*got nan": {"tolerance": float("nan")},
+        "tolerance must be .*got inf": {"tolerance": float("inf")},
+        "tolerance must be .*got 5.0": {"tolerance": 5.0},
+        "check_sizes: 100000x64 is larger than the self-check's 2048 px limit": {"check_sizes": [[100000, 64]]},
+        "check_sizes lists 9 sizes; at most 8": {"check_sizes": [[32, 32]] * 9},
+    }
+    for match, keys in bad.items():
+        with pytest.raises(ConfigError, match=match):
+            check_settings(_export_cfg(tiny_run, **keys), "onnx")
+    check_settings(_export_cfg(tiny_run, opset=newest), "onnx")
+    check_settings(_export_cfg(tiny_run, opset=99), "torchscript")  # not used by TorchScript
+    (tmp_path / "deploy").mkdir()
+    outputs = {
+        "model": "output=model has no file extension: name the file model.onnx, or write model/ for a folder",
+        ".hidden": "name the file .hidden.onnx, or write .hidden/",
+        "  ": "output='  ' is blank",
+    }
+    for output, match in outputs.items():
+        with pytest.raises(ConfigError, match=match):
+            _target(_export_cfg(tiny_run, format="onnx", output=output))
+    with pytest.raises(ConfigError, match="name the file model.pt"):
+        _target(_export_cfg(tiny_run, output="model"))
+    assert _target(_export_cfg(tiny_run, output=str(tmp_path / "deploy"))) == tmp_path / "deploy" / "model.pt"
+    assert _target(_export_cfg(tiny_run, output="~")) == Path.home() / "model.pt"
+    with pytest.raises(
+        CheckpointError, match="ckpt=R is a folder, not a checkpoint file; e.g. ckpt=.*checkpoints/best.pt"
+    ):
+        check_ckpt_path(tiny_run, "ckpt=R")
+    with pytest.raises(CheckpointError, match="ckpt=/dev/null is a character device, not a checkpoint file"):
+        check_ckpt_path(Path("/dev/null"), "ckpt=/dev/null")
+
+
+def test_interrupt_inside_the_exporter_is_an_interrupt(tiny_run, tmp_path, monkeypatch):
+    """A Ctrl-C that reaches the exporter's own code comes out as its error (torch.export wraps it), which
+    once made a stopped export 'cannot be exported' (exit 6): it is recorded and raised as an interrupt when
+    the exporter returns; nothing is left (no staging folder, no file, no sidecar)."""
+    import os
+    import signal
+
+    import segtrain.export as export
+
+    real = export.export_torchscript
+
+    def wrapping(model, path, channels=3):  # an exporter that turns an interrupt into its own error, as torch's does
+        real(model, path, channels)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt as e:
+            raise RuntimeError("TorchExportError: failed while tracing") from e
+
+    monkeypatch.setattr(export, "export_torchscript", wrapping)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "m.pt")))
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+
+
+def test_segtrain_export_stops_cleanly_on_signals(tiny_run, tmp_path):
+    """Real signals on the command (two at once, to save time; a single Ctrl-C inside the exporter:
+    test_interrupt_inside_the_exporter_is_an_interrupt): Ctrl-C inside the ONNX exporter, pressed twice (the
+    second stops at once), and SIGTERM during a TorchScript export.  Each ends with its code (130; SIGTERM:
+    killed by it, 143 in a shell) and leaves no staging folder, no file, no sidecar."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import cli_env
+
+    runs = {"onnx": ("onnx", [signal.SIGINT, signal.SIGINT], 1.5), "ts-term": ("torchscript", [signal.SIGTERM], 0.0)}
+    procs = {}
+    for name, (fmt, _, _) in runs.items():
+        args = [f"ckpt={tiny_run / 'checkpoints' / 'best.pt'}", f"format={fmt}", f"output={name}/m",
+                "check_sizes=[[32,32]]", f"hydra.run.dir=run-{name}"]  # fmt: skip
+        args[2] += ".onnx" if fmt == "onnx" else ".pt"
+        procs[name] = subprocess.Popen(console_script("segtrain-export") + args, cwd=tmp_path, env=cli_env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pending = {name: list(sigs) for name, (_, sigs, _) in runs.items()}
+    staged: dict[str, float] = {}
+    deadline = time.time() + 240
+    while any(pending.values()) and time.time() < deadline:
+        for name, sigs in pending.items():
+            if not sigs or procs[name].poll() is not None:
+                continue
+            if name not in staged and list((tmp_path / name).glob(".m.*.tmp")):
+                staged[name] = time.time()  # the export has begun: its staging folder exists
+            if name in staged and time.time() >= staged[name] + runs[name][2]:
+                procs[name].send_signal(sigs.pop(0))
+                staged[name] = time.time() - runs[name][2] + 0.5  # a second signal 0.5 s later
+        time.sleep(0.01)
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        expected = -signal.SIGTERM if name == "ts-term" else 130
+        assert p.returncode == expected, (name, p.returncode, err)
+        assert "Traceback" not in out + err, err
+        assert list((tmp_path / name).iterdir()) == [], name  # nothing: no .m.*.tmp/, no m.onnx, no m.onnx.json

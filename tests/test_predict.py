@@ -401,7 +401,9 @@ def test_predict_never_replaces_what_it_did_not_write(ckpt, predict_config, tmp_
     outputs = {"a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg"}
     assert {p.name for p in (tmp_path / "jp").iterdir()} == {"a.jpg", "b.jpg", *outputs}
     before = _tree(tmp_path / "jp")
-    with pytest.raises(OutputError, match=r"output=jp already holds 4 file\(s\) .*\(jp/a.png is an earlier prediction\); set"):
+    with pytest.raises(
+        OutputError, match=r"output=jp already holds 4 file\(s\) .*\(jp/a.png is an earlier prediction\); set"
+    ):
         predict_job(predict_config, tmp_path, *job, "run_dir=r2")
     assert _tree(tmp_path / "jp") == before and not (tmp_path / "r2").exists()
     summary = predict_job(predict_config, tmp_path, *job, "run_dir=r3", "overwrite=true")
@@ -476,6 +478,7 @@ def test_predict_animated_and_other_image_types(ckpt, predict_config, tmp_path):
     """A GIF in a folder is listed as skipped with the key that adds it; an animated GIF given by name is
     predicted on its first frame, with a warning line and a note in predict.json."""
     from segtrain.errors import DataError
+
     (tmp_path / "in").mkdir()
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "in" / "a.jpg")
     frames = [Image.fromarray(_pixels(40, 52, k)) for k in range(3)]
