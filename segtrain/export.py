@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -33,15 +34,18 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from segtrain.cli import command
 from segtrain.console import short_path
 from segtrain.errors import ConfigError, ExportError, OutputError
+
+if TYPE_CHECKING:  # torch loads when the command works, not when it starts
+    import numpy as np
+    import torch
+    from torch import nn
 
 log = logging.getLogger("segtrain")
 
@@ -54,6 +58,8 @@ def _bin_matrix(n, bins: int, like: torch.Tensor) -> torch.Tensor:
     """[bins, n]: row i averages input positions floor(i*n/bins) .. ceil((i+1)*n/bins) - 1 (torch's bins).
 
     Integer arithmetic on non-negative values only: exported graphs divide integers by truncation."""
+    import torch
+
     i = torch.arange(bins, device=like.device)
     start = (i * n) // bins
     end = ((i + 1) * n + bins - 1) // bins
@@ -62,24 +68,41 @@ def _bin_matrix(n, bins: int, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 
-class AdaptiveAvgPool2dDynamic(nn.Module):
-    """``nn.AdaptiveAvgPool2d(output_size)`` as ``A_h @ x @ A_w^T`` with bin matrices built from the input's
-    runtime size: exported, its bins follow the input size (the same numbers as torch's, up to rounding)."""
+@functools.cache
+def _pool_class() -> type:
+    """:class:`AdaptiveAvgPool2dDynamic`, defined on first use: this module imports torch only when it works,
+    so that the command answers ``--help`` and a Ctrl-C at once while it starts."""
+    from torch import nn
 
-    def __init__(self, output_size):
-        super().__init__()
-        size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
-        self.bins = (int(size[0]), int(size[1]))
+    class AdaptiveAvgPool2dDynamic(nn.Module):
+        """``nn.AdaptiveAvgPool2d(output_size)`` as ``A_h @ x @ A_w^T`` with bin matrices built from the input's
+        runtime size: exported, its bins follow the input size (the same numbers as torch's, up to rounding)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _bin_matrix(x.shape[-2], self.bins[0], x)
-        cols = _bin_matrix(x.shape[-1], self.bins[1], x)
-        return rows @ x @ cols.transpose(0, 1)
+        def __init__(self, output_size):
+            super().__init__()
+            size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+            self.bins = (int(size[0]), int(size[1]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rows = _bin_matrix(x.shape[-2], self.bins[0], x)
+            cols = _bin_matrix(x.shape[-1], self.bins[1], x)
+            return rows @ x @ cols.transpose(0, 1)
+
+    AdaptiveAvgPool2dDynamic.__qualname__ = "AdaptiveAvgPool2dDynamic"  # found (and pickled) as a module attribute
+    return AdaptiveAvgPool2dDynamic
+
+
+def __getattr__(name: str):
+    if name == "AdaptiveAvgPool2dDynamic":
+        return _pool_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def exportable(model: nn.Module) -> nn.Module:
     """A CPU fp32 eval-mode copy of ``model`` whose adaptive average pools (other than global ones) follow
     the input size when exported."""
+    from torch import nn
+
     model = copy.deepcopy(model).float().cpu().eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -89,7 +112,7 @@ def exportable(model: nn.Module) -> nn.Module:
                 if None in sizes:
                     raise ExportError(f"nn.AdaptiveAvgPool2d({size}) with a free dimension cannot be exported")
                 if tuple(sizes) != (1, 1):  # a global pool exports as it is
-                    setattr(parent, name, AdaptiveAvgPool2dDynamic(sizes))
+                    setattr(parent, name, _pool_class()(sizes))
     return model
 
 
@@ -100,11 +123,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def _example(channels: int) -> torch.Tensor:
+    import torch
+
     return torch.randn(EXAMPLE_SHAPE[0], channels, *EXAMPLE_SHAPE[2:])
 
 
 def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str], channels: int = 3) -> int:
     """Write ``model`` (from :func:`exportable`) as ONNX with dynamic batch, height and width; the opset written."""
+    import torch
     from torch.export import Dim
 
     # min 32: every network pools its input at least 32x (a guard a smaller range would trip, sending the
@@ -141,15 +167,17 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
 
 def export_torchscript(model: nn.Module, path: Path, channels: int = 3) -> None:
     """Trace ``model`` (from :func:`exportable`) with torch.jit.trace and save it."""
+    import torch
+
     example = _example(channels)
     try:
         with _quiet_loggers(), torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
-        traced.save(str(path))
     except Exception as e:
         raise ExportError(
             f"the network cannot be traced to TorchScript: {type(e).__name__}: {_first_line(e)}"
         ) from None
+    traced.save(str(path))  # an OSError (a full disk) is no tracing error
 
 
 @contextlib.contextmanager
@@ -172,6 +200,8 @@ def _quiet_loggers():
 
 def _runner(path: Path, fmt: str):
     """A function numpy NCHW float32 -> numpy logits that runs the exported file."""
+    import torch
+
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -198,6 +228,9 @@ def _runner(path: Path, fmt: str):
 def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance: float, channels: int = 3) -> dict:
     """Run the exported file and ``model`` (fp32, CPU) on the same random inputs at ``sizes`` (the second
     one with batch 2); the largest absolute difference per size, and whether all are within ``tolerance``."""
+    import numpy as np
+    import torch
+
     from segtrain.utils import as_hw
 
     run, runtime = _runner(path, fmt)
@@ -226,6 +259,8 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
 
 def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | None, check: dict) -> dict:
     """What a deployment needs to feed the exported file and read its output."""
+    import torch
+
     from segtrain import __version__
     from segtrain.config import mask_classes
     from segtrain.evaluation import class_names

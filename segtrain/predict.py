@@ -26,15 +26,16 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.cli import command
 from segtrain.errors import ConfigError, DataError, OutputError
+
+if TYPE_CHECKING:  # torch loads when the command works, not when it starts (--help, a Ctrl-C at once)
+    import torch
 
 log = logging.getLogger("segtrain")
 
@@ -129,6 +130,8 @@ class Predictor:
         self.mask_classes = mask_classes(self.num_classes)  # classes in the masks: 2 for one sigmoid logit
         self.in_channels = cfg.data.in_channels
         self.device, self.precision = resolve_device(cfg.device)
+        import torch
+
         memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format).eval()
         self.settings = eval_settings(cfg)
@@ -181,6 +184,8 @@ class Predictor:
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """An HxWxC image (:meth:`read`) as validation feeds it to the network: [C, h, w]."""
+        import torch
+
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -200,7 +205,6 @@ class Predictor:
         seen = f" (predicted at {side} px)" if side != min(h, w) else ""
         return f"{w}x{h} px{seen}, smaller than the {need} px model={self.cfg.model.name} needs"
 
-    @torch.no_grad()
     def scores(self, images: list[np.ndarray]) -> torch.Tensor:
         """Float32 scores [N, K, H, W] on ``device`` for same-size HxWxC images (:meth:`read`; logits, or
         log-probabilities with several TTA views), at the images' own size.  Images of different pixel types
@@ -214,6 +218,8 @@ class Predictor:
         why = self.too_small(*images[0].shape[:2])
         if why is not None:
             raise ValueError(f"cannot predict this image: {why}")
+        import torch
+
         groups: dict[str, list[int]] = {}
         for k, im in enumerate(images):
             groups.setdefault(im.dtype.str, []).append(k)
@@ -226,11 +232,14 @@ class Predictor:
         return torch.stack(out)
 
     def _scores(self, images: list[np.ndarray]) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         from segtrain.inference import predict
         from segtrain.runtime import autocast
 
         x = self.to_device.images(torch.stack([self.prepare(im) for im in images]))
-        with autocast(self.device, self.precision):
+        with torch.no_grad(), autocast(self.device, self.precision):
             out = predict(self.model, x, self.num_classes, **self.settings)
         size = images[0].shape[:2]
         if tuple(out.shape[-2:]) != size:  # data.val_size rescaled the image: back to its own size
@@ -269,6 +278,8 @@ class Predictor:
 
     def probs(self, scores: torch.Tensor) -> torch.Tensor:
         """[K, H, W] scores -> [C, H, W] class probabilities (one sigmoid logit: background, foreground)."""
+        import torch
+
         if scores.shape[0] == 1:
             fg = scores.float().sigmoid()
             return torch.cat([1 - fg, fg])
@@ -446,7 +457,7 @@ def _reason(e: BaseException) -> str:
     return f"not a readable image ({text[:160]})"
 
 
-class _Images(torch.utils.data.Dataset):
+class _Images:
     """Decodes image files (in DataLoader workers): (index, HxWx3 uint8 RGB or the reason it failed)."""
 
     def __init__(self, files: list[Path], read):
@@ -506,6 +517,7 @@ def _save(path: Path, write) -> None:
 
 def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor: Predictor, cfg: DictConfig):
     """``stem.png`` (class indices with the palette), ``stem_overlay.jpg`` and ``stem.npy``; the class map."""
+    import torch
     from PIL import Image
 
     from segtrain.outputs import overlay
@@ -571,6 +583,7 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     """Predict ``files`` in batches of one size (decoded in ``data.num_workers`` loader workers) and write
     their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped},
     {index: note}); an animated image is predicted on its first frame, with a note."""
+    import torch
     from tqdm import tqdm
 
     from segtrain.data import num_workers
@@ -619,6 +632,8 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
 
 def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> torch.Tensor:
     """:meth:`Predictor.scores`; out of memory is a ResourceError (exit 5) with the keys that help."""
+    import torch
+
     from segtrain.errors import ResourceError
 
     try:
@@ -726,6 +741,8 @@ def _run_predict(cfg: DictConfig) -> dict:
 
 def _quiet_worker(worker_id: int) -> None:
     import signal
+
+    import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the loader
     torch.set_num_threads(1)
