@@ -344,7 +344,7 @@ def _target(cfg: DictConfig) -> Path:
         )
     if suffix.lower() not in SUFFIXES[fmt]:
         raise ConfigError(
-            f"output={cfg.output}: format={fmt} writes {' or '.join(SUFFIXES[fmt])} files, not {suffix}; "
+            f"{_key(cfg)}: format={fmt} writes {' or '.join(SUFFIXES[fmt])} files, not {suffix}; "
             f"name it {Path(out).stem}{SUFFIXES[fmt][0]}, or set the format= that {suffix} stands for"
         )
     return Path(out)
@@ -398,8 +398,9 @@ def _check_target(cfg: DictConfig, paths: list[Path], ckpt: Path) -> None:
     :mod:`segtrain.writeguard`; the message names the file, why, and the way out."""
     from segtrain.writeguard import check_outputs, file_ids
 
-    refused = check_outputs(paths, {k: f"the checkpoint ckpt={cfg.ckpt}" for k in file_ids([ckpt])},
-                            bool(cfg.overwrite), _earlier_export)  # fmt: skip
+    refused = check_outputs(
+        paths, {k: f"the checkpoint ckpt={cfg.ckpt}" for k in file_ids([ckpt])}, bool(cfg.overwrite), _earlier_export
+    )
     if not refused:
         return
     r = refused[0]
@@ -408,7 +409,12 @@ def _check_target(cfg: DictConfig, paths: list[Path], ckpt: Path) -> None:
         if not r.hard
         else "never replaced, not even with overwrite=true: choose"
     )
-    raise OutputError(f"output={cfg.output or r.path}: {short_path(r.path, 100)} {r.what}; {fix} another output=")
+    raise OutputError(f"{_key(cfg)}: {short_path(r.path, 100)} {r.what}; {fix} another output=")
+
+
+def _key(cfg: DictConfig) -> str:
+    """How the messages name the output: ``output=...``, or the run dir it defaults to."""
+    return f"output={cfg.output}" if cfg.output else "the run dir (no output= given)"
 
 
 def _earlier_export(path: Path) -> str | None:
@@ -438,8 +444,7 @@ def _staging(cfg: DictConfig, target: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as e:
         raise OutputError(
-            f"output={cfg.output}: cannot write in {short_path(target.parent, 100)} ({e.strerror or e}); choose "
-            "another output="
+            f"{_key(cfg)}: cannot write in {short_path(target.parent, 100)} ({e.strerror or e}); choose another output="
         ) from None
 
 
@@ -486,8 +491,9 @@ def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging:
             else:
                 export_torchscript(ready, tmp, stored.data.in_channels)
     except OSError as e:
-        raise OutputError(f"output={cfg.output}: cannot write {target} ({e.strerror or e}); free space or choose "
-                          "another output=") from None  # fmt: skip
+        raise OutputError(
+            f"{_key(cfg)}: cannot write {target} ({e.strerror or e}); free space or choose another output="
+        ) from None
     if opset is not None and opset != cfg.opset:
         raise ExportError(f"the exporter wrote opset {opset}, not opset={cfg.opset}; no file written")
     seconds = time.perf_counter() - t0
@@ -507,8 +513,10 @@ def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging:
             for f in staged:
                 os.replace(f, target.with_name(f.name))
     except OSError as e:
-        raise OutputError(f"output={cfg.output}: cannot move the export into {short_path(target.parent, 100)} "
-                          f"({e.strerror or e}); choose another output=") from None  # fmt: skip
+        raise OutputError(
+            f"{_key(cfg)}: cannot move the export into {short_path(target.parent, 100)} "
+            f"({e.strerror or e}); choose another output="
+        ) from None
     size_mb = target.stat().st_size / 2**20
     what = f"ONNX opset {opset}" if fmt == "onnx" else "TorchScript"
     log.info("exported %s (%s, %.1f MB, %.1f s) | sidecar %s.json", target, what, size_mb, seconds, target)

@@ -302,9 +302,10 @@ class Predictor:
 # segtrain-predict
 
 
-OTHER_IMAGE_TYPES = (".gif", ".apng", ".avif", ".heic", ".heif", ".jfif", ".jpe", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm",
-                     ".pnm", ".tga", ".ico", ".dib", ".pcx", ".psd", ".exr", ".hdr", ".dds", ".qoi", ".sgi", ".ras",
-                     ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # fmt: skip
+OTHER_IMAGE_TYPES = tuple(
+    ".gif .apng .avif .heic .heif .jfif .jpe .jp2 .j2k .ppm .pgm .pbm .pnm .tga .ico .dib "
+    ".pcx .psd .exr .hdr .dds .qoi .sgi .ras .jpg .jpeg .png .bmp .tif .tiff .webp".split()
+)  # image files a folder may hold besides predict.extensions
 
 
 def _extension_set(extensions: list[str]) -> set[str]:
@@ -314,7 +315,7 @@ def _extension_set(extensions: list[str]) -> set[str]:
 def check_input(spec: str) -> Path:
     """``input`` as a path; a ConfigError for a blank one (it would read the working directory), a DataError
     naming what an existing path is when it is neither a file nor a folder (a FIFO, a device ...)."""
-    from segtrain.writeguard import describe
+    from segtrain.writeguard import describe, is_checkpoint
 
     if not str(spec).strip():
         raise ConfigError(f"input={spec!r} is blank: give an image, a folder or a glob like 'photos/*.jpg'")
@@ -322,11 +323,14 @@ def check_input(spec: str) -> Path:
     what = describe(path)
     if what is not None and what != "a folder":
         raise DataError(f"input={spec} is {what}, not an image file or a folder of images")
+    if what is None and path.is_file() and is_checkpoint(path):
+        raise DataError(f"input={spec} is a checkpoint, not an image: give it as ckpt=, and images as input=")
     return path
 
 
-def list_inputs(spec: str, extensions: list[str], exclude: Path | None = None,
-                left_out: dict[Path, str] | None = None) -> list[tuple[Path, Path]]:  # fmt: skip
+def list_inputs(
+    spec: str, extensions: list[str], exclude: Path | None = None, left_out: dict[Path, str] | None = None
+) -> list[tuple[Path, Path]]:
     """The image files of ``input`` as (file, path relative to the input's root): one file (any
     extension), a folder (recursively) or a glob pattern (``**`` recurses); folders and globs keep files
     with one of ``extensions``; when ``exclude`` (the output folder) lies inside the folder or the glob's root,
@@ -407,8 +411,15 @@ def output_paths(stem: Path, p: DictConfig) -> list[Path]:
     return [stem.with_name(stem.name + OUTPUT_SUFFIXES[k]) for k in kinds]
 
 
-def check_no_overwrite(items: list[tuple[Path, Path]], stems: list[Path], out_dir: Path, p: DictConfig,
-                       overwrite: bool = False, ckpt: Path | None = None, output: str | None = None) -> None:  # fmt: skip
+def check_no_overwrite(
+    items: list[tuple[Path, Path]],
+    stems: list[Path],
+    out_dir: Path,
+    p: DictConfig,
+    overwrite: bool = False,
+    ckpt: Path | None = None,
+    output: str | None = None,
+) -> None:
     """An OutputError (exit 4) before anything is predicted when an output file (mask, overlay, probabilities)
     may not be written (:mod:`segtrain.writeguard`): it would replace an input image, the checkpoint, a
     checkpoint or a run dir's file (never), or a file this command did not write, e.g. an earlier prediction
@@ -592,8 +603,11 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     batches, skipped = size_batches(files, cfg.predict.batch_size, predictor.in_channels)
     for i, reason in skipped.items():
         log.warning("skipped %s: %s", files[i], reason)
-    notes = {i: f"{n} frames (an animated image): the first is predicted" for i, f in enumerate(files)
-             if i not in skipped and (n := frame_count(f)) > 1}  # fmt: skip
+    notes = {
+        i: f"{n} frames (an animated image): the first is predicted"
+        for i, f in enumerate(files)
+        if i not in skipped and (n := frame_count(f)) > 1
+    }
     for i, note in notes.items():
         log.warning("%s: %s", files[i], note)
     workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
@@ -639,7 +653,8 @@ def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> 
     try:
         return predictor.scores(images)
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) and "memory" not in str(e).lower():
+        text = str(e).lower()
+        if isinstance(e, RuntimeError) and not any(m in text for m in ("out of memory", "allocate memory")):
             raise
         h, w = images[0].shape[:2]
         raise ResourceError(
@@ -686,9 +701,13 @@ def _run_predict(cfg: DictConfig) -> dict:
     check_out_dir(out_dir, key)
     stems = output_stems(items)
     check_no_overwrite(items, stems, out_dir, cfg.predict, cfg.overwrite, ckpt, cfg.output or str(out_dir))
-    if check_outputs([run_dir / "predict.json"], {}, cfg.overwrite):
-        raise OutputError(f"the run dir {run_dir} already holds predict.json of an earlier run; set overwrite=true "
-                          "to replace it, or give this run its own hydra.run.dir")  # fmt: skip
+    for r in check_outputs([run_dir / "predict.json"], {}, cfg.overwrite):
+        if r.hard:
+            raise OutputError(f"the run dir {run_dir}: its predict.json {r.what}; give this run its own hydra.run.dir")
+        raise OutputError(
+            f"the run dir {run_dir} already holds predict.json of an earlier run; set overwrite=true "
+            "to replace it, or give this run its own hydra.run.dir"
+        )
     for f, reason in left_out.items():
         log.warning("skipped %s: %s", f, reason)
     predictor, pcfg, state = _prepare(cfg)

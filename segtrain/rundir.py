@@ -474,8 +474,11 @@ class RunDirGuard(Callback):
             raise Refused(e) from None
 
 
-COMMAND_WRITES = {"predict": "predict.json (and, without output=, the masks)", "info": "info.json",
-                  "export": "its log (and, without output=, the exported model)"}  # fmt: skip
+COMMAND_WRITES = {
+    "predict": "predict.json (and, without output=, the masks)",
+    "info": "info.json",
+    "export": "its log (and, without output=, the exported model)",
+}
 
 
 def _check_command_dir(folder: Path, config: Any) -> None:

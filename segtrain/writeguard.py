@@ -25,9 +25,20 @@ from pathlib import Path
 # A run dir (of any segtrain command) holds one of these; its own entries (below) are never written over.
 RUN_MARKERS = (".hydra", ".segtrain.lock", "status.json", "metrics.json", "multirun.yaml")
 RUN_DIRS = ("checkpoints", ".hydra", "tb", "mlruns", "wandb", "previous-*")  # no output goes in there
-RUN_FILES = ("metrics.json", "status.json", "loggers.json", "metrics.csv", "*.log", ".segtrain.lock*",
-             "confusion_matrix.png", "per_class_iou.png", "predictions.png", "multirun.yaml", "summary.csv",
-             "summary.md")  # fmt: skip
+RUN_FILES = (
+    "metrics.json",
+    "status.json",
+    "loggers.json",
+    "metrics.csv",
+    "*.log",
+    ".segtrain.lock*",
+    "confusion_matrix.png",
+    "per_class_iou.png",
+    "predictions.png",
+    "multirun.yaml",
+    "summary.csv",
+    "summary.md",
+)
 
 
 def describe(path: Path) -> str | None:
@@ -39,9 +50,14 @@ def describe(path: Path) -> str | None:
         return f"a broken symbolic link (to {os.readlink(path)})" if os.path.islink(path) else None
     except OSError as e:
         return f"a path that cannot be read ({e.strerror or e})"
-    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):  # fmt: skip
+    for test, what in (
+        (stat.S_ISREG, None),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return what
     return "not a regular file"

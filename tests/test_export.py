@@ -334,39 +334,54 @@ def test_interrupt_inside_the_exporter_is_an_interrupt(tiny_run, tmp_path, monke
 
 def test_segtrain_export_stops_cleanly_on_signals(tiny_run, tmp_path):
     """Real signals on the command (two at once, to save time; a single Ctrl-C inside the exporter:
-    test_interrupt_inside_the_exporter_is_an_interrupt): Ctrl-C inside the ONNX exporter, pressed twice (the
-    second stops at once), and SIGTERM during a TorchScript export.  Each ends with its code (130; SIGTERM:
-    killed by it, 143 in a shell) and leaves no staging folder, no file, no sidecar."""
+    test_interrupt_inside_the_exporter_is_an_interrupt): Ctrl-C during the ONNX export (once it says it waits
+    for the exporter, a second Ctrl-C, which stops at once), and SIGTERM during a TorchScript export.  Each ends
+    with its code (130; SIGTERM: killed by it, 143 in a shell) and leaves no staging folder, no file, no sidecar."""
     import signal
     import subprocess
+    import threading
     import time
 
     from conftest import cli_env
 
-    runs = {"onnx": ("onnx", [signal.SIGINT, signal.SIGINT], 1.5), "ts-term": ("torchscript", [signal.SIGTERM], 0.0)}
-    procs = {}
+    runs = {"onnx": ("onnx", signal.SIGINT, 2.5), "ts-term": ("torchscript", signal.SIGTERM, 0.0)}
+    procs, errs = {}, {}
     for name, (fmt, _, _) in runs.items():
-        args = [f"ckpt={tiny_run / 'checkpoints' / 'best.pt'}", f"format={fmt}", f"output={name}/m",
-                "check_sizes=[[32,32]]", f"hydra.run.dir=run-{name}"]  # fmt: skip
-        args[2] += ".onnx" if fmt == "onnx" else ".pt"
-        procs[name] = subprocess.Popen(console_script("segtrain-export") + args, cwd=tmp_path, env=cli_env(),
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    pending = {name: list(sigs) for name, (_, sigs, _) in runs.items()}
-    staged: dict[str, float] = {}
+        suffix = ".onnx" if fmt == "onnx" else ".pt"
+        args = [
+            f"ckpt={tiny_run / 'checkpoints' / 'best.pt'}",
+            f"format={fmt}",
+            f"output={name}/m{suffix}",
+            "check_sizes=[[32,32]]",
+            f"hydra.run.dir=run-{name}",
+        ]
+        procs[name] = subprocess.Popen(
+            console_script("segtrain-export") + args,
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        errs[name] = []
+        threading.Thread(target=lambda p=procs[name], e=errs[name]: e.extend(p.stderr), daemon=True).start()
+    signalled: dict[str, float] = {}
     deadline = time.time() + 240
-    while any(pending.values()) and time.time() < deadline:
-        for name, sigs in pending.items():
-            if not sigs or procs[name].poll() is not None:
-                continue
-            if name not in staged and list((tmp_path / name).glob(".m.*.tmp")):
-                staged[name] = time.time()  # the export has begun: its staging folder exists
-            if name in staged and time.time() >= staged[name] + runs[name][2]:
-                procs[name].send_signal(sigs.pop(0))
-                staged[name] = time.time() - runs[name][2] + 0.5  # a second signal 0.5 s later
+    while len(signalled) < len(runs) and time.time() < deadline:
+        for name, (_, sig, delay) in runs.items():
+            if name not in signalled and procs[name].poll() is None and list((tmp_path / name).glob(".m.*.tmp")):
+                time.sleep(delay)  # the export has begun (its staging folder exists): stop it a moment later
+                procs[name].send_signal(sig)
+                signalled[name] = time.time()
+        time.sleep(0.01)
+    while procs["onnx"].poll() is None and time.time() < deadline:
+        if any("stopping once the exporter returns" in line for line in errs["onnx"]):
+            procs["onnx"].send_signal(signal.SIGINT)  # inside the exporter: the second Ctrl-C stops at once
+            break
         time.sleep(0.01)
     for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
-        expected = -signal.SIGTERM if name == "ts-term" else 130
-        assert p.returncode == expected, (name, p.returncode, err)
-        assert "Traceback" not in out + err, err
+        p.wait(timeout=120)
+        expected = -signal.SIGTERM if runs[name][1] == signal.SIGTERM else 130
+        assert p.returncode == expected, (name, p.returncode, errs[name])
+        assert not any("Traceback" in line for line in errs[name]), errs[name]
         assert list((tmp_path / name).iterdir()) == [], name  # nothing: no .m.*.tmp/, no m.onnx, no m.onnx.json

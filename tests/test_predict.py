@@ -344,11 +344,9 @@ def test_predict_config_checks():
 
 @pytest.fixture(scope="module")
 def predict_config():
-    """segtrain-predict's config composed as the command composes it (one Hydra composition per module: each
-    costs a second), its Hydra config set; CPU, fp32, no loader workers."""
+    """segtrain-predict's config composed as the command composes it, with its ``hydra`` node (one Hydra
+    composition per module: each costs a second); CPU, fp32, no loader workers."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
     from segtrain.cli import config_dir
     from segtrain.config import register_configs
@@ -356,18 +354,20 @@ def predict_config():
     register_configs()
     args = ["device=cpu", "device.precision=fp32", "data.num_workers=0", "trainer.progress=false", "ckpt=x", "input=x"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("predict", overrides=args, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+        return compose("predict", overrides=args, return_hydra_config=True)
 
 
-def predict_job(cfg, cwd, *overrides):
-    """``segtrain-predict OVERRIDES`` (top-level and predict.* keys) in this process, run in ``cwd``: its
-    summary, or the SegtrainError it raises."""
+def predict_job(composed, cwd, *overrides):
+    """``segtrain-predict OVERRIDES`` (top-level and predict.* keys) in this process, run in ``cwd`` with the
+    Hydra config of ``composed`` set meanwhile: its summary, or the SegtrainError it raises."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     from segtrain.predict import run_predict
 
+    cfg = composed.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
     for item in overrides:  # as Hydra parses them: 'key=' is an empty string, quotes keep blanks
         key, value = item.split("=", 1)
         text = value[1:-1] if value[:1] == value[-1:] == "'" and len(value) > 1 else None
@@ -376,9 +376,14 @@ def predict_job(cfg, cwd, *overrides):
         else:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}=x"]))
             OmegaConf.update(cfg, key, text or "")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        return run_predict(cfg)
+    hydra, before = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra.set_config(composed)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(cwd)
+            return run_predict(cfg)
+    finally:
+        hydra.cfg = before  # the other tests see no Hydra run
 
 
 def _tree(folder):
@@ -418,10 +423,12 @@ def test_predict_never_replaces_what_it_did_not_write(ckpt, predict_config, tmp_
     os.symlink(ckpt, tmp_path / "masks" / "b.png")  # a link to the checkpoint: never, not even with overwrite
     refusals = {
         "masks/b.png is the checkpoint ckpt=": ["input=jp/b.jpg", "output=masks", "overwrite=true"],
-        f"{ckpt.parent}/last.png is in checkpoints/ of the training run": [f"input={tmp_path}/jp/*st.png",
-                                                                         f"output={ckpt.parent}"],
+        f"{ckpt.parent}/last.png is in checkpoints/ of the training run": [
+            f"input={tmp_path}/jp/*st.png",
+            f"output={ckpt.parent}",
+        ],
         "never replaced, not even with overwrite=true": ["input=jp/a.png", "output=jp", "overwrite=true"],
-    }  # fmt: skip
+    }
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "jp" / "last.png")
     for match, args in refusals.items():
         with pytest.raises(OutputError, match=match):
@@ -442,8 +449,9 @@ def test_mixed_pixel_types_predict_as_separate_images(ckpt, predictor, predict_c
     assert torch.allclose(both, torch.stack(alone), atol=1e-5)
     with pytest.raises(ValueError, match="expected HxWx3 images"):
         predictor.scores([eight[..., :1]])
-    summary = predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=in", "output=out", "run_dir=run",
-                          "predict.batch_size=8")  # fmt: skip
+    summary = predict_job(
+        predict_config, tmp_path, f"ckpt={ckpt}", "input=in", "output=out", "run_dir=run", "predict.batch_size=8"
+    )
     assert summary["predicted"] == 2 and summary["skipped"] == {}
     for name, scores in zip(("a8", "b16"), alone):
         assert (np.asarray(Image.open(tmp_path / "out" / f"{name}.png")) == predictor.labels(scores).numpy()).all()
@@ -463,11 +471,15 @@ def test_predict_paths_that_are_not_what_they_seem(ckpt, predict_config, tmp_pat
         (ConfigError, "input='  ' is blank", ["input='  '"]),
         (DataError, "input=/dev/null is a character device, not an image file or a folder", ["input=/dev/null"]),
         (DataError, "input=pipe.png is a named pipe \\(FIFO\\)", ["input=pipe.png"]),
-        (CheckpointError, f"ckpt={ckpt.parent.parent} is a folder, not a checkpoint file; e.g. ckpt=.*best.pt",
-         [f"ckpt={ckpt.parent.parent}"]),
+        (
+            CheckpointError,
+            f"ckpt={ckpt.parent.parent} is a folder, not a checkpoint file; e.g. ckpt=.*best.pt",
+            [f"ckpt={ckpt.parent.parent}"],
+        ),
         (OutputError, "output=a.jpg is a file; segtrain-predict writes its masks into a folder", ["output=a.jpg"]),
         (ConfigError, "output=' ' is blank", ["output=' '"]),
-    ]  # fmt: skip
+        (DataError, "input=.*last.pt is a checkpoint, not an image: give it as ckpt=", [f"input={ckpt}"]),
+    ]
     for error, match, args in cases:
         with pytest.raises(error, match=match):
             predict_job(predict_config, tmp_path, f"ckpt={ckpt}", "input=a.jpg", "run_dir=run", *args)
@@ -519,7 +531,25 @@ def test_run_dir_messages_name_the_command(tiny_run, tmp_path):
     (tmp_path / "earlier" / ".hydra").mkdir(parents=True)
     assert "holds an earlier run (.hydra/)" in refused("predict", tmp_path / "earlier", overwrite=False)
     RunDirGuard(train=False).on_run_start(
-        OmegaConf.create({"hydra": {"job": {"name": "predict"}, "run": {"dir": str(tmp_path / "earlier")}},
-                          "overwrite": True})
-    )  # fmt: skip
+        OmegaConf.create(
+            {"hydra": {"job": {"name": "predict"}, "run": {"dir": str(tmp_path / "earlier")}}, "overwrite": True}
+        )
+    )
     assert not (tiny_run / "checkpoints" / "x").exists()
+
+
+def test_predict_out_of_memory_is_advice(predictor, monkeypatch):
+    """Too many images at once (a huge predict.batch_size): exit 5 with the keys that help, not a traceback."""
+    from segtrain.errors import ResourceError
+    from segtrain.predict import _scores
+
+    def oom(images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(predictor, "scores", oom)
+    cfg = OmegaConf.create({"predict": {"batch_size": 4096}})
+    with pytest.raises(ResourceError, match=r"4096 image\(s\) of 52x40 px at once on cpu: lower predict.batch_size"):
+        _scores(predictor, [_pixels(40, 52)] * 4096, cfg)
+    monkeypatch.setattr(predictor, "scores", lambda images: torch.ones(1).view(2))  # another error stays itself
+    with pytest.raises(RuntimeError, match="shape"):
+        _scores(predictor, [_pixels(40, 52)], cfg)
