@@ -122,6 +122,18 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
+def _reraise_interrupt(e: BaseException) -> None:
+    """A KeyboardInterrupt when ``e`` is the exporter's own error wrapped around one (its ``__cause__`` or
+    ``__context__`` chain): a Ctrl-C, not a network that cannot be exported."""
+    seen: BaseException | None = e
+    for _ in range(20):
+        if seen is None:
+            return
+        if isinstance(seen, KeyboardInterrupt):
+            raise seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def _example(channels: int) -> torch.Tensor:
     import torch
 
@@ -153,6 +165,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
             )
     except Exception as e:  # the exporter names the construct it cannot express
         log.debug("ONNX export output:\n%s", quiet.getvalue())
+        _reraise_interrupt(e)
         raise ExportError(
             f"the network cannot be exported to ONNX ({type(e).__name__}: {_first_line(e)}); format=torchscript "
             "traces it instead (timm encoders of 4 levels, such as ConvNeXt and Swin, need that)"
@@ -174,6 +187,7 @@ def export_torchscript(model: nn.Module, path: Path, channels: int = 3) -> None:
         with _quiet_loggers(), torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
     except Exception as e:
+        _reraise_interrupt(e)
         raise ExportError(
             f"the network cannot be traced to TorchScript: {type(e).__name__}: {_first_line(e)}"
         ) from None

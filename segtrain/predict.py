@@ -764,6 +764,7 @@ def _quiet_worker(worker_id: int) -> None:
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the loader
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (which unwinds its job)
     torch.set_num_threads(1)
 
 

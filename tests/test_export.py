@@ -385,3 +385,27 @@ def test_segtrain_export_stops_cleanly_on_signals(tiny_run, tmp_path):
         assert p.returncode == expected, (name, p.returncode, errs[name])
         assert not any("Traceback" in line for line in errs[name]), errs[name]
         assert list((tmp_path / name).iterdir()) == [], name  # nothing: no .m.*.tmp/, no m.onnx, no m.onnx.json
+
+
+def test_an_interrupt_wrapped_by_the_tracer_stays_an_interrupt(tmp_path):
+    """Called directly (no command around it): a KeyboardInterrupt that the tracer wraps in its own error
+    (its __cause__ / __context__ chain) comes out as KeyboardInterrupt, not 'cannot be traced' (exit 6)."""
+    from segtrain.export import export_torchscript
+
+    class Stopped(nn.Module):
+        def forward(self, x):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("the tracer's own error") from e
+
+    with pytest.raises(KeyboardInterrupt):
+        export_torchscript(Stopped(), tmp_path / "m.pt")
+    with pytest.raises(ExportError, match="cannot be traced to TorchScript: RuntimeError: boom"):
+        export_torchscript(nn.Sequential(nn.Conv2d(3, 2, 1), _Boom()), tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
