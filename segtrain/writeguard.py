@@ -138,10 +138,9 @@ def _run_kind(root: Path) -> str:
     return f"the training run {root}" if training else f"the run dir {root}"
 
 
-def refusal(path: Path, inputs: dict[tuple[int, int], Path], cache: dict, earlier=None) -> Refusal | None:
+def refusal(path: Path, inputs: dict[tuple[int, int], Path], cache: dict) -> Refusal | None:
     """Why the command may not write ``path`` (None: it may).  ``inputs``: :func:`file_ids` of the command's
-    inputs, with what each is ('the checkpoint ckpt=...', 'the input image ...'); ``earlier(path)``: a
-    description of an earlier output of this command ('an earlier prediction'), or None."""
+    inputs, with what each is ('the checkpoint ckpt=...', 'the input image ...')."""
     absolute = Path(os.path.abspath(path))
     if os.path.lexists(absolute):
         with contextlib.suppress(OSError):
@@ -161,15 +160,20 @@ def refusal(path: Path, inputs: dict[tuple[int, int], Path], cache: dict, earlie
         return Refusal(path, f"is {what}", True)  # a folder, a FIFO ...: nothing to replace
     if not os.path.lexists(absolute):
         return None
-    known = earlier(absolute) if earlier is not None else None
-    return Refusal(path, f"is {known or 'a file this command did not write'}", False)
+    return Refusal(path, "is a file this command did not write", False)
 
 
 def check_outputs(paths: Iterable[Path], inputs: dict, overwrite: bool, earlier=None) -> list[Refusal]:
-    """The refusals of ``paths``: every hard one, and the soft ones when not ``overwrite`` (hard first)."""
+    """The refusals of ``paths``: every hard one, and the soft ones when not ``overwrite`` (hard first).
+    ``earlier(path)``: what an existing file is when the command wrote it in an earlier run ('an earlier
+    prediction'), or None; asked of the first refusal only, when it is a soft one (the message names it)."""
     cache: dict[Path, list[Path]] = {}
-    found = [r for r in (refusal(p, inputs, cache, earlier) for p in paths) if r is not None]
-    return sorted((r for r in found if r.hard or not overwrite), key=lambda r: not r.hard)
+    found = [r for r in (refusal(p, inputs, cache) for p in paths) if r is not None]
+    refused = sorted((r for r in found if r.hard or not overwrite), key=lambda r: not r.hard)
+    if refused and not refused[0].hard and earlier is not None:
+        known = earlier(Path(os.path.abspath(refused[0].path)))
+        refused[0].what = f"is {known}" if known else refused[0].what
+    return refused
 
 
 # ---------------------------------------------------------------------------
@@ -255,13 +259,17 @@ class Interrupts:
 
 
 def check_ckpt_path(path: Path, key: str) -> None:
-    """A CheckpointError (exit 2) when ``path`` exists but is no file: a folder (naming the checkpoints in it),
-    a FIFO, a device ... (a missing path is left to the checkpoint loader's message)."""
+    """A CheckpointError (exit 2) when ``path`` is no file: missing (as the checkpoint loader says it), a folder
+    (naming the checkpoints in it), a FIFO, a device ...: before the command creates anything."""
     from segtrain.errors import CheckpointError
 
     what = describe(path)
-    if what is None or what.startswith("a broken"):
+    if what is None and not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if what is None:
         return
+    if what.startswith("a broken"):
+        raise CheckpointError(f"checkpoint not found: {path} is {what}")
     if what == "a folder":
         found = [p for p in sorted(path.glob("checkpoints/*.pt")) + sorted(path.glob("*.pt")) if is_checkpoint(p)]
         best = [p for p in found if p.name == "best.pt"] or found

@@ -305,6 +305,11 @@ def test_export_settings_and_outputs_refused_before_work(tiny_run, tmp_path):
         check_ckpt_path(tiny_run, "ckpt=R")
     with pytest.raises(CheckpointError, match="ckpt=/dev/null is a character device, not a checkpoint file"):
         check_ckpt_path(Path("/dev/null"), "ckpt=/dev/null")
+    from segtrain.export import export_checkpoint
+
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*gone.pt"):  # before any folder is made
+        export_checkpoint(_export_cfg(tiny_run, ckpt=str(tmp_path / "gone.pt"), output=str(tmp_path / "new" / "m.pt")))
+    assert not (tmp_path / "new").exists()
 
 
 def test_interrupt_inside_the_exporter_is_an_interrupt(tiny_run, tmp_path, monkeypatch):
