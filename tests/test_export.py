@@ -414,3 +414,18 @@ def test_an_interrupt_wrapped_by_the_tracer_stays_an_interrupt(tmp_path):
 class _Boom(nn.Module):
     def forward(self, x):
         raise RuntimeError("boom")
+
+
+def test_export_and_predict_load_without_torch():
+    """segtrain-export and segtrain-predict import torch when they work, not when they start: a Ctrl-C while
+    they start is the CLI's one line and exit 130 (not an import traceback), and --help answers at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, segtrain.export, segtrain.predict, segtrain.writeguard\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'cv2', 'onnx') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
