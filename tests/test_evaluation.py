@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 
 
 def test_sigmoid_training_learns_a_square(tmp_path):
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
 
     write_squares(tmp_path / "squares", n=40, size=32)
     cfg = composed(
@@ -27,7 +27,7 @@ def test_sigmoid_training_learns_a_square(tmp_path):
         "trainer.val_interval=40", "trainer.progress=false", "device=cpu",
     )  # fmt: skip
     validate(cfg)
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     assert trainer.model.classifier.out_channels == 1 and trainer.class_names == ["background", "foreground"]
     summary = trainer.fit()
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())

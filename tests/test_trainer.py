@@ -13,11 +13,11 @@ from conftest import run_cli, start_cli
 from test_config import composed
 
 from segtrain import checkpoint
+from segtrain.build import build_trainer
 from segtrain.config import validate
-from segtrain.trainer import Trainer
 
 # The overrides of each network family and variant; each run is the CLI's (config.validate, then
-# Trainer(cfg, run_dir).fit()) in this process: ~5 s of imports less per network than a subprocess.
+# build_trainer(cfg, run_dir).fit()) in this process: ~5 s of imports less per network than a subprocess.
 # tests/test_cli.py trains one of them through the console script.
 MODELS = [
     ["model=fcn", "model.backbone=resnet18"],
@@ -40,7 +40,7 @@ def test_every_model_trains(tmp_path, overrides):
     cfg = composed("debug=smoke", "trainer.num_vis=1", *overrides)
     validate(cfg)
     run = tmp_path / "run"
-    summary = Trainer(cfg, run).fit()
+    summary = build_trainer(cfg, run).fit()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 8 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
     assert summary["step"] == 8 and summary["model"] == cfg.model.name
@@ -125,7 +125,7 @@ def test_sigterm_during_validation_stops_at_the_next_batch(tmp_path):
     # the resumed run owes step 2's validation and runs it first (here it is also the final one)
     cfg = composed("debug=smoke", "data.num_val=8", "data.val_batch_size=1", "trainer.val_interval=2",
                    "trainer.max_iters=2", "trainer.progress=false", "trainer.num_vis=0", "trainer.resume=auto")  # fmt: skip
-    summary = Trainer(cfg, tmp_path / "run").fit()
+    summary = build_trainer(cfg, tmp_path / "run").fit()
     assert [h["step"] for h in summary["history"]] == [2] and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 
@@ -133,7 +133,7 @@ def test_save_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
     from segtrain.errors import OutputError
 
     cfg = composed("debug=smoke", "trainer.max_iters=2", "trainer.progress=false")
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     trainer.fit()
     good = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
 
