@@ -81,8 +81,8 @@ class Trainer:
         self.is_main, self.world_size = self.dist.is_main, self.dist.world_size
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        k = cfg.data.num_classes
-        self.class_names = class_names or default_class_names(None, k)
+        self.num_classes = cfg.data.num_classes  # network outputs (1: one sigmoid logit)
+        self.class_names = class_names or default_class_names(None, self.num_classes)
         self.palette = palette if palette is not None else default_palette(len(self.class_names))
         t = cfg.trainer
         self.iters_per_epoch = len(train_loader) // t.accumulate  # optimizer steps per epoch
@@ -319,7 +319,7 @@ class Trainer:
             "config": to_yaml(self.cfg),
             "meta": {
                 "model": self.cfg.model.name,
-                "num_classes": self.cfg.data.num_classes,
+                "num_classes": self.num_classes,
                 "class_names": self.class_names,
                 "segtrain_version": __version__,
                 "palette": np.asarray(self.palette).tolist(),

@@ -40,7 +40,7 @@ def test_sigmoid_training_learns_a_square(tmp_path):
     from segtrain.predict import Predictor
 
     p = Predictor.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", device="cpu")
-    image = trainer.val_set.read_image(0)
+    image = trainer.val_loader.dataset.read_image(0)
     mask, probs = p(image), p.probabilities(image)
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1} and mask.any()
     assert probs.shape == (2, *image.shape[:2]) and np.allclose(probs.sum(0), 1, atol=1e-5)

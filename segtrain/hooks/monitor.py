@@ -134,16 +134,27 @@ class Monitor(Hook):
         }
 
     def state_dict(self) -> dict:
-        return {"key": self.key, "mode": self.mode, "best": self.best, "best_step": self.best_step,
-                "reference": self.reference, "bad": self.bad, "kept": [dict(e) for e in self.kept],
-                "stop_reason": self.stop_reason}  # fmt: skip
+        return {
+            "key": self.key,
+            "mode": self.mode,
+            "best": self.best,
+            "best_step": self.best_step,
+            "reference": self.reference,
+            "bad": self.bad,
+            "kept": [dict(e) for e in self.kept],
+            "stop_reason": self.stop_reason,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore; a checkpoint of another monitor (or of a run without one) starts the record afresh."""
         if not state or (state["key"], state["mode"]) != (self.key, self.mode):
-            log.warning("resuming with trainer.monitor=%s (%s): its best value and early-stopping count start "
-                        "afresh (the checkpoint has %s)", self.key, self.mode,
-                        f"{state['key']} ({state['mode']})" if state else "none")  # fmt: skip
+            log.warning(
+                "resuming with trainer.monitor=%s (%s): its best value and early-stopping count start "
+                "afresh (the checkpoint has %s)",
+                self.key,
+                self.mode,
+                f"{state['key']} ({state['mode']})" if state else "none",
+            )
             return
         self.best, self.best_step = state["best"], state["best_step"]
         self.reference, self.bad, self.stop_reason = state["reference"], state["bad"], state["stop_reason"]
