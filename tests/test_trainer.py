@@ -198,7 +198,9 @@ def test_a_trainer_from_objects_trains_checkpoints_and_resumes_bitwise(tmp_path)
     straight = _objects_trainer(tmp_path / "straight")
     summary = straight.fit()
     assert summary["step"] == 6 and [h["step"] for h in summary["history"]] == [2, 4, 6]
-    assert summary["best_miou"] > 0.6 and summary["best_step"] is not None  # it learns; the monitor hook ran
+    assert (
+        summary["best_miou"] > 0.55 and summary["best_step"] is not None
+    )  # it learns (chance: ~0.33); the monitor ran
     assert {"last.pt", "best.pt"} <= {p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()}
 
     with pytest.raises(Preempted, match="stopped by trainer.stop_at at step 3/6"):
