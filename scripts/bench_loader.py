@@ -70,7 +70,7 @@ def main() -> None:
             OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "voc.yaml"),
         )
         cfg.root, cfg.batch_size, cfg.check_labels = tmp, args.batch_size, False
-        train, _ = build_datasets(cfg, seed=0)
+        train, _, _ = build_datasets(cfg, seed=0)
         print(
             f"VOC recipe, crop {cfg.crop_size}, batch {cfg.batch_size}, {args.images} JPEGs of 500x375, "
             f"{os.cpu_count()} CPUs"

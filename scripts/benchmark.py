@@ -225,7 +225,7 @@ def _in_memory_batches(trainer) -> tuple:
     """The first 8 training batches (epoch 0's augmentation), uint8 in host memory, for the bare loop."""
     import torch
 
-    ds, bs = trainer.train_set, trainer.cfg.data.batch_size
+    ds, bs = trainer.train_loader.dataset, trainer.cfg.data.batch_size
     samples = [ds[(0, i)] for i in range(min(len(ds), bs * 8))]
     return torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples]).long()
 
@@ -262,7 +262,8 @@ def bench_overhead(env: Env, args) -> dict:
     ``iters`` steps.  Each bare block is compared with the mean of the two epochs around it, which cancels a
     machine that drifts slower or faster during the run; the ratios are the medians over the blocks after the
     first epoch."""
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
+    from segtrain.hooks.throughput import Throughput
 
     iters = args.iters or (20 if args.quick else 60)  # bare-loop steps after each epoch
     base = ["trainer.progress=false", "trainer.num_vis=0", "trainer.val_interval=null", "data.num_val=8"]
@@ -273,14 +274,15 @@ def bench_overhead(env: Env, args) -> dict:
     cfg = compose(length + env.overrides + base)
     rows: list[dict] = []  # one per epoch: the Trainer's rates in it, and the bare rate right after it
     with tempfile.TemporaryDirectory() as tmp:
-        Trainer(compose(env.overrides + base + ["trainer.max_iters=6"]), Path(tmp) / "warm").fit()  # warm-up
-        trainer = Trainer(cfg.copy(), Path(tmp) / "run")
+        build_trainer(compose(env.overrides + base + ["trainer.max_iters=6"]), Path(tmp) / "warm").fit()  # warm-up
+        trainer = build_trainer(cfg.copy(), Path(tmp) / "run")
+        speed = next(h for h in trainer.hooks if isinstance(h, Throughput))
         validate, last = trainer.validate, {"images": 0, "wait": 0.0, "compute": 0.0}
         batches = _in_memory_batches(trainer)
 
         def validate_then_bare():
             m = validate()
-            now = trainer.speed.state_dict()
+            now = speed.state_dict()
             d = {k: now[k] - last[k] for k in now}
             last.update(now)
             rows.append({"epoch": trainer.epoch, "trainer_e2e": d["images"] / (d["wait"] + d["compute"]),

@@ -38,12 +38,16 @@ def wrap(mod, name, label):
         mark(label)
         return f(*a, **k)
     setattr(mod, name, g)
-import segtrain.trainer as tr
-mark("segtrain.trainer imported (torch ...)")
-wrap(tr, "build_datasets", "build data sets")
-wrap(tr, "build_model", "build model")
-wrap(tr, "build_optimizer", "build optimizer")
-wrap(tr, "dry_validation", "dry validation pass")
+import segtrain.build as build, segtrain.trainer as tr, segtrain.hooks.preflight as pf
+mark("segtrain.build imported (torch ...)")
+wrap(build, "build_datasets", "build data sets")
+wrap(build, "build_model", "build model")
+wrap(build, "build_optimizer", "build optimizer")
+before = pf.Preflight.before_train
+def dry(self, trainer):
+    mark("dry validation pass")
+    return before(self, trainer)
+pf.Preflight.before_train = dry
 step = tr.Trainer.train_step
 def first(self, micro):
     mark("FIRST STEP starts")

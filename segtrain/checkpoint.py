@@ -9,21 +9,18 @@ the target, so a crash at any moment leaves either the old or the new file.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import pickle
 import random
 import re
 import zipfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from segtrain.errors import CheckpointError, NonFiniteLossError, OutputError, Preempted
+from segtrain.errors import CheckpointError
 from segtrain.utils import atomic_write
 
 
@@ -50,39 +47,6 @@ def save_rotating(obj: Any, path: str | Path, keep: int) -> None:
                 os.replace(numbered(path, i), numbered(path, i + 1))
         link_atomic(path, numbered(path, 1))
     save_atomic(obj, path)
-
-
-@contextlib.contextmanager
-def saved_on_failure(
-    save: Callable[[], None] | None, skip: tuple[type[BaseException], ...] = (), unsaved: Callable[[], bool] = bool
-) -> Iterator[None]:
-    """On an exception in the block (other than ``skip``) when ``unsaved()`` (work not yet in last.pt),
-    ``save()`` first, then re-raise: a run that fails (a bad file, a validation error, out of memory ...)
-    still leaves last.pt of the training steps done.  A failure of the save itself is only logged."""
-    try:
-        yield
-    except Exception as e:
-        if save is None or isinstance(e, skip) or not unsaved():
-            raise
-        log = logging.getLogger("segtrain")
-        try:
-            save()
-            log.warning("the run failed (%s); last.pt of the steps done was written first", type(e).__name__)
-        except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
-            log.warning("the run failed (%s), and writing last.pt failed too: %s", type(e).__name__, save_error)
-        raise
-
-
-def steps_kept_on_failure(trainer) -> contextlib.AbstractContextManager:
-    """:func:`saved_on_failure` for a Trainer: its main process writes last.pt when the run fails after
-    training steps not yet saved (last saved at the latest validation), except after a non-finite loss
-    (the weights are bad), a failed write (the cause) or a preemption (already saved)."""
-    start = trainer.step  # 0, or the step of the checkpoint it resumed from
-    return saved_on_failure(
-        trainer.save if trainer.is_main else None,
-        (NonFiniteLossError, OutputError, Preempted),
-        lambda: trainer.step > max(start, trainer.history[-1]["step"] if trainer.history else 0),
-    )
 
 
 def link_atomic(source: str | Path, target: str | Path) -> None:

@@ -48,10 +48,22 @@ def config_dir() -> str:
 def _train(cfg: DictConfig) -> tuple[float, dict]:
     """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
     validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
-    from segtrain.trainer import Trainer
+    from functools import partial
+
+    from segtrain import distributed, rundir
+    from segtrain.build import build_trainer
+    from segtrain.sweep import mark_status
 
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
-    summary = Trainer(cfg, run_dir).fit()
+    on_abort = partial(mark_status, run_dir, "aborted") if distributed.env_rank() == 0 else None
+    trainer = build_trainer(cfg, run_dir, on_abort)
+    try:
+        summary = trainer.fit()
+    except Preempted as e:  # the command that continues the run
+        log.warning("%s; resume with: %s", e, rundir.resume_command(trainer.run_dir, limit=None))
+        raise Preempted(f"{e}; resume with: {rundir.resume_command(trainer.run_dir)}", e.by_signal) from None
+    finally:
+        distributed.cleanup()
     keys = ("monitor", "monitor_mode", "best_value", "best_step", "best_checkpoint", "stop_reason")
     return summary["best_value"], {k: summary[k] for k in keys}
 

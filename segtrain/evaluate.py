@@ -116,7 +116,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     device, precision = resolve_device(ecfg.device)
     configure_backends(device, ecfg.trainer.deterministic, ecfg.device.cudnn_benchmark)  # as validation ran
-    _, val_set = build_datasets(ecfg.data, ecfg.seed, train=False)  # the training split is not read
+    _, val_set, _ = build_datasets(ecfg.data, ecfg.seed, train=False)  # the training split is not read
     loader = build_loader(val_set, ecfg.data, False, ecfg.seed)
     model = checkpoint_model(state, ecfg, path)
     memory_format = torch.channels_last if ecfg.device.channels_last else torch.contiguous_format

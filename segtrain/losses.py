@@ -1,4 +1,4 @@
-"""Losses.  ``build_loss(cfg.loss, num_classes, ignore_index, train_set=None)`` returns a
+"""Losses.  ``build_loss(cfg.loss, num_classes, ignore_index)`` returns a
 :class:`SegLoss` that takes the network output (logits, or ``{"out", "aux"}``)
 and the target, and returns the weighted total.
 
@@ -68,7 +68,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from segtrain.config import mask_classes
 from segtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("segtrain")
@@ -321,7 +320,8 @@ def median_frequency_weights(counts: Any, totals: Any) -> torch.Tensor:
     return weights.float()
 
 
-def _auto_class_weights(train_set: Any, num_classes: int, ignore_index: int) -> torch.Tensor:
+def auto_class_weights(train_set: Any, num_classes: int, ignore_index: int) -> list[float]:
+    """``loss.class_weights=auto``: median-frequency weights from the un-augmented training masks (logged)."""
     counts, totals = class_frequencies(train_set, num_classes, ignore_index)
     weights = median_frequency_weights(counts, totals)
     absent = [c for c in range(num_classes) if counts[c] == 0 and c != ignore_index]
@@ -331,7 +331,7 @@ def _auto_class_weights(train_set: Any, num_classes: int, ignore_index: int) -> 
         "loss.class_weights=auto (median frequency): %s",
         " ".join(f"{c}:{w:.4g}" for c, w in enumerate(weights.tolist())),
     )
-    return weights
+    return weights.tolist()
 
 
 # ---------------------------------------------------------------------------
@@ -351,22 +351,23 @@ def parse_terms(name: str) -> list[str]:
     return terms
 
 
-def _class_weights(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: Any) -> torch.Tensor | None:
-    """``loss.class_weights`` (validated by segtrain.config) as a tensor; ``auto`` reads the training masks."""
+def _class_weights(cfg: DictConfig) -> torch.Tensor | None:
+    """``loss.class_weights`` (validated by segtrain.config) as a tensor."""
     cw = cfg.class_weights
     if cw is None:
         return None
     if cw == "auto":
-        if train_set is None:
-            raise ConfigError("loss.class_weights=auto needs the training set: pass train_set to build_loss")
-        return _auto_class_weights(train_set, num_classes, ignore_index)
+        raise ConfigError(
+            "loss.class_weights=auto is computed from the training masks: resolve it first "
+            "(segtrain.build.build_run does; or auto_class_weights(train_set, ...))"
+        )
     return torch.tensor([float(w) for w in cw], dtype=torch.float32)
 
 
-def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: Any = None) -> SegLoss:
-    """The criterion of ``cfg`` (the ``loss`` config).  ``train_set`` (un-augmented masks are read
-    from it) is needed only for ``class_weights: auto``.  ``num_classes=1``: one sigmoid logit (``bce``,
-    ``dice``); class weights then have two values (background, foreground)."""
+def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int) -> SegLoss:
+    """The criterion of ``cfg`` (the ``loss`` config, ``class_weights`` as numbers: :func:`auto_class_weights`
+    computes them for ``auto``).  ``num_classes=1``: one sigmoid logit (``bce``, ``dice``); class weights then
+    have two values (background, foreground)."""
     terms = parse_terms(cfg.name)
     weights = dict(cfg.weights or {})
     extra = [k for k in weights if k not in terms]
@@ -375,7 +376,7 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: 
             f"loss.weights has {', '.join(map(repr, extra))}, not a term of loss.name={cfg.name!r}; "
             f"valid terms: {', '.join(TERMS)}"
         )
-    weight = _class_weights(cfg, mask_classes(num_classes), ignore_index, train_set)
+    weight = _class_weights(cfg)
 
     def make(term: str) -> nn.Module:
         w = None if weight is None else weight.clone()

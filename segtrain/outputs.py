@@ -248,33 +248,6 @@ def validation_pictures(loggers, run_dir, cm, metrics: dict, vis, class_names: l
         write_png(Path(run_dir) / f"{name}.png", image)
 
 
-def log_run_start(trainer) -> None:
-    """The run's opening lines: network, device and precision, data and schedule, processes, run dir."""
-    cfg, d, t, tr = trainer.cfg, trainer.cfg.data, trainer.cfg.trainer, trainer
-    log.info(
-        "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s", cfg.model.name,
-        f"{tr.num_params:,}", tr.device, tr.precision, cfg.device.channels_last, cfg.device.compile,
-    )  # fmt: skip
-    log.info(
-        "data %s: %d train / %d val images, batch %d x %d process(es) x accumulate %d = %d, %d iterations "
-        "(%.1f epochs) | run dir %s", d.name, len(tr.train_set), len(tr.val_set), d.batch_size, tr.world_size,
-        t.accumulate, d.batch_size * tr.world_size * t.accumulate, tr.max_iters, tr.max_iters / tr.iters_per_epoch,
-        tr.run_dir,
-    )  # fmt: skip
-    if tr.dist.enabled:
-        log.info("world size %d (backend %s, SyncBN %s)", tr.world_size, tr.dist.backend, tr.sync_bn)
-    log.info("loggers: %s", tr.loggers)
-
-
-def log_run_end(trainer, summary: dict) -> None:
-    """The run's closing lines: the last validation's per-class table, the best mIoU, the speed, the run dir."""
-    if trainer.last_metrics is not None:
-        table = format_table(trainer.last_metrics, trainer.class_names)
-        log.info("final validation (step %d):\n%s", trainer.step, table)
-    ips = summary["train_images_per_sec"] or float("nan")
-    log.info("best val mIoU %.4f | %.1f train img/s | outputs in %s", summary["best_miou"], ips, trainer.run_dir)
-
-
 def run_hparams(cfg, max_iters: int, precision: str) -> dict[str, Any]:
     """The settings that identify a run in TensorBoard's HPARAMS tab (and other loggers)."""
     c = cfg

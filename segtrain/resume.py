@@ -78,26 +78,6 @@ def resume_state(
     return state, path
 
 
-def restore(trainer) -> str | None:
-    """Load ``trainer.resume``'s checkpoint into ``trainer`` (see :func:`resume_state`); its path, or None."""
-    found = resume_state(trainer.cfg, trainer.ckpt_dir, trainer.model, trainer.num_classes, trainer.optimizer)
-    if found is None:
-        return None
-    state, path = found
-    trainer.load_state_dict(state)
-    log.info("resumed from %s at step %d of %d (epoch %d)", path, trainer.step, trainer.max_iters, trainer.epoch)
-    return str(path)
-
-
-def validation_owed(trainer) -> bool:
-    """True when a resumed run's step was due a validation that a signal cut short (its last.pt was written
-    mid-validation): the resumed run validates first, so no validation (the final one above all) is lost."""
-    t, step = trainer.cfg.trainer, trainer.step
-    if not trainer.resumed_from or step == 0 or (trainer.history and trainer.history[-1]["step"] == step):
-        return False
-    return step >= trainer.max_iters or (step % t.val_interval == 0 if t.val_interval else trainer.epoch_step == 0)
-
-
 def warn_changed(cfg: DictConfig, stored: DictConfig) -> None:
     """Say which training settings differ from the checkpoint's: its optimizer and schedule state win."""
     changed = []

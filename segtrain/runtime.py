@@ -4,13 +4,11 @@ and the stop signals.  Shared by training, ``segtrain-eval`` and prediction."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import signal
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from segtrain.errors import ConfigError, NonFiniteLossError
+from segtrain.errors import ConfigError
 
 log = logging.getLogger("segtrain")
 
@@ -166,107 +164,6 @@ class StopSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-MAX_SKIPS_IN_ROW = 25  # fp16 steps skipped in a row before the run is stopped as diverged
-
-
-class DivergenceGuard:
-    """Stops a run whose loss is no longer finite.
-
-    Under fp16 the GradScaler skips a step whose gradients hold inf/NaN and lowers its scale: such steps
-    are counted (``skipped_steps``) and logged; a non-finite loss on a step that was not skipped, or
-    ``MAX_SKIPS_IN_ROW`` skips in a row, raise :class:`NonFiniteLossError` before any checkpoint is written.
-    """
-
-    def __init__(self, scaler: torch.amp.GradScaler, precision: str):
-        self.scaler, self.precision = scaler, precision
-        self.skipped_steps, self.in_row = 0, 0
-        if scaler.is_enabled():  # a skipped step is logged above; PyTorch's schedule-order warning says nothing more
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-
-    def scale(self) -> float | None:
-        return self.scaler.get_scale() if self.scaler.is_enabled() else None
-
-    def load_state_dict(self, state: dict) -> None:
-        """The skip count and the scaler's state from a checkpoint; a run without fp16 (bf16, fp32) saved an
-        empty scaler state, so that a resumed fp16 run (a GPU's precision=auto) starts with a fresh scale."""
-        self.skipped_steps = state["skipped_steps"]
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-
-    def check(self, loss: float, scale_before: float | None, step: int) -> None:
-        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
-        if skipped:
-            self.skipped_steps += 1
-            self.in_row += 1
-            log.warning(
-                "step %d: fp16 gradients overflowed, the scaler skipped the step (%d so far, scale now %g)",
-                step, self.skipped_steps, self.scaler.get_scale(),
-            )  # fmt: skip
-        else:
-            self.in_row = 0
-        if (not math.isfinite(loss) and not skipped) or self.in_row >= MAX_SKIPS_IN_ROW:
-            what = (
-                f"loss is {loss} (non-finite)" if not skipped else f"{MAX_SKIPS_IN_ROW} fp16 steps in a row overflowed"
-            )
-            raise NonFiniteLossError(
-                f"{what} at step {step}: lower optimizer.lr, set trainer.grad_clip, or try another "
-                f"device.precision (now {self.precision}); checkpoints were not overwritten"
-            )
-
-
-class Throughput:
-    """Training speed over the steps after the first of each process (which includes warm-up: allocator, cuDNN
-    autotuning, compilation; after a resume too).  ``wait``: seconds spent waiting for the loader; ``compute``:
-    seconds in the training step and its logging (the scheduler, the progress bar, the loggers)."""
-
-    def __init__(self):
-        self.images, self.wait, self.compute = 0, 0.0, 0.0
-        self.warned, self._warm = False, False
-        self._window: tuple[float, float] | None = None  # (wait, compute) at the previous check
-
-    def warn_if_loader_bound(self, num_workers: int) -> None:
-        """Once per run: say so when more than 10% of the training time since the previous check went to waiting
-        for batches.  The first window is warm-up (loader processes starting, the built-in set being generated
-        and cached) and is not judged."""
-        if self._window is None:
-            self._window = (self.wait, self.compute)
-            return
-        wait, compute = self.wait - self._window[0], self.compute - self._window[1]
-        self._window = (self.wait, self.compute)
-        if wait + compute > 0 and wait / (wait + compute) > 0.1 and not self.warned:
-            self.warned = True
-            log.warning(
-                "the data loader is the bottleneck: %.0f%% of the training time went to waiting for batches; "
-                "raise data.num_workers (now %d)",
-                100 * wait / (wait + compute),
-                num_workers,
-            )
-
-    def add(self, images: int, wait: float, compute: float) -> None:
-        if not self._warm:  # this process's first step: not counted
-            self._warm = True
-            return
-        self.images += images
-        self.wait += wait
-        self.compute += compute
-
-    def rates(self) -> dict[str, float | None]:
-        """``train_images_per_sec`` (wall time, loader waits included), ``compute_images_per_sec`` (the
-        steps alone) and ``data_wait_fraction`` (the share of wall time spent waiting for data)."""
-        wall = self.wait + self.compute
-        return {
-            "train_images_per_sec": self.images / wall if wall > 0 else None,
-            "compute_images_per_sec": self.images / self.compute if self.compute > 0 else None,
-            "data_wait_fraction": self.wait / wall if wall > 0 else None,
-        }
-
-    def state_dict(self) -> dict:
-        return {"images": self.images, "wait": self.wait, "compute": self.compute}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.images, self.wait, self.compute = state["images"], state["wait"], state["compute"]
 
 
 def oom_message(cfg: DictConfig, precision: str, where: str) -> str:

@@ -89,11 +89,11 @@ def tiny_run(tmp_path_factory):
     shared by the tests that need a checkpoint or a run dir: returns the run dir."""
     from test_config import composed
 
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
 
     run = tmp_path_factory.mktemp("tiny_run")
     cfg = composed("debug=smoke", "trainer.max_iters=2", "trainer.progress=false", "model.base_channels=4")
-    Trainer(cfg, run).fit()
+    build_trainer(cfg, run).fit()
     return run
 
 

@@ -6,7 +6,7 @@ import functools
 import torch
 from test_config import composed
 
-from segtrain.trainer import Trainer
+from segtrain.build import build_trainer
 
 
 def test_compiled_training_never_recompiles_across_epochs_and_validation(tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_compiled_training_never_recompiles_across_epochs_and_validation(tmp_pat
         "debug=smoke", "data.num_train=18", "data.num_val=6", "data.val_batch_size=4", "trainer.max_epochs=3",
         "trainer.progress=false", "trainer.num_vis=0", "model.base_channels=4", "device=cpu", "device.compile=true",
     )  # fmt: skip
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     step = trainer.train_step
     after_first: list[int] = []
 

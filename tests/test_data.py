@@ -17,7 +17,7 @@ def data_cfg(**kw):
 
 
 def test_loader_batches_and_types():
-    train, val = build_datasets(
+    train, val, _ = build_datasets(
         data_cfg(image_size=[33, 45], num_train=10, num_val=3, batch_size=4, num_workers=0), seed=0
     )
     loader = build_loader(train, data_cfg(batch_size=4, num_workers=0), train=True, seed=0)
@@ -30,7 +30,7 @@ def test_loader_batches_and_types():
 
 
 def test_augmentation_depends_on_epoch_and_index_not_worker():
-    train, _ = build_datasets(data_cfg(image_size=48, num_train=8), seed=0)
+    train, _, _ = build_datasets(data_cfg(image_size=48, num_train=8), seed=0)
     a = train[(0, 5)][0]
     assert torch.equal(a, train[(0, 5)][0])  # same (epoch, index) -> same augmentation
     flips = {tuple(train[(e, 5)][0].flatten()[:64].tolist()) for e in range(12)}

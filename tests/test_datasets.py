@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("own_cache")
 
 def load_every_image(cfg) -> None:
     """Build the data sets of ``cfg`` and read every image and mask (what the label check may have skipped)."""
-    train, val = build_datasets(cfg, seed=0)
+    train, val, _ = build_datasets(cfg, seed=0)
     for ds in (train, val):
         for i in range(len(ds)):
             ds.load(i)
@@ -36,7 +36,7 @@ def one_line_error(excinfo) -> str:
 
 def test_voc_loads_palette_indices_and_grayscale_jpeg(tmp_path):
     expected = write_voc(tmp_path)
-    train, val = build_datasets(data_cfg("voc", tmp_path), seed=0)
+    train, val, _ = build_datasets(data_cfg("voc", tmp_path), seed=0)
     assert len(train) == 4 and len(val) == 2 and len(train.class_names) == 21 and train.palette.shape == (21, 3)
     assert train.palette[1].tolist() == [128, 0, 0] and train.class_names[15] == "person"
     for i in range(len(train)):
@@ -54,19 +54,19 @@ def test_voc_loads_palette_indices_and_grayscale_jpeg(tmp_path):
 @pytest.mark.parametrize("sub", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
 def test_voc_root_variants(tmp_path, sub):
     write_voc(tmp_path)
-    train, _ = build_datasets(data_cfg("voc", tmp_path / sub), seed=0)
+    train, _, _ = build_datasets(data_cfg("voc", tmp_path / sub), seed=0)
     assert len(train) == 4
 
 
 def test_voc_trainval_split(tmp_path):
     write_voc(tmp_path)
-    train, _ = build_datasets(data_cfg("voc", tmp_path, train_split="trainval"), seed=0)
+    train, _, _ = build_datasets(data_cfg("voc", tmp_path, train_split="trainval"), seed=0)
     assert len(train) == 6
 
 
 def test_voc_aug(tmp_path):
     expected = write_voc(tmp_path, aug=True)
-    train, val = build_datasets(data_cfg("voc_aug", tmp_path), seed=0)
+    train, val, _ = build_datasets(data_cfg("voc_aug", tmp_path), seed=0)
     assert len(train) == 4 and len(val) == 2 and "SegmentationClassAug" in str(train.masks[0])
     np.testing.assert_array_equal(train.load(1)[1], expected[Path(train.describe(1)).stem])
     write_voc(tmp_path / "plain")
@@ -76,7 +76,7 @@ def test_voc_aug(tmp_path):
 
 def test_cityscapes_trainid_mapping(tmp_path):
     expected = write_cityscapes(tmp_path)
-    train, val = build_datasets(data_cfg("cityscapes", tmp_path), seed=0)
+    train, val, _ = build_datasets(data_cfg("cityscapes", tmp_path), seed=0)
     assert len(train) == 4 and len(val) == 1 and len(train.class_names) == 19 and train.class_names[13] == "car"
     _, mask = train.load(0)
     raw = expected[Path(train.describe(0)).name.replace("_leftImg8bit.png", "")]
@@ -86,7 +86,7 @@ def test_cityscapes_trainid_mapping(tmp_path):
 
 def test_ade20k_reduce_zero_label(tmp_path):
     expected = write_ade(tmp_path)
-    train, val = build_datasets(data_cfg("ade20k", tmp_path), seed=0)
+    train, val, _ = build_datasets(data_cfg("ade20k", tmp_path), seed=0)
     assert len(train) == 3 and len(val) == 2 and len(train.class_names) == 150 and train.class_names[0] == "wall"
     _, mask = train.load(1)
     raw = expected[Path(train.describe(1)).stem]
@@ -97,7 +97,7 @@ def test_ade20k_reduce_zero_label(tmp_path):
 @pytest.mark.parametrize("layout,n_train,n_val", [("flat", 5, 1), ("lists", 4, 2), ("dirs", 4, 2)])
 def test_folder_layouts_and_rgb_masks(tmp_path, layout, n_train, n_val):
     expected = write_folder(tmp_path, masks="rgb", layout=layout)
-    train, val = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
+    train, val, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
     assert (len(train), len(val)) == (n_train, n_val)
     assert train.class_names == ["background", "red", "green"] and train.palette.tolist() == FOLDER_PALETTE.tolist()
     for ds in (train, val):
@@ -137,7 +137,7 @@ def test_folder_binary_masks_hint_then_label_map(tmp_path):
     with pytest.raises(DataError) as e:
         build_datasets(data_cfg("folder", tmp_path, num_classes=2), seed=0)
     assert "data.label_map={255:1}" in one_line_error(e) and "masks look binary" in str(e.value)
-    train, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=2, label_map={255: 1}), seed=0)
+    train, _, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=2, label_map={255: 1}), seed=0)
     _, mask = train.load(0)
     np.testing.assert_array_equal(mask, expected[Path(train.describe(0)).stem])
 
@@ -208,7 +208,7 @@ def test_truncated_jpeg(tmp_path):
 
 def test_unreadable_image_at_load(tmp_path):
     write_voc(tmp_path)
-    train, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
+    train, _, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
     (tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000002.jpg").write_bytes(b"not a jpeg")  # broken after the start
     with pytest.raises(DataError, match="2007_000002.jpg cannot be read"):
         train.load(2)
@@ -372,7 +372,7 @@ def test_split_list_with_a_byte_order_mark_loads(tmp_path):
     for name in ("train.txt", "val.txt"):  # as Windows Notepad saves UTF-8 (with CRLF line ends)
         text = (tmp_path / name).read_text().replace("\n", "\r\n")
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
-    train, val = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
+    train, val, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=3), seed=0)
     assert len(train) == 4 and len(val) == 2 and Path(train.describe(0)).stem == "img_00"
 
 
@@ -425,11 +425,11 @@ def test_eval_split_alone_and_a_whole_folder(tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "dirs" / "train")
-    train, val = build_datasets(data_cfg("folder", tmp_path / "dirs", num_classes=3, base_size=64), 0, train=False)
+    train, val, _ = build_datasets(data_cfg("folder", tmp_path / "dirs", num_classes=3, base_size=64), 0, train=False)
     assert train is None and len(val) == 2 and val.transform is not None
     write_folder(tmp_path / "flat")
     cfg = data_cfg("folder", tmp_path / "flat", num_classes=3, val_fraction=1.0, base_size=64)
-    _, val = build_datasets(cfg, seed=0, train=False)
+    _, val, _ = build_datasets(cfg, seed=0, train=False)
     assert len(val) == 6
     val.load(5)
     with pytest.raises(DataError, match="data.val_fraction=1 puts every image in validation"):
@@ -466,7 +466,7 @@ def test_label_map_error_reports_the_value_in_the_file(tmp_path):
 
 def test_bad_mask_value_without_the_label_check_names_the_file(tmp_path):
     write_voc(tmp_path, bad_value=40)
-    train, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
+    train, _, _ = build_datasets(data_cfg("voc", tmp_path, check_labels=False), seed=0)
     train.load(0)  # good masks load
     with pytest.raises(DataError) as e:
         train.load(1)

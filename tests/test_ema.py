@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from segtrain import checkpoint
+from segtrain.build import build_trainer
 from segtrain.config import validate
-from segtrain.ema import EMA
 from segtrain.errors import ConfigError, Preempted
 from segtrain.evaluation import evaluate_loader
+from segtrain.hooks.ema import EMA
 from segtrain.models import build_model
 from segtrain.runtime import autocast
-from segtrain.trainer import Trainer
 from tests.test_config import composed
 
 
@@ -55,7 +55,7 @@ TINY = ["debug=smoke", "device=cpu", "device.precision=fp32", "data.num_train=8"
 def fit(run_dir, *overrides):
     cfg = composed(*TINY, *overrides)
     validate(cfg)
-    trainer = Trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir)
     return trainer, trainer.fit()
 
 

@@ -43,7 +43,7 @@ def segtrain_eval(monkeypatch, tmp_path, name: str, *args: str) -> dict:
 
 
 def test_eval_validates_at_the_checkpoints_training_scale(tmp_path, monkeypatch):
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
 
     write_voc(tmp_path / "voc", n_train=4, n_val=2)
     cfg = composed(
@@ -52,7 +52,7 @@ def test_eval_validates_at_the_checkpoints_training_scale(tmp_path, monkeypatch)
         "trainer.val_interval=2", "trainer.progress=false", "device=cpu",
     )  # fmt: skip
     validate(cfg)
-    summary = Trainer(cfg, tmp_path / "run").fit()
+    summary = build_trainer(cfg, tmp_path / "run").fit()
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
 
     m = segtrain_eval(monkeypatch, tmp_path, "eval", f"ckpt={ckpt}")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 
 
 def test_sigmoid_training_learns_a_square(tmp_path):
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
 
     write_squares(tmp_path / "squares", n=40, size=32)
     cfg = composed(
@@ -27,7 +27,7 @@ def test_sigmoid_training_learns_a_square(tmp_path):
         "trainer.val_interval=40", "trainer.progress=false", "device=cpu",
     )  # fmt: skip
     validate(cfg)
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     assert trainer.model.classifier.out_channels == 1 and trainer.class_names == ["background", "foreground"]
     summary = trainer.fit()
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -40,7 +40,7 @@ def test_sigmoid_training_learns_a_square(tmp_path):
     from segtrain.predict import Predictor
 
     p = Predictor.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", device="cpu")
-    image = trainer.val_set.read_image(0)
+    image = trainer.val_loader.dataset.read_image(0)
     mask, probs = p(image), p.probabilities(image)
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1} and mask.any()
     assert probs.shape == (2, *image.shape[:2]) and np.allclose(probs.sum(0), 1, atol=1e-5)

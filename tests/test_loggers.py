@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
+from segtrain.build import build_trainer
 from segtrain.config import validate
 from segtrain.errors import ConfigError
 from segtrain.loggers import Backend, Loggers
-from segtrain.trainer import Trainer
 from tests.test_config import composed
 
 TINY = ["debug=smoke", "device=cpu", "data.num_train=8", "data.num_val=4", "data.image_size=32", "data.batch_size=4",
@@ -48,7 +48,7 @@ def test_all_backends_in_one_run(tmp_path):
     pytest.importorskip("mlflow")
     cfg = composed(*TINY, "logger=[tensorboard,csv,wandb,mlflow]")
     validate(cfg)
-    summary = Trainer(cfg, tmp_path).fit()
+    summary = build_trainer(cfg, tmp_path).fit()
     best_ckpt = str(tmp_path / "checkpoints" / "best.pt")
     assert summary["best_checkpoint"] == best_ckpt
 

@@ -19,6 +19,7 @@ from segtrain.losses import (
     FocalLoss,
     OhemCrossEntropy,
     SegLoss,
+    auto_class_weights,
     build_loss,
     class_frequencies,
     median_frequency_weights,
@@ -295,7 +296,8 @@ def test_median_frequency_weights_by_hand(caplog):
     assert counts.tolist() == WANT_COUNTS and totals.tolist() == WANT_TOTALS
     torch.testing.assert_close(median_frequency_weights(counts, totals), torch.tensor(WANT_WEIGHTS))
     with caplog.at_level(logging.INFO, logger="segtrain"):
-        crit = build_loss(loss_cfg(name="ce+dice", class_weights="auto"), 4, IGNORE, train_set=FakeSet(MASKS))
+        weights = auto_class_weights(FakeSet(MASKS), 4, IGNORE)
+    crit = build_loss(loss_cfg(name="ce+dice", class_weights=weights), 4, IGNORE)
     for term in crit.criterion.terms.values():
         torch.testing.assert_close(term.weight, torch.tensor(WANT_WEIGHTS))
     assert "never appear" in caplog.text and "[3]" in caplog.text and "0:1.667" in caplog.text
@@ -389,6 +391,6 @@ def test_binary_class_weights_auto_count_two_classes(tmp_path):
         mask[: 2 + 2 * i] = 1
         write_png(tmp_path / f"m{i}.png", mask)
     ds = DiskDataset([tmp_path / "m0.png", tmp_path / "m1.png"], [tmp_path / "m0.png", tmp_path / "m1.png"], [], None)
-    crit = build_loss(loss_cfg(name="bce", class_weights="auto"), 1, IGNORE, ds)
+    crit = build_loss(loss_cfg(name="bce", class_weights=auto_class_weights(ds, 2, IGNORE)), 1, IGNORE)
     w = crit.criterion.weight
     assert w.shape == (2,) and w[1] > 1 > w[0]  # the rarer foreground weighs more

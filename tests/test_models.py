@@ -599,14 +599,14 @@ def test_torch_compile(case):
 def test_timm_convnext_deeplabv3plus_trains_in_a_smoke_run(tmp_path):
     """``segtrain debug=smoke model=deeplabv3plus model.backbone=timm:convnext_atto`` (in-process, 2 steps)."""
     pytest.importorskip("timm")
+    from segtrain.build import build_trainer
     from segtrain.config import validate
-    from segtrain.trainer import Trainer
     from tests.test_config import composed
 
     cfg = composed("debug=smoke", "model=deeplabv3plus", "model.backbone=timm:convnext_atto", "device=cpu",
                    "trainer.max_iters=2", "data.num_val=4", "trainer.num_vis=0", "trainer.progress=false", "logger=[]")  # fmt: skip
     validate(cfg)
-    summary = Trainer(cfg, tmp_path).fit()
+    summary = build_trainer(cfg, tmp_path).fit()
     assert summary["step"] == 2 and 0 <= summary["best_miou"] <= 1
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert any(k.startswith("backbone.model.stages_3") for k in state["model"])

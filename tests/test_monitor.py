@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 
 from segtrain.config import TrainerConfig, validate
 from segtrain.errors import ConfigError
-from segtrain.monitor import Monitor
+from segtrain.hooks.monitor import Monitor
 from tests.test_config import composed
 
 NAMES = ["background", "circle"]
@@ -93,7 +94,7 @@ def test_top_k_bookkeeping_and_files(tmp_path):
     assert [e["step"] for e in m.kept] == [6, 2]
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 6
     assert (tmp_path / "best.pt").stat().st_ino == (tmp_path / "best-6-0.6000.pt").stat().st_ino  # a hard link
-    assert m.summary(6, 10)["top_k_checkpoints"] == [
+    assert m.summary(SimpleNamespace(step=6, max_iters=10))["top_k_checkpoints"] == [
         str(tmp_path / "best-6-0.6000.pt"),
         str(tmp_path / "best-2-0.5000.pt"),
     ]

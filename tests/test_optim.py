@@ -106,11 +106,11 @@ def test_logged_lr_is_the_lr_each_step_used(tmp_path):
     """train/lr at step s is the lr step s trained with: the warmup's start at step 1, not the next step's."""
     import csv
 
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
 
     cfg = composed("debug=smoke", "logger=csv", "trainer.max_iters=4", "trainer.log_interval=1", "trainer.progress=false",
                    "scheduler.warmup_iters=3", "scheduler.warmup_ratio=0.1", "optimizer.lr=0.01")  # fmt: skip
-    Trainer(cfg, tmp_path).fit()
+    build_trainer(cfg, tmp_path).fit()
     logged = [float(r["train/lr"]) for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r.get("train/lr")]
     used = [0.01 * lr_factor(cfg.scheduler, s, 4, 0.01) for s in range(4)]
     assert logged == pytest.approx(used) and logged[0] == pytest.approx(0.001)

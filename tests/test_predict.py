@@ -286,7 +286,7 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
         "eval.flip": True,
     }
     p = Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32", overrides=overrides)
-    _, val = build_datasets(p.cfg.data, 0)
+    _, val, _ = build_datasets(p.cfg.data, 0)
     loader = build_loader(val, p.cfg.data, False, 0)
     loss = torch.nn.CrossEntropyLoss(ignore_index=255)
     metrics, cm, vis = evaluate_loader(

@@ -8,8 +8,8 @@ from PIL import Image
 from test_config import composed
 
 from segtrain import checkpoint
+from segtrain.build import build_trainer
 from segtrain.errors import ConfigError, DataError
-from segtrain.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("own_cache")
 
@@ -44,7 +44,7 @@ def folder_data(tmp_path, small: str | None = "img_05", **over) -> list[str]:
 @pytest.mark.parametrize("small, check", [("img_05", "true"), ("img_04", "false")])
 def test_small_validation_image_is_named_before_training(tmp_path, small, check):
     """Found by the label check's sizes (any val image), or else by the dry pass (the first val image)."""
-    trainer = Trainer(composed(*folder_data(tmp_path, small, **{"data.check_labels": check})), tmp_path / "run")
+    trainer = build_trainer(composed(*folder_data(tmp_path, small, **{"data.check_labels": check})), tmp_path / "run")
     with pytest.raises(DataError) as e:
         trainer.fit()
     msg = str(e.value)
@@ -57,7 +57,7 @@ def test_failed_validation_names_the_image_and_keeps_the_steps(tmp_path):
     """Without the label check the sizes are unknown: the dry pass sees img_04 (fine), the first validation
     fails at img_05, and last.pt of the two steps done is written first."""
     args = folder_data(tmp_path, **{"data.check_labels": "false", "trainer.val_interval": 2})
-    trainer = Trainer(composed(*args), tmp_path / "run")
+    trainer = build_trainer(composed(*args), tmp_path / "run")
     with pytest.raises(DataError) as e:
         trainer.fit()
     assert "validation image" in str(e.value) and "img_05.png is 12x10 px" in str(e.value)
@@ -67,19 +67,19 @@ def test_failed_validation_names_the_image_and_keeps_the_steps(tmp_path):
 def test_small_validation_image_is_fine_when_validation_rescales(tmp_path):
     """data=folder's default base_size=auto rescales validation images to the training scale."""
     args = folder_data(tmp_path, **{"data.base_size": "auto", "data.val_batch_size": 1})
-    Trainer(composed(*args), tmp_path / "run").fit()
+    build_trainer(composed(*args), tmp_path / "run").fit()
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_unbatchable_validation_images_fail_before_training(tmp_path):
     args = folder_data(tmp_path, small=None, **{"data.val_batch_size": 2})
     with pytest.raises(ConfigError, match="validation images differ in size.*data.val_batch_size=1"):
-        Trainer(composed(*args), tmp_path / "run").fit()
+        build_trainer(composed(*args), tmp_path / "run").fit()
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
 def test_dry_validation_runs_the_real_eval_path(tmp_path, monkeypatch):
-    from segtrain import preflight
+    from segtrain.hooks import preflight
 
     seen = []
     real = preflight.evaluate_loader
@@ -89,7 +89,7 @@ def test_dry_validation_runs_the_real_eval_path(tmp_path, monkeypatch):
         return real(model, batches, *a, **k)
 
     monkeypatch.setattr(preflight, "evaluate_loader", spy)
-    trainer = Trainer(composed("debug=smoke", "trainer.max_iters=1", "trainer.progress=false"), tmp_path / "run")
+    trainer = build_trainer(composed("debug=smoke", "trainer.max_iters=1", "trainer.progress=false"), tmp_path / "run")
     trainer.fit()
     assert seen == [(False, [(1, 3, 64, 64)], True)]  # eval mode, one image, with the loss
     assert trainer.model.training

@@ -103,18 +103,18 @@ def test_init_from_loads_what_fits(cli, finished_run):
 def test_resume_into_fp16_from_a_run_without_a_grad_scaler(tmp_path):
     """A checkpoint of a bf16/fp32 run (its GradScaler off: an empty state) resumes under fp16 (as on a GPU,
     precision=auto) with a fresh scaler, not PyTorch's 'source state dict is empty'."""
+    from segtrain.build import build_trainer
     from segtrain.config import validate
-    from segtrain.trainer import Trainer
     from tests.test_config import composed
 
     args = ["debug=smoke", "device=cpu", "trainer.num_vis=0", "trainer.progress=false", "data.num_train=8"]
     cfg = composed(*args, "device.precision=bf16", "trainer.max_iters=2")
     validate(cfg)
-    Trainer(cfg, tmp_path).fit()
+    build_trainer(cfg, tmp_path).fit()
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["scaler"] == {}
     cfg = composed(*args, "device.precision=fp16", "trainer.max_iters=3", "trainer.resume=auto")
     validate(cfg)
-    Trainer(cfg, tmp_path).fit()
+    build_trainer(cfg, tmp_path).fit()
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert last["step"] == 3 and last["scaler"]["scale"] > 0
 

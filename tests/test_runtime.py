@@ -13,7 +13,8 @@ from conftest import one_line_error
 
 from segtrain.config import IMAGENET_MEAN, IMAGENET_STD
 from segtrain.errors import ConfigError
-from segtrain.runtime import BatchToDevice, Throughput
+from segtrain.hooks.throughput import Throughput
+from segtrain.runtime import BatchToDevice
 
 CPU = torch.device("cpu")
 
@@ -110,10 +111,10 @@ def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli):
 
 def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch, caplog, recwarn):
     """fp16 autocast + GradScaler on the CPU: two steps with overflowing gradients are skipped, not fatal."""
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
     from tests.test_config import composed
 
-    trainer = Trainer(
+    trainer = build_trainer(
         composed("debug=smoke", "device=cpu", "device.precision=fp16", "trainer.max_iters=4", "trainer.progress=false"),
         tmp_path / "run",
     )
@@ -140,11 +141,11 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatc
 
 
 def test_out_of_memory_becomes_advice(tmp_path, monkeypatch):
+    from segtrain.build import build_trainer
     from segtrain.errors import ResourceError
-    from segtrain.trainer import Trainer
     from tests.test_config import composed
 
-    trainer = Trainer(composed("debug=smoke", "trainer.progress=false"), tmp_path / "run")
+    trainer = build_trainer(composed("debug=smoke", "trainer.progress=false"), tmp_path / "run")
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

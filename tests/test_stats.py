@@ -122,7 +122,7 @@ def test_base_size_auto_reads_headers_only(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "read_image", no_decoding)
     monkeypatch.setattr(D.cv2, "imread", no_decoding)
     cfg = folder_cfg(tmp_path, "voc", base_size="auto", check_labels=False)
-    train, val = build_datasets(cfg, seed=0)
+    train, val, cfg = build_datasets(cfg, seed=0)
     assert list(cfg.base_size) == [61, 83]  # the median short side (61) and long side (83)
     assert train.transform.transforms[0].size == (61, 83) and val.transform.transforms[0].size == (61, 83)
     assert len(list(cache_dir().glob("headers-*.json"))) == 1
@@ -131,7 +131,7 @@ def test_base_size_auto_reads_headers_only(tmp_path, monkeypatch):
 def test_mean_std_auto_matches_numpy_and_is_cached(tmp_path, monkeypatch):
     expected = write_tiff_folder(tmp_path, n=6, bands=4)
     cfg = folder_cfg(tmp_path, in_channels=4, mean="auto")
-    train, _ = build_datasets(cfg, seed=0)
+    train, _, cfg = build_datasets(cfg, seed=0)
     pixels = np.concatenate([expected[Path(p).stem][0].reshape(-1, 4) for p in train.images]) / 65535.0
     np.testing.assert_allclose(cfg.mean, pixels.mean(0), rtol=1e-9)
     np.testing.assert_allclose(cfg.std, pixels.std(0), rtol=1e-7)
@@ -148,8 +148,8 @@ def test_mean_std_auto_matches_numpy_and_is_cached(tmp_path, monkeypatch):
 def test_four_band_16bit_tiff_folder_trains_and_validates(tmp_path):
     from test_config import composed
 
+    from segtrain.build import build_trainer
     from segtrain.config import validate
-    from segtrain.trainer import Trainer
 
     write_tiff_folder(tmp_path / "tiles", n=10, bands=4)
     cfg = composed(
@@ -158,8 +158,10 @@ def test_four_band_16bit_tiff_folder_trains_and_validates(tmp_path):
         "trainer.max_iters=4", "trainer.val_interval=4", "trainer.progress=false", "device=cpu",
     )  # fmt: skip
     validate(cfg)
-    trainer = Trainer(cfg, tmp_path / "run")
-    assert trainer.model.inc[0][0].in_channels == 4 and len(cfg.data.mean) == 4 and len(cfg.data.std) == 4
+    trainer = build_trainer(cfg, tmp_path / "run")
+    assert (
+        trainer.model.inc[0][0].in_channels == 4 and len(trainer.cfg.data.mean) == 4 and len(trainer.cfg.data.std) == 4
+    )
     images, _ = next(iter(trainer.train_loader))
     assert images.dtype == torch.uint16 and images.shape[1] == 4  # 16-bit batches, normalised on the device
     x = trainer.batch_to_device.images(images)

@@ -36,7 +36,7 @@ def test_val_scale_rule():
 def test_voc_validates_at_the_training_scale_and_warns_on_small_images(tmp_path, caplog):
     write_voc(tmp_path)  # 48-90 px pictures
     caplog.set_level(logging.INFO, logger="segtrain")
-    train, val = build_datasets(data_cfg("voc", tmp_path, crop_size=128), seed=0)
+    train, val, _ = build_datasets(data_cfg("voc", tmp_path, crop_size=128), seed=0)
     assert rescale_of(val.transform) == (512, 2048) == train.transform.transforms[0].size
     img, mask = val[0]
     assert img.shape[1] == 512 and mask.shape == val.load(0)[1].shape  # scored at the original mask size
@@ -47,7 +47,7 @@ def test_voc_validates_at_the_training_scale_and_warns_on_small_images(tmp_path,
     # the fix the warning names: base_size=auto; then a 128 crop is larger than the images
     caplog.clear()
     cfg = data_cfg("voc", tmp_path, crop_size=128, base_size="auto")
-    _, val = build_datasets(cfg, seed=0)
+    _, val, cfg = build_datasets(cfg, seed=0)
     assert list(cfg.base_size) == [56, 76] and rescale_of(val.transform) == (56, 76)  # median short, long sides
     assert "enlarges" not in caplog.text and "try data.crop_size=32" in caplog.text
 
@@ -68,11 +68,11 @@ def test_folder_defaults_to_the_median_size(tmp_path):
     write_folder(tmp_path, n=6, layout="lists")  # train: 61x83, 50x70, 64x48, 72x90
     cfg = data_cfg("folder", tmp_path, num_classes=3)
     assert cfg.base_size == "auto"
-    train, val = build_datasets(cfg, seed=0)
-    assert list(cfg.base_size) == [56, 76]
+    train, val, resolved = build_datasets(cfg, seed=0)
+    assert cfg.base_size == "auto" and list(resolved.base_size) == [56, 76]  # resolved in a new config
     assert train.transform.transforms[0].size == (56, 76) and rescale_of(val.transform) == (56, 76)
     cfg = data_cfg("folder", tmp_path, base_size=None, num_classes=3)
-    _, val = build_datasets(cfg, seed=0)
+    _, val, _ = build_datasets(cfg, seed=0)
     assert val.transform is None  # own size for both
 
 
@@ -95,12 +95,12 @@ def test_photometric_only_for_3_band_8_bit(tmp_path):
 
     pytest.importorskip("tifffile")
     write_tiff_folder(tmp_path / "t", n=4, bands=3)
-    train, _ = build_datasets(data_cfg("folder", tmp_path / "t", mean="auto"), seed=0)  # 3-band uint16
+    train, _, _ = build_datasets(data_cfg("folder", tmp_path / "t", mean="auto"), seed=0)  # 3-band uint16
     assert not any(isinstance(t, A.ColorJitter) for t in train.transform.transforms)
     image, _ = train[(0, 0)]
     assert image.dtype.is_floating_point is False and str(image.dtype) == "torch.uint16" and image.shape[0] == 3
     write_folder(tmp_path / "rgb", n=4)
-    train, _ = build_datasets(data_cfg("folder", tmp_path / "rgb", num_classes=3), seed=0)
+    train, _, _ = build_datasets(data_cfg("folder", tmp_path / "rgb", num_classes=3), seed=0)
     assert any(isinstance(t, A.ColorJitter) for t in train.transform.transforms)
 
 
@@ -112,7 +112,7 @@ def test_a_pipeline_that_does_not_fit_the_images_is_one_line_naming_the_file(tmp
 
     write_folder(tmp_path)  # images of about 60-90 px
     crop = [{"_target_": "albumentations.RandomCrop", "height": 256, "width": 256}]
-    train, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=3, train_pipeline=crop), seed=0)
+    train, _, _ = build_datasets(data_cfg("folder", tmp_path, num_classes=3, train_pipeline=crop), seed=0)
     with pytest.raises(DataError, match=r"the pipeline failed on .*img_0.*CropSizeError.*PadIfNeeded") as e:
         train[0]
     assert "\n" not in str(e.value)

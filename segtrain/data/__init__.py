@@ -1,20 +1,22 @@
 """Data sets and loaders: ``build_datasets(cfg)`` and ``build_loader(...)``.
 
 ``build_datasets`` also fits the recipe to the data before anything trains: it reads the image headers
-(bands, bit depth, sizes), runs the label check, replaces ``data.base_size`` / ``data.mean`` /
-``data.std`` ``auto`` in the config by numbers, logs the training and validation scales (with warnings),
-and attaches the standard pipelines (``transforms.standard_train`` / ``standard_val``) to on-disk sets."""
+(bands, bit depth, sizes), runs the label check, resolves ``data.base_size`` / ``data.mean`` / ``data.std``
+``auto`` into numbers (returned in a new data config: the one given is not changed), logs the training and
+validation scales (with warnings), and attaches the standard pipelines (``transforms.standard_train`` /
+``standard_val``, built from the resolved config) to on-disk sets."""
 
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from segtrain.config import mask_classes
@@ -27,7 +29,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("segtrain")
 
-__all__ = ["build_datasets", "build_loader", "SegDataset", "EpochSampler"]
+__all__ = ["build_datasets", "build_loader", "Datasets", "SegDataset", "EpochSampler"]
+
+
+class Datasets(NamedTuple):
+    """What :func:`build_datasets` returns: the training set (None when not read), the validation set, and the
+    data config with its ``auto`` values resolved into numbers (the one to train and store)."""
+
+    train: SegDataset | None
+    val: SegDataset
+    cfg: DictConfig
+
+
+def resolved(cfg: DictConfig, values: dict) -> DictConfig:
+    """A copy of ``cfg`` with ``values`` (dotted key -> value) set; ``cfg`` itself is not changed."""
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        OmegaConf.update(out, key, value, merge=False)
+    return out
 
 
 def _synthetic(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegDataset, SegDataset]:
@@ -63,11 +82,11 @@ BUILDERS = {
 }
 
 
-def build_datasets(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegDataset, SegDataset]:
-    """(train, val) data sets for ``cfg.data``; ``seed`` seeds augmentation.  ``auto`` values in ``cfg``
-    (``base_size``, ``mean``, ``std``) are replaced by the numbers computed from the training images.
-    ``train=False`` (``segtrain-eval``, whose config holds those numbers): only the validation split is read
-    and checked, and the on-disk training set comes back as None."""
+def build_datasets(cfg: DictConfig, seed: int, train: bool = True) -> Datasets:
+    """(train, val, resolved config) for the data config ``cfg``; ``seed`` seeds augmentation.  The resolved
+    config holds the numbers computed from the training images for the ``auto`` values (``base_size``, ``mean``,
+    ``std``).  ``train=False`` (``segtrain-eval``, whose config holds those numbers): only the validation split
+    is read and checked, and the on-disk training set comes back as None."""
     if cfg.name not in BUILDERS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     on_disk = cfg.name != "synthetic"
@@ -81,17 +100,18 @@ def build_datasets(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegD
             if ds is not None:
                 ds.class_names = list(cfg.class_names)
     if on_disk:
-        _prepare_on_disk(cfg, train_set, val)
+        cfg = _prepare_on_disk(cfg, train_set, val)
     else:
         from segtrain.data.stats import resolve_auto
 
-        resolve_auto(cfg, train_set, None)
-    return train_set, val
+        cfg = resolved(cfg, resolve_auto(cfg, train_set, None))
+    return Datasets(train_set, val, cfg)
 
 
-def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDataset) -> None:
+def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDataset) -> DictConfig:
     """Checks, ``auto`` values, the scale report and the standard pipelines of an on-disk (train, val) pair
-    (train None: the validation split alone, for ``segtrain-eval``).  The builders refuse empty splits."""
+    (train None: the validation split alone, for ``segtrain-eval``); the resolved config.  The builders refuse
+    empty splits."""
     from segtrain.data import transforms
     from segtrain.data.checks import check_labels
     from segtrain.data.palette import palette_array
@@ -114,7 +134,7 @@ def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDatase
         for ds in sets:
             ds.check_values(mask_classes(cfg.num_classes), cfg.ignore_index)
     base_from_auto = cfg.base_size == "auto"
-    resolve_auto(cfg, train, scan)
+    cfg = resolved(cfg, resolve_auto(cfg, train, scan))
     if train is not None:
         transforms.report_scales(cfg, scan["median_hw"], base_from_auto)
         colour = cfg.in_channels == 3 and scan["dtype"] == "uint8"
@@ -126,6 +146,7 @@ def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDatase
             )
         train.transform = transforms.standard_train(cfg, colour)
     val.transform = transforms.standard_val(cfg)
+    return cfg
 
 
 def _stop_workers_at_exit() -> None:

@@ -98,8 +98,10 @@ def splits(root: Path, cfg: DictConfig, train: bool = True) -> tuple[Pairs | Non
     names = [cfg.train_split, cfg.val_split]
     lists = [root / f"{n}.txt" for n in names]
     if any(p.is_file() for p in lists):
-        found = [_pairs(root / "images", root / "masks", read_list(p, LAYOUT), str(p)) if train or k else None
-                 for k, p in enumerate(lists)]  # fmt: skip
+        found = [
+            _pairs(root / "images", root / "masks", read_list(p, LAYOUT), str(p)) if train or k else None
+            for k, p in enumerate(lists)
+        ]
         return found[0], found[1]
     dirs = [root / n for n in names]
     if any((d / "images").is_dir() for d in dirs):
@@ -149,8 +151,10 @@ def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[DiskDataset |
     palette = colours if colours is not None else default_palette(k)
     lut = label_map_lut(cfg.label_map)
     common = dict(lut=lut, colour_palette=colours, ignore_color=meta.get("ignore_color"), ignore_index=cfg.ignore_index)
-    found = [None if pairs is None else DiskDataset(*pairs, names, palette, None, seed, **common)
-             for pairs in splits(root, cfg, train)]  # fmt: skip
+    found = [
+        None if pairs is None else DiskDataset(*pairs, names, palette, None, seed, **common)
+        for pairs in splits(root, cfg, train)
+    ]
     for ds in found:
         if ds is not None:
             ds.kind = "folder"

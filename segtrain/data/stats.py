@@ -8,8 +8,8 @@
   pixel of every image, un-augmented) for ``data.mean=auto`` / ``data.std=auto``, in the units of
   ``data.mean``: fractions of the type's range for uint8 (/ 255) and uint16 (/ 65535), the image's own
   values for float images.
-* :func:`resolve_auto` writes the numbers into the config, so that the checkpoint's stored config (and
-  therefore ``segtrain-eval`` and prediction) holds them.
+* :func:`resolve_auto` returns the numbers for the config's ``auto`` values; the run's resolved config holds
+  them, so that the checkpoint's stored config (and therefore ``segtrain-eval`` and prediction) does.
 
 Both results are cached as JSON files in ``$SEGTRAIN_CACHE/images/`` (default ``~/.cache/segtrain/images/``,
 beside the label-check cache), keyed by the image files' paths, sizes and mtimes and ``data.in_channels``.
@@ -175,19 +175,20 @@ def channel_stats(dataset: Any, in_channels: int) -> tuple[list[float], list[flo
 # The ``auto`` values.
 
 
-def resolve_auto(cfg: DictConfig, train: Any, scan: dict | None) -> None:
-    """Replace ``base_size: auto`` and ``mean`` / ``std: auto`` in ``cfg`` (the data config) by numbers."""
+def resolve_auto(cfg: DictConfig, train: Any, scan: dict | None) -> dict[str, Any]:
+    """The numbers for ``base_size: auto`` and ``mean`` / ``std: auto`` of ``cfg`` (the data config), by key."""
     autos = [k for k in ("base_size", "mean", "std") if cfg[k] == "auto"]
     if autos and train is None:  # segtrain-eval: the checkpoint's config holds the numbers training found
         raise ConfigError(
             f"data.{autos[0]}=auto is computed from the training images, which segtrain-eval does not read: "
             f"leave data.{autos[0]} as the checkpoint stores it, or give numbers"
         )
+    values: dict[str, Any] = {}
     if cfg.base_size == "auto":
         if scan is None:
             raise ConfigError("data.base_size=auto needs images on disk")
         short, long = scan["median_short_long"]
-        cfg.base_size = [short, long]
+        values["base_size"] = [short, long]
         h, w = scan["median_hw"]
         log.info(
             "data.base_size=auto: %s (the training images' median short and long sides; median %dx%d px, h x w)",
@@ -196,5 +197,5 @@ def resolve_auto(cfg: DictConfig, train: Any, scan: dict | None) -> None:
             w,
         )
     if cfg.mean == "auto" or cfg.std == "auto":  # either computes both (segtrain.config.validate)
-        mean, std = channel_stats(train, cfg.in_channels)
-        cfg.mean, cfg.std = mean, std
+        values["mean"], values["std"] = channel_stats(train, cfg.in_channels)
+    return values

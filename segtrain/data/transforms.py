@@ -264,8 +264,17 @@ def report_scales(cfg: DictConfig, median_hw: tuple[int, int], base_from_auto: b
     log.info(
         "scale: the median training image (%dx%d px, h x w) is trained at %.2fx-%.2fx its size (%s x "
         "data.scale_range [%g, %g]; centre %.2fx) and validated at %.2fx (%s)",
-        h, w, to_base * lo, to_base * hi, train_from, lo, hi, train, val, val_from,
-    )  # fmt: skip
+        h,
+        w,
+        to_base * lo,
+        to_base * hi,
+        train_from,
+        lo,
+        hi,
+        train,
+        val,
+        val_from,
+    )
     warnings = []
     if max(train / val, val / train) > 1.25:
         fix = "data.val_size=null" if abs(math.log(lo * hi)) < 1e-9 else f"data.val_size={round(min(h, w) * train)}"

@@ -11,7 +11,8 @@ update takes 1/ema_warmup of the old average, and the average spans roughly the 
 steps until ``ema_decay`` caps it (about 1/(1 - ema_decay) steps).  ``trainer.ema_warmup=null``: d_n =
 ema_decay from the first step.
 
-Validation, ``best.pt`` and ``best-*.pt`` use the averaged weights.  Every checkpoint's ``model`` holds the
+A hook (:mod:`segtrain.hooks.base`): it updates after every step and is the trainer's validation model, so
+validation, ``best.pt`` and ``best-*.pt`` use the averaged weights.  Every checkpoint's ``model`` holds the
 weights validation uses (the EMA's), so ``segtrain-eval`` and ``model.init_from`` read them; the raw training
 weights are in ``raw_model`` and the update count in ``ema``, so that a resume continues bitwise.  Under DDP
 the average is of the unwrapped module on every rank (the weights are identical after each step);
@@ -26,12 +27,15 @@ import logging
 import torch
 from torch import nn
 
+from segtrain.hooks.base import Hook
 from segtrain.runtime import unwrap
 
 log = logging.getLogger("segtrain")
 
 
-class EMA:
+class EMA(Hook):
+    name = "ema"
+
     def __init__(self, model: nn.Module, decay: float, warmup: int | None):
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
@@ -66,15 +70,19 @@ class EMA:
             e.copy_(m)
         self.num_updates += 1
 
+    def after_step(self, trainer, step) -> None:
+        self.update(trainer.model)
+
+    def validation_model(self) -> nn.Module:
+        return self.module
+
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "decay": self.decay, "warmup": self.warmup}
 
-    def load(self, state: dict, model: nn.Module) -> None:
-        """From a checkpoint: its ``model`` (the EMA weights) and ``ema``; a checkpoint trained without EMA
-        starts the average from its weights."""
-        if "ema" in state:
-            self.module.load_state_dict(state["model"])
-            self.num_updates = state["ema"]["num_updates"]
-        else:
-            self.module.load_state_dict(unwrap(model).state_dict())
+    def load_state_dict(self, state: dict | None) -> None:
+        """The update count; the averaged weights come with the checkpoint's ``model`` (the trainer loads them).  A
+        checkpoint trained without EMA holds none: the average starts from its weights."""
+        if state is None:
             log.warning("the checkpoint has no EMA weights: the average starts from its weights now")
+            return
+        self.num_updates = state["num_updates"]

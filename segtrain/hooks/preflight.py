@@ -1,9 +1,9 @@
-"""Checks at start, before the first training step, so that a run that would crash at its first
-validation (after a whole interval of training) fails in seconds instead.
+"""Checks at start, before the first training step (a hook's ``before_train``), so that a run that would crash at
+its first validation (after a whole interval of training) fails in seconds instead.
 
 * :func:`check_val_images`: the smallest validation image (found by the label check) against the
   network's minimum input size;
-* :func:`dry_validation`: one validation image through the real evaluation path (the ``eval.*``
+* :class:`Preflight`: one validation image through the real evaluation path (the ``eval.*``
   settings, autocast, the loss and the confusion matrix) with the network about to be trained.
 
 The cross-key checks of config values (strides, crops, sizes, seeds ...) live in
@@ -19,7 +19,8 @@ import time
 from segtrain.config import min_input_size, smallest_eval_scale
 from segtrain.errors import ConfigError, DataError
 from segtrain.evaluation import evaluate_loader
-from segtrain.runtime import autocast, unwrap
+from segtrain.hooks.base import Hook
+from segtrain.runtime import autocast
 
 log = logging.getLogger("segtrain")
 
@@ -55,28 +56,39 @@ class _FirstImage(list):
         self.sampler = list(loader.sampler)[:1]
 
 
-def dry_validation(trainer) -> None:
-    """One validation image through :func:`segtrain.evaluation.evaluate_loader`, as at the first validation
-    (the plain module: no compilation, no DDP hooks).  Under DDP every rank runs it (it all-reduces)."""
-    check_val_images(trainer.val_set, trainer.cfg)
-    t0 = time.perf_counter()
-    try:
-        batch = next(iter(trainer.val_loader), None)
-    except RuntimeError as e:
-        if "stack expects each tensor to be equal size" not in str(e):
-            raise
-        bs = trainer.cfg.data.val_batch_size or trainer.cfg.data.batch_size
-        raise ConfigError(
-            f"validation images differ in size, so they cannot be batched {bs} at a time: set "
-            "data.val_batch_size=1, or data.val_size to resize them"
-        ) from None
-    batches = _FirstImage(batch, trainer.val_loader)
-    model = unwrap(trainer.model)
-    was_training = model.training
-    model.eval()  # left so on failure: an out-of-memory error is then reported as one "in validation"
-    evaluate_loader(
-        model, batches, trainer.batch_to_device, lambda: autocast(trainer.device, trainer.precision), trainer.cfg,
-        trainer.class_names, criterion=trainer.criterion,
-    )  # fmt: skip
-    model.train(was_training)
-    log.debug("dry validation pass: %.2f s", time.perf_counter() - t0)
+class Preflight(Hook):
+    """Before the first step: :func:`check_val_images`, then one validation image through
+    :func:`segtrain.evaluation.evaluate_loader`, as at the first validation (the plain module: no compilation, no
+    DDP hooks).  Under DDP every process runs it (it all-reduces)."""
+
+    def __init__(self, val_set):
+        self.val_set = val_set
+
+    def before_train(self, trainer) -> None:
+        check_val_images(self.val_set, trainer.cfg)
+        t0 = time.perf_counter()
+        try:
+            batch = next(iter(trainer.val_loader), None)
+        except RuntimeError as e:
+            if "stack expects each tensor to be equal size" not in str(e):
+                raise
+            d = trainer.cfg.data
+            raise ConfigError(
+                f"validation images differ in size, so they cannot be batched {d.val_batch_size or d.batch_size} at "
+                "a time: set data.val_batch_size=1, or data.val_size to resize them"
+            ) from None
+        batches = _FirstImage(batch, trainer.val_loader)
+        model = trainer.model
+        was_training = model.training
+        model.eval()  # left so on failure: an out-of-memory error is then reported as one "in validation"
+        evaluate_loader(
+            model,
+            batches,
+            trainer.batch_to_device,
+            lambda: autocast(trainer.device, trainer.precision),
+            trainer.cfg,
+            trainer.class_names,
+            criterion=trainer.criterion,
+        )
+        model.train(was_training)
+        log.debug("dry validation pass: %.2f s", time.perf_counter() - t0)

@@ -13,8 +13,9 @@
   p bad validations in a row stop training, as Lightning's EarlyStopping does.  The reason goes to the
   log, ``metrics.json`` and ``status.json``.
 
-The whole state (best value and step, the bad count, the kept files) is in every checkpoint, so a resumed
-run stops at the same validation and keeps the same files as one that never stopped.
+A hook (:mod:`segtrain.hooks.base`): it judges every validation (before the checkpoints are written) and writes
+its files after ``last.pt``.  Its whole state (best value and step, the bad count, the kept files) is in every
+checkpoint, so a resumed run stops at the same validation and keeps the same files as one that never stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from omegaconf import DictConfig
 from segtrain import checkpoint
 from segtrain.config import VAL_KEYS
 from segtrain.errors import ConfigError
+from segtrain.hooks.base import Hook, ValidationResult
 
 log = logging.getLogger("segtrain")
 
@@ -37,7 +39,9 @@ def monitor_mode(monitor: str, mode: str) -> str:
     return ("min" if monitor == "val/loss" else "max") if mode == "auto" else mode
 
 
-class Monitor:
+class Monitor(Hook):
+    name = "monitor"
+
     def __init__(self, t: DictConfig, ckpt_dir: Path, class_names: list[str]):
         keys = [*VAL_KEYS, *(f"val_iou/{n}" for n in class_names)]
         if t.monitor not in keys:
@@ -95,6 +99,12 @@ class Monitor:
                 self.pending["delete"].append(self.kept.pop()["file"])
         return improved
 
+    def after_validation(self, trainer, validation: ValidationResult) -> None:
+        validation.improved = self.update(validation.scalars, trainer.step)
+
+    def after_save(self, trainer, state: dict) -> None:
+        self.save(state)
+
     def save(self, state: dict) -> None:
         """Rank 0, after last.pt: the new top-k file, best.pt, the files that left the top k; logs a stop."""
         p, self.pending = self.pending, {}
@@ -110,8 +120,9 @@ class Monitor:
         if p.get("stop"):  # said here, after the validation's line, on rank 0 only
             log.info("%s", self.stop_reason)
 
-    def summary(self, step: int, max_iters: int) -> dict:
-        reason = self.stop_reason or (f"completed trainer.max_iters ({max_iters})" if step >= max_iters else None)
+    def summary(self, trainer) -> dict:
+        done = trainer.step >= trainer.max_iters
+        reason = self.stop_reason or (f"completed trainer.max_iters ({trainer.max_iters})" if done else None)
         return {
             "monitor": self.key,
             "monitor_mode": self.mode,
@@ -123,16 +134,27 @@ class Monitor:
         }
 
     def state_dict(self) -> dict:
-        return {"key": self.key, "mode": self.mode, "best": self.best, "best_step": self.best_step,
-                "reference": self.reference, "bad": self.bad, "kept": [dict(e) for e in self.kept],
-                "stop_reason": self.stop_reason}  # fmt: skip
+        return {
+            "key": self.key,
+            "mode": self.mode,
+            "best": self.best,
+            "best_step": self.best_step,
+            "reference": self.reference,
+            "bad": self.bad,
+            "kept": [dict(e) for e in self.kept],
+            "stop_reason": self.stop_reason,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
-        """Restore; a checkpoint of another monitor (or of segtrain 0.1.0, none) starts the record afresh."""
+        """Restore; a checkpoint of another monitor (or of a run without one) starts the record afresh."""
         if not state or (state["key"], state["mode"]) != (self.key, self.mode):
-            log.warning("resuming with trainer.monitor=%s (%s): its best value and early-stopping count start "
-                        "afresh (the checkpoint has %s)", self.key, self.mode,
-                        f"{state['key']} ({state['mode']})" if state else "none")  # fmt: skip
+            log.warning(
+                "resuming with trainer.monitor=%s (%s): its best value and early-stopping count start "
+                "afresh (the checkpoint has %s)",
+                self.key,
+                self.mode,
+                f"{state['key']} ({state['mode']})" if state else "none",
+            )
             return
         self.best, self.best_step = state["best"], state["best_step"]
         self.reference, self.bad, self.stop_reason = state["reference"], state["bad"], state["stop_reason"]
