@@ -208,8 +208,9 @@ def _find(config_dirs: list[Path], group: str, option: str) -> tuple[Path | None
     return None, False
 
 
-def _option_keys(group: str, option: str, config_dirs: list[Path]) -> set[str]:
-    """The keys a group choice makes explicit (see :func:`explicit_keys`)."""
+def _option_keys(group: str, option: str, config_dirs: list[Path], complete: bool = False) -> set[str]:
+    """The keys a group choice makes explicit (see :func:`explicit_keys`); ``complete``: every key the option's
+    file sets, null ones too (the options a recipe selects are part of the recipe)."""
     if option in ("null", "None", ""):
         return set()
     path, shipped = _find(config_dirs, group, option)
@@ -223,15 +224,15 @@ def _option_keys(group: str, option: str, config_dirs: list[Path]) -> set[str]:
                 for k, v in entry.items():
                     sub = str(k).replace("override", "").strip().strip("/")
                     if sub in GROUPS:
-                        keys |= _option_keys(sub, str(v), config_dirs)
+                        keys |= _option_keys(sub, str(v), config_dirs, complete=True)
         return keys
     if group == "data":
         if path is None:  # a data config segtrain cannot read here: every data key is the user's
             return {"data"}
         return {"data.name"} if shipped else {"data.name"} | {f"data.{k}" for k in _flatten(_load_yaml(path))}
     keys = {f"{group}.name"} if group in ("model", "loss", "optimizer", "scheduler") else set()
-    if path is not None and group == "loss":  # the loss option's own values (not its null placeholders)
-        keys |= {f"loss.{k}" for k, v in _load_yaml(path).items() if v is not None}
+    if path is not None and (group == "loss" or complete):  # a loss option's own values (not its null placeholders)
+        keys |= {f"{group}.{k}" for k, v in _load_yaml(path).items() if complete or v is not None}
     return keys
 
 
@@ -241,7 +242,8 @@ def explicit_keys(task_overrides: Iterable[str], config_dirs: Iterable[str | Pat
     ``task_overrides``: the command line's overrides (``HydraConfig.get().overrides.task``); ``config_dirs``:
     segtrain's config dir first (``segtrain.cli.config_dir()``), then any of the user's.  A dotted key
     (``data.crop_size=96``) is explicit; ``experiment=X`` / ``debug=X`` make every key their file sets
-    explicit (with the options they override); ``loss=X`` makes ``loss.name`` and the values its file sets
+    explicit, with every key of the options they select (a recipe is complete: its loss has no class weights
+    unless it says so); ``loss=X`` makes ``loss.name`` and the values its file sets
     explicit; ``data=X`` of a data config of the user's makes all its keys explicit, while segtrain's own
     layouts (``data=voc`` ...) are recipes that the plan keeps while the data fits them.  An entry may be a
     prefix (``data``: every data key)."""
@@ -289,10 +291,10 @@ def signal_problems(
         mn, sn = (m - mu) / su, s / su
         step = autocast_step(abs(mn) + sn, precision)
         if sn < TINY_SIGNAL:
-            out.append(f"band {b} is {mn:.2f} ± {sn:.2g} after normalisation (a tiny variation)")
+            out.append(f"band {b} at {mn:.2f} ± {sn:.2g} after normalisation (a tiny variation)")
         elif precision != "fp32" and sn < PRECISION_STEPS * step:
             out.append(
-                f"band {b} is {mn:.2f} ± {sn:.2g} after normalisation, below {precision}'s resolution ({step:.2g} there)"
+                f"band {b} at {mn:.2f} ± {sn:.2g} after normalisation, below {precision}'s resolution ({step:.2g} there)"
             )
     return out
 
