@@ -190,29 +190,42 @@ def test_iterations_floor_ceiling_and_validations(tmp_path):
 
 def test_binary_95_5_masks_saved_as_0_255(tmp_path):
     from segtrain.data import build_datasets
-    from segtrain.losses import median_frequency_weights
 
     masks = write_binary_95_5(tmp_path, n_train=6, n_val=2)
-    plan, cfg, _ = planned("data=folder", f"data.root={tmp_path}")
+    plan, cfg, fp = planned("data=folder", f"data.root={tmp_path}")
     assert plan.settings["data.label_map"].value == {255: 1} and plan.settings["data.num_classes"].value == 2
     train = np.stack([masks[f"b{i:02d}"] for i in range(6)]) // 255
     counts = np.bincount(train.ravel(), minlength=2)
-    assert counts[1] / counts.sum() == pytest.approx(0.05)
-    expected = median_frequency_weights(counts, [train.size, train.size]).tolist()
-    cw = plan.settings["loss.class_weights"]
-    assert cw.value == [round(w, 4) for w in expected] and cw.value[1] > 5 * cw.value[0]
-    assert "has 19.0x the pixels of the rarest (1: 5%), more than 10x" in cw.reason
-    new = plan.apply(cfg)
-    build_datasets(copy.deepcopy(new.data), seed=0)  # the label check passes with the planned label_map
-    assert new.data.label_map == {255: 1} and cfg.data.label_map is None
-    plan, cfg, fp = planned("data=folder", f"data.root={tmp_path}", "data.num_classes=1")
-    assert plan.settings["loss.name"].value == "bce+dice" and plan.settings["loss.class_weights"].value is None
-    assert plan.settings["data.num_classes"].value == 1 and not plan.disagreements()
-    assert plan.apply(cfg).loss.name == "bce+dice" and cfg.loss.name == "ce"
-    plan, _, _ = planned("data=folder", f"data.root={tmp_path}", "loss=ce_dice", fp=fp)
+    ratio = counts[0] / counts[1]
+    assert counts[1] / counts.sum() == pytest.approx(0.05) and ratio == pytest.approx(19.0)
+    loss = plan.settings["loss.name"]
+    assert loss.value == "ce+dice" and loss.source == "plan"
+    assert (
+        f"(0: 95% of the labelled pixels) has {ratio:.1f}x the pixels of the rarest (1: 5%), more than 10x"
+        in loss.reason
+    )
     assert (
         plan.settings["loss.class_weights"].value is None and "Dice term" in plan.settings["loss.class_weights"].reason
     )
+    new = plan.apply(cfg)
+    build_datasets(copy.deepcopy(new.data), seed=0)  # the label check passes with the planned label_map
+    assert new.data.label_map == {255: 1} and cfg.data.label_map is None and new.loss.name == "ce+dice"
+    # one sigmoid logit: bce+dice, no disagreement about the number of classes
+    plan, cfg, _ = planned("data=folder", f"data.root={tmp_path}", "data.num_classes=1", fp=fp)
+    assert plan.settings["loss.name"].value == "bce+dice" and plan.settings["loss.class_weights"].value is None
+    assert plan.settings["data.num_classes"].value == 1 and not plan.disagreements()
+    assert plan.apply(cfg).loss.name == "bce+dice" and cfg.loss.name == "ce"
+    # a loss chosen without Dice stays, and the plan says what it would do
+    plan, _, _ = planned("data=folder", f"data.root={tmp_path}", "loss=focal", fp=fp)
+    assert plan.settings["loss.name"].line().startswith("loss.name=focal (yours; the plan would use focal+dice:")
+    assert (
+        plan.settings["loss.class_weights"].value is None
+        and "use loss=ce_dice" in plan.settings["loss.class_weights"].reason
+    )
+    # balanced classes keep plain cross entropy
+    write_folder(tmp_path / "even", n=6)
+    plan, _, _ = planned("data=folder", f"data.root={tmp_path / 'even'}")
+    assert plan.settings["loss.name"].value == "ce" and "within 10x" in plan.settings["loss.name"].reason
 
 
 def test_number_of_classes_from_masks_or_classes_yaml(tmp_path):
