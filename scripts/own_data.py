@@ -265,15 +265,34 @@ def run(name: str, variant: str, root: Path, out: Path, max_iters: int, common: 
     record.update(best_miou=m.get("best_miou"), steps=m.get("step"))
     record["history"] = [{k: h.get(k) for k in ("step", "miou", "fg_iou") if k in h} for h in hist]
     record["per_class_iou"] = m.get("per_class_iou")  # of the last validation
+    record["per_class_iou_at_best"] = _per_class_at_best(run_dir / "metrics.csv")
     return record
 
 
+def _per_class_at_best(path: Path) -> dict | None:
+    """Per-class IoU of the validation with the best mIoU, from the CSV logger's file (None without it)."""
+    import csv
+
+    if not path.is_file():
+        return None
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val/mIoU")]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: float(r["val/mIoU"]))
+    return {k.split("/", 1)[1]: float(v) for k, v in best.items() if k.startswith("val_iou/") and v}
+
+
 def table(results: list[dict]) -> str:
-    rows = ["| set | run | best mIoU | history (step: mIoU) | s | error |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| set | run | best mIoU | its per-class IoU | history (step: mIoU) | s | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         hist = ", ".join(f"{h['step']}: {h['miou']:.3f}" for h in r.get("history", []))
         best = "" if r.get("best_miou") is None else f"{r['best_miou']:.3f}"
-        rows.append(f"| {r['set']} | {r['run']} | {best} | {hist} | {r['seconds']} | {r.get('error', '')[:160]} |")
+        per_class = ", ".join(f"{k} {v:.3f}" for k, v in (r.get("per_class_iou_at_best") or {}).items())
+        error = r.get("error", "")[:160]
+        rows.append(f"| {r['set']} | {r['run']} | {best} | {per_class} | {hist} | {r['seconds']} | {error} |")
     return "\n".join(rows)
 
 

@@ -505,7 +505,9 @@ def differences(train: dict | None, val: dict | None) -> list[str]:
 
 
 def _num(v: float) -> str:
-    return f"{v:.4g}" if isinstance(v, float) and not float(v).is_integer() else f"{int(v)}"
+    if isinstance(v, float) and not float(v).is_integer() and abs(v) < 1000:
+        return f"{v:.4g}"
+    return f"{round(v)}"
 
 
 def _bands(values: list, limit: int = 4) -> str:
