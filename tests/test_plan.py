@@ -339,3 +339,14 @@ def test_network_cost_and_the_cpu_device():
     info = describe_device(composed("device=cpu").device, composed().model)
     assert info["type"] == "cpu" and info["memory_bytes"] is None and "bytes_per_pixel" not in info
     assert info["precision"] in ("fp32", "bf16") and math.isfinite(autocast_step(1.0, info["precision"]))
+
+
+def test_a_recipe_without_its_base_size_fits_while_its_crop_does(tmp_path):
+    write_voc(tmp_path, n_train=4, n_val=2)  # 48-90 px pictures
+    plan, _, fp = planned("data=voc", f"data.root={tmp_path}", "data.base_size=null")
+    s = plan.settings["data.crop_size"]
+    assert (
+        s.source == "plan" and s.value == [56, 72] and "crop_size=512 is more than twice the median image" in s.reason
+    )
+    plan, _, _ = planned("data=voc", f"data.root={tmp_path}", "data.base_size=null", "data.crop_size=64", fp=fp)
+    assert plan.settings["data.batch_size"].source == "layout" and plan.settings["data.batch_size"].value == 8

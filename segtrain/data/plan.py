@@ -424,10 +424,16 @@ class _Planner:
             return True, "data=synthetic draws its pictures at data.image_size: its config is kept"
         if self.layout not in RECIPE_LAYOUTS or self.median_hw is None:
             return False, ""
-        base = self.current("data.base_size")
+        base, crop = self.current("data.base_size"), self.current("data.crop_size")
         h, w = self.median_hw
-        if base in (None, "auto"):
-            return True, f"the {self.layout} recipe (data.base_size={shown(base)})"
+        if base in (None, "auto"):  # yours: the recipe fits while its crop is at most twice the median image
+            ch, cw = as_hw(crop, "data.crop_size") if crop is not None else (0, 0)
+            fits = ch <= 2 * h and cw <= 2 * w
+            how = "at most" if fits else "more than"
+            return (
+                fits,
+                f"the {self.layout} recipe's data.crop_size={shown(crop)} is {how} twice the median image ({h}x{w} px)",
+            )
         factor = _scale_factor(h, w, as_size(base, "data.base_size"))
         lo, hi = RECIPE_FIT
         fits = lo <= factor <= hi
@@ -566,8 +572,8 @@ class _Planner:
             f"the median training image at the training scale ({round(th)}x{round(tw)} px) whole, sides rounded "
             f"down to a multiple of {CROP_STEP}, {CROP_MIN}-{CROP_MAX} px"
         )
-        if self.recipe_fits:
-            reason = self.recipe_note
+        if self.recipe_note:  # kept, or why not
+            reason = self.recipe_note if self.recipe_fits else f"{reason}; {self.recipe_note}"
         crop = self.decide("data.crop_size", planned, reason, layout=self.recipe_fits)
         return None if crop is None else as_hw(crop, "data.crop_size")
 
