@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from fake_datasets import write_cityscapes, write_folder, write_voc
 from fake_own_data import write_binary_95_5, write_nuclei16, write_photos, write_voc_photos
 from omegaconf import OmegaConf
@@ -350,3 +351,26 @@ def test_a_recipe_without_its_base_size_fits_while_its_crop_does(tmp_path):
     )
     plan, _, _ = planned("data=voc", f"data.root={tmp_path}", "data.base_size=null", "data.crop_size=64", fp=fp)
     assert plan.settings["data.batch_size"].source == "layout" and plan.settings["data.batch_size"].value == 8
+
+
+def test_the_applied_plan_is_what_validation_loaders_and_losses_take(tmp_path):
+    """What the plan writes is what today's validation, data sets, loader, batch normalisation and loss accept:
+    label_map, ce+dice, per-band numbers, an [h, w] crop, a batch for 6 images."""
+    from segtrain.config import validate
+    from segtrain.data import build_datasets, build_loader
+    from segtrain.losses import build_loss
+    from segtrain.runtime import BatchToDevice
+
+    write_binary_95_5(tmp_path / "d", n_train=6, n_val=2)
+    plan, cfg, _ = planned("data=folder", f"data.root={tmp_path / 'd'}", "data.num_workers=0", "device=cpu")
+    new = plan.apply(cfg)
+    assert new.loss.name == "ce+dice" and new.data.label_map == {255: 1} and new.data.batch_size == 2
+    validate(new)
+    train, _ = build_datasets(new.data, seed=0)
+    images, masks = next(iter(build_loader(train, new.data, True, seed=0)))
+    assert images.shape == (2, 3, 40, 40) and set(masks.unique().tolist()) <= {0, 1, 255}
+    x, y = BatchToDevice(torch.device("cpu"), new.data.mean, new.data.std)(images, masks)
+    logits = torch.zeros(2, 2, 40, 40, requires_grad=True)
+    loss = build_loss(new.loss, 2, new.data.ignore_index)(logits, y)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(float(x.mean())) < 3
