@@ -169,15 +169,21 @@ class _PixelStats:
     def measure(img: np.ndarray) -> dict:
         img = img if img.ndim == 3 else img[..., None]
         x = img.reshape(-1, img.shape[-1])
-        xf = x.astype(np.float64)
-        out = {"dtype": img.dtype.name, "n": x.shape[0], "sum": xf.sum(0), "sq": np.square(xf).sum(0)}
-        out.update(min=xf.min(0), max=xf.max(0), hw=img.shape[:2])
-        if img.dtype.name in TYPE_MAX:
+        out: dict[str, Any] = {"dtype": img.dtype.name, "n": x.shape[0], "hw": img.shape[:2]}
+        if img.dtype.name in TYPE_MAX:  # sums and extremes from the exact histogram: no float copy
             bins = int(TYPE_MAX[img.dtype.name]) + 1
-            out["hist"] = np.stack([np.bincount(x[:, b], minlength=bins) for b in range(x.shape[1])])
+            hist = np.stack([np.bincount(x[:, b], minlength=bins) for b in range(x.shape[1])])
+            v = np.arange(bins, dtype=np.float64)
+            seen = hist > 0
+            out.update(hist=hist, sum=hist @ v, sq=hist @ (v * v))
+            out.update(
+                min=np.argmax(seen, 1).astype(np.float64),
+                max=(bins - 1 - np.argmax(seen[:, ::-1], 1)).astype(np.float64),
+            )
         else:
+            xf = x.astype(np.float64)
             step = max(1, math.ceil(x.shape[0] / FLOAT_SUBSAMPLE))
-            out["sub"] = x[::step].astype(np.float64)
+            out.update(sum=xf.sum(0), sq=np.square(xf).sum(0), min=xf.min(0), max=xf.max(0), sub=xf[::step])
         return out
 
     def add(self, m: dict) -> None:
