@@ -374,3 +374,14 @@ def test_the_applied_plan_is_what_validation_loaders_and_losses_take(tmp_path):
     loss = build_loss(new.loss, 2, new.data.ignore_index)(logits, y)
     loss.backward()
     assert torch.isfinite(loss) and abs(float(x.mean())) < 3
+
+
+def test_tiny_objects_on_big_images(tmp_path):
+    from fake_own_data import write_tiny_objects
+
+    write_tiny_objects(tmp_path, n=5, size=200)
+    plan, _, fp = planned("data=folder", f"data.root={tmp_path}", "data.val_fraction=0.2")
+    v = fp["splits"]["train"]["masks"]["values"]
+    assert v["1"]["area_p10"] <= 9 and v["1"]["pixels"] / (v["0"]["pixels"] + v["1"]["pixels"]) < 0.002
+    assert plan.settings["data.crop_size"].value == 200 and plan.settings["data.base_size"].value == [200, 200]
+    assert plan.settings["loss.name"].value == "ce+dice" and "more than 10x" in plan.settings["loss.name"].reason
