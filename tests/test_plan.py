@@ -385,3 +385,19 @@ def test_tiny_objects_on_big_images(tmp_path):
     assert v["1"]["area_p10"] <= 9 and v["1"]["pixels"] / (v["0"]["pixels"] + v["1"]["pixels"]) < 0.002
     assert plan.settings["data.crop_size"].value == 200 and plan.settings["data.base_size"].value == [200, 200]
     assert plan.settings["loss.name"].value == "ce+dice" and "more than 10x" in plan.settings["loss.name"].reason
+
+
+def test_the_guard_overrides_the_photo_rule(tmp_path):
+    """The guard is a rule of its own: photos that ImageNet's statistics would flatten (here a fingerprint
+    edited to a standard deviation of 0.01) get their own statistics, whatever the photo rule says."""
+    write_folder(tmp_path, n=6)
+    _, _, fp = planned("data=folder", f"data.root={tmp_path}")
+    flat = copy.deepcopy(fp)
+    flat["splits"]["train"]["pixels"]["std"] = [0.01, 0.01, 0.01]
+    plan, _, _ = planned("data=folder", f"data.root={tmp_path}", fp=flat)
+    s = plan.settings["data.std"]
+    assert (
+        s.value == [0.01, 0.01, 0.01]
+        and "ImageNet's would leave band 0 at" in s.reason
+        and "(a tiny variation)" in s.reason
+    )
