@@ -98,7 +98,7 @@ def test_float_multiband_and_8bit_photos(tmp_path):
     plan, _, fp = planned("data=folder", f"data.root={tmp_path / 'f'}", "data.in_channels=4")
     assert plan.settings["data.mean"].value == fp["splits"]["train"]["pixels"]["mean"]
     assert (
-        "the data's own per-band statistics: 4-band float32 images, not 8-bit photos"
+        "the data's own per-band statistics: 4-band float32 images, not 3-band 8-bit photos"
         in plan.settings["data.mean"].reason
     )
     write_folder(tmp_path / "p", n=6)  # 8-bit RGB noise photos: every band spans ~99% of 0..255

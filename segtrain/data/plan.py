@@ -669,7 +669,7 @@ class _Planner:
         else:
             planned = (own_mean, own_std)
             imagenet = signal_problems(px["mean"], px["std"], IMAGENET_MEAN, IMAGENET_STD, precision)
-            reason = f"the data's own per-band statistics: {desc}, not 8-bit photos" + (
+            reason = f"the data's own per-band statistics: {desc}, not 3-band 8-bit photos" + (
                 f"; ImageNet's would leave {imagenet[0]}" if imagenet and px["bands"] == 3 else ""
             )
         pair = ("data.mean", "data.std")
