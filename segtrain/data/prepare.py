@@ -6,6 +6,8 @@
   (like mmseg's ``tools/dataset_converters/voc_aug.py``); needs VOC in ``DIR`` first.
 * ``segtrain-data cityscapes --root DIR``: ``*_gtFine_labelTrainIds.png`` next to every
   ``*_gtFine_labelIds.png`` (no download: Cityscapes needs a login).
+* ``segtrain-data inspect data=NAME data.root=DIR [overrides]``: the data set's fingerprint and training plan
+  in a few lines, and ``data_card.png`` (:mod:`segtrain.data.inspect`).
 
 Archives are md5-verified (``--md5`` overrides the expected sum, ``--no-verify`` skips it) and
 extracted safely (absolute paths, ``..`` and links leaving the root are refused).  Every failure is
@@ -410,6 +412,18 @@ def cmd_cityscapes(args: argparse.Namespace) -> None:
     print(f"{PROG}: Cityscapes labels ready: data=cityscapes data.root={base}", file=sys.stdout)
 
 
+# ----------------------------------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """The data card: fingerprint, plan and data_card.png (segtrain.data.inspect)."""
+    from segtrain.data.inspect import inspect
+
+    if args.max_images is not None and args.max_images < 1:
+        raise DataError("--max-images must be >= 1")
+    inspect(args.overrides, out=args.out, max_images=args.max_images, as_json=args.json)
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
@@ -442,7 +456,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Download, verify, extract and convert data sets for segtrain.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{voc,sbd,cityscapes}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{voc,sbd,cityscapes,inspect}", parser_class=_Parser)
 
     def archive_opts(sp, what):
         sp.add_argument("--root", required=True, help="folder that receives the data (data.root for training)")
@@ -470,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=0, help="conversion processes (default: min(8, CPUs))")
     c.add_argument("--force", action="store_true", help="rewrite existing labelTrainIds PNGs")
     c.set_defaults(func=cmd_cityscapes)
+
+    i = sub.add_parser(
+        "inspect",
+        help="the data card: fingerprint, plan and data_card.png (e.g. inspect data=folder data.root=DIR)",
+        description="Fingerprint a data set, print the training plan, and write data_card.png. The overrides "
+        "compose the same config as segtrain (data=NAME data.root=PATH data.KEY=VALUE ...).",
+    )
+    i.add_argument("overrides", nargs="*", help="segtrain overrides: data=NAME data.root=PATH [data.KEY=VALUE ...]")
+    i.add_argument("--out", default="data_card.png", help="where the card goes (default: ./data_card.png)")
+    i.add_argument("--max-images", type=int, default=None, help="images per split read for pixel statistics (256)")
+    i.add_argument("--json", action="store_true", help="print the fingerprint and the plan as one JSON object")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 
