@@ -35,10 +35,7 @@ def stored_config(state: dict) -> DictConfig:
 
 def _candidates(resume: str, ckpt_dir: Path, keep_last: int) -> list[Path]:
     if resume != "auto":
-        path = Path(resume).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"trainer.resume={resume}: no such file")
-        return [path]
+        return [checkpoint.checkpoint_file(resume, "trainer.resume")]
     last = ckpt_dir / "last.pt"
     return [p for p in (checkpoint.numbered(last, i) for i in range(keep_last + 1)) if p.is_file()]
 
@@ -108,14 +105,24 @@ def warn_changed(cfg: DictConfig, stored: DictConfig) -> None:
         for key, value in OmegaConf.to_container(ours, resolve=True).items():
             if key in _UNWARNED or key not in theirs:
                 continue
-            if str(theirs.get(key)) != str(value):
-                changed.append(f"{group}.{key} {theirs.get(key)} -> {value}")
+            before = theirs.get(key)
+            before = OmegaConf.to_container(before) if OmegaConf.is_config(before) else before
+            if _unset(before) != _unset(value):
+                changed.append(f"{group}.{key} {before} -> {value}")
     if changed:
         log.warning(
             "resuming with settings that differ from the checkpoint's: %s (the optimizer and schedule state "
             "come from the checkpoint)",
             ", ".join(changed[:8]),
         )
+
+
+def _unset(value):
+    """``value`` with null entries of a dict dropped, and an empty dict as null: ``loss.weights`` of older
+    checkpoints is null where it is now ``{ce: null, ...}`` (the same: every weight 1)."""
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if v is not None} or None
+    return str(value)
 
 
 def _listed(label: str, items: list[str]) -> str:
@@ -152,9 +159,7 @@ def differences(
 
 def init_from(model: nn.Module, path_str: str, network: str) -> None:
     """``model.init_from``: load every tensor whose name and shape match; report what was skipped."""
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"model.init_from={path_str}: no such file")
+    path = checkpoint.checkpoint_file(path_str, "model.init_from")
     obj = checkpoint.load(path, require_model=False)  # also a plain state dict
     theirs = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(theirs, dict):
