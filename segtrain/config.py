@@ -430,12 +430,12 @@ def check_keys(cfg: DictConfig) -> None:
 
 
 def _check_node_keys(node: DictConfig, schema: type, root: type, prefix: str) -> None:
-    fields = _fields(schema)
-    for key in node.keys():
+    fields, keys = _fields(schema), set(node.keys())  # keys(), not `in`: a missing value (???) is no key for `in`
+    for key in keys:
         if key not in fields and not (prefix == "" and key == "hydra"):
             raise ConfigError(unknown_key(f"{prefix}{key}", root))
     for name, sub in fields.items():
-        if name not in node:
+        if name not in keys:
             raise ConfigError(
                 f"{prefix}{name} was deleted (~{prefix}{name}), but every key of the config is needed: drop "
                 f"~{prefix}{name} (set its value instead, or null where the key allows it)"
@@ -652,6 +652,11 @@ def validate(cfg: DictConfig) -> None:
         f"data.ignore_index={d.ignore_index} is a class id (num_classes={d.num_classes}); use 255",
     )
     if d.name == "synthetic":
+        for key, split in (("data.train_split", "train"), ("data.val_split", "val")):
+            _check(
+                d[key.split(".")[1]] == split,
+                f"{key}={d[key.split('.')[1]]}: data=synthetic has the splits train and val only; drop {key}",
+            )
         _check(d.num_train >= 1, f"data.num_train must be >= 1, got {d.num_train}")
         _check(d.num_val >= 1, f"data.num_val must be >= 1, got {d.num_val}")
         as_hw(d.image_size, "data.image_size")

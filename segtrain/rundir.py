@@ -52,6 +52,7 @@ OUTPUTS = ("metrics.json",)  # besides checkpoints/*.pt: files that make a dir a
 # Unique default run dirs.
 
 _unique: dict[str, str] = {}
+_made: dict[str, list[Path]] = {}  # a unique dir -> it and the parents created for it, innermost first
 
 
 def unique_dir(path: str) -> str:
@@ -63,6 +64,7 @@ def unique_dir(path: str) -> str:
     if path in _unique:
         return _unique[path]
     base = Path(path)
+    made = [p for p in reversed(base.parents) if not p.exists()]  # removed again when the run is refused
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -76,6 +78,7 @@ def unique_dir(path: str) -> str:
         except OSError:
             return path
         _unique[path] = str(candidate)
+        _made[str(candidate)] = [candidate, *reversed(made)]
         return str(candidate)
     return path
 
@@ -492,10 +495,9 @@ class RunDirGuard(Callback):
                 return
             claim(folder, config.trainer.resume, config.trainer.overwrite, keep=set())
         except SegtrainError as e:
-            if str(folder) in _unique.values():  # the default outputs/DATE/TIME, made for this run: not left empty
-                for empty in (folder, folder.parent, folder.parent.parent):
-                    with contextlib.suppress(OSError):
-                        empty.rmdir()  # only an empty dir goes
+            for empty in _made.get(str(folder), []):  # the default outputs/DATE/TIME made for this run: not left
+                with contextlib.suppress(OSError):
+                    empty.rmdir()  # only an empty dir goes
             raise Refused(e) from None
 
 
