@@ -125,22 +125,11 @@ class SchedulerConfig:
 
 
 @dataclass
-class LossWeights:
-    """``loss.weights``: the weight of each term of ``loss.name``, e.g. ``{ce: 1.0, dice: 3.0}``; null: 1.  A node
-    with a key per term, so that ``'loss.weights={ce:1,dice:3}'`` merges on the command line (a free dict would
-    refuse the new keys) and a misspelled term is an unknown key."""
-
-    ce: float | None = None
-    ohem: float | None = None
-    dice: float | None = None
-    focal: float | None = None
-    bce: float | None = None
-
-
-@dataclass
 class LossConfig:
     name: str = MISSING  # ce | ohem | dice | focal | bce (one sigmoid logit), or a weighted sum such as ce+dice
-    weights: LossWeights | None = field(default_factory=lambda: LossWeights())  # per-term weights of a sum
+    # per-term weights of a sum, e.g. {ce: 1.0, dice: 3.0}; a term not listed: 1.  Any, not dict[str, float]: OmegaConf
+    # cannot merge a dict given on the command line into a null typed dict (validate checks the values)
+    weights: Any = None
     class_weights: Any = None  # [w_0, ..., w_K-1], or "auto": median-frequency weights from the training masks
     aux_weight: float = 0.4  # weight of the auxiliary head's loss (same terms)
     label_smoothing: float = 0.0  # ce, ohem
@@ -549,8 +538,12 @@ def check_command_line(cfg: DictConfig) -> list[str]:
 MAX_LR = 10.0  # optimizer.lr above this only overflows (a typo such as 1e3 for 1e-3)
 MODEL_NAMES = ("fcn", "deconvnet", "unet", "pspnet", "deeplabv3", "deeplabv3plus")  # segtrain.models.BUILDERS
 DATA_NAMES = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder")  # segtrain.data.BUILDERS
-LOSS_TERMS = tuple(f.name for f in dataclasses.fields(LossWeights))  # segtrain.losses.TERMS
+LOSS_TERMS = ("ce", "ohem", "dice", "focal", "bce")  # segtrain.losses.TERMS
 OPTIMIZERS, SCHEDULERS = ("sgd", "adamw"), ("poly", "cosine", "constant")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_names(cfg: DictConfig) -> None:
@@ -572,7 +565,12 @@ def _check_names(cfg: DictConfig) -> None:
         "(or a sum such as ce+dice)",
     )
     _check(len(set(terms)) == len(terms), f"loss.name={name!r} repeats a term; use loss.weights to weight it")
-    weights = {k: v for k, v in (cfg.loss.weights or {}).items() if v is not None}
+    weights = cfg.loss.weights
+    _check(
+        weights is None or (isinstance(weights, (dict, DictConfig)) and all(_number(w) for w in weights.values())),
+        f"loss.weights must be a weight per term such as {{ce: 1.0, dice: 3.0}}, got {_shown(weights)}",
+    )
+    weights = dict(weights or {})
     extra = [k for k in weights if k not in terms]
     _check(
         not extra,
@@ -814,6 +812,8 @@ def _check_slide(cfg: DictConfig) -> None:
 
 
 def _shown(value: Any) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
     return str(list(value)) if isinstance(value, (list, ListConfig)) else str(value)
 
 

@@ -368,7 +368,7 @@ def build_loss(cfg: DictConfig, num_classes: int, ignore_index: int, train_set: 
     from it) is needed only for ``class_weights: auto``.  ``num_classes=1``: one sigmoid logit (``bce``,
     ``dice``); class weights then have two values (background, foreground)."""
     terms = parse_terms(cfg.name)
-    weights = {k: v for k, v in (cfg.weights or {}).items() if v is not None}  # null: 1
+    weights = dict(cfg.weights or {})
     extra = [k for k in weights if k not in terms]
     if extra:
         raise ConfigError(

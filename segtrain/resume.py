@@ -105,24 +105,14 @@ def warn_changed(cfg: DictConfig, stored: DictConfig) -> None:
         for key, value in OmegaConf.to_container(ours, resolve=True).items():
             if key in _UNWARNED or key not in theirs:
                 continue
-            before = theirs.get(key)
-            before = OmegaConf.to_container(before) if OmegaConf.is_config(before) else before
-            if _unset(before) != _unset(value):
-                changed.append(f"{group}.{key} {before} -> {value}")
+            if str(theirs.get(key)) != str(value):
+                changed.append(f"{group}.{key} {theirs.get(key)} -> {value}")
     if changed:
         log.warning(
             "resuming with settings that differ from the checkpoint's: %s (the optimizer and schedule state "
             "come from the checkpoint)",
             ", ".join(changed[:8]),
         )
-
-
-def _unset(value):
-    """``value`` with null entries of a dict dropped, and an empty dict as null: ``loss.weights`` of older
-    checkpoints is null where it is now ``{ce: null, ...}`` (the same: every weight 1)."""
-    if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if v is not None} or None
-    return str(value)
 
 
 def _listed(label: str, items: list[str]) -> str:

@@ -111,7 +111,8 @@ def test_schema_default_check_can_fail():
         (["eval.scales=[0.1,1.0]"], "data.image_size=64 at eval.scales 0.1 gives 6 px"),
         (
             ["data=voc", "data.val_size=16", "eval.scales=[0.5,1.0]"],
-            "gives 8 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 times); use at least 32",
+            "gives 8 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 times); use "
+            "data.val_size >= 32 px, or no eval.scales below 1",
         ),
         (["model=deconvnet", "data.val_size=20"], "data.val_size=20 gives 20 px, fewer than the 32 px"),
         (["model.backbone=vgg16", "data.image_size=24"], "data.image_size=24 gives 24 px, fewer than the 32 px"),
