@@ -446,10 +446,10 @@ def check_finite(cfg: DictConfig) -> None:
 
 def _check_finite(value: Any, key: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
-        item = re.fullmatch(r"(.*?)((?:\[\d+\])+)", key)
-        where = f"{item.group(1)} has {value} (item {item.group(2)[1:-1]})" if item else f"{key}={value}"
+        item = re.fullmatch(r"(.*)\[(\d+)\]", key)  # data.mean[0], data.palette[1][2]
+        where = f"{item.group(1)} has {value} (item {item.group(2)})" if item else f"{key}={value}"
         raise ConfigError(
-            f"{where}: every number in the config must be finite; set {item.group(1) if item else key} to finite values"
+            f"{where}: every number in the config must be finite; set {key.split('[')[0]} to finite values"
         )
     if isinstance(value, dict):
         for k, v in value.items():
