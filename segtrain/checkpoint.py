@@ -144,11 +144,12 @@ def checkpoint_file(value: str | Path, key: str | None = None) -> Path:
         name = "last.pt" if key == "trainer.resume" else "best.pt"
         found = [p for p in (path / "checkpoints" / name, path / name, *sorted(path.glob("checkpoints/*.pt")),
                              *sorted(path.glob("*.pt"))) if p.is_file()]  # fmt: skip
-        example = f"{key}={found[0]}" if key and found else str(found[0]) if found else ""
-        hint = f", e.g. {example}" if found else f" (none in it; e.g. {EXAMPLE})"
+        if not found:
+            raise CheckpointError(f"{shown} is a directory, not a checkpoint file, and holds none; give a .pt file")
+        hint = f"{key}={found[0]}" if key else str(found[0])
         if key == "trainer.resume" and (path / "checkpoints" / "last.pt").is_file():
-            hint += f", or trainer.resume=auto hydra.run.dir={value} to continue that run there"
-        raise CheckpointError(f"{shown} is a directory, not a checkpoint file; give a .pt file{hint}")
+            hint += " (or trainer.resume=auto with hydra.run.dir set to it)"
+        raise CheckpointError(f"{shown} is a directory, not a checkpoint file; give the file in it: {hint}")
     raise CheckpointError(f"{shown} is {kind}, not a checkpoint file; give a .pt checkpoint, e.g. {EXAMPLE}")
 
 
