@@ -177,6 +177,15 @@ def _classify(exc: BaseException) -> tuple[str, int]:
     return f"{type(exc).__name__}: {_one_line(exc)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1
 
 
+def _stop_line(prefix: str, msg: str, err: BaseException) -> str:
+    """:func:`console.error_line`, except that the resume command of a stop line (a Preempted error) is never
+    shortened: a path cut to ``…/last/parts`` could not be pasted.  The part before it gives way instead."""
+    head, sep, command = " ".join(msg.split()).partition("; resume with: ")
+    if not isinstance(err, Preempted) or not sep or len(prefix) + len(head + sep + command) <= console.MAX_LINE:
+        return console.error_line(prefix, msg, err)
+    return console.error_line(prefix, head, err) + sep + command
+
+
 def _guarded(task, full_errors: bool, prog: str):
     """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on.
 
@@ -229,7 +238,7 @@ def _guarded(task, full_errors: bool, prog: str):
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        line = console.error_line(f"{prog}: {kind}: ", msg, err)
+        line = _stop_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors or OmegaConf.select(cfg, "trainer.debug_errors", default=False):
             _DEBUG_ERRORS.append(True)  # run_hydra_app re-raises it too
