@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from segtrain import console  # noqa: E402
-from segtrain.config import register_configs, validate  # noqa: E402
+from segtrain.config import check_keys, register_configs, validate  # noqa: E402
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
 from segtrain.rundir import Refused  # noqa: E402
 
@@ -47,6 +47,7 @@ def config_dir() -> str:
 
 def _train(cfg: DictConfig) -> tuple[float, dict]:
     """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
+    check_keys(cfg)  # a sweep's job: what the RunDirGuard checked for a single run
     validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
     from segtrain.trainer import Trainer
 

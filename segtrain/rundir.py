@@ -452,22 +452,25 @@ class RunDirGuard(Callback):
         if os.environ.get("RANK", "0") != "0":
             return
         try:
-            self.check_config(config)
+            self.check_config(config, values=False)  # each job's values: its own config (the sweep's values differ)
             if self.train:
                 check_sweep(Path(str(config.hydra.sweep.dir)), config.trainer.resume, config.trainer.overwrite)
         except SegtrainError as e:
             raise Refused(e) from None
 
-    def check_config(self, config: Any) -> None:
+    def check_config(self, config: Any, values: bool = True) -> None:
         """What the command line asks for, before any file is written (the run dir included): the overrides,
-        keys and numbers of any command (:func:`segtrain.config.check_command_line`); for training every value
-        (:func:`segtrain.config.validate`), for the other commands their own keys; and the checkpoint paths
-        (``trainer.resume``, ``model.init_from``, ``ckpt``: a file that can be a checkpoint, told without torch)."""
+        keys and numbers of any command (:func:`segtrain.config.check_command_line`); with ``values``, for
+        training every value (:func:`segtrain.config.validate`), for the other commands their own keys, and the
+        checkpoint paths (``trainer.resume``, ``model.init_from``, ``ckpt``: a file that can be a checkpoint,
+        told without torch)."""
         from segtrain import checkpoint
         from segtrain.config import check_command_line, validate, validate_app
 
         warnings = check_command_line(config)
-        if self.train:
+        if not values:
+            paths = {}
+        elif self.train:
             validate(config)
             paths = {"trainer.resume": config.trainer.resume, "model.init_from": config.model.init_from}
         else:
