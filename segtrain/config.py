@@ -159,7 +159,7 @@ class EvalConfig:
     stride: Any = None  # slide: int or [h, w]; None: 2/3 of the crop
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time augmentation
     flip: bool = False  # add horizontally flipped views (probabilities are averaged over views)
-    threshold: float = 0.5  # data.num_classes=1: foreground where sigmoid(logit) > threshold
+    threshold: float = 0.5  # data.num_classes=1: foreground where sigmoid(logit) > threshold (others: refused if set)
 
 
 @dataclass

@@ -302,6 +302,8 @@ def _nothing_written(cwd) -> None:
             "must be an integer, got 1e9 (read as float); write trainer.max_iters=",
         ),
         ("segtrain", ["model.pretrained=maybe"], "model.pretrained must be true or false, got maybe"),
+        ("segtrain", ["optimizer.betas=0.9"], "optimizer.betas must be a list such as [a, b], got 0.9"),
+        ("segtrain", ["--config-name", "nope"], "no primary config 'nope' (--config-name)"),
         ("segtrain", ["--config-dir", "nowhere"], "give --config-dir (-cd) an existing dir of YAML configs"),
         ("segtrain-eval", ["ckpt=x.pt", "model=fcn"], "segtrain-eval takes the model from the checkpoint"),
         ("segtrain-eval", ["ckpt=x.pt", "trainer=default"], "no config group trainer (its groups: data, device)"),
