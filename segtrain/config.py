@@ -637,8 +637,9 @@ def validate(cfg: DictConfig) -> None:
         f"data.val_batch_size must be >= 1, got {d.val_batch_size}",
     )
     _check(
-        d.num_workers == "auto" or (isinstance(d.num_workers, int) and d.num_workers >= 0),
-        f"data.num_workers must be auto or an integer >= 0, got {d.num_workers!r}",
+        d.num_workers == "auto"
+        or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool) and 0 <= d.num_workers <= 256),
+        f"data.num_workers must be auto or an integer in [0, 256] (loader processes), got {d.num_workers!r}",
     )
     _check(
         0 <= d.ignore_index < 256,
@@ -696,6 +697,16 @@ def validate(cfg: DictConfig) -> None:
     _check(lo.focal_gamma >= 0, f"loss.focal_gamma must be >= 0, got {lo.focal_gamma}")
     _check(lo.dice_smooth >= 0, f"loss.dice_smooth must be >= 0, got {lo.dice_smooth}")
     _check(o.head_lr_mult > 0, f"optimizer.head_lr_mult must be > 0, got {o.head_lr_mult}")
+    _check(
+        o.lr * o.head_lr_mult <= MAX_LR,
+        f"optimizer.lr={o.lr} x optimizer.head_lr_mult={o.head_lr_mult} gives the decoder an lr far above any that "
+        f"trains; keep their product <= {MAX_LR:g}",
+    )
+    _check(
+        lo.focal_alpha is None or 0 <= lo.focal_alpha <= 1,
+        f"loss.focal_alpha must be in [0, 1] (or null: off), got {lo.focal_alpha}",
+    )
+    _check(t.num_vis >= 0, f"trainer.num_vis must be >= 0 (0: no image grid), got {t.num_vis}")
     _check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
     _check(t.keep_last >= 0, f"trainer.keep_last must be >= 0, got {t.keep_last}")
     _check(t.stop_at is None or t.stop_at >= 1, f"trainer.stop_at must be >= 1, got {t.stop_at}")
@@ -943,7 +954,9 @@ def validate_export(cfg: DictConfig) -> None:
     for size in cfg.check_sizes:
         h, w = as_hw(size, "check_sizes")
         if min(h, w) < 32:
-            raise ConfigError(f"check_sizes: {h}x{w} is below the exported graph's 32x32 minimum; use sizes >= 32")
+            raise ConfigError(
+                f"check_sizes: {h}x{w} px is below the exported graph's 32x32 minimum; use sizes of at least 32 px"
+            )
 
 
 def mask_classes(num_classes: int) -> int:

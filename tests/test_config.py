@@ -168,6 +168,10 @@ def test_schema_default_check_can_fail():
         (["loss.name=ce+lovasz"], "unknown loss term 'lovasz'"),
         (["eval.scales=[0.01]"], "gives 0 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 "),
         (["eval.scales=[0.01]"], "use data.image_size >= 1600 px, or no eval.scales below 0.25"),
+        (["optimizer.head_lr_mult=1e5"], "optimizer.lr=0.001 x optimizer.head_lr_mult=100000.0 gives the decoder"),
+        (["loss=focal", "loss.focal_alpha=2"], "loss.focal_alpha must be in [0, 1]"),
+        (["trainer.num_vis=-1"], "trainer.num_vis must be >= 0"),
+        (["data.num_workers=100000"], "data.num_workers must be auto or an integer in [0, 256]"),
     ],
 )
 def test_cross_key_checks_name_the_key(overrides, message):
