@@ -311,14 +311,19 @@ def _unquoted(multirun: bool) -> str | None:
         key, eq, value = arg.partition("=")
         if not eq or arg.startswith("-"):
             continue
+        quoted = shlex.quote(override(key, value))
         try:
             if not parser.parse_override(arg).is_sweep_override() or multirun:
                 continue
+            return (
+                f"{arg} gives {key.lstrip('+~')} several values (a sweep): add -m to run one job per value, or quote "
+                f"it to keep it one value: {quoted}"
+            )
         except Exception:  # noqa: BLE001 - any parse error: this is the argument
             pass
         return (
             f"cannot read the value of {key.lstrip('+~')}: with spaces, '=', ',', '#', quotes or non-ASCII letters "
-            f"it needs quotes: {shlex.quote(override(key, value))} (single quotes for the shell, double for Hydra)"
+            f"it needs quotes: {quoted} (single quotes for the shell, double for Hydra)"
         )
     return None
 

@@ -265,12 +265,13 @@ def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(t
 
 
 def test_cli_and_schema_load_without_torch():
-    """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only."""
+    """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only (and the
+    RunDirGuard, checkpoint paths included, checks before torch loads)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir\n"
+        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir, segtrain.checkpoint\n"
         "heavy = [m for m in ('torch', 'numpy', 'albumentations', 'cv2', 'torchvision') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -296,6 +297,7 @@ def _nothing_written(cwd) -> None:
         ("segtrain", ["data.root=/data/données"], """needs quotes: 'data.root="/data/données"'"""),
         ("segtrain", ["hydra.run.dir=runs/my run=1"], """'hydra.run.dir="runs/my run=1"'"""),
         ("segtrain", ["hydra.run.dir=runs/my", "run=1"], """quote the whole value: 'hydra.run.dir="runs/my run=1"'"""),
+        ("segtrain", ["data.root=/a,b"], """(a sweep): add -m to run one job per value, or quote it to keep it one"""),
         (
             "segtrain",
             ["trainer.max_iters=1e9"],
