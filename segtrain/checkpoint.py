@@ -115,15 +115,19 @@ def remove_stale_temporaries(folder: str | Path) -> None:
 EXAMPLE = "outputs/DATE/TIME/checkpoints/best.pt"
 
 
+KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def _kind(path: Path) -> str:
     """What a path that is not a regular file is, in words."""
     mode = path.stat().st_mode
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket")):  # fmt: skip
-        if test(mode):
-            return kind
-    return "not a regular file"
+    return next((kind for test, kind in KINDS if test(mode)), "not a regular file")
 
 
 def checkpoint_file(value: str | Path, key: str | None = None) -> Path:
@@ -142,8 +146,8 @@ def checkpoint_file(value: str | Path, key: str | None = None) -> Path:
     kind = _kind(path)
     if kind == "a directory":
         name = "last.pt" if key == "trainer.resume" else "best.pt"
-        found = [p for p in (path / "checkpoints" / name, path / name, *sorted(path.glob("checkpoints/*.pt")),
-                             *sorted(path.glob("*.pt"))) if p.is_file()]  # fmt: skip
+        candidates = [path / "checkpoints" / name, path / name, *sorted(path.glob("checkpoints/*.pt"))]
+        found = [p for p in [*candidates, *sorted(path.glob("*.pt"))] if p.is_file()]
         if not found:
             raise CheckpointError(f"{shown} is a directory, not a checkpoint file, and holds none; give a .pt file")
         hint = f"{key}={found[0]}" if key else str(found[0])
