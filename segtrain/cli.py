@@ -391,8 +391,9 @@ def _override_error(exc: Exception, msg: str, prog: str, config_name: str) -> st
             return unknown_key(key, APP_SCHEMAS[config_name]) + _split_value(key)
         return re.sub(r";? ?To append to your config use \S+", "", msg)
     m = re.search(r"Could not delete from config\. (?:'([^']+)' does not exist|The value of '([^']+)')", msg)
-    if m:
-        key = m.group(1) or m.group(2)
+    deleted = re.search(r"Error merging override ~([^\s=:]+)", msg)  # a typed node refuses the deletion itself
+    if m or deleted:
+        key = deleted.group(1) if deleted else m.group(1) or m.group(2)
         return deletion_error(next((a for a in sys.argv[1:] if a.startswith(f"~{key}")), f"~{key}"))
     m = re.search(r"Could not append to config\. An item is already at '([^']+)'", msg)
     if m:

@@ -389,15 +389,13 @@ def nearest_keys(key: str, schema: type) -> list[str]:
     parent, _, leaf = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
     found = [siblings[m] for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    leaves = difflib.get_close_matches(leaf, {k.rpartition(".")[2] for k in keys}, n=1, cutoff=0.85)
+    in_any_group = [k for k in keys if leaves and k.rpartition(".")[2] == leaves[0]][:3]
     if not found and not parent:  # a name without its group: every group that has it
-        leaves = difflib.get_close_matches(leaf, {k.rpartition(".")[2] for k in keys}, n=1, cutoff=0.85)
-        found = [k for k in keys if leaves and k.rpartition(".")[2] == leaves[0]][:3]
+        found = in_any_group
     if not found and parent not in schema_keys(schema):
         found = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
-    if not found:
-        leaves = difflib.get_close_matches(leaf, {k.rpartition(".")[2] for k in keys}, n=1, cutoff=0.85)
-        found = [k for k in keys if leaves and k.rpartition(".")[2] == leaves[0]][:3]
-    return found
+    return found or in_any_group
 
 
 def unknown_key(key: str, schema: type) -> str:
@@ -425,10 +423,7 @@ def _check_node_keys(node: DictConfig, schema: type, root: type, prefix: str) ->
             raise ConfigError(unknown_key(f"{prefix}{key}", root))
     for name, sub in fields.items():
         if name not in keys:
-            raise ConfigError(
-                f"{prefix}{name} was deleted (~{prefix}{name}), but every key of the config is needed: drop "
-                f"~{prefix}{name} (set its value instead, or null where the key allows it)"
-            )
+            raise ConfigError(deletion_error(f"~{prefix}{name}"))
         child = node._get_node(name)
         if sub is not None and isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
             _check_node_keys(child, sub, root, f"{prefix}{name}.")
@@ -486,7 +481,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
 
 
 def check_hydra_dirs(cfg: DictConfig) -> None:
-    """``hydra.run.dir`` / ``hydra.sweep.dir`` / ``hydra.sweep.subdir`` given empty (or null): the run's files
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` / ``hydra.sweep.subdir`` given empty (or blank): the run's files
     would go into the working directory (or every job into one dir)."""
     for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
         node = OmegaConf.select(cfg, key.rsplit(".", 1)[0])

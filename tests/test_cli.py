@@ -293,7 +293,8 @@ def _nothing_written(cwd) -> None:
         ("segtrain", ["+trainer.foo=1"], "unknown key trainer.foo ("),
         ("segtrain", ["+new_key=1"], "unknown key new_key ("),
         ("segtrain", ["~trainer"], "~trainer would delete trainer, but every part of the config is needed"),
-        ("segtrain", ["~model.backbone"], "~model.backbone would delete model.backbone"),
+        ("segtrain", ["~model.backbone"], "~model.backbone would delete model.backbone"),  # null: Hydra's error
+        ("segtrain", ["~trainer.max_epochs"], "~trainer.max_epochs would delete trainer.max_epochs"),  # OmegaConf's
         ("segtrain", ["data.root=/data/données"], """needs quotes: 'data.root="/data/données"'"""),
         ("segtrain", ["hydra.run.dir=runs/my run=1"], """'hydra.run.dir="runs/my run=1"'"""),
         ("segtrain", ["hydra.run.dir=runs/my", "run=1"], """quote the whole value: 'hydra.run.dir="runs/my run=1"'"""),
