@@ -922,6 +922,19 @@ def validate_app(cfg: DictConfig, name: str, prog: str) -> None:
             not OmegaConf.is_missing(cfg, "ckpt") and bool(str(cfg.ckpt).strip()),
             f"no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt ({prog} --help)",
         )
+    # what the checkpoint decides (segtrain.evaluate.merge_config, segtrain.info): refused before the run dir too
+    fixed = {
+        "eval": ("model", "optimizer", "scheduler", "loss"),
+        "predict": ("model", "optimizer", "scheduler", "loss"),
+    }
+    if name == "info" and cfg.get("ckpt"):
+        fixed["info"] = ("model", "data")
+    given = [o.split("=", 1)[0].lstrip("+~") for o in OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []]
+    for key in given:
+        _check(
+            key.split(".", 1)[0] not in fixed.get(name, ()),
+            f"{prog} takes {key.split('.', 1)[0]} from the checkpoint; drop the override {key}",
+        )
 
 
 def validate_predict(cfg: DictConfig) -> None:

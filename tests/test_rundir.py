@@ -338,4 +338,8 @@ def test_guard_checks_every_command_before_the_run_dir_and_warns_after(tmp_path,
         eval_guard.check_config(composed("ckpt=x", "opset=17", app="export", hydra=True))
     with pytest.raises(ConfigError, match="info.iters must be >= 1"):
         eval_guard.check_config(composed("info.iters=0", app="info", hydra=True))
+    with pytest.raises(ConfigError, match="takes model from the checkpoint; drop the override model.name"):
+        eval_guard.check_config(composed("ckpt=x", "+model.name=fcn", app="eval", hydra=True))
+    with pytest.raises(ConfigError, match="takes data from the checkpoint; drop the override data.num_classes"):
+        eval_guard.check_config(composed("ckpt=x", "data.num_classes=3", app="info", hydra=True))
     assert not list(tmp_path.iterdir())
