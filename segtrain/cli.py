@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from segtrain import console  # noqa: E402
-from segtrain.config import register_configs, validate  # noqa: E402
+from segtrain.config import check_keys, register_configs, validate  # noqa: E402
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
 from segtrain.rundir import Refused  # noqa: E402
 
@@ -47,6 +47,7 @@ def config_dir() -> str:
 
 def _train(cfg: DictConfig) -> tuple[float, dict]:
     """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
+    check_keys(cfg)  # a sweep's job: what the RunDirGuard checked for a single run
     validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
     from functools import partial
 
@@ -189,6 +190,15 @@ def _classify(exc: BaseException) -> tuple[str, int]:
     return f"{type(exc).__name__}: {_one_line(exc)} (set HYDRA_FULL_ERROR=1 for the traceback)", 1
 
 
+def _stop_line(prefix: str, msg: str, err: BaseException) -> str:
+    """:func:`console.error_line`, except that the resume command of a stop line (a Preempted error) is never
+    shortened: a path cut to ``…/last/parts`` could not be pasted.  The part before it gives way instead."""
+    head, sep, command = " ".join(msg.split()).partition("; resume with: ")
+    if not isinstance(err, Preempted) or not sep or len(prefix) + len(head + sep + command) <= console.MAX_LINE:
+        return console.error_line(prefix, msg, err)
+    return console.error_line(prefix, head, err) + sep + command
+
+
 def _guarded(task, full_errors: bool, prog: str):
     """Wrap a task: user errors become one line; in a sweep a failed job is recorded and the sweep goes on.
 
@@ -241,7 +251,7 @@ def _guarded(task, full_errors: bool, prog: str):
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        line = console.error_line(f"{prog}: {kind}: ", msg, err)
+        line = _stop_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors or OmegaConf.select(cfg, "trainer.debug_errors", default=False):
             _DEBUG_ERRORS.append(True)  # run_hydra_app re-raises it too
@@ -279,9 +289,143 @@ def _job_failed(line: str, code: int, main_rank: bool, sweep_goes_on: bool, job_
     _Failures.jobs.append((job_num, line.split(": ", 2)[-1]))
 
 
-def _app_failed(exc: Exception, prog: str) -> int:
+def _groups(config_name: str) -> list[str]:
+    """The config groups of a command's primary config (its defaults list, Hydra's own aside)."""
+    import yaml
+
+    try:
+        defaults = yaml.safe_load((Path(config_dir()) / f"{config_name}.yaml").read_text()).get("defaults", [])
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return [k for d in defaults if isinstance(d, dict) for k in d if not k.startswith("override ")]
+
+
+def _no_group(group: str, msg: str, prog: str, config_name: str) -> str:
+    """``segtrain-eval model=fcn``: a group the command does not have (Hydra would advise ``+model=fcn``)."""
+    arg = next((a for a in sys.argv[1:] if a.lstrip("+~").split("=", 1)[0] == group), group)
+    if prog != "segtrain" and group in ("model", "optimizer", "scheduler", "loss"):
+        return f"{prog} takes the {group} from the checkpoint, so it has no {group} option: drop {arg}"
+    groups = ", ".join(_groups(config_name)) or "none"
+    return f"{prog} has no config group {group} (its groups: {groups}); drop {arg} (`{prog} --help` lists them)"
+
+
+def _unquoted(multirun: bool) -> str | None:
+    """The line for the first argument Hydra cannot read as one value (spaces with '=', ',', '#', quotes,
+    non-ASCII letters): its key and the quoting that works."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from segtrain.config import override
+
+    parser = OverridesParser.create()
+    for arg in sys.argv[1:]:
+        key, eq, value = arg.partition("=")
+        if not eq or arg.startswith("-"):
+            continue
+        quoted = shlex.quote(override(key, value))
+        try:
+            if not parser.parse_override(arg).is_sweep_override() or multirun:
+                continue
+            return (
+                f"{arg} gives {key.lstrip('+~')} several values (a sweep): add -m to run one job per value, or quote "
+                f"it to keep it one value: {quoted}"
+            )
+        except Exception:  # noqa: BLE001 - any parse error: this is the argument
+            pass
+        return (
+            f"cannot read the value of {key.lstrip('+~')}: with spaces, '=', ',', '#', quotes or non-ASCII letters "
+            f"it needs quotes: {quoted} (single quotes for the shell, double for Hydra)"
+        )
+    return None
+
+
+def _split_value(key: str) -> str:
+    """``hydra.run.dir=runs/my run=1`` unquoted: the shell passes ``run=1`` as an argument of its own."""
+    import shlex
+
+    from segtrain.config import override
+
+    args = sys.argv[1:]
+    i = next((i for i, a in enumerate(args) if a.lstrip("+").partition("=")[0] == key), 0)
+    if "." in key or i == 0 or "=" not in args[i - 1] or args[i - 1].startswith("-"):
+        return ""
+    k, _, v = args[i - 1].partition("=")
+    if "/" not in v:  # only a path is likely to hold a space
+        return ""
+    return f"; or, if {args[i]} is part of {k}, quote the whole value: {shlex.quote(override(k, f'{v} {args[i]}'))}"
+
+
+_KINDS = {"Integer": "an integer", "Float": "a number", "String": "a string", "Boolean": "true or false"}
+
+
+def _type_error(msg: str) -> str | None:
+    """OmegaConf's type errors of an override, naming the key and what it takes."""
+    m = re.search(r"Error merging override ([^=\s]+)=(.*?): (.*?) \(key: [^)]*\)$", msg)
+    if not m:
+        return None
+    key, given, why = m.groups()
+    conv = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", why)
+    if conv:
+        value, typ, target = conv.groups()
+        fix = ""
+        if target == "Integer" and typ == "float" and re.fullmatch(r"[\d.]+(e\+?\d+)?", value.lower()):
+            fix = f"; write {key}={int(float(value))}" if float(value).is_integer() else ""
+        return f"{key} must be {_KINDS.get(target, target.lower())}, got {given} (read as {typ}){fix}"
+    if "is not a valid bool" in why:
+        return f"{key} must be true or false, got {given}"
+    if "is not a ListConfig, list or tuple" in why:
+        return f"{key} must be a list such as [a, b], got {given}"
+    if "is not a subclass of" in why or "is not a DictConfig" in why:
+        return f"{key} must be a group of keys such as {{a: 1}}, got {given}"
+    options = re.search(r"Invalid value '.*', expected one of \[(.*)\]", why)
+    if options:
+        return f"{key} must be one of {options.group(1)}, got {given}"
+    return None
+
+
+def _override_error(exc: Exception, msg: str, prog: str, config_name: str) -> str | None:
+    """Hydra's and OmegaConf's errors about one override, in segtrain's words (None: not one of them).
+    Never Hydra's advice to add a key with +KEY=VALUE: the config takes no key of its own (check_keys)."""
+    from segtrain.config import APP_SCHEMAS, deletion_error, schema_keys, unknown_key
+
+    multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+    if type(exc).__name__ == "OverrideParseException" or (not multirun and "Ambiguous value for argument" in msg):
+        return _unquoted(multirun)
+    m = re.search(r"Could not override '([^']+)'\.? ?;? ?No match in the defaults list", msg)
+    if m:
+        return _no_group(m.group(1), msg, prog, config_name)
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m and config_name in APP_SCHEMAS:
+        full = re.search(r"\(key: ([^)\s]+)\)", msg)  # optimizer={a:1}: the key inside, optimizer.a
+        key = full.group(1) if full else m.group(1)
+        if key not in schema_keys(APP_SCHEMAS[config_name]):
+            return unknown_key(key, APP_SCHEMAS[config_name]) + _split_value(key)
+        return re.sub(r";? ?To append to your config use \S+", "", msg)
+    m = re.search(r"Could not delete from config\. (?:'([^']+)' does not exist|The value of '([^']+)')", msg)
+    deleted = re.search(r"Error merging override ~([^\s=:]+)", msg)  # a typed node refuses the deletion itself
+    if m or deleted:
+        key = deleted.group(1) if deleted else m.group(1) or m.group(2)
+        return deletion_error(next((a for a in sys.argv[1:] if a.startswith(f"~{key}")), f"~{key}"))
+    m = re.search(r"Could not append to config\. An item is already at '([^']+)'", msg)
+    if m:
+        return f"{m.group(1)} is set already: give {m.group(1)}=VALUE (a + in front would add a key)"
+    if "Additional config directory" in msg:
+        return f"{msg}; give --config-dir (-cd) an existing dir of YAML configs, or drop it"
+    m = re.search(r"Cannot find primary config '([^']+)'", msg)
+    if m:
+        return f"no primary config '{m.group(1)}' (--config-name) in the config search path; drop --config-name"
+    return _type_error(msg)
+
+
+def _app_failed(exc: Exception, prog: str, config_name: str = "config") -> int:
     """Print the one line for an error outside the task (composition, run dir); its exit code."""
-    if isinstance(exc, SegtrainError):
+    better = None
+    if not isinstance(exc, SegtrainError) and _os_error(exc) is None:
+        better = _override_error(exc, _one_line(exc), prog, config_name)
+    if better:
+        msg, code = better, 2
+    elif isinstance(exc, SegtrainError):
         msg, code = _user_message(exc), exc.exit_code
     elif _os_error(exc) is not None:  # Hydra could not create the run dir or its log file
         os_err = _os_error(exc)
@@ -364,7 +508,7 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
         if full_errors or _DEBUG_ERRORS:
             raise
         _Failures.report(prog, summarise=True)  # a sweep stopped part-way: what its jobs did so far
-        sys.exit(_app_failed(e, prog))
+        sys.exit(_app_failed(e, prog, config_name))
     if _Failures.report(prog):
         sys.exit(1)
 

@@ -14,8 +14,13 @@ what they change.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import importlib.util
 import math
+import re
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -122,7 +127,9 @@ class SchedulerConfig:
 @dataclass
 class LossConfig:
     name: str = MISSING  # ce | ohem | dice | focal | bce (one sigmoid logit), or a weighted sum such as ce+dice
-    weights: dict[str, float] | None = None  # per-term weights of a sum, e.g. {ce: 1.0, dice: 3.0}; default 1 each
+    # per-term weights of a sum, e.g. {ce: 1.0, dice: 3.0}; a term not listed: 1.  Any, not dict[str, float]: OmegaConf
+    # cannot merge a dict given on the command line into a null typed dict (validate checks the values)
+    weights: Any = None
     class_weights: Any = None  # [w_0, ..., w_K-1], or "auto": median-frequency weights from the training masks
     aux_weight: float = 0.4  # weight of the auxiliary head's loss (same terms)
     label_smoothing: float = 0.0  # ce, ohem
@@ -152,7 +159,7 @@ class EvalConfig:
     stride: Any = None  # slide: int or [h, w]; None: 2/3 of the crop
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time augmentation
     flip: bool = False  # add horizontally flipped views (probabilities are averaged over views)
-    threshold: float = 0.5  # data.num_classes=1: foreground where sigmoid(logit) > threshold
+    threshold: float = 0.5  # data.num_classes=1: foreground where sigmoid(logit) > threshold (others: refused if set)
 
 
 @dataclass
@@ -311,6 +318,15 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 
 
+APP_SCHEMAS: dict[str, type] = {  # each command's primary config (configs/NAME.yaml) and its schema
+    "config": SegtrainConfig,
+    "eval": EvalAppConfig,
+    "predict": PredictAppConfig,
+    "export": ExportAppConfig,
+    "info": InfoAppConfig,
+}
+
+
 def min_input_size(model: DictConfig) -> int:
     """The smallest image side the network accepts: the from-scratch encoders halve it 4 (U-Net) or 5
     (DeconvNet/SegNet) times with plain pooling, as a VGG backbone does (FCN pads its input to a multiple of
@@ -332,6 +348,244 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+# ---------------------------------------------------------------------------
+# Keys and numbers, anywhere in the config.
+
+
+@functools.cache
+def _fields(schema: type) -> dict[str, type | None]:
+    """A schema dataclass's field names, each with the dataclass of its node (None for a value)."""
+    hints = typing.get_type_hints(schema)
+    return {
+        f.name: next(
+            (t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if dataclasses.is_dataclass(t)), None
+        )
+        for f in dataclasses.fields(schema)
+    }
+
+
+@functools.cache
+def schema_keys(schema: type, prefix: str = "") -> tuple[str, ...]:
+    """Every dotted key of ``schema`` (groups such as ``trainer`` too, and the keys of optional nodes such
+    as ``logger.wandb``)."""
+    keys: list[str] = []
+    for name, sub in _fields(schema).items():
+        keys.append(prefix + name)
+        if sub is not None:
+            keys += schema_keys(sub, f"{prefix}{name}.")
+    return tuple(keys)
+
+
+def _node_at(schema: type | None, key: str) -> type | None:
+    """The dataclass of the node at dotted ``key`` of ``schema`` (None for a value)."""
+    for part in key.split("."):
+        schema = _fields(schema).get(part) if schema is not None else None
+    return schema
+
+
+def nearest_keys(key: str, schema: type) -> list[str]:
+    """The schema's keys nearest to a misspelled ``key``: a close name in the same group (``trainer.max_iter``
+    -> ``trainer.max_iters``), else the group misspelled (``optimiser.lr``), else the name in another group or
+    without one (``lr`` -> ``optimizer.lr``)."""
+    keys = [k for k in schema_keys(schema) if _node_at(schema, k) is None]  # values, not groups
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    found = [siblings[m] for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    leaves = difflib.get_close_matches(leaf, {k.rpartition(".")[2] for k in keys}, n=1, cutoff=0.85)
+    in_any_group = [k for k in keys if leaves and k.rpartition(".")[2] == leaves[0]][:3]
+    if not found and not parent:  # a name without its group: every group that has it
+        found = in_any_group
+    if not found and parent not in schema_keys(schema):
+        found = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return found or in_any_group
+
+
+def unknown_key(key: str, schema: type) -> str:
+    """The one line for a key ``schema`` does not have: the nearest real ones (never Hydra's ``+KEY`` advice:
+    an added key would only be ignored)."""
+    near = nearest_keys(key, schema)
+    guess = f"; did you mean {' or '.join(near)}?" if near else ""
+    return f"unknown key {key}{guess} (`--cfg job` prints every key)"
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """ConfigError for a key the schema does not have, however it was given (Hydra's ``+KEY=VALUE`` adds one
+    even to a typed config), or a schema key that is gone (``~KEY``).  Nodes typed ``Any`` or ``dict``
+    (``data.train_pipeline``, ``data.label_map``, ``loss.weights`` ...) hold what they are given; ``hydra``
+    is Hydra's."""
+    schema = OmegaConf.get_type(cfg)
+    if isinstance(schema, type) and dataclasses.is_dataclass(schema):
+        _check_node_keys(cfg, schema, schema, "")
+
+
+def _check_node_keys(node: DictConfig, schema: type, root: type, prefix: str) -> None:
+    fields, keys = _fields(schema), set(node.keys())  # keys(), not `in`: a missing value (???) is no key for `in`
+    for key in keys:
+        if key not in fields and not (prefix == "" and key == "hydra"):
+            raise ConfigError(unknown_key(f"{prefix}{key}", root))
+    for name, sub in fields.items():
+        if name not in keys:
+            raise ConfigError(deletion_error(f"~{prefix}{name}"))
+        child = node._get_node(name)
+        if sub is not None and isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_node_keys(child, sub, root, f"{prefix}{name}.")
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """ConfigError naming the first number that is nan or +-inf, wherever it is (list items and dict entries
+    included, ``hydra`` aside): no setting takes one, and torch would only fail later (``optimizer.lr=inf``:
+    a nan loss after a step; ``data.mean=[nan, ...]``: nan images)."""
+    items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else []
+    for key, value in items:
+        if key != "hydra":
+            _check_finite(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, str(key))
+
+
+def _check_finite(value: Any, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        item = re.fullmatch(r"(.*)\[(\d+)\]", key)  # data.mean[0], data.palette[1][2]
+        where = f"{item.group(1)} has {value} (item {item.group(2)})" if item else f"{key}={value}"
+        raise ConfigError(
+            f"{where}: every number in the config must be finite; set {key.split('[')[0]} to finite values"
+        )
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+def deletion_error(item: str) -> str:
+    """The one line for ``~KEY`` / ``~GROUP`` on the command line: every part of the config is needed."""
+    key = item.lstrip("~").split("=", 1)[0]
+    if "." in key:
+        fix = f"set {key}=VALUE instead (null where the key allows it)"
+    else:
+        fix = f"choose another option with {key}=NAME, or change its keys with {key}.KEY=VALUE"
+    return f"{item} would delete {key}, but every part of the config is needed: drop {item} and {fix}"
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
+    """The command line's overrides (Hydra's ``overrides.task``): ConfigError for a deletion (``~KEY``,
+    ``~GROUP``: every part of the config is needed); warnings for a key given twice (the last one wins)."""
+    seen: dict[str, str] = {}
+    warnings = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("~"):
+            raise ConfigError(deletion_error(item))
+        key = key.lstrip("+")
+        if key in seen and seen[key] != value:
+            warnings.append(f"{key} is given twice ({key}={seen[key]}, then {key}={value}): the last one is used")
+        seen[key] = value
+    return warnings
+
+
+def check_hydra_dirs(cfg: DictConfig) -> None:
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` / ``hydra.sweep.subdir`` given empty (or blank): the run's files
+    would go into the working directory (or every job into one dir)."""
+    for key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+        node = OmegaConf.select(cfg, key.rsplit(".", 1)[0])
+        if node is None:
+            continue
+        raw = OmegaConf.to_container(node, resolve=False).get(key.rsplit(".", 1)[1])
+        if raw is None or not str(raw).strip():
+            fix = {"hydra.run.dir": "a dir, e.g. outputs/exp1", "hydra.sweep.dir": "a dir, e.g. multirun/exp1"}.get(
+                key, "a subdir per job, e.g. ${hydra.job.num}"
+            )
+            raise ConfigError(
+                f"{key} is empty, so the files would go into {'one dir' if 'subdir' in key else 'the working dir'}; "
+                f"give {key} {fix} (or leave it out for the default)"
+            )
+
+
+def _parses_as(text: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(text).value()
+    except Exception:  # noqa: BLE001 - any parse failure means: quote it
+        return None
+
+
+def override(key: str, value: str) -> str:
+    """``key=value`` as a Hydra override that gives back the string ``value`` exactly: as it is where Hydra's
+    grammar reads it so, else in double quotes (with Hydra's escapes).  Not shell-quoted (see shlex.quote)."""
+    if "${" not in value and _parses_as(f"{key}={value}") == value:  # ${...}: OmegaConf would interpolate it
+        return f"{key}={value}"
+    escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)  # backslashes before a quote doubled
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped).replace("${", "\\${")
+    return f'{key}="{escaped}"'
+
+
+def check_command_line(cfg: DictConfig) -> list[str]:
+    """The checks of any command's composed config that need neither its data nor a checkpoint: the
+    overrides, keys, numbers and run dirs (the RunDirGuard runs them before the run dir is touched;
+    :func:`validate` checks the numbers too).  Returns warnings to print."""
+    warnings = []
+    if OmegaConf.select(cfg, "hydra.overrides.task") is not None:
+        warnings = check_overrides(list(cfg.hydra.overrides.task))
+        check_hydra_dirs(cfg)
+    check_keys(cfg)
+    check_finite(cfg)
+    return warnings
+
+
+MAX_LR = 10.0  # optimizer.lr above this only overflows (a typo such as 1e3 for 1e-3)
+MODEL_NAMES = ("fcn", "deconvnet", "unet", "pspnet", "deeplabv3", "deeplabv3plus")  # segtrain.models.BUILDERS
+DATA_NAMES = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder")  # segtrain.data.BUILDERS
+LOSS_TERMS = ("ce", "ohem", "dice", "focal", "bce")  # segtrain.losses.TERMS
+OPTIMIZERS, SCHEDULERS = ("sgd", "adamw"), ("poly", "cosine", "constant")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_names(cfg: DictConfig) -> None:
+    """``model.name``, ``data.name``, ``optimizer.name``, ``scheduler.name`` and the terms and weights of
+    ``loss.name`` (checked again where they are built; here before the run dir is touched)."""
+    for key, value, names in (
+        ("model.name", cfg.model.name, MODEL_NAMES),
+        ("data.name", cfg.data.name, DATA_NAMES),
+        ("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
+        ("scheduler.name", cfg.scheduler.name, SCHEDULERS),
+    ):
+        _check(value in names, f"unknown {key} {value!r}; choose one of: {', '.join(sorted(names))}")
+    name = cfg.loss.name
+    terms = [t.strip() for t in str(name).split("+")]
+    bad = [t for t in terms if t not in LOSS_TERMS]
+    _check(
+        not bad,
+        f"unknown loss term {bad[0] if bad else ''!r} in loss.name={name!r}; valid terms: {', '.join(LOSS_TERMS)} "
+        "(or a sum such as ce+dice)",
+    )
+    _check(len(set(terms)) == len(terms), f"loss.name={name!r} repeats a term; use loss.weights to weight it")
+    weights = cfg.loss.weights
+    _check(
+        weights is None or (isinstance(weights, (dict, DictConfig)) and all(_number(w) for w in weights.values())),
+        f"loss.weights must be a weight per term such as {{ce: 1.0, dice: 3.0}}, got {_shown(weights)}",
+    )
+    weights = dict(weights or {})
+    extra = [k for k in weights if k not in terms]
+    _check(
+        not extra,
+        f"loss.weights has {', '.join(map(repr, extra))}, not a term of loss.name={name!r}; give weights for "
+        f"{', '.join(terms)} only",
+    )
+    shown = "{" + ", ".join(f"{k}: {v:g}" for k, v in weights.items()) + "}"
+    _check(
+        all(w >= 0 for w in weights.values()),
+        f"loss.weights={shown} has a negative weight, which training would maximise; use weights >= 0",
+    )
+    _check(
+        sum(weights.get(t, 1.0) for t in terms) > 0,
+        f"loss.weights={shown} weighs every term of loss.name={name} 0, so the loss is 0 and nothing trains; give "
+        "one term a weight > 0",
+    )
+
+
 def _validate_class_weights(cfg: DictConfig) -> None:
     """``loss.class_weights``: auto, or one non-negative weight per class."""
     d, lo = cfg.data, cfg.loss
@@ -350,13 +604,24 @@ def _validate_class_weights(cfg: DictConfig) -> None:
         weights = list(lo.class_weights)
         numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
         _check(numbers and all(w >= 0 for w in weights), f"loss.class_weights must be numbers >= 0, got {weights}")
+        _check(
+            sum(weights) > 0,
+            f"loss.class_weights={weights} weighs every class 0, so the loss is 0 at every step; give the classes "
+            "weights > 0 (1: as unweighted)",
+        )
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line, naming the key) for an impossible value."""
 
+    check_finite(cfg)
     d, o, s, t, lo = cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
     _check(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
+    _check(
+        o.lr <= MAX_LR,
+        f"optimizer.lr={o.lr} is far above any learning rate that trains (SGD ~0.01, AdamW ~1e-4), so the loss "
+        f"would only overflow; use optimizer.lr <= {MAX_LR:g}",
+    )
     _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _check(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
     _check(
@@ -369,8 +634,9 @@ def validate(cfg: DictConfig) -> None:
         f"data.val_batch_size must be >= 1, got {d.val_batch_size}",
     )
     _check(
-        d.num_workers == "auto" or (isinstance(d.num_workers, int) and d.num_workers >= 0),
-        f"data.num_workers must be auto or an integer >= 0, got {d.num_workers!r}",
+        d.num_workers == "auto"
+        or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool) and 0 <= d.num_workers <= 256),
+        f"data.num_workers must be auto or an integer in [0, 256] (loader processes), got {d.num_workers!r}",
     )
     _check(
         0 <= d.ignore_index < 256,
@@ -382,6 +648,11 @@ def validate(cfg: DictConfig) -> None:
         f"data.ignore_index={d.ignore_index} is a class id (num_classes={d.num_classes}); use 255",
     )
     if d.name == "synthetic":
+        for key, split in (("data.train_split", "train"), ("data.val_split", "val")):
+            _check(
+                d[key.split(".")[1]] == split,
+                f"{key}={d[key.split('.')[1]]}: data=synthetic has the splits train and val only; drop {key}",
+            )
         _check(d.num_train >= 1, f"data.num_train must be >= 1, got {d.num_train}")
         _check(d.num_val >= 1, f"data.num_val must be >= 1, got {d.num_val}")
         as_hw(d.image_size, "data.image_size")
@@ -402,7 +673,12 @@ def validate(cfg: DictConfig) -> None:
             f"data.class_names has {len(d.class_names)} names but data.num_classes={d.num_classes}"
             + (" (one sigmoid logit: 2 names, background and foreground)" if d.num_classes == 1 else ""),
         )
+    _check(
+        0 < d.val_fraction <= 1,
+        f"data.val_fraction must be in (0, 1] (the share of the images held out for validation), got {d.val_fraction}",
+    )
     _validate_images(d)
+    _check_names(cfg)
     _validate_binary(cfg)
 
     _check(s.power > 0, f"scheduler.power must be > 0, got {s.power}")
@@ -418,6 +694,16 @@ def validate(cfg: DictConfig) -> None:
     _check(lo.focal_gamma >= 0, f"loss.focal_gamma must be >= 0, got {lo.focal_gamma}")
     _check(lo.dice_smooth >= 0, f"loss.dice_smooth must be >= 0, got {lo.dice_smooth}")
     _check(o.head_lr_mult > 0, f"optimizer.head_lr_mult must be > 0, got {o.head_lr_mult}")
+    _check(
+        o.lr * o.head_lr_mult <= MAX_LR,
+        f"optimizer.lr={o.lr} x optimizer.head_lr_mult={o.head_lr_mult} gives the decoder an lr far above any that "
+        f"trains; keep their product <= {MAX_LR:g}",
+    )
+    _check(
+        lo.focal_alpha is None or 0 <= lo.focal_alpha <= 1,
+        f"loss.focal_alpha must be in [0, 1] (or null: off), got {lo.focal_alpha}",
+    )
+    _check(t.num_vis >= 0, f"trainer.num_vis must be >= 0 (0: no image grid), got {t.num_vis}")
     _check(t.accumulate >= 1, f"trainer.accumulate must be >= 1, got {t.accumulate}")
     _check(t.keep_last >= 0, f"trainer.keep_last must be >= 0, got {t.keep_last}")
     _check(t.stop_at is None or t.stop_at >= 1, f"trainer.stop_at must be >= 1, got {t.stop_at}")
@@ -426,6 +712,11 @@ def validate(cfg: DictConfig) -> None:
     _check(e.mode in ("whole", "slide"), f"eval.mode must be 'whole' or 'slide', got {e.mode!r}")
     _check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), f"eval.scales must be positive, got {list(e.scales)}")
     _check(0 < e.threshold < 1, f"eval.threshold must be in (0, 1), got {e.threshold}")
+    _check(
+        e.threshold == 0.5 or d.num_classes == 1,
+        f"eval.threshold={e.threshold} applies to one sigmoid logit (data.num_classes=1) only; with data.num_classes="
+        f"{d.num_classes} each pixel takes its most probable class: drop eval.threshold",
+    )
     if e.mode == "slide":
         _check(
             e.crop_size is not None or d.crop_size is not None,
@@ -529,6 +820,8 @@ def _check_slide(cfg: DictConfig) -> None:
 
 
 def _shown(value: Any) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
     return str(list(value)) if isinstance(value, (list, ListConfig)) else str(value)
 
 
@@ -545,10 +838,13 @@ def _check_input_sizes(cfg: DictConfig) -> None:
     network = f"model={cfg.model.name}" + ("" if cfg.model.backbone is None else f" ({cfg.model.backbone})")
 
     def at_least(key: str, value: Any, side: float, how: str = "", scale: float = 1.0) -> None:
+        fix = f"use {key} >= {math.ceil(need / scale)} px"
+        if scale < 1 and need <= side / scale:  # the size itself is enough: the scale is what is too small
+            fix += f", or no eval.scales below {math.ceil(100 * need * scale / side) / 100:g}"
         _check(
             side >= need,
             f"{key}={_shown(value)}{how} gives {int(side)} px, fewer than the {need} px {network} needs "
-            f"(its encoder halves the input {need.bit_length() - 1} times); use at least {math.ceil(need / scale)}",
+            f"(its encoder halves the input {need.bit_length() - 1} times); {fix}",
         )
 
     if d.crop_size is not None:
@@ -612,6 +908,37 @@ def require(cfg: DictConfig, usage: str, *keys: str) -> None:
         raise ConfigError(f"missing {', '.join(f'{k}=' for k in missing)}: usage: {usage}")
 
 
+def validate_app(cfg: DictConfig, name: str, prog: str) -> None:
+    """The keys of ``segtrain-eval`` / ``-predict`` / ``-export`` / ``-info`` (primary config ``name``) that
+    need no checkpoint, checked before the run dir is touched; the rest once the checkpoint's config is
+    merged (:func:`validate`)."""
+    if name == "predict":
+        validate_predict(cfg)
+    elif name == "export":
+        validate_export(cfg)
+    elif name == "info":
+        for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1)):
+            _check(cfg.info[key] >= low, f"info.{key} must be >= {low}, got {cfg.info[key]}")
+    if name in ("eval", "predict", "export"):
+        _check(
+            not OmegaConf.is_missing(cfg, "ckpt") and bool(str(cfg.ckpt).strip()),
+            f"no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt ({prog} --help)",
+        )
+    # what the checkpoint decides (segtrain.evaluate.merge_config, segtrain.info): refused before the run dir too
+    fixed = {
+        "eval": ("model", "optimizer", "scheduler", "loss"),
+        "predict": ("model", "optimizer", "scheduler", "loss"),
+    }
+    if name == "info" and cfg.get("ckpt"):
+        fixed["info"] = ("model", "data")
+    given = [o.split("=", 1)[0].lstrip("+~") for o in OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []]
+    for key in given:
+        _check(
+            key.split(".", 1)[0] not in fixed.get(name, ()),
+            f"{prog} takes {key.split('.', 1)[0]} from the checkpoint; drop the override {key}",
+        )
+
+
 def validate_predict(cfg: DictConfig) -> None:
     """``segtrain-predict``'s own keys (the rest is checked by :func:`validate` on the merged config)."""
     require(cfg, "segtrain-predict ckpt=PATH input=FILE|DIR|GLOB [output=DIR]", "ckpt", "input")
@@ -627,6 +954,7 @@ def validate_predict(cfg: DictConfig) -> None:
 def validate_export(cfg: DictConfig) -> None:
     """``segtrain-export``'s keys."""
     require(cfg, "segtrain-export ckpt=PATH [format=onnx|torchscript] [output=FILE|FOLDER/]", "ckpt")
+    check_finite(cfg)
     if cfg.opset < 18:  # torch.export-based ONNX export writes opset 18 or newer
         raise ConfigError(f"opset must be >= 18 (the exporter writes opset 18 or newer), got {cfg.opset}")
     if cfg.tolerance <= 0:
@@ -636,7 +964,9 @@ def validate_export(cfg: DictConfig) -> None:
     for size in cfg.check_sizes:
         h, w = as_hw(size, "check_sizes")
         if min(h, w) < 32:
-            raise ConfigError(f"check_sizes: {h}x{w} is below the exported graph's 32x32 minimum; use sizes >= 32")
+            raise ConfigError(
+                f"check_sizes: {h}x{w} px is below the exported graph's 32x32 minimum; use sizes of at least 32 px"
+            )
 
 
 def mask_classes(num_classes: int) -> int:

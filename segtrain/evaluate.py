@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.cli import command
-from segtrain.config import SegtrainConfig, validate
+from segtrain.config import SegtrainConfig, check_keys, validate
 from segtrain.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def checkpoint_model(state: dict, cfg: DictConfig, path: str | Path) -> torch.nn
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
         raise ConfigError("no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt")
+    check_keys(cfg)  # a sweep's job (a single run: checked by the RunDirGuard)
     import torch  # here, not at the top: `segtrain-eval --help` answers without loading torch
 
     from segtrain.data import build_datasets, build_loader

@@ -35,10 +35,7 @@ def stored_config(state: dict) -> DictConfig:
 
 def _candidates(resume: str, ckpt_dir: Path, keep_last: int) -> list[Path]:
     if resume != "auto":
-        path = Path(resume).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"trainer.resume={resume}: no such file")
-        return [path]
+        return [checkpoint.checkpoint_file(resume, "trainer.resume")]
     last = ckpt_dir / "last.pt"
     return [p for p in (checkpoint.numbered(last, i) for i in range(keep_last + 1)) if p.is_file()]
 
@@ -132,9 +129,7 @@ def differences(
 
 def init_from(model: nn.Module, path_str: str, network: str) -> None:
     """``model.init_from``: load every tensor whose name and shape match; report what was skipped."""
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"model.init_from={path_str}: no such file")
+    path = checkpoint.checkpoint_file(path_str, "model.init_from")
     obj = checkpoint.load(path, require_model=False)  # also a plain state dict
     theirs = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(theirs, dict):

@@ -52,6 +52,7 @@ OUTPUTS = ("metrics.json",)  # besides checkpoints/*.pt: files that make a dir a
 # Unique default run dirs.
 
 _unique: dict[str, str] = {}
+_made: dict[str, list[Path]] = {}  # a unique dir -> it and the parents created for it, innermost first
 
 
 def unique_dir(path: str) -> str:
@@ -63,6 +64,7 @@ def unique_dir(path: str) -> str:
     if path in _unique:
         return _unique[path]
     base = Path(path)
+    made = [p for p in reversed(base.parents) if not p.exists()]  # removed again when the run is refused
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -76,6 +78,7 @@ def unique_dir(path: str) -> str:
         except OSError:
             return path
         _unique[path] = str(candidate)
+        _made[str(candidate)] = [candidate, *reversed(made)]
         return str(candidate)
     return path
 
@@ -446,31 +449,54 @@ class RunDirGuard(Callback):
         self.train = train
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        if not self.train or os.environ.get("RANK", "0") != "0":
+        if os.environ.get("RANK", "0") != "0":
             return
         try:
-            check_sweep(Path(str(config.hydra.sweep.dir)), config.trainer.resume, config.trainer.overwrite)
+            self.check_config(config, values=False)  # each job's values: its own config (the sweep's values differ)
+            if self.train:
+                check_sweep(Path(str(config.hydra.sweep.dir)), config.trainer.resume, config.trainer.overwrite)
         except SegtrainError as e:
             raise Refused(e) from None
+
+    def check_config(self, config: Any, values: bool = True) -> None:
+        """What the command line asks for, before any file is written (the run dir included): the overrides,
+        keys and numbers of any command (:func:`segtrain.config.check_command_line`); with ``values``, for
+        training every value (:func:`segtrain.config.validate`), for the other commands their own keys, and the
+        checkpoint paths (``trainer.resume``, ``model.init_from``, ``ckpt``: a file that can be a checkpoint,
+        told without torch)."""
+        from segtrain import checkpoint
+        from segtrain.config import check_command_line, validate, validate_app
+
+        warnings = check_command_line(config)
+        if not values:
+            paths = {}
+        elif self.train:
+            validate(config)
+            paths = {"trainer.resume": config.trainer.resume, "model.init_from": config.model.init_from}
+        else:
+            validate_app(config, str(config.hydra.job.name), prog_name())
+            paths = {"ckpt": config.get("ckpt")}
+        for key, value in paths.items():
+            if value and value != "auto" and isinstance(value, str):
+                checkpoint.inspect(checkpoint.checkpoint_file(value, key), f"{key}={value}")
+        for warning in warnings:  # after the checks: an error stays the one line printed
+            print(f"{prog_name()}: warning: {warning}", file=sys.stderr, flush=True)
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         if os.environ.get("RANK", "0") != "0":
             return  # DDP: rank 0 owns the run dir; the others run in a scratch dir
         folder = Path(str(config.get("run_dir") or config.hydra.run.dir))
         try:
+            self.check_config(config)  # a config mistake is reported before the run dir is touched
             if not self.train:
                 _check_command_dir(folder, config)
                 check_path(folder)
                 return
-            from segtrain.config import validate
-
-            validate(config)  # a config mistake is reported before the run dir is touched
             claim(folder, config.trainer.resume, config.trainer.overwrite, keep=set())
         except SegtrainError as e:
-            if str(folder) in _unique.values():  # the default outputs/DATE/TIME, made for this run: not left empty
-                for empty in (folder, folder.parent, folder.parent.parent):
-                    with contextlib.suppress(OSError):
-                        empty.rmdir()  # only an empty dir goes
+            for empty in _made.get(str(folder), []):  # the default outputs/DATE/TIME made for this run: not left
+                with contextlib.suppress(OSError):
+                    empty.rmdir()  # only an empty dir goes
             raise Refused(e) from None
 
 
@@ -513,6 +539,15 @@ def _check_command_dir(folder: Path, config: Any) -> None:
         )
 
 
+def prog_name() -> str:
+    """The command's name as typed (``segtrain``, ``segtrain-eval`` ...; ``python -m segtrain``: segtrain)."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if prog.endswith(".py") or not prog:  # python -m segtrain[.evaluate ...]
+        stem = prog.removesuffix(".py")
+        return "segtrain" if stem in ("__main__", "cli", "") else "segtrain-" + {"evaluate": "eval"}.get(stem, stem)
+    return prog
+
+
 def resume_command(run_dir: Path, limit: int | None = 160) -> str:
     """The command line of this run, with trainer.resume=auto and its run dir: in a sweep (``-m``) the sweep
     dir, which resumes every job; under torchrun on one node with ``torchrun``.  A short form when the command
@@ -520,11 +555,12 @@ def resume_command(run_dir: Path, limit: int | None = 160) -> str:
     drop = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.dir=", "trainer.stop_at=", "run_dir=",
             "trainer.overwrite=")  # fmt: skip
     args = [a for a in sys.argv[1:] if not a.startswith(drop)]
-    where = f"hydra.run.dir={run_dir}"
+    from segtrain.config import override
+
+    where = override("hydra.run.dir", str(run_dir))  # quoted for Hydra where the path needs it (spaces, '=', é)
     if "-m" in args or "--multirun" in args:
-        where = f"hydra.sweep.dir={_sweep_dir(Path(run_dir))}"
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "segtrain"
-    prog = "segtrain" if prog in ("__main__.py", "") else prog
+        where = override("hydra.sweep.dir", str(_sweep_dir(Path(run_dir))))
+    prog = prog_name()
     same, written_out = "the same command", True
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
     if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: one node's command can be written out

@@ -4,6 +4,7 @@ loading (text files named, pickled code refused and never run)."""
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,86 @@ def test_pickled_code_is_refused_and_not_run(tmp_path):
     proc = run_cli(["debug=smoke", f"model.init_from={evil}"], tmp_path)
     one_line_error(proc, "refusing to load")
     assert not MARKER.exists(), "the pickle ran code"
+
+
+# --- what a path given as a checkpoint is (issue 21) ----------------------------------------------------------------
+
+
+def test_a_path_that_is_not_a_checkpoint_file_says_what_it_is(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK")
+    (run / "checkpoints" / "best.pt").write_bytes(b"PK")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "gone.pt")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (
+            run,
+            "ckpt",
+            f"ckpt={run} is a directory, not a checkpoint file; give the file in it: ckpt={run}/checkpoints/best.pt",
+        ),
+        (
+            run,
+            "trainer.resume",
+            f"trainer.resume={run}/checkpoints/last.pt (or trainer.resume=auto with hydra.run.dir set to it)",
+        ),
+        (
+            tmp_path / "empty",
+            "model.init_from",
+            "is a directory, not a checkpoint file, and holds none; give a .pt file",
+        ),
+        ("/dev/null", "ckpt", "ckpt=/dev/null is a character device, not a checkpoint file"),
+        (tmp_path / "fifo", "ckpt", "fifo is a FIFO (named pipe), not a checkpoint file"),
+        (tmp_path / "link.pt", "ckpt", "link.pt is a broken symbolic link (to "),
+        (tmp_path / "none.pt", "trainer.resume", "none.pt: no such file (a .pt checkpoint is expected"),
+    ]
+    for path, key, message in cases:
+        with pytest.raises(CheckpointError) as e:
+            checkpoint.checkpoint_file(path, key)
+        assert message in str(e.value), str(e.value)
+    with pytest.raises(CheckpointError, match="fifo is a FIFO"):  # load() too, never opening (and blocking on) it
+        checkpoint.load(tmp_path / "fifo")
+
+
+def test_files_that_cannot_be_checkpoints_are_told_apart_without_torch(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, good)
+    data = good.read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():  # torch.jit's deprecation notes
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 2, 1)), tmp_path / "model.pt")  # as segtrain-export writes
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x052.5.0" + bytes(64))  # an ONNX header
+    cases = {
+        "half.pt": "half.pt is truncated or not a segtrain checkpoint (a TorchScript/ONNX export?); use a .pt file",
+        "model.pt": "model.pt is a TorchScript export (segtrain-export), not a training checkpoint; give the .pt",
+        "model.onnx": "model.onnx is an ONNX export (segtrain-export), not a training checkpoint",
+    }
+    for name, message in cases.items():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(CheckpointError) as e:
+                checkpoint.load(tmp_path / name)
+        assert message in str(e.value) and not seen, (str(e.value), [str(w.message) for w in seen])
+    checkpoint.inspect(good)
+
+
+def test_a_file_torch_cannot_read_is_one_complete_line_and_its_warnings_are_not_shown(tmp_path, monkeypatch):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {}}, good)
+
+    def fails(*args, **kwargs):
+        warnings.warn("torch.load received a zip file that looks like a TorchScript archive", UserWarning, stacklevel=2)
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory " * 5)
+
+    monkeypatch.setattr(torch, "load", fails)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as e:
+            checkpoint.load(good)
+    assert str(e.value) == (
+        f"{good} is truncated or not a segtrain checkpoint (a TorchScript/ONNX export?): torch cannot read it "
+        "(RuntimeError); use a .pt file written by segtrain (last.pt, best.pt)"
+    )  # complete: torch's own text is its cause, in the log's traceback
+    assert "central directory" in str(e.value.__cause__) and not seen

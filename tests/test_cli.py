@@ -127,14 +127,26 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, finished_run):
-    """A good checkpoint (conftest's finished run, only read), a truncated copy and a file of foreign tensors."""
+    """A good checkpoint (conftest's finished run, only read), a truncated copy, a file of foreign tensors, the
+    halves of a checkpoint, a TorchScript and an ONNX export (its header), a FIFO and the run dir."""
+    import os
+    import warnings
+
     root = tmp_path_factory.mktemp("ckpts")
     good = finished_run[1] / "checkpoints" / "last.pt"
     truncated = root / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:1000])
+    half = root / "half.pt"
+    half.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     foreign = root / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    return {"truncated": truncated, "foreign": foreign, "good": good}
+    with warnings.catch_warnings():  # torch.jit's deprecation notes
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 2, 1)), root / "model.pt")
+    (root / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x052.5.0" + bytes(64))
+    os.mkfifo(root / "fifo")
+    paths = {"truncated": truncated, "foreign": foreign, "good": good, "half": half, "run": finished_run[1]}
+    return paths | {"torchscript": root / "model.pt", "onnx": root / "model.onnx", "fifo": root / "fifo"}
 
 
 @pytest.mark.parametrize(
@@ -253,14 +265,114 @@ def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(t
 
 
 def test_cli_and_schema_load_without_torch():
-    """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only."""
+    """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only (and the
+    RunDirGuard, checkpoint paths included, checks before torch loads)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir\n"
+        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir, segtrain.checkpoint\n"
         "heavy = [m for m in ('torch', 'numpy', 'albumentations', 'cv2', 'torchvision') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- hostile input (issue 21) ---------------------------------------------------------------------------------------
+
+
+def _nothing_written(cwd) -> None:
+    assert not list(cwd.iterdir()), list(cwd.iterdir())  # no run dir, no outputs/DATE/TIME, no log
+
+
+@pytest.mark.parametrize(
+    "prog, args, expect",
+    [
+        ("segtrain", ["trainer.max_iter=5"], "unknown key trainer.max_iter; did you mean trainer.max_iters?"),
+        ("segtrain", ["+trainer.foo=1"], "unknown key trainer.foo ("),
+        ("segtrain", ["+new_key=1"], "unknown key new_key ("),
+        ("segtrain", ["~trainer"], "~trainer would delete trainer, but every part of the config is needed"),
+        ("segtrain", ["~model.backbone"], "~model.backbone would delete model.backbone"),  # null: Hydra's error
+        ("segtrain", ["~trainer.max_epochs"], "~trainer.max_epochs would delete trainer.max_epochs"),  # OmegaConf's
+        ("segtrain", ["data.root=/data/données"], """needs quotes: 'data.root="/data/données"'"""),
+        ("segtrain", ["hydra.run.dir=runs/my run=1"], """'hydra.run.dir="runs/my run=1"'"""),
+        ("segtrain", ["hydra.run.dir=runs/my", "run=1"], """quote the whole value: 'hydra.run.dir="runs/my run=1"'"""),
+        ("segtrain", ["data.root=/a,b"], """(a sweep): add -m to run one job per value, or quote it to keep it one"""),
+        (
+            "segtrain",
+            ["trainer.max_iters=1e9"],
+            "must be an integer, got 1e9 (read as float); write trainer.max_iters=",
+        ),
+        ("segtrain", ["model.pretrained=maybe"], "model.pretrained must be true or false, got maybe"),
+        ("segtrain", ["optimizer.betas=0.9"], "optimizer.betas must be a list such as [a, b], got 0.9"),
+        ("segtrain", ["--config-name", "nope"], "no primary config 'nope' (--config-name)"),
+        ("segtrain", ["--config-dir", "nowhere"], "give --config-dir (-cd) an existing dir of YAML configs"),
+        ("segtrain-eval", ["ckpt=x.pt", "model=fcn"], "segtrain-eval takes the model from the checkpoint"),
+        ("segtrain-eval", ["ckpt=x.pt", "trainer=default"], "no config group trainer (its groups: data, device)"),
+        ("segtrain-eval", ["ckpt=x.pt", "+eval.scale=[1.0]"], "unknown key eval.scale; did you mean eval.scales?"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_naming_the_key(tmp_path, prog, args, expect):
+    """Hydra's own messages replaced: the key, the nearest real one or the quoting that works, never '+KEY'."""
+    line = one_line_error(run_cli(args, tmp_path, exe=console_script(prog)), expect, prog=prog)
+    assert "+" not in line, line
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "prog, args, expect",
+    [
+        ("segtrain", ["optimizer.lr=inf"], "optimizer.lr=inf: every number in the config must be finite"),
+        ("segtrain", ["data.mean=[nan,0.5,0.5]"], "data.mean has nan (item 0)"),
+        ("segtrain", ["data.val_fraction=1.5"], "data.val_fraction must be in (0, 1]"),
+        ("segtrain", ["loss.name=ce+dice", "loss.weights={ce:-1,dice:1}"], "has a negative weight"),
+        ("segtrain", ["model.name=segformer"], "unknown model.name 'segformer'"),
+        ("segtrain", ["+trainer.foo=1"], "unknown key trainer.foo"),
+        ("segtrain", ["hydra.run.dir="], "hydra.run.dir is empty, so the files would go into the working dir"),
+        ("segtrain", ["-m", "hydra.sweep.dir="], "hydra.sweep.dir is empty"),
+        ("segtrain", ["trainer.resume=."], "trainer.resume=. is a directory, not a checkpoint file"),
+        ("segtrain-eval", ["ckpt=x.pt", "eval.scales=[1.0,inf]"], "eval.scales has inf (item 1)"),
+        ("segtrain-eval", ["ckpt=/dev/null"], "ckpt=/dev/null is a character device, not a checkpoint file"),
+    ],
+)
+def test_bad_values_are_refused_before_any_file_is_written(tmp_path, prog, args, expect):
+    """With the default run dir (outputs/DATE/TIME): a bad value, key or path leaves the working dir as it was.
+    (segtrain-predict, -export and -info run the same checks: tests/test_config.py, and the cases below.)"""
+    one_line_error(run_cli(args, tmp_path, exe=console_script(prog)), expect, prog=prog)
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "prog, args, expect",
+    [
+        (
+            "segtrain-eval",
+            ["ckpt={half}"],
+            "half.pt is truncated or not a segtrain checkpoint (a TorchScript/ONNX export?)",
+        ),
+        ("segtrain-predict", ["ckpt={torchscript}", "input=y"], "model.pt is a TorchScript export (segtrain-export)"),
+        (
+            "segtrain-export",
+            ["ckpt={onnx}"],
+            "model.onnx is an ONNX export (segtrain-export), not a training checkpoint",
+        ),
+        ("segtrain-info", ["ckpt={fifo}"], "fifo is a FIFO (named pipe), not a checkpoint file"),
+        (
+            "segtrain",
+            ["model.init_from={run}"],
+            "is a directory, not a checkpoint file; give the file in it: model.init_from=",
+        ),
+        (
+            "segtrain",
+            ["trainer.resume={run}"],
+            "checkpoints/last.pt (or trainer.resume=auto with hydra.run.dir set to it)",
+        ),
+        ("segtrain", ["trainer.resume={torchscript}"], "model.pt is a TorchScript export"),
+    ],
+)
+def test_what_is_not_a_checkpoint_is_named_by_every_command(tmp_path, ckpts, prog, args, expect):
+    """One line and nothing before it (no torch warnings), before the run dir: the same helper for every command."""
+    args = [a.format(**ckpts) for a in args]
+    one_line_error(run_cli(args, tmp_path, exe=console_script(prog)), expect, prog=prog)
+    _nothing_written(tmp_path)

@@ -1,3 +1,7 @@
+import shlex
+import subprocess
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -7,10 +11,12 @@ from segtrain.config import as_hw, register_configs, validate
 from segtrain.errors import ConfigError
 
 
-def composed(*overrides):
+def composed(*overrides, app: str = "config", hydra: bool = False):
+    """The composed config of ``configs/APP.yaml`` (config: segtrain's; eval, predict, export, info) with
+    ``overrides`` (``hydra``: with the hydra node, as a Hydra callback gets it)."""
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose(app, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def validation_error(*overrides) -> str:
@@ -111,7 +117,8 @@ def test_schema_default_check_can_fail():
         (["eval.scales=[0.1,1.0]"], "data.image_size=64 at eval.scales 0.1 gives 6 px"),
         (
             ["data=voc", "data.val_size=16", "eval.scales=[0.5,1.0]"],
-            "gives 8 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 times); use at least 32",
+            "gives 8 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 times); use "
+            "data.val_size >= 32 px, or no eval.scales below 1",
         ),
         (["model=deconvnet", "data.val_size=20"], "data.val_size=20 gives 20 px, fewer than the 32 px"),
         (["model.backbone=vgg16", "data.image_size=24"], "data.image_size=24 gives 24 px, fewer than the 32 px"),
@@ -143,6 +150,28 @@ def test_schema_default_check_can_fail():
         (["data.in_channels=4", "data.mean=auto"], "data=synthetic draws RGB images"),
         (["data.base_size=auto"], "data.base_size=auto needs images on disk"),
         (["data=folder", "data.in_channels=0"], "data.in_channels must be >= 1"),
+        # hostile values (issue 21): refused before the first step, naming the key
+        (["optimizer.lr=inf"], "optimizer.lr=inf: every number in the config must be finite"),
+        (["data.mean=[nan,0.5,0.5]"], "data.mean has nan (item 0): every number in the config must be finite"),
+        (["data.label_map={255:-inf}"], "data.label_map.255=-inf: every number"),
+        (["optimizer.lr=1e308"], "optimizer.lr=1e+308 is far above any learning rate that trains"),
+        (["loss.name=ce+dice", "loss.weights={ce:-1,dice:1}"], "loss.weights={ce: -1, dice: 1} has a negative weight"),
+        (["loss.weights={ce:0}"], "weighs every term of loss.name=ce 0, so the loss is 0"),
+        (["loss.weights={dice:3}"], "loss.weights has 'dice', not a term of loss.name='ce'"),
+        (["loss.weights={ce:abc}"], "loss.weights must be a weight per term such as {ce: 1.0, dice: 3.0}"),
+        (["loss.class_weights=[0,0,0,0,0,0]"], "weighs every class 0, so the loss is 0 at every step"),
+        (["eval.threshold=0.3"], "eval.threshold=0.3 applies to one sigmoid logit (data.num_classes=1) only"),
+        (["data.val_fraction=1.5"], "data.val_fraction must be in (0, 1]"),
+        (["data.val_split=nonexistent"], "data=synthetic has the splits train and val only"),
+        (["model.name=segformer"], "unknown model.name 'segformer'; choose one of: deconvnet"),
+        (["optimizer.name=lion"], "unknown optimizer.name 'lion'; choose one of: adamw, sgd"),
+        (["loss.name=ce+lovasz"], "unknown loss term 'lovasz'"),
+        (["eval.scales=[0.01]"], "gives 0 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 "),
+        (["eval.scales=[0.01]"], "use data.image_size >= 1600 px, or no eval.scales below 0.25"),
+        (["optimizer.head_lr_mult=1e5"], "optimizer.lr=0.001 x optimizer.head_lr_mult=100000.0 gives the decoder"),
+        (["loss=focal", "loss.focal_alpha=2"], "loss.focal_alpha must be in [0, 1]"),
+        (["trainer.num_vis=-1"], "trainer.num_vis must be >= 0"),
+        (["data.num_workers=100000"], "data.num_workers must be auto or an integer in [0, 256]"),
     ],
 )
 def test_cross_key_checks_name_the_key(overrides, message):
@@ -158,6 +187,9 @@ def test_cross_key_checks_name_the_key(overrides, message):
         ["scheduler.min_lr=0.001"],  # equal to optimizer.lr: a constant schedule
         ["seed=4294967295", "optimizer.betas=[0.0,0.99]"],
         ["eval.scales=[0.25,1.0]"],  # 64 px x 0.25 = 16 px: just enough for the U-Net
+        ["data.num_classes=1", "loss=bce_dice", "eval.threshold=0.3"],  # one sigmoid logit: the threshold applies
+        ["loss.name=ce+dice", "loss.weights={ce:0,dice:3}"],  # one term off is fine
+        ["optimizer.lr=10"],
     ],
 )
 def test_cross_key_checks_pass_valid_values(overrides):
@@ -186,3 +218,130 @@ def test_own_data_keys_that_validate():
         ["data=voc", "data.base_size=auto"],
     ):
         validate(composed(*overrides))
+
+
+# --- keys and numbers anywhere, in every command's schema (issue 21) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "app, overrides, message",
+    [
+        ("config", ["+new_key=1"], "unknown key new_key (`--cfg job` prints every key)"),
+        ("config", ["+trainer.foo=1"], "unknown key trainer.foo ("),
+        ("config", ["+trainer.max_iter=5"], "unknown key trainer.max_iter; did you mean trainer.max_iters?"),
+        ("config", ["+logger.tensorboard.dirr=x"], "did you mean logger.tensorboard.dir?"),
+        ("config", ["+data.train_pipeline.p=1", "data.train_pipeline={}"], None),  # an open node: any key
+        ("eval", ["ckpt=x", "+eval.scale=[1.0]"], "unknown key eval.scale; did you mean eval.scales?"),
+        ("predict", ["ckpt=x", "input=y", "+predict.batchsize=2"], "did you mean predict.batch_size?"),
+        ("export", ["ckpt=x", "+tolerence=0.1"], "unknown key tolerence; did you mean tolerance?"),
+        ("info", ["+info.iter=3"], "did you mean info.iters?"),
+        # a number that is not finite, in any command's keys (list items and dict entries too)
+        ("eval", ["ckpt=x", "eval.scales=[1.0,inf]"], "eval.scales has inf (item 1): every number in the config"),
+        ("predict", ["ckpt=x", "input=y", "predict.alpha=nan"], "predict.alpha=nan: every number"),
+        ("export", ["ckpt=x", "tolerance=-inf"], "tolerance=-inf: every number"),
+        ("info", ["info.size=[nan,64]"], "info.size has nan (item 0)"),
+        (
+            "config",
+            ["data.palette=[[0,0,nan]]"],
+            "data.palette[0] has nan (item 2): every number in the config must be finite; set data.palette to",
+        ),
+    ],
+)
+def test_every_command_refuses_unknown_keys_and_non_finite_numbers(app, overrides, message):
+    from segtrain.config import check_command_line
+
+    cfg = composed(*overrides, app=app)
+    if message is None:
+        check_command_line(cfg)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_command_line(cfg)
+    assert message in str(e.value) and "+" not in str(e.value), str(e.value)  # never Hydra's "+KEY" advice
+
+
+def test_open_nodes_take_what_they_hold():
+    """Keys that hold free-form values keep working: albumentations dicts, label maps, per-term loss weights."""
+    from segtrain.config import check_command_line
+
+    cfg = composed(
+        "data=folder",
+        "data.root=/data",
+        "data.train_pipeline=[{_target_: albumentations.HorizontalFlip, p: 0.5}]",
+        "data.label_map={255:1}",
+        "data.num_classes=2",
+        "data.palette=[[0,0,0],[255,0,0]]",
+        "loss.name=ce+dice",
+        "loss.weights={ce:1,dice:3}",  # into a null node: merged (a typed dict node would refuse)
+    )
+    check_command_line(cfg)
+    validate(cfg)
+    assert cfg.loss.weights == {"ce": 1, "dice": 3} and cfg.data.label_map == {255: 1}
+    cfg = composed("loss=ce_dice", "loss.weights={dice:3}")  # into the option's dict: one weight changed
+    validate(cfg)
+    assert cfg.loss.weights == {"ce": 1.0, "dice": 3}
+
+
+def test_deletions_and_repeated_keys_on_the_command_line():
+    from segtrain.config import check_overrides
+
+    for item in ("~trainer", "~model", "~model.backbone"):
+        with pytest.raises(ConfigError, match=f"{item} would delete") as e:
+            check_overrides(["debug=smoke", item])
+        assert "every part of the config is needed" in str(e.value)
+    warnings = check_overrides(["trainer.max_iters=2", "+trainer.max_iters=3", "seed=1", "seed=1"])
+    assert warnings == [
+        "trainer.max_iters is given twice (trainer.max_iters=2, then trainer.max_iters=3): the last one is used"
+    ]
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"])
+def test_empty_run_dirs_are_refused(key):
+    from segtrain.config import check_command_line
+
+    with pytest.raises(ConfigError, match=f"{key} is empty, so the files would go into"):
+        check_command_line(composed(f"{key}=", hydra=True))
+    with pytest.raises(ConfigError, match=f"{key} is empty"):
+        check_command_line(composed(f"{key}='  '", hydra=True))
+
+
+def test_nearest_keys():
+    from segtrain.config import EvalAppConfig, SegtrainConfig, nearest_keys
+
+    for typo, near in [
+        ("trainer.max_iter", ["trainer.max_iters"]),
+        ("optimiser.lr", ["optimizer.lr"]),  # the group misspelled
+        ("lr", ["optimizer.lr"]),  # no group
+        ("crop_size", ["data.crop_size", "eval.crop_size"]),
+        ("trainer.lr", ["optimizer.lr"]),  # the wrong group
+        ("optimizer.a", []),  # nothing near: no guess
+        ("trainer.foo", []),
+    ]:
+        assert nearest_keys(typo, SegtrainConfig) == near, typo
+    assert nearest_keys("chkpt", EvalAppConfig) == ["ckpt"]
+
+
+def test_override_quotes_what_hydra_would_misread():
+    """config.override gives back the exact string through Hydra's parser, and through the shell with
+    shlex.quote: a real segtrain command (--cfg job, no training) receives the values as they were."""
+    from segtrain.config import override
+
+    values = {
+        "data.root": "/data/données x",
+        "run_dir": "runs/my run=1",
+        "trainer.resume": "a,b",
+        "model.init_from": "it's",
+        "logger.wandb.project": 'q"x',
+        "logger.wandb.entity": "C:\\dir\\",
+        "logger.wandb.name": "x#y",
+        "logger.wandb.group": "null",
+        "data.val_split": "123",
+        "data.train_split": "/p/${x}",
+    }
+    assert override("data.root", values["data.root"]) == 'data.root="/data/données x"'
+    assert override("k", "plain/path") == "k=plain/path"
+    args = ["logger=wandb", *(override(k, v) for k, v in values.items()), "--cfg", "job"]
+    cmd = f"{shlex.quote(sys.executable)} -m segtrain {' '.join(shlex.quote(a) for a in args)}"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = OmegaConf.create(proc.stdout)
+    assert {k: OmegaConf.select(got, k) for k in values} == values

@@ -119,8 +119,27 @@ def test_eval_modes(trained, tmp_path):
 def test_eval_errors_are_one_line(trained, tmp_path):
     missing = run_cli(["ckpt=/nonexistent/best.pt"], tmp_path, exe=_eval_exe())
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert "checkpoint not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    assert "ckpt=/nonexistent/best.pt: no such file" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
     no_ckpt = run_cli([], tmp_path, exe=_eval_exe())
     assert no_ckpt.returncode != 0 and "ckpt" in no_ckpt.stderr and "Traceback" not in no_ckpt.stderr
     model = run_cli([f"ckpt={trained}", "model.base_channels=4"], tmp_path, exe=_eval_exe())
     assert model.returncode != 0 and "from the checkpoint" in model.stderr
+
+
+def test_a_split_that_is_not_there_is_refused_not_replaced(tmp_path):
+    """data.val_split naming no split: refused with the splits there, never the hold-out in its place."""
+    from fake_datasets import data_cfg, write_folder
+
+    from segtrain.data.folder import splits
+    from segtrain.errors import DataError
+
+    flat, lists = tmp_path / "flat", tmp_path / "lists"
+    write_folder(flat, n=4)
+    write_folder(lists, layout="lists", n=4)
+    with pytest.raises(DataError, match="data.val_split=nonexistent: .* has no split nonexistent .* nor any other"):
+        splits(flat, data_cfg("folder", flat, val_split="nonexistent"), train=False)
+    with pytest.raises(DataError, match="data.train_split=all: "):
+        splits(flat, data_cfg("folder", flat, train_split="all"))
+    with pytest.raises(DataError, match=r"nonexistent.txt is missing; the split lists there: train, val \(expected"):
+        splits(lists, data_cfg("folder", lists, val_split="nonexistent"), train=False)
+    assert len(splits(flat, data_cfg("folder", flat), train=False)[1][0]) == 1  # the default names: the hold-out

@@ -285,3 +285,61 @@ def test_unusable_sweep_dir_names_hydra_sweep_dir(tmp_path):
     proc = run_cli(["-m", "debug=smoke", "optimizer.lr=0.1,0.2", "hydra.sweep.dir=afile"], tmp_path)
     one_line(proc, 4, "afile", "change hydra.sweep.dir")
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_resume_command_of_a_run_dir_with_spaces_equals_and_accents_works_in_bash(tmp_path, monkeypatch):
+    """The printed command, pasted into bash, gives Hydra the same run dir and overrides (``--cfg hydra`` shows
+    them without running anything; tests/test_resume.py resumes through such a command for real)."""
+    import shlex
+    import sys
+
+    import yaml
+
+    run = tmp_path / "r un=1" / "données, 'x'"
+    given = ["debug=smoke", 'data.root="/d/my data=2"', 'data.class_names=[a,"b c"]', "hydra.run.dir=old"]
+    monkeypatch.setattr("sys.argv", ["segtrain", *given])
+    cmd = rundir.resume_command(run, limit=None)
+    assert cmd.startswith("segtrain debug=smoke ") and "hydra.run.dir=old" not in cmd
+    cmd = cmd.replace("segtrain", f"{shlex.quote(sys.executable)} -m segtrain", 1)
+    proc = subprocess.run(["bash", "-c", f"{cmd} --cfg hydra"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    hydra = yaml.safe_load(proc.stdout)["hydra"]
+    assert hydra["run"]["dir"] == str(run)
+    assert hydra["overrides"]["task"] == [
+        "debug=smoke",
+        'data.root="/d/my data=2"',
+        'data.class_names=[a,"b c"]',
+        "trainer.resume=auto",
+    ]
+
+
+def test_guard_checks_every_command_before_the_run_dir_and_warns_after(tmp_path, monkeypatch, capsys):
+    """RunDirGuard.check_config, as Hydra calls it: a mistake raises (nothing printed before it); a key given
+    twice is a warning, printed once the checks passed."""
+    from test_config import composed
+
+    from segtrain.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    guard = rundir.RunDirGuard()
+    with pytest.raises(ConfigError, match="optimizer.lr must be > 0"):
+        guard.check_config(composed("trainer.max_iters=2", "trainer.max_iters=3", "optimizer.lr=-1", hydra=True))
+    assert capsys.readouterr().err == ""
+    guard.check_config(composed("trainer.max_iters=2", "trainer.max_iters=3", hydra=True))
+    assert "warning: trainer.max_iters is given twice (trainer.max_iters=2, then trainer.max_iters=3)" in (
+        capsys.readouterr().err
+    )
+    eval_guard = rundir.RunDirGuard(train=False)
+    with pytest.raises(ConfigError, match="no checkpoint given: add ckpt=PATH"):
+        eval_guard.check_config(composed("ckpt=", app="eval", hydra=True))
+    with pytest.raises(ConfigError, match="predict.batch_size must be >= 1"):
+        eval_guard.check_config(composed("ckpt=x", "input=y", "predict.batch_size=0", app="predict", hydra=True))
+    with pytest.raises(ConfigError, match="opset must be >= 18"):
+        eval_guard.check_config(composed("ckpt=x", "opset=17", app="export", hydra=True))
+    with pytest.raises(ConfigError, match="info.iters must be >= 1"):
+        eval_guard.check_config(composed("info.iters=0", app="info", hydra=True))
+    with pytest.raises(ConfigError, match="takes model from the checkpoint; drop the override model.name"):
+        eval_guard.check_config(composed("ckpt=x", "+model.name=fcn", app="eval", hydra=True))
+    with pytest.raises(ConfigError, match="takes data from the checkpoint; drop the override data.num_classes"):
+        eval_guard.check_config(composed("ckpt=x", "data.num_classes=3", app="info", hydra=True))
+    assert not list(tmp_path.iterdir())

@@ -479,7 +479,9 @@ def list_images(folder: Path) -> dict[str, Path]:
 def read_list(path: Path, layout: str) -> list[str]:
     """Non-empty lines of a split list, or a DataError naming the file and the layout."""
     if not path.is_file():
-        raise DataError(f"split file {path} is missing (expected layout: {layout})")
+        there = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        splits = f"; the split lists there: {', '.join(there[:8])}" if there else ""
+        raise DataError(f"split file {path} is missing{splits} (expected layout: {layout})")
     text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a name
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not names:

@@ -109,6 +109,13 @@ def splits(root: Path, cfg: DictConfig, train: bool = True) -> tuple[Pairs | Non
         return found[0], found[1]
     if not (root / "images").is_dir():
         raise DataError(f"data.root={root} has no images/ folder (expected layout: {LAYOUT})")
+    named = [("data.val_split", cfg.val_split, "val")] + ([("data.train_split", cfg.train_split, "train")] * train)
+    for key, name, default in named:
+        if name != default:  # a split asked for by name that is not there: not the hold-out in its place
+            raise DataError(
+                f"{key}={name}: {root} has no split {name} ({name}.txt or {name}/images/), nor any other split: its "
+                f"images are split by data.val_fraction; drop {key} (or add the split)"
+            )
     images, masks = _pairs(root / "images", root / "masks")
     if not 0 < cfg.val_fraction <= 1:
         raise DataError(f"data.val_fraction must be in (0, 1], got {cfg.val_fraction}")
