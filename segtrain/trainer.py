@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import __version__, checkpoint, distributed, ema, loggers, monitor, resume, rundir, runtime
+from segtrain import __version__, checkpoint, console, distributed, ema, loggers, monitor, resume, rundir, runtime
 from segtrain.config import check_run_length, to_yaml
 from segtrain.data import build_datasets, build_loader
 from segtrain.errors import OutputError, Preempted, ResourceError
@@ -102,9 +102,12 @@ class Trainer:
                 with checkpoint.steps_kept_on_failure(self):  # e.g. a bad file or a failed validation: last.pt first
                     dry_validation(self)  # a run that would crash at its first validation fails now
                     return self._fit()
-            except torch.cuda.OutOfMemoryError:
+            except Exception as e:  # out of GPU or CPU memory: advice (last.pt of the steps done is written)
+                kind = console.out_of_memory(e)
+                if kind is None:
+                    raise
                 where = "in validation" if not self.model.training else f"at step {self.step + 1}"
-                raise ResourceError(runtime.oom_message(self.cfg, self.precision, where)) from None
+                raise ResourceError(runtime.oom_message(self.cfg, self.precision, where, kind=kind)) from e
             finally:
                 self.loggers.close()  # a failure (no-op after a normal end or a preemption)
                 distributed.cleanup()

@@ -116,8 +116,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a failed write (disk full) names no file: this one
+            e.filename = str(path)
         raise
     if durable:
         _fsync_dir(path.parent)
