@@ -182,6 +182,8 @@ def out_of_memory(exc: BaseException) -> str | None:
             return "GPU"
         if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(t in text for t in _OOM_TEXT)):
             return "CPU"
+        if "insufficient memory" in text:  # OpenCV's cv2.error (-4: Insufficient memory)
+            return "CPU"
         e = e.__cause__ or e.__context__
     return None
 
