@@ -103,3 +103,64 @@ def test_bars_only_on_a_terminal_that_can_redraw(monkeypatch, env, wanted):
     assert bars_wanted(True) is wanted and bars_wanted(False) is False
     monkeypatch.setattr("sys.stderr", console.QuietStream(open(os.devnull, "w"), "stderr"))  # not a terminal
     assert bars_wanted(True) is False
+    monkeypatch.setattr("sys.stderr", None)  # `2>&-` (Python sets no sys.stderr), in the library
+    assert bars_wanted(True) is False
+
+
+def test_quiet_stream_escapes_what_its_encoding_cannot_write(tmp_path):
+    """LC_ALL=C or PYTHONIOENCODING=ascii and a non-ASCII run dir: the line is written escaped, and console
+    output goes on (a UnicodeEncodeError used to end it)."""
+    raw = open(tmp_path / "out.txt", "w", encoding="ascii")  # noqa: SIM115 - closed below
+    stream = console.QuietStream(raw, "stdout")
+    stream.write("outputs in /data/rün_日本\n")
+    stream.write("next line\n")
+    stream.flush()
+    raw.close()
+    assert stream.failed is None
+    assert (tmp_path / "out.txt").read_text() == "outputs in /data/r\\xfcn_\\u65e5\\u672c\nnext line\n"
+
+
+def test_out_of_memory_is_recognised_by_type_and_message():
+    import numpy as np
+
+    oom = console.out_of_memory
+    assert oom(RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")) == "CPU"
+    assert oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "GPU"
+    assert oom(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)")) == "GPU"
+    assert oom(RuntimeError("DataLoader worker (pid 42) is killed by signal: Killed. ")) == "CPU"
+    with pytest.raises(MemoryError) as numpy_error:
+        np.empty((2**62,), np.uint8)  # numpy's _ArrayMemoryError: a MemoryError
+    assert oom(numpy_error.value) == "CPU"
+    try:
+        raise ValueError("validation failed on x.png") from MemoryError()
+    except ValueError as wrapped:
+        assert oom(wrapped) == "CPU"  # found in the cause
+    assert oom(RuntimeError("Given input size: (16x1x1). Output size is too small")) is None
+    assert oom(OSError(28, "No space left on device")) is None
+
+
+def test_background_thread_os_errors_go_to_the_log_only(file_log, monkeypatch, capsys):
+    """A logger's writer thread failing on a full disk: its traceback goes into the log file, not onto the
+    console; any other error in a thread is shown as Python shows it."""
+    import errno
+    import threading
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # put back after the test
+    console.quiet_background_threads()
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def bug():
+        raise KeyError("a bug")
+
+    for target, name in ((full_disk, "EventWriter"), (bug, "Buggy")):
+        thread = threading.Thread(target=target, name=name)
+        thread.start()
+        thread.join()
+    err = capsys.readouterr().err
+    assert "EventWriter" not in err and "No space left" not in err
+    assert "Exception in thread Buggy" in err and "KeyError" in err
+    log = file_log.read_text()
+    assert "background thread EventWriter failed: [Errno 28] No space left on device" in log
+    assert "Traceback" in log and "Buggy" not in log

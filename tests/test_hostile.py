@@ -251,3 +251,44 @@ def test_full_disk_and_out_of_memory_are_one_line_each(tmp_path, finished_run):
         oom, "out of memory (RAM)", "check_sizes (now [[10000000, 10000000]])", prog="segtrain-export"
     )
     assert oom.returncode == 5 and not (tmp_path / "big" / "model.pt").exists(), line
+
+
+@pytest.mark.parametrize(
+    "prog, error, knob",
+    [
+        (
+            "segtrain",
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9e12 bytes"),
+            "data.batch_size=8 trainer.accumulate=2",
+        ),
+        (
+            "segtrain-eval",
+            RuntimeError("validation failed on a.png (9000x9000 px): CUDA out of memory."),
+            "eval.mode=slide",
+        ),
+        ("segtrain-predict", MemoryError(), "predict.batch_size=4 (now 8)"),
+        (
+            "segtrain-info",
+            RuntimeError("[enforce fail at alloc_cpu.cpp:127] can't allocate memory"),
+            "info.batch_size=4",
+        ),
+    ],
+)
+def test_out_of_memory_anywhere_is_exit_5_naming_the_commands_knobs(prog, error, knob):
+    """The CLI's error path recognises an out-of-memory error of any command by type or message (CPU allocator,
+    CUDA, numpy) and asks for that command's knobs."""
+    from omegaconf import OmegaConf
+
+    from segtrain.cli import _classify
+
+    cfg = OmegaConf.create(
+        {
+            "data": {"batch_size": 16, "crop_size": 512},
+            "trainer": {"accumulate": 1},
+            "model": {"name": "unet"},
+            "predict": {"batch_size": 8},
+            "info": {"batch_size": 8},
+        }
+    )
+    msg, code = _classify(error, cfg, prog)
+    assert code == 5 and msg.startswith("out of ") and knob in msg and len(msg) < 280, msg
