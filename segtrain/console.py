@@ -57,7 +57,7 @@ class QuietStream:
             try:
                 try:
                     return self._stream.write(text)
-                except UnicodeEncodeError:  # a character the stream's encoding lacks: escaped, not fatal
+                except UnicodeEncodeError:  # a character the stream's encoding lacks (LC_ALL=C): escaped, not fatal
                     enc = getattr(self._stream, "encoding", None) or "ascii"
                     return self._stream.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
             except (OSError, ValueError) as e:  # ValueError: the stream was closed
@@ -116,8 +116,8 @@ def protect_std_streams() -> None:
             continue
         if stream is None:  # closed when Python started: the output goes nowhere
             stream = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-        try:
-            stream.reconfigure(errors="backslashreplace")
+        try:  # a path that is not valid in the locale's encoding: its bytes, as the file system has them
+            stream.reconfigure(errors="surrogateescape")
         except (AttributeError, ValueError, OSError):
             pass
         setattr(sys, name, QuietStream(stream, name))

@@ -17,6 +17,9 @@ import pytest
 from conftest import cli_env, console_script
 from fake_datasets import write_cityscapes, write_png
 
+NON_ASCII = "rün_日本"
+ENV = {"segtrain-eval": {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}}  # ASCII, not UTF-8: the locale decides
+
 # stream setups: sh redirections applied by `exec` (a closed descriptor is what `CMD 2>&-` gives), or a file
 CLOSE = {"stdin": "0<&-", "stdout": ">&-", "stderr": "2>&-"}
 FULL, EARLY_CLOSED_PIPE, EOF, CAPTURE = "/dev/full", "pipe closed early", "/dev/null", "capture"
@@ -89,11 +92,11 @@ def _commands(ckpt: Path, photos: Path) -> dict:
             ["run"],
             ["run/checkpoints/last.pt", "run/metrics.json"],
         ),
-        "segtrain-eval": (
-            ["segtrain-eval", f"ckpt={ckpt}", "hydra.run.dir=run"],
-            {"stdin": EOF, "stdout": "closed", "stderr": "closed"},
-            ["run"],
-            ["run/metrics.json"],
+        "segtrain-eval": (  # in a non-UTF-8 locale (ENV), into a non-ASCII run dir (quoted for Hydra's grammar)
+            ["segtrain-eval", f"ckpt={ckpt}", f"hydra.run.dir='{NON_ASCII}'"],
+            {"stdin": EOF, "stdout": CAPTURE, "stderr": "closed"},
+            [NON_ASCII],
+            [f"{NON_ASCII}/metrics.json"],
         ),
         "segtrain-predict": (
             ["segtrain-predict", f"ckpt={ckpt}", f"input={photos}", "output=masks", "hydra.run.dir=run"],
@@ -143,7 +146,7 @@ def hostile_runs(tmp_path_factory, finished_run):
     for name, (argv, streams, allowed, made) in commands.items():
         root = box / name
         sandbox = {"HOME": root / "home", "SEGTRAIN_CACHE": root / "cache", "TMPDIR": root / "tmp"}
-        env = cli_env({**{k: str(v) for k, v in sandbox.items()}, "OMP_NUM_THREADS": "1"})
+        env = cli_env({**{k: str(v) for k, v in sandbox.items()}, "OMP_NUM_THREADS": "1", **ENV.get(name, {})})
         runs[name] = {
             "root": root,
             "before": _snapshot(root),
@@ -292,3 +295,13 @@ def test_out_of_memory_anywhere_is_exit_5_naming_the_commands_knobs(prog, error,
     )
     msg, code = _classify(error, cfg, prog)
     assert code == 5 and msg.startswith("out of ") and knob in msg and len(msg) < 280, msg
+
+
+def test_a_non_utf8_locale_keeps_non_ascii_paths(hostile_runs):
+    """LC_ALL=C without UTF-8 mode (ASCII streams and files) and a run dir named rün_日本: the log file has the
+    lines naming it (they used to be dropped), and the console output goes on."""
+    run = hostile_runs["segtrain-eval"]
+    run_dir = run["root"] / "cwd" / NON_ASCII
+    log = (run_dir / "eval.log").read_text(encoding="utf-8")
+    assert f"{run_dir} " in log or log.rstrip().endswith(str(run_dir)), log
+    assert "mean" in run["captured"] and NON_ASCII in run["captured"], run["captured"]

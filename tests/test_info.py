@@ -120,7 +120,8 @@ def test_info_counts_every_input_band(tmp_path):
 
 def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
     """info.size=[100000,100000] or info.batch_size=100000000: one line naming the knob and what would fit (exit 5),
-    before the input is allocated; a size below the network's minimum is a config error (exit 2)."""
+    before the input is allocated; a size below the network's minimum, info.iters=0 or info.warmup=-1 are config
+    errors (exit 2)."""
     import pytest
 
     from segtrain import info as info_module
@@ -145,3 +146,6 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
     assert "a batch of 100000000 64x64 images" in str(e.value) and "set info.batch_size=" in str(e.value)
     with pytest.raises(ConfigError, match="info.size 8x8 is smaller than the 16 px model=unet takes"):
         info_module.model_info(info_config(*base, "info.size=8"))
+    for key, value, low in (("iters", 0, 1), ("warmup", -1, 0)):
+        with pytest.raises(ConfigError, match=f"info.{key} must be >= {low}, got {value}"):
+            info_module.model_info(info_config(*base, f"info.{key}={value}"))
