@@ -22,6 +22,7 @@ Imports only the standard library: the CLI loads it before Hydra parses the comm
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -163,26 +164,25 @@ _OOM_TEXT = (
     "out of memory",  # CUDA, HIP, MPS
     "can't allocate memory",  # torch's DefaultCPUAllocator
     "cannot allocate memory",  # ENOMEM
+    "insufficient memory",  # OpenCV's cv2.error (-4: Insufficient memory)
     "is killed by signal: killed",  # a DataLoader worker killed by the kernel's out-of-memory killer
 )
 
 
 def out_of_memory(exc: BaseException) -> str | None:
     """``"GPU"`` or ``"CPU"`` when ``exc`` (or its cause) is an out-of-memory error: ``torch.OutOfMemoryError``
-    (CUDA), a RuntimeError of an allocator (torch's ``DefaultCPUAllocator: can't allocate memory``, MPS ...)
-    or a Python / numpy ``MemoryError``; else None."""
+    (CUDA), an allocator's error (torch's ``DefaultCPUAllocator: can't allocate memory``, MPS, OpenCV), a
+    Python / numpy ``MemoryError`` or ENOMEM (a loader worker that cannot be forked); else None."""
     e: BaseException | None = exc
     for _ in range(5):
         if e is None:
             return None
         text = str(e).lower()
-        if type(e).__name__ == "OutOfMemoryError" or (
-            isinstance(e, RuntimeError) and any(t in text for t in _OOM_TEXT[:1]) and ("cuda" in text or "mps" in text)
-        ):
+        if type(e).__name__ == "OutOfMemoryError" or ("out of memory" in text and ("cuda" in text or "mps" in text)):
             return "GPU"
-        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(t in text for t in _OOM_TEXT)):
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
             return "CPU"
-        if "insufficient memory" in text:  # OpenCV's cv2.error (-4: Insufficient memory)
+        if not isinstance(e, OSError) and any(t in text for t in _OOM_TEXT):  # RuntimeError, cv2.error ...
             return "CPU"
         e = e.__cause__ or e.__context__
     return None

@@ -135,6 +135,7 @@ def test_out_of_memory_is_recognised_by_type_and_message():
         raise ValueError("validation failed on x.png") from MemoryError()
     except ValueError as wrapped:
         assert oom(wrapped) == "CPU"  # found in the cause
+    assert oom(OSError(12, "Cannot allocate memory")) == "CPU"  # fork() of a loader worker
     assert oom(RuntimeError("Given input size: (16x1x1). Output size is too small")) is None
     assert oom(OSError(28, "No space left on device")) is None
 
