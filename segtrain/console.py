@@ -134,14 +134,21 @@ def is_terminal(stream) -> bool:
 
 
 def _thread_failed(args) -> None:
-    """``threading.excepthook``: an OSError in a background thread (a full disk under TensorBoard's event
-    writer) goes into the log file with its traceback; its owner reports it (the logger is switched off at
-    its next call).  Anything else, or with no log file to take it, is shown as Python shows it."""
-    if issubclass(args.exc_type, OSError) and args.exc_value is not None and log_files():
-        name = args.thread.name if args.thread is not None else "?"
-        to_log_files(logging.WARNING, f"background thread {name} failed: {first_line(args.exc_value)}", args.exc_value)
+    """``threading.excepthook``: an error in a background thread goes into the log file with its traceback,
+    not onto the console.  An OSError (a full disk under TensorBoard's event writer) is reported by the
+    thread's owner (the logger is switched off at its next call); anything else gets one warning line on
+    stderr.  With no log file to take it (segtrain used as a library), Python shows it as usual."""
+    if args.exc_value is None or not log_files():
+        threading.__excepthook__(args)
         return
-    threading.__excepthook__(args)
+    name = args.thread.name if args.thread is not None else "?"
+    msg = f"background thread {name} failed ({type(args.exc_value).__name__}: {first_line(args.exc_value, 120)})"
+    if isinstance(args.exc_value, OSError):
+        to_log_files(logging.WARNING, msg, args.exc_value)
+        return
+    to_log_files(logging.ERROR, msg, args.exc_value)
+    where = short_path(_relative(log_files()[0]), 60)
+    print(error_line("segtrain: warning: ", f"{msg}; the traceback is in {where}"), file=sys.stderr, flush=True)
 
 
 def _unraisable(args) -> None:
@@ -253,10 +260,12 @@ def error_line(prefix: str, msg: str, exc: BaseException | None = None) -> str:
 
 
 def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as it is."""
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(path)
     except ValueError:
         return path
+    return path if rel.startswith("..") else rel
 
 
 def first_line(exc: BaseException, limit: int = 160, lines: int = 1) -> str:
