@@ -194,6 +194,27 @@ def test_hostile_streams_never_stop_the_work(hostile_runs, command):
     assert "Traceback" not in captured and "Exception" not in captured, captured
 
 
+@pytest.mark.parametrize(
+    "command, log, reason",
+    [
+        ("segtrain", "run/cli.log", "stdout failed (Broken pipe)"),
+        ("segtrain-predict", "run/predict.log", "stdout failed (No space left on device)"),
+        ("segtrain-info", "outputs/info/*/*/info.log", "stdout failed (No space left on device)"),
+    ],
+)
+def test_a_failing_console_is_noted_once_and_the_log_goes_on(hostile_runs, command, log, reason):
+    """The first failed console write is noted once in the log file, which holds the whole run; without a
+    terminal there are no progress bars: training logs a plain line per trainer.log_interval steps."""
+    run = hostile_runs[command]
+    (path,) = (run["root"] / "cwd").glob(log)
+    text = path.read_text()
+    assert text.count(reason) == 1 and f"{reason}: console output stops here, this log goes on" in text, text
+    if command == "segtrain":
+        assert "step 1/1: loss" in text and "best val mIoU" in text
+    captured = hostile_runs["segtrain-export"]["captured"]  # a stderr that is a file: no bar redraws
+    assert "\r" not in captured and "\x1b[" not in captured
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_no_command_writes_outside_its_run_dir_and_output(hostile_runs, command):
     """Only the run dir, the declared output (and the cache) change; no file that was there before (the
