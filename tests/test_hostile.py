@@ -100,7 +100,7 @@ def _commands(ckpt: Path, photos: Path) -> dict:
         ),
         "segtrain-predict": (
             ["segtrain-predict", f"ckpt={ckpt}", f"input={photos}", "output=masks", "hydra.run.dir=run"],
-            {"stdin": "closed", "stdout": FULL, "stderr": EARLY_CLOSED_PIPE},
+            {"stdin": "closed", "stdout": FULL, "stderr": "closed"},
             ["run", "masks"],
             ["masks/a.png", "masks/b.png", "run/predict.json"],
         ),
@@ -118,7 +118,7 @@ def _commands(ckpt: Path, photos: Path) -> dict:
         ),
         "segtrain-data": (  # its output: labelTrainIds PNGs beside the labelIds ones in --root
             ["segtrain-data", "cityscapes", "--root", "cityscapes", "--workers", "1"],
-            {"stdin": "closed", "stdout": FULL, "stderr": "closed"},
+            {"stdin": "closed", "stdout": "closed", "stderr": EARLY_CLOSED_PIPE},
             ["cityscapes/gtFine"],
             ["cityscapes/gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png"],
         ),
