@@ -155,7 +155,16 @@ class _Failures:
         return bool(failures)
 
 
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENAMETOOLONG)
+OUTPUT_ERRNOS = (  # disk full, quota, file size limit (ulimit -f), read-only, permissions, I/O, name too long
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.ENAMETOOLONG,
+)
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -172,8 +181,13 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _classify(exc: BaseException) -> tuple[str, int]:
+def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "segtrain") -> tuple[str, int]:
     """(message, exit code) for an exception that is not a SegtrainError."""
+    memory = console.out_of_memory(exc)  # anywhere in any command: the settings that shrink prog's job
+    if memory is not None:
+        from segtrain.runtime import oom_message
+
+        return oom_message(cfg, None, "", prog, memory), 5
     os_err = _os_error(exc)
     if os_err is not None:
         where = f" {console.short_path(os_err.filename)}" if os_err.filename else ""
@@ -247,7 +261,7 @@ def _guarded(task, full_errors: bool, prog: str):
             raise
         except Exception as e:  # a bug or an environment fault: one line, the trace on request
             err, kind = e, "error"
-            msg, code = _classify(e)
+            msg, code = _classify(e, cfg, prog)
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

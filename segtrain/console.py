@@ -5,6 +5,15 @@
   quietly instead of raising into logging, tqdm or ``print``: the first failure is noted once in the run's
   log file, the stream's file descriptor is pointed at ``/dev/null`` (so nothing buffered fails again at
   exit), and the run goes on with its file log.
+  A standard stream closed before the start (``2>&-``: Python then has no ``sys.stderr``) becomes
+  ``/dev/null``, its file descriptor too, so that no file the run opens later takes descriptor 0, 1 or 2
+  (where C libraries and child processes would write into it); a character the terminal's encoding cannot
+  show (``LC_ALL=C`` with a non-ASCII path) is escaped, not fatal.
+* :func:`quiet_background_threads` routes an ``OSError`` in a background thread (TensorBoard's event
+  writer on a full disk, a tqdm monitor ...) or in a finaliser into the log file instead of a traceback on
+  the console: the thread's owner notices and says so in one line (a logger is switched off).
+* :func:`out_of_memory` recognises an out-of-memory error (CUDA, CPU allocator, numpy) by type and message,
+  for the CLI's exit code 5.
 * :func:`error_line` folds a message into one line of at most :data:`MAX_LINE` characters; the full text
   goes to the run's log file (:func:`to_log_files`) and the line says where.
 
@@ -13,10 +22,12 @@ Imports only the standard library: the CLI loads it before Hydra parses the comm
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 MAX_LINE = 300  # characters in any error line the CLI prints
@@ -45,7 +56,11 @@ class QuietStream:
     def write(self, text: str) -> int:
         if self.failed is None:
             try:
-                return self._stream.write(text)
+                try:
+                    return self._stream.write(text)
+                except UnicodeEncodeError:  # a character the stream's encoding lacks (LC_ALL=C): escaped, not fatal
+                    enc = getattr(self._stream, "encoding", None) or "ascii"
+                    return self._stream.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
             except (OSError, ValueError) as e:  # ValueError: the stream was closed
                 self._fail(e if isinstance(e, OSError) else OSError(str(e)))
         return len(text)
@@ -71,12 +86,113 @@ class QuietStream:
         return getattr(self._stream, name)
 
 
+def _fill_closed_descriptors() -> None:
+    """Point a closed descriptor 0, 1 or 2 at ``/dev/null``: otherwise the next file opened (a log, a
+    checkpoint) gets it, and whatever writes to "stderr" below Python (a C++ warning, a child process) writes
+    into that file."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            except OSError:
+                pass
+
+
 def protect_std_streams() -> None:
-    """Wrap ``sys.stdout`` and ``sys.stderr`` in :class:`QuietStream` (once; before logging is configured)."""
+    """Make the standard streams safe for the rest of the process (once; before logging is configured):
+    closed descriptors and missing streams become ``/dev/null``, ``sys.stdout`` and ``sys.stderr`` are
+    wrapped in :class:`QuietStream` and escape what their encoding cannot write, and background threads
+    fail quietly (:func:`quiet_background_threads`)."""
+    _fill_closed_descriptors()
+    if sys.stdin is None:  # `0<&-`: nothing reads it, but code that checks sys.stdin.isatty() must not fail
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - for the life of the process
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, QuietStream):
-            setattr(sys, name, QuietStream(stream, name))
+        if isinstance(stream, QuietStream):
+            continue
+        if stream is None:  # closed when Python started: the output goes nowhere
+            stream = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        try:  # a path that is not valid in the locale's encoding: its bytes, as the file system has them
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass
+        setattr(sys, name, QuietStream(stream, name))
+    quiet_background_threads()
+
+
+def is_terminal(stream) -> bool:
+    """``stream.isatty()``, False for a missing (None), closed or odd stream."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _thread_failed(args) -> None:
+    """``threading.excepthook``: an error in a background thread goes into the log file with its traceback,
+    not onto the console.  An OSError (a full disk under TensorBoard's event writer) is reported by the
+    thread's owner (the logger is switched off at its next call); anything else gets one warning line on
+    stderr.  With no log file to take it (segtrain used as a library), Python shows it as usual."""
+    if args.exc_value is None or not log_files():
+        threading.__excepthook__(args)
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    msg = f"background thread {name} failed ({type(args.exc_value).__name__}: {first_line(args.exc_value, 120)})"
+    if isinstance(args.exc_value, OSError):
+        to_log_files(logging.WARNING, msg, args.exc_value)
+        return
+    to_log_files(logging.ERROR, msg, args.exc_value)
+    where = short_path(_relative(log_files()[0]), 60)
+    print(error_line("segtrain: warning: ", f"{msg}; the traceback is in {where}"), file=sys.stderr, flush=True)
+
+
+def _unraisable(args) -> None:
+    """``sys.unraisablehook``: an OSError in a finaliser (a file flushed onto a full disk as it is collected)
+    goes into the log file, not the console."""
+    if isinstance(args.exc_value, OSError) and log_files():
+        where = f" in {args.object!r}"[:120] if args.object is not None else ""
+        to_log_files(logging.WARNING, f"ignored{where}: {first_line(args.exc_value)}", args.exc_value)
+        return
+    sys.__unraisablehook__(args)
+
+
+def quiet_background_threads() -> None:
+    """Install :func:`_thread_failed` and :func:`_unraisable` (once)."""
+    threading.excepthook = _thread_failed
+    sys.unraisablehook = _unraisable
+
+
+_OOM_TEXT = (
+    "out of memory",  # CUDA, HIP, MPS
+    "can't allocate memory",  # torch's DefaultCPUAllocator
+    "cannot allocate memory",  # ENOMEM
+    "insufficient memory",  # OpenCV's cv2.error (-4: Insufficient memory)
+    "is killed by signal: killed",  # a DataLoader worker killed by the kernel's out-of-memory killer
+)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """``"GPU"`` or ``"CPU"`` when ``exc`` (or its cause) is an out-of-memory error: ``torch.OutOfMemoryError``
+    (CUDA), an allocator's error (torch's ``DefaultCPUAllocator: can't allocate memory``, MPS, OpenCV), a
+    Python / numpy ``MemoryError`` or ENOMEM (a loader worker that cannot be forked); else None."""
+    e: BaseException | None = exc
+    for _ in range(5):
+        if e is None:
+            return None
+        text = str(e).lower()
+        if type(e).__name__ == "OutOfMemoryError" or ("out of memory" in text and ("cuda" in text or "mps" in text)):
+            return "GPU"
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            return "CPU"
+        if not isinstance(e, OSError) and any(t in text for t in _OOM_TEXT):  # RuntimeError, cv2.error ...
+            return "CPU"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def log_files() -> list[str]:
@@ -144,10 +260,12 @@ def error_line(prefix: str, msg: str, exc: BaseException | None = None) -> str:
 
 
 def _relative(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as it is."""
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(path)
     except ValueError:
         return path
+    return path if rel.startswith("..") else rel
 
 
 def first_line(exc: BaseException, limit: int = 160, lines: int = 1) -> str:

@@ -26,6 +26,7 @@ set itself is never read.  It prints a table and writes ``info.json`` into its r
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -36,8 +37,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from segtrain.cli import command
-from segtrain.config import validate
-from segtrain.errors import ConfigError
+from segtrain.config import min_input_size, validate
+from segtrain.errors import ConfigError, ResourceError
 from segtrain.utils import as_hw
 
 log = logging.getLogger("segtrain")
@@ -87,6 +88,81 @@ def time_forward(net, x: torch.Tensor, autocast, warmup: int, iters: int) -> dic
     if device.type == "cuda":
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+PROBE = 64  # px: the side of the small image whose layer sizes, scaled, tell what a large one needs
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can get: free GPU memory (plus what PyTorch holds unused), or the
+    machine's available RAM and free swap; None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+
+def layer_bytes_per_pixel(model: nn.Module, bands: int, device: torch.device, memory_format, autocast) -> float | None:
+    """Bytes per input pixel of the largest layer (its input and output together) in a forward pass of one
+    image: a lower bound on the memory a forward pass needs, measured on a PROBE x PROBE image (convolutions
+    scale with the pixels); None when the network does not run at that size."""
+    largest = 0
+
+    def hook(module, inputs, output) -> None:
+        nonlocal largest
+        tensors = (*inputs, *(output if isinstance(output, (tuple, list)) else [output]))
+        largest = max(largest, sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        x = torch.zeros(1, bands, PROBE, PROBE, device=device).contiguous(memory_format=memory_format)
+        with torch.inference_mode(), autocast():
+            model(x)
+    except Exception:  # noqa: BLE001 - no estimate: the real pass decides
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return largest / PROBE**2
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB"
+
+
+def check_fits(model: nn.Module, cfg: DictConfig, device: torch.device, memory_format, autocast) -> None:
+    """A ResourceError (exit 5) before anything large is allocated when one image of ``info.size`` (the FLOP
+    count), or a batch of ``info.batch_size`` (the latency), needs more memory than ``device`` has, by a lower
+    bound (the largest layer's input and output, scaled from a small image)."""
+    (h, w), i, bands = input_size(cfg), cfg.info, cfg.data.in_channels
+    free = available_memory(device)
+    if free is None or bands * h * w * 4 * max(1, i.batch_size if i.latency else 1) < free // 64:
+        return  # unknown, or far from the limit: no probe needed
+    per_pixel = layer_bytes_per_pixel(model, bands, device, memory_format, autocast)
+    per_image = max(per_pixel or 0.0, bands * 4.0) * h * w * 0.9  # 0.9: sizes round down in strided layers
+    where = f"{'GPU memory' if device.type == 'cuda' else 'memory (RAM + swap)'} available on {device}"
+    if per_image > free:
+        scale = (free / per_image) ** 0.5
+        fit = f"{max(1, int(h * scale) // 32 * 32)}x{max(1, int(w * scale) // 32 * 32)}"
+        raise ResourceError(
+            f"one {h}x{w} image needs at least {_gib(per_image)} in a forward pass of {cfg.model.name}, more than "
+            f"the {_gib(free)} of {where}: set a smaller info.size (about {fit} at most)"
+        )
+    if i.latency and i.batch_size * per_image > free:
+        raise ResourceError(
+            f"a batch of {i.batch_size} {h}x{w} images needs at least {_gib(i.batch_size * per_image)} in a forward "
+            f"pass of {cfg.model.name}, more than the {_gib(free)} of {where}: set info.batch_size="
+            f"{max(1, int(free // per_image))} or less (or info.latency=false)"
+        )
 
 
 def input_size(cfg: DictConfig) -> tuple[int, int]:
@@ -146,6 +222,12 @@ def model_info(cfg: DictConfig) -> dict:
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     h, w = input_size(cfg)
+    need = min_input_size(cfg.model)
+    if min(h, w) < need:
+        raise ConfigError(
+            f"info.size {h}x{w} is smaller than the {need} px model={cfg.model.name} takes: set info.size={need} or more"
+        )
+    check_fits(model, cfg, device, memory_format, lambda: autocast(device, precision))
     x1 = torch.randn(1, bands, h, w, device=device).contiguous(memory_format=memory_format)
     flops, by_module = count_flops(model, x1)
     backbone = getattr(model, "backbone", None)

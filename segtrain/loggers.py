@@ -94,6 +94,10 @@ class Backend:
     def close(self, status: str) -> None:
         """``status``: finished | killed | failed."""
 
+    def where(self) -> str | None:
+        """The file or folder it writes (named when a write fails: a full disk)."""
+        return None
+
 
 class TensorBoardLogger(Backend):
     """The writer (and TensorBoard's import, a second or more on a small CPU) comes at the first write, so
@@ -115,6 +119,10 @@ class TensorBoardLogger(Backend):
             if self._config is not None:
                 self._writer.add_text("config", self._config, 0)
         return self._writer
+
+    def where(self) -> str | None:
+        file_writer = getattr(self._writer, "file_writer", None)  # its event file, once the writer started
+        return str(getattr(getattr(file_writer, "event_writer", None), "_file_name", None) or self.log_dir)
 
     def config(self, config: dict, hparams: dict) -> None:
         self._config = "```\n" + OmegaConf.to_yaml(OmegaConf.create(config)) + "```"
@@ -164,6 +172,9 @@ class CSVLogger(Backend):
                     r for r in reader if start_step and r.get("step", "").isdigit() and int(r["step"]) <= start_step
                 ]
         self._rewrite(rows)
+
+    def where(self) -> str | None:
+        return str(self.path)
 
     def _rewrite(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -349,8 +360,11 @@ class Loggers:
             try:
                 getattr(b, method)(*args)
             except Exception as e:  # noqa: BLE001 - a logger never stops training
+                what = " ".join(str(e).split())[:200]
+                if isinstance(e, OSError) and not e.filename and b.where():  # a full disk: say where
+                    what += f" (writing {b.where()})"
                 log.warning("logger %s failed (%s: %s); it is switched off for the rest of the run", b.name,
-                            type(e).__name__, " ".join(str(e).split())[:200])  # fmt: skip
+                            type(e).__name__, what)  # fmt: skip
                 self.backends.remove(b)
                 if method != "close":  # its files flushed, its W&B / MLflow run marked failed
                     with contextlib.suppress(Exception):

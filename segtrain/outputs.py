@@ -24,8 +24,10 @@ log = logging.getLogger("segtrain")
 def bars_wanted(enabled: bool) -> bool:
     """Progress bars only on a terminal that can redraw them (not a pipe or file, TERM=dumb or NO_COLOR);
     otherwise the trainer logs a plain line every ``trainer.log_interval`` steps."""
+    from segtrain.console import is_terminal
+
     dumb = os.environ.get("TERM") == "dumb" or "NO_COLOR" in os.environ
-    return enabled and not dumb and sys.stderr.isatty()
+    return enabled and not dumb and is_terminal(sys.stderr)  # sys.stderr is None after `2>&-`
 
 
 def format_table(metrics: dict, class_names: list[str]) -> str:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from segtrain import __version__, checkpoint, distributed
+from segtrain import __version__, checkpoint, console, distributed
 from segtrain.config import to_yaml
 from segtrain.data.palette import default_palette
 from segtrain.distributed import DistInfo
@@ -114,15 +114,15 @@ class Trainer:
             except StopTraining as stop:
                 status = "killed"
                 self._stopped(stop.reason)
-            except torch.cuda.OutOfMemoryError:
-                self._save_unsaved_steps(saved_step)
-                where = "in validation" if not self.model.training else f"at step {self.step + 1}"
-                raise ResourceError(oom_message(self.cfg, self.precision, where)) from None
             except (NonFiniteLossError, OutputError):  # the weights are bad, or saving is what failed
                 raise
-            except Exception:
+            except Exception as e:  # a bad file, a failed validation, out of memory ...: last.pt of the steps first
                 self._save_unsaved_steps(saved_step)
-                raise
+                kind = console.out_of_memory(e)  # GPU or CPU memory: advice on what shrinks the job
+                if kind is None:
+                    raise
+                where = "in validation" if not self.model.training else f"at step {self.step + 1}"
+                raise ResourceError(oom_message(self.cfg, self.precision, where, kind=kind)) from e
             finally:
                 self._call("close", status)
 

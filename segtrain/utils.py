@@ -116,12 +116,32 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_cause(e)
+        if cause is None:
+            raise
+        if cause is e:  # a failed write (disk full) names no file: this one
+            e.filename = e.filename or str(path)
+            raise
+        # the writer failed on the OSError and then raised its own error (torch.save: "unexpected pos"): the
+        # OSError, naming the file, is what callers handle and what the user can fix
+        raise OSError(cause.errno, cause.strerror, str(path)) from e
     if durable:
         _fsync_dir(path.parent)
     return path
+
+
+def _os_cause(exc: BaseException) -> OSError | None:
+    """The OSError with an errno (disk full, permissions ...) that ``exc`` is or arose from, if any."""
+    e: BaseException | None = exc
+    for _ in range(4):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _resolve_host(host: str, port: int, timeout: float) -> None:

@@ -116,3 +116,36 @@ def test_info_counts_every_input_band(tmp_path):
         info = model_info(info_config("info.size=32", "info.batch_size=2", "info.warmup=0", "info.iters=1", *extra))
         assert info["in_channels"] == 4 and info["params"] == count_parameters(model)
         assert info["gflops"] == flops / 1e9 and len(info["latency"]) == 2
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
+    """info.size=[100000,100000] or info.batch_size=100000000: one line naming the knob and what would fit (exit 5),
+    before the input is allocated; a size below the network's minimum, info.iters=0 or info.warmup=-1 are config
+    errors (exit 2)."""
+    import pytest
+
+    from segtrain import info as info_module
+    from segtrain.errors import ConfigError, ResourceError
+
+    def no_allocation(*size, **kw):
+        raise AssertionError(f"allocated {size}")
+
+    base = ["model=unet", "model.base_channels=4", "device=cpu"]
+    monkeypatch.setattr(info_module.torch, "randn", no_allocation)  # the FLOP count's and the latency's inputs
+    monkeypatch.setattr(info_module, "available_memory", lambda device: 8 * 2**30)  # any machine: 8 GiB free
+    with pytest.raises(ResourceError) as e:
+        info_module.model_info(info_config(*base, "info.size=[100000,100000]"))
+    msg = str(e.value)
+    assert (
+        e.value.exit_code == 5
+        and msg.startswith("one 100000x100000 image needs at least")
+        and "set a smaller info.size" in msg
+    )
+    with pytest.raises(ResourceError) as e:
+        info_module.model_info(info_config(*base, "info.size=64", "info.batch_size=100000000"))
+    assert "a batch of 100000000 64x64 images" in str(e.value) and "set info.batch_size=" in str(e.value)
+    with pytest.raises(ConfigError, match="info.size 8x8 is smaller than the 16 px model=unet takes"):
+        info_module.model_info(info_config(*base, "info.size=8"))
+    for key, value, low in (("iters", 0, 1), ("warmup", -1, 0)):
+        with pytest.raises(ConfigError, match=f"info.{key} must be >= {low}, got {value}"):
+            info_module.model_info(info_config(*base, f"info.{key}={value}"))

@@ -242,3 +242,50 @@ def test_run_names_in_a_sweep(tmp_path, monkeypatch):
                            "sweep": {"dir": "multirun/2026-11-27/10-00-00"}})  # fmt: skip
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
     assert run_names(tmp_path) == ("3_optimizer.lr=0.1", "10-00-00")
+
+
+def test_tensorboard_on_a_full_disk_is_switched_off_quietly_naming_its_file(tmp_path, monkeypatch, capfd, caplog):
+    """TensorBoard's writer thread hits a full disk: no traceback on the console (the thread's goes into the
+    log), the logger is switched off at its next call with a warning naming its event file, the others go on."""
+    import errno
+    import logging
+    import threading
+    import time
+
+    from tensorboard.summary.writer import record_writer
+
+    from segtrain import console
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # put back after the test
+    console.quiet_background_threads()
+    handler = logging.FileHandler(tmp_path / "run.log")  # the run's log file (Hydra's, under the CLI)
+    logging.getLogger().addHandler(handler)
+    real_write = record_writer.RecordWriter.write
+
+    def write(self, data):  # in the writer thread: the disk is full once images come
+        if len(data) > 500:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    try:
+        lg = Loggers(composed("logger=[tensorboard,csv]"), tmp_path)
+        lg.scalars({"a": 1.0}, 1)
+        lg.image("val/x", torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8), 1)
+        for step in range(2, 200):  # until the thread's failure reaches a call
+            lg.scalars({"a": float(step)}, step)
+            if [b.name for b in lg.backends] == ["csv"]:
+                break
+            time.sleep(0.02)
+        lg.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert [b.name for b in lg.backends] == ["csv"]
+    assert "Exception in thread" not in capfd.readouterr().err
+    event_file = next((tmp_path / "tb").glob("events.out.tfevents.*"))
+    warning = f"logger tensorboard failed (OSError: [Errno 28] No space left on device (writing {event_file}))"
+    assert warning in caplog.text
+    log = (tmp_path / "run.log").read_text()
+    assert "background thread" in log and "Traceback" in log and warning in log
+    assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) >= 2  # csv went on

@@ -477,3 +477,36 @@ def test_force_help_does_not_promise_a_new_download(prep):
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0 and "--force" in text, proc.stderr
     assert "download/extract again" not in text and "is reused: delete it to download anew" in text, text
+
+
+def test_root_and_archive_mistakes_are_one_line_before_anything_is_written(prep, tmp_path, archives, monkeypatch):
+    """--root naming a file, or a folder below a file: exit 2; --archive naming a folder: exit 2 and no --root is
+    created; a --root that cannot be written (permissions, read-only): exit 4 naming the path."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    voc = archives["voc"]
+    for command in ("voc", "sbd", "cityscapes"):
+        proc = prep(command, "--root", str(a_file))
+        assert_one_line_error(proc, f"--root {a_file} is not a folder")
+        assert proc.returncode == 2
+    proc = prep("voc", "--root", str(a_file / "data"), "--archive", str(voc))
+    assert_one_line_error(proc, f"--root {a_file / 'data'} is not a folder ({a_file} is a file)")
+    proc = prep("voc", "--root", str(tmp_path / "new"), "--archive", str(tmp_path))
+    assert_one_line_error(proc, f"--archive {tmp_path} is a folder")
+    assert proc.returncode == 2 and not (tmp_path / "new").exists()
+    assert a_file.read_text() == "mine"
+
+    def read_only(self, tarinfo, targetpath):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), targetpath)
+
+    monkeypatch.setattr(tarfile.TarFile, "makefile", read_only)
+    root = tmp_path / "ro"
+    proc = prep("voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc))
+    assert_one_line_error(proc, f"cannot write {root}", "Permission denied", "pass another --root")
+    assert proc.returncode == 4
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        proc = prep("voc", "--root", str(locked / "data"), "--archive", str(voc), "--md5", md5(voc))
+        assert_one_line_error(proc, f"cannot write {locked / 'data'}", "Permission denied")
+        assert proc.returncode == 4

@@ -140,21 +140,51 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, monkeypatc
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_steps"] == 2
 
 
-def test_out_of_memory_becomes_advice(tmp_path, monkeypatch):
+def test_out_of_memory_becomes_advice_and_keeps_last_pt(tmp_path, monkeypatch):
+    """Out of GPU memory at step 2 (after the validation of step 1 wrote last.pt): one line of advice (exit 5);
+    last.pt of step 1 is kept as it was."""
     from segtrain.build import build_trainer
     from segtrain.errors import ResourceError
     from tests.test_config import composed
 
-    trainer = build_trainer(composed("debug=smoke", "trainer.progress=false"), tmp_path / "run")
+    over = ["trainer.progress=false", "model.base_channels=4", "trainer.max_iters=2", "trainer.val_interval=1"]
+    trainer = build_trainer(composed("debug=smoke", "trainer.num_vis=0", *over), tmp_path / "run")
+    real_step = trainer.train_step
 
-    def oom(*a, **k):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def oom_at_step_2(micro):
+        if trainer.step == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(micro)
 
-    monkeypatch.setattr(trainer, "train_step", oom)
+    monkeypatch.setattr(trainer, "train_step", oom_at_step_2)
     with pytest.raises(ResourceError) as e:
         trainer.fit()
     msg = str(e.value)
-    assert "data.batch_size=4" in msg and "trainer.accumulate=2" in msg and "precision" in msg
+    assert e.value.exit_code == 5 and msg.startswith("out of GPU memory at step 2 (data.batch_size=4,")
+    assert "data.batch_size=2 trainer.accumulate=2" in msg and "precision" in msg
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "prog, kind, knobs",
+    [
+        ("segtrain", "CPU", ["out of memory (RAM) (data.batch_size=16", "trainer.accumulate=2", "data.num_workers"]),
+        ("segtrain-eval", "GPU", ["out of GPU memory", "data.val_batch_size=1", "eval.mode=slide", "data.val_size"]),
+        ("segtrain-predict", "GPU", ["predict.batch_size=4 (now 8)", "eval.mode=slide", "data.val_size"]),
+        ("segtrain-info", "CPU", ["info.batch_size=4 (now 8)", "info.size (now [9000, 9000])", "info.latency=false"]),
+    ],
+)
+def test_out_of_memory_advice_names_the_knobs_of_each_command(prog, kind, knobs):
+    from omegaconf import OmegaConf
+
+    from segtrain.runtime import oom_message
+    from tests.test_config import composed
+
+    cfg = composed("data.batch_size=16")
+    OmegaConf.set_struct(cfg, False)
+    cfg.info, cfg.predict = {"size": [9000, 9000], "batch_size": 8}, {"batch_size": 8}
+    msg = oom_message(cfg, None, "", prog, kind)
+    assert all(k in msg for k in knobs) and len(msg) < 250 and "\n" not in msg, msg
 
 
 def test_backend_flags_do_not_leak_from_one_sweep_job_into_the_next():

@@ -181,3 +181,30 @@ def test_four_band_16bit_tiff_folder_trains_and_validates(tmp_path):
     assert p(p.read(tile)).tolist() == mask.tolist()
     with pytest.raises(ValueError, match="4 bands"):
         p(np.zeros((8, 8, 3), np.uint16))
+
+
+def test_a_cache_that_cannot_be_written_is_said_once_and_never_stops_the_run(tmp_path, monkeypatch, caplog):
+    """SEGTRAIN_CACHE naming a file: the label check, the header scan and mean/std=auto run uncached, one
+    warning says so (no "cached in" after it); a cache file holding valid JSON of the wrong shape is ignored."""
+    import logging
+
+    write_tiff_folder(tmp_path / "tiles", n=6, bands=4)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SEGTRAIN_CACHE", str(blocker))
+    caplog.set_level(logging.INFO)
+    cfg = folder_cfg(tmp_path / "tiles", in_channels=4, mean="auto", base_size="auto")
+    build_datasets(cfg, seed=0)
+    text = caplog.text
+    assert text.count("not cached: cannot write") == 1 and str(blocker) in text, text
+    assert "cached in" not in text and "not cached)" in text  # the mean/std line says so too
+    assert len(cfg.mean) == 4 and blocker.read_text() == "not a folder"
+
+    monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))  # a writable cache holding bad records
+    cfg = folder_cfg(tmp_path / "tiles", in_channels=4, mean="auto", base_size="auto")
+    build_datasets(cfg, seed=0)
+    for path in [*cache_dir().glob("*.json"), *(cache_dir().parent / "labelcheck").glob("*.json")]:
+        path.write_text("[]")  # valid JSON, not a record
+    again = folder_cfg(tmp_path / "tiles", in_channels=4, mean="auto", base_size="auto")
+    build_datasets(again, seed=0)
+    assert list(again.mean) == list(cfg.mean) and list(again.base_size) == list(cfg.base_size)

@@ -39,7 +39,40 @@ log = logging.getLogger(__name__)
 
 def cache_dir() -> Path:
     base = os.environ.get("SEGTRAIN_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "segtrain") / "labelcheck"
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "segtrain") / "labelcheck"
+
+
+_NOT_WRITABLE: set[str] = set()  # cache roots already reported as not writable (once per process)
+
+
+def write_cache(path: Path, record: dict) -> bool:
+    """Write a cache file (``record`` as JSON) atomically; False when it cannot be written (a read-only home,
+    ``SEGTRAIN_CACHE`` naming a file, a full disk ...): a cache never stops a run, and that is said once per
+    process, not at every cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(record), durable=False)  # DDP ranks may write it at once
+        return True
+    except OSError as e:
+        root = str(cache_dir().parent)
+        if root not in _NOT_WRITABLE:
+            _NOT_WRITABLE.add(root)
+            log.warning(
+                "not cached: cannot write %s (%s); the label check and image statistics are computed again at "
+                "every run (set SEGTRAIN_CACHE to a writable folder to keep them)",
+                e.filename or path,
+                e.strerror or e,
+            )
+        return False
+
+
+def read_cache(path: Path, keys: tuple[str, ...]) -> dict | None:
+    """A cache file's record if it holds ``keys``; None when missing, unreadable or not such a record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and all(k in record for k in keys) else None
 
 
 def _fingerprint(datasets: list[DiskDataset], num_classes: int, ignore_index: int) -> str:
@@ -83,12 +116,13 @@ def check_labels(
     input size (None from a cache written before segtrain recorded it)."""
     key = _fingerprint(datasets, num_classes, ignore_index)
     cache = cache_dir() / f"{key}.json"
-    try:
-        smallest = json.loads(cache.read_text())["smallest"]
+    record = read_cache(cache, ("smallest",))  # none yet, or unreadable: check again
+    if record is not None:
         log.info("label check: cached result %s", cache)
-        return [tuple(x) if x else None for x in smallest] if isinstance(smallest, list) else [None] * len(datasets)
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: check again
-        pass
+        smallest = record.get("smallest")
+        if isinstance(smallest, list) and len(smallest) == len(datasets):
+            return [tuple(x) if isinstance(x, list) and len(x) == 3 else None for x in smallest]
+        return [None] * len(datasets)
     jobs = [(ds, i) for ds in datasets for i in range(len(ds))]
     workers = workers or min(8, os.cpu_count() or 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -113,13 +147,9 @@ def check_labels(
     for ds in datasets:
         sizes = [(min(hw), hw, str(d.images[i])) for (d, i), (_, _, hw) in zip(jobs, results) if d is ds]
         smallest.append((min(sizes)[2], *min(sizes)[1]) if sizes else None)  # (path, h, w)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        record = {"ok": True, "samples": len(jobs), "values": values, "smallest": smallest}
-        atomic_write(cache, json.dumps(record), durable=False)  # DDP ranks may write it at once
-    except OSError as e:  # a read-only home is no reason to stop
-        log.warning("label check: cannot write cache %s: %s", cache, e)
-    log.info("label check: %d samples ok (values %s)", len(jobs), values)
+    record = {"ok": True, "samples": len(jobs), "values": values, "smallest": smallest}
+    cached = f"cached in {cache}" if write_cache(cache, record) else "not cached"
+    log.info("label check: %d samples ok (values %s; %s)", len(jobs), values, cached)
     return smallest
 
 

@@ -31,8 +31,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from segtrain.console import error_line, first_line, protect_std_streams
-from segtrain.errors import DataError, SegtrainError
+from segtrain.console import error_line, first_line, out_of_memory, protect_std_streams
+from segtrain.errors import DataError, OutputError, ResourceError, SegtrainError
 from segtrain.utils import atomic_write, download
 
 PROG = "segtrain-data"
@@ -52,10 +52,55 @@ CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
 
 MARKER_DIR = ".segtrain-data"
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file size limit
+NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}  # permissions, a read-only file system
 
 
 def no_space(folder: Path | str) -> str:
     return f"no space left in {folder}: free space and rerun"
+
+
+def cannot_write(path: Path | str, e: OSError) -> str:
+    return f"cannot write {path} ({e.strerror or e}): make it writable, or pass another --root"
+
+
+def output_error(e: BaseException, folder: Path | str) -> OutputError | None:
+    """The one-line OutputError (exit 4) for a write into ``folder`` that failed for lack of space or of
+    permission; None for any other error."""
+    code = getattr(e, "errno", None)
+    if code in NO_SPACE:
+        return OutputError(no_space(folder))
+    if code in NO_WRITE:
+        return OutputError(cannot_write(getattr(e, "filename", None) or folder, e))
+    return None
+
+
+def root_folder(args: argparse.Namespace, create: bool = False) -> Path:
+    """``--root`` as a folder (created with its parents when ``create``): a file in its way is a one-line
+    DataError, a folder that cannot be created an OutputError, before anything is written."""
+    root = Path(args.root).expanduser()
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "" if blocker == root else f" ({blocker} is a file)"
+        raise DataError(f"--root {root} is not a folder{where}: pass a folder (it is created if missing)")
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(e, root) or DataError(f"cannot create --root {root}: {e.strerror or e}") from None
+    return root
+
+
+def archive_file(args: argparse.Namespace) -> Path | None:
+    """``--archive``, checked to be a readable file before anything is written."""
+    if args.archive is None:
+        return None
+    path = Path(args.archive).expanduser()
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "missing" if not path.exists() else "not a regular file"
+        raise DataError(f"--archive {path} is {what}: pass the archive file itself")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"--archive {path} cannot be read (permission denied): make it readable")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------- download
@@ -72,19 +117,16 @@ def md5sum(path: Path) -> str:
 def fetch_archive(args: argparse.Namespace, root: Path, url: str, md5: str, name: str, what: str) -> Path:
     """The verified archive: ``--archive`` or ``root/name`` if present, else downloaded from ``url``."""
     expected = (args.md5 or md5).lower()
-    if args.archive is not None:
-        path = Path(args.archive).expanduser()
-        if not path.is_file():
-            raise DataError(f"--archive {path} is not a file")
-    else:
+    path = archive_file(args)
+    if path is None:
         path = root / name
         if not path.is_file():
             print(f"{PROG}: downloading {url} -> {path}", file=sys.stdout)
             try:
                 download(url, path, TIMEOUT_S)
             except (OSError, ValueError) as e:
-                if getattr(e, "errno", None) in NO_SPACE:
-                    raise DataError(no_space(path.parent)) from e
+                if output_error(e, path.parent) is not None:
+                    raise output_error(e, path.parent) from e
                 reason = first_line(str(getattr(e, "reason", None) or e).replace(url, "URL") or type(e).__name__, 80)
                 raise DataError(
                     f"cannot download {what} from {url} ({reason}); fetch it by hand and rerun with "
@@ -165,8 +207,8 @@ def safe_extract(archive: Path, dest: Path, on_start=lambda: None) -> None:
             else:  # pragma: no cover - Python without PEP 706
                 tf.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as e:
-        if getattr(e, "errno", None) in NO_SPACE:
-            raise DataError(no_space(dest)) from e
+        if output_error(e, dest) is not None:
+            raise output_error(e, dest) from e
         if isinstance(e, tarfile.FilterError):
             raise DataError(f"refusing to extract {archive}: {first_line(e, 160)}") from e
         raise DataError(f"cannot extract {archive}: {first_line(e, 100)} (corrupt or not a tar archive?)") from e
@@ -218,11 +260,12 @@ def voc_ready(root: Path) -> bool:
 
 
 def cmd_voc(args: argparse.Namespace) -> None:
-    root = Path(args.root).expanduser()
+    root = root_folder(args)
     if not args.force and voc_ready(root) and args.archive is None:
         print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
         return
-    root.mkdir(parents=True, exist_ok=True)
+    archive_file(args)  # before the root is created
+    root_folder(args, create=True)
     archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", "PASCAL VOC 2012")
     extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
     if not voc_ready(root):
@@ -279,8 +322,12 @@ def _copy_voc_png(job: tuple[str, str]) -> str | None:
 
 
 def _conversion_error(src: str, dst: str, e: Exception) -> str:
-    if getattr(e, "errno", None) in NO_SPACE:
-        return no_space(Path(dst).parent)
+    """The message of a failed conversion; :func:`_run_jobs` raises it as the error its start names."""
+    written = output_error(e, Path(dst).parent)
+    if written is not None:
+        return str(written)
+    if out_of_memory(e):
+        return f"out of memory converting {src}: rerun with fewer --workers"
     return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
 
 
@@ -303,11 +350,12 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
             pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise DataError(errors[0] + more)
+        kind = {"no space": OutputError, "cannot write": OutputError, "out of memory": ResourceError}
+        raise next((k for start, k in kind.items() if errors[0].startswith(start)), DataError)(errors[0] + more)
 
 
 def cmd_sbd(args: argparse.Namespace) -> None:
-    root = Path(args.root).expanduser()
+    root = root_folder(args)
     if not voc_ready(root):
         raise DataError(f"no complete PASCAL VOC 2012 in {root}: run '{PROG} voc --root {root}' first")
     try:
@@ -376,7 +424,7 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
 
 
 def cmd_cityscapes(args: argparse.Namespace) -> None:
-    root = Path(args.root).expanduser()
+    root = root_folder(args)
     cands = [c for c in (root, root / "cityscapes") if (c / "gtFine").is_dir()]
     if not cands:
         raise DataError(
@@ -516,14 +564,31 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("SEGTRAIN_DATA_DEBUG"):
             raise
+        e = _user_error(e)
         msg = " ".join(str(e).split()) or type(e).__name__
         if not isinstance(e, SegtrainError):
-            msg = f"{type(e).__name__}: {msg}"
+            msg = f"{type(e).__name__}: {msg} (SEGTRAIN_DATA_DEBUG=1 shows the traceback)"
         print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
         return getattr(e, "exit_code", 1)
     finally:
         restore()
     return 0
+
+
+def _user_error(e: Exception) -> Exception:
+    """An error not yet put in words: out of memory (exit 5), a file that cannot be written (exit 4), a file
+    where a folder must be (exit 2); else ``e`` itself."""
+    if isinstance(e, SegtrainError):
+        return e
+    if out_of_memory(e):
+        return ResourceError(f"out of memory ({first_line(e, 80)}): rerun with fewer --workers, or on a larger machine")
+    if isinstance(e, OSError) and e.filename:
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            return DataError(
+                f"{e.filename}: {e.strerror} (a file is where a folder must be): move it, or pass another --root"
+            )
+        return output_error(e, e.filename) or e
+    return e
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ beside the label-check cache), keyed by the image files' paths, sizes and mtimes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,13 +27,15 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from segtrain.data.checks import read_cache, write_cache
 from segtrain.data.disk import DiskDataset, band_message, header_bands_fit, read_header
 from segtrain.errors import ConfigError, DataError
-from segtrain.utils import atomic_write, files_digest
+from segtrain.utils import files_digest
 
 log = logging.getLogger("segtrain")
 
 VALUE_RANGE = {"uint8": 255.0, "uint16": 65535.0}  # everything else (float32): its own values
+HEADER_KEYS = ("images", "dtype", "median_hw", "median_short_long")
 
 
 def value_range(dtype: Any) -> float:
@@ -53,20 +54,15 @@ def _workers() -> int:
     return min(8, os.cpu_count() or 2)
 
 
-def _cached(kind: str, key: str, compute: Callable[[], dict]) -> tuple[dict, Path]:
-    """``compute()`` once per key: its JSON result is kept as ``KIND-KEY.json`` in :func:`cache_dir`."""
+def _cached(kind: str, key: str, compute: Callable[[], dict], keys: tuple[str, ...]) -> tuple[dict, Path | None]:
+    """``compute()`` once per key: its JSON result (a dict with ``keys``) is kept as ``KIND-KEY.json`` in
+    :func:`cache_dir`; returns it and the cache file, None when it could not be written."""
     path = cache_dir() / f"{kind}-{key}.json"
-    try:
-        return json.loads(path.read_text()), path
-    except (OSError, ValueError):
-        pass
+    result = read_cache(path, keys)
+    if result is not None:
+        return result, path
     result = compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(result), durable=False)  # DDP ranks may write it at once
-    except OSError as e:  # a read-only home is no reason to stop
-        log.warning("cannot write cache %s: %s", path, e)
-    return result, path
+    return result, path if write_cache(path, result) else None
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +101,7 @@ def scan_images(train: DiskDataset | None, val: DiskDataset, in_channels: int) -
     ``in_channels`` or mixed bit depths."""
     train_images = [] if train is None else train.images
     key = files_digest([*train_images, *val.images], "headers-v1", in_channels, len(train_images))
-    result, path = _cached("headers", key, lambda: _scan(train, val, in_channels))
+    result, path = _cached("headers", key, lambda: _scan(train, val, in_channels), HEADER_KEYS)
     log.debug("image headers: %s (%s)", result, path)
     return result
 
@@ -148,8 +144,8 @@ def channel_stats(dataset: Any, in_channels: int) -> tuple[list[float], list[flo
     Cached for on-disk data sets; a band with no variation gets std 1 (with a warning)."""
     if isinstance(dataset, DiskDataset):
         key = files_digest(dataset.images, "stats-v1", in_channels)
-        result, path = _cached("stats", key, lambda: _stats(dataset))
-        where = f"cached in {path}"
+        result, path = _cached("stats", key, lambda: _stats(dataset), ("images", "mean", "std"))
+        where = f"cached in {path}" if path is not None else "not cached"
     else:
         result, where = _stats(dataset), "not cached"
     mean, std = list(result["mean"]), list(result["std"])
