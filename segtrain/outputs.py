@@ -251,9 +251,13 @@ def validation_pictures(loggers, run_dir, cm, metrics: dict, vis, class_names: l
 def log_run_start(trainer) -> None:
     """The run's opening lines: network, device and precision, data and schedule, processes, run dir."""
     cfg, d, t, tr = trainer.cfg, trainer.cfg.data, trainer.cfg.trainer, trainer
+    trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    frozen, off = "", tr.num_params - trainable
+    if off:
+        frozen = f" ({trainable:,} train; the frozen encoder's {off:,} do not)"
     log.info(
-        "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s", cfg.model.name,
-        f"{tr.num_params:,}", tr.device, tr.precision, cfg.device.channels_last, cfg.device.compile,
+        "model %s: %s parameters%s | device %s, precision %s, channels_last %s, compile %s", cfg.model.name,
+        f"{tr.num_params:,}", frozen, tr.device, tr.precision, cfg.device.channels_last, cfg.device.compile,
     )  # fmt: skip
     log.info(
         "data %s: %d train / %d val images, batch %d x %d process(es) x accumulate %d = %d, %d iterations "

@@ -29,6 +29,7 @@ from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
 from segtrain.outputs import bars_wanted, log_run_end, log_run_start, run_hparams, validation_pictures, write_json
 from segtrain.preflight import dry_validation
+from segtrain.recipe import optimizer_for_batch
 from segtrain.runtime import BatchToDevice, DivergenceGuard, StopSignals, Throughput, autocast, unwrap
 from segtrain.sweep import mark_status
 
@@ -75,8 +76,9 @@ class Trainer:
         self.num_params = count_parameters(self.model)
         self.batch_to_device = BatchToDevice(self.device, d.mean, d.std, self.memory_format)
         self.criterion = build_loss(cfg.loss, self.num_classes, d.ignore_index, self.train_set).to(self.device)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, self.max_iters, cfg.optimizer.lr)
+        opt_cfg = optimizer_for_batch(cfg, self.world_size, self.is_main)  # recipe.total_batch, optimizer.lr_scaling
+        self.optimizer = build_optimizer(opt_cfg, self.model)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, self.max_iters, opt_cfg.lr)
 
         # --- state, possibly restored ---------------------------------------------------------------
         self.step, self.epoch, self.epoch_step = 0, 0, 0
