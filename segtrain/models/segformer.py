@@ -180,7 +180,8 @@ class MixTransformer(nn.Module):
     def __init__(self, variant: str, in_channels: int = 3, drop_path: float = DROP_PATH):
         super().__init__()
         widths, depths, _ = VARIANTS[variant]
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+        n = sum(depths)
+        rates = [drop_path * i / max(n - 1, 1) for i in range(n)]  # 0 .. drop_path over the blocks
         self.stages = nn.ModuleList()
         for i, (cin, cout, depth) in enumerate(zip((in_channels, *widths[:-1]), widths, depths)):
             first = sum(depths[:i])
@@ -257,7 +258,9 @@ class SegFormer(nn.Module):
         if first in encoder and encoder[first].shape[1] != ours[first].shape[1]:  # data.in_channels
             encoder[first] = adapt_conv_weight(encoder[first], ours[first].shape[1])
         shapes = {k: v.shape for k, v in ours.items()}
-        self.backbone.load_state_dict(match(encoder, shapes, f"the MiT-{self.variant} encoder", source))
+        self.backbone.load_state_dict(
+            match(encoder, shapes, f"the MiT-{self.variant} encoder", source, file_tensors=len(state))
+        )
         head = self.head.state_dict()
         usable = {k: v for k, v in decoder.items() if k in head and v.shape == head[k].shape}
         self.head.load_state_dict(usable, strict=False)

@@ -160,10 +160,11 @@ def match(
     source: str,
     optional: tuple[str, ...] = (),
     check_shapes: bool = True,
+    file_tensors: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """``state``'s tensors for ``wanted`` (name -> shape), by name under the best prefix; ConfigError (one line)
     when a wanted tensor whose name starts with none of ``optional`` is missing or (``check_shapes``) of another
-    shape."""
+    shape.  ``file_tensors``: the file's count to report, when ``state`` is a renamed selection of it."""
     prefix, _ = _best_prefix(state, wanted)
     found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in wanted}
     required = [k for k in wanted if not k.startswith(optional)] if optional else list(wanted)
@@ -180,7 +181,7 @@ def match(
             problem = f"missing {_listed(missing, limit)}" if missing else f"shape differs: {_listed(shapes, 1)}"
             msg = (
                 f"model.pretrained={source}: {hits} of the {len(required)} tensors of {what} match the file's "
-                f"{len(state)}{where}; {problem}; is it a checkpoint of {what}?"
+                f"{len(state) if file_tensors is None else file_tensors}{where}; {problem}; is it a checkpoint of {what}?"
             )
             if len(msg) <= 300:
                 break
