@@ -116,3 +116,15 @@ def test_info_counts_every_input_band(tmp_path):
         info = model_info(info_config("info.size=32", "info.batch_size=2", "info.warmup=0", "info.iters=1", *extra))
         assert info["in_channels"] == 4 and info["params"] == count_parameters(model)
         assert info["gflops"] == flops / 1e9 and len(info["latency"]) == 2
+
+
+def test_info_on_segformer_and_upernet():
+    """``segtrain-info model=segformer`` / ``model=upernet``: their parameters (encoder apart) and FLOPs."""
+    from segtrain.info import model_info
+
+    for network in (["model=segformer", "model.variant=b0"], ["model=upernet", "model.backbone=resnet18"]):
+        info = model_info(info_config(*network, "info.latency=false", "info.size=64", "device=cpu"))
+        model = build_model(composed(*network).model, 6).eval()
+        assert info["params"] == count_parameters(model) and 0 < info["backbone_params"] < info["params"]
+        assert info["gflops"] == count_flops(model, torch.randn(1, 3, 64, 64))[0] / 1e9 > 0
+        assert set(info["gflops_by_module"]) >= {"backbone", "head"}
