@@ -597,7 +597,9 @@ def test_pretrained_download_checks_the_hash(torch_home, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["pspnet-resnet18-aux", "deconvnet", "fcn8s-resnet18-aux"])
+@pytest.mark.parametrize(
+    "case", ["pspnet-resnet18-aux", "deconvnet", "fcn8s-resnet18-aux", "segformer-b0", "upernet-resnet18-aux"]
+)
 def test_torch_compile(case):
     model = build(**CASES[case])
     compiled = torch.compile(model)

@@ -329,7 +329,7 @@ def timm_backbone(
         raise ConfigError(
             f"model.backbone={name} gives feature maps at strides {reductions} with model.output_stride="
             f"{output_stride}; segtrain needs 5 levels at strides 2-32 (a CNN such as timm:resnet50d), 4 at "
-            "strides 4-32 (timm:convnext_tiny, timm:swin_tiny_patch4_window7_224) or a plain ViT (timm:vit_small_patch14_dinov2)"
+            "strides 4-32 (ConvNeXt, Swin: timm:convnext_tiny) or a plain ViT (timm:vit_small_patch14_dinov2)"
         )
     channels = model.feature_info.channels()
     channels = channels if len(channels) == 5 else [0, *channels]
@@ -337,13 +337,9 @@ def timm_backbone(
 
 
 def _what(pretrained: bool | str) -> str:
-    return (
-        f"it with the weights of {pretrained}"
-        if isinstance(pretrained, str)
-        else "it with its pretrained weights"
-        if pretrained
-        else "it"
-    )
+    if isinstance(pretrained, str):
+        return f"it with the weights of {pretrained}"
+    return "it with its pretrained weights" if pretrained else "it"
 
 
 def _reason(e: Exception) -> str:
