@@ -242,3 +242,25 @@ def test_min_input_size():
     assert min_input_size(model_cfg()) == 32
     with torch.no_grad():  # 29 px is the smallest that works: stage 1 has 8 rows for the 8 x 8 reduction
         assert SegFormer(2, "b0").eval()(torch.randn(1, 3, 29, 40)).shape == (1, 2, 29, 40)
+
+
+def test_pretrained_true_uses_the_hub_cache_or_says_where_to_put_the_file(tmp_path, monkeypatch):
+    """model.pretrained=true: nvidia/mit-b0 from the torch hub cache (nvidia-mit-b0.bin), else a download that
+    fails fast offline naming the URL and the cache path."""
+    from segtrain.models import backbones
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(backbones, "DOWNLOAD_TIMEOUT", 2.0)
+    monkeypatch.setattr(
+        "segtrain.models.segformer.WEIGHTS_URL", "http://127.0.0.1:9/nvidia/mit-{variant}/pytorch_model.bin"
+    )
+    with pytest.raises(ConfigError) as e:
+        build_model(model_cfg(pretrained=True), 5)
+    msg = str(e.value)
+    assert "\n" not in msg and "http://127.0.0.1:9/nvidia/mit-b0/pytorch_model.bin" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "nvidia-mit-b0.bin") in msg
+    torch.manual_seed(4)
+    encoder = SegFormer(1000, "b0").backbone.state_dict()
+    torch.save({f"backbone.{k}": v for k, v in encoder.items()}, tmp_path / "hub" / "checkpoints" / "nvidia-mit-b0.bin")
+    model = build_model(model_cfg(pretrained=True), 5)
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in encoder.items())

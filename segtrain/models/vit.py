@@ -14,8 +14,9 @@ cropped to ``ceil(size / stride)``.  With a patch of 14 the maps are at 14/4, 7,
 resized to the nominal stride's size first (bilinear), so the networks see the same sizes as with 16.
 A ViT cannot trade strides for dilation: ``model.output_stride`` 16 or 32 (16 keeps M as C5).
 
-Only the pyramid's four transposed convs and LayerNorm are new: ``model.freeze_backbone=true`` freezes
-the ViT and this pyramid both (the linear-probe / frozen-feature recipes of DINOv2 train the head alone).
+Only the pyramid's transposed convs and LayerNorm are new layers: ``model.freeze_backbone=true`` freezes
+the (pretrained) ViT and lets them train with the head, as DINOv2's frozen-feature recipes train what is
+new on top of frozen features.
 """
 
 from __future__ import annotations
