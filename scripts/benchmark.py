@@ -2,7 +2,8 @@
 """segtrain benchmarks.  Every ratio compares numbers measured in the same run, interleaved (A B A B ...),
 because the machine may be shared and noisy.
 
-    python scripts/benchmark.py [--quick] [--out DIR] [SECTION ...] [--size S] [--batch B] [--iters N] [KEY=VALUE ...]
+    python scripts/benchmark.py [--quick] [--out DIR] [SECTION ...] [--size S] [--batch B] [--iters N]
+                                [--networks NAME,...] [KEY=VALUE ...]
 
 Sections (all of them when none is named):
     overhead  segtrain's Trainer against a bare PyTorch loop on the same model, precision and batch:
@@ -18,8 +19,9 @@ Sections (all of them when none is named):
               built-in set cut to 320 images), else the config's whole run (the default run: 12 epochs of 100).
     models    each network: train img/s (forward, backward, optimizer step), eval img/s (whole-image inference)
               and peak memory (CUDA: max allocated; CPU: peak resident-set growth).
-    peers     the same architecture from torchvision / segmentation_models_pytorch (when installed), trained side by
-              side at the same size, with segtrain's alternative implementations of a layer where it has one.
+    peers     the same architecture from torchvision / segmentation_models_pytorch / transformers (SegFormer-B0; when
+              installed), trained side by side at the same size, with segtrain's alternative implementations of a
+              layer where it has one.
     profile   torch.profiler over a few training steps of each network: the operators with the most self time
               (CUDA kernels on a GPU, CPU time otherwise) and their share of the step.
     compile   torch.compile: compile time of the first step and steady-state img/s against eager.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -59,7 +62,11 @@ NETWORKS = {  # name: model overrides
     "deeplabv3-r18": ["model=deeplabv3", "model.backbone=resnet18"],
     "deeplabv3plus-r18": ["model=deeplabv3plus", "model.backbone=resnet18"],
     "deeplabv3plus-mnv3": ["model=deeplabv3plus", "model.backbone=mobilenet_v3_large"],
+    "segformer-b0": ["model=segformer", "model.variant=b0"],
+    "upernet-r18": ["model=upernet", "model.backbone=resnet18"],
 }
+if importlib.util.find_spec("timm") is not None:  # a plain ViT through its simple feature pyramid
+    NETWORKS["upernet-vit-t"] = ["model=upernet", "model.backbone=timm:vit_tiny_patch16_224"]
 FULL_NETWORKS = {  # the paper-size networks, for a GPU
     "unet-64": ["model=unet", "model.base_channels=64"],
     "fcn8s-r50": ["model=fcn"],
@@ -67,6 +74,8 @@ FULL_NETWORKS = {  # the paper-size networks, for a GPU
     "pspnet-r50-d8": ["model=pspnet"],
     "deeplabv3-r50-d8": ["model=deeplabv3", "model.output_stride=8"],
     "deeplabv3plus-r50": ["model=deeplabv3plus"],
+    "segformer-b2": ["model=segformer", "model.variant=b2"],
+    "upernet-r50": ["model=upernet"],
 }
 
 
@@ -329,6 +338,11 @@ def bench_overhead(env: Env, args) -> dict:
     return out
 
 
+def _chosen(nets: dict, args) -> dict:
+    """The networks ``--networks`` names (all when it is not given)."""
+    return {k: v for k, v in nets.items() if not args.networks or k in args.networks}
+
+
 def _measure_network(env: Env, name: str, overrides: list[str], size: int, bs: int, iters: int) -> dict:
     model, params = build(env, overrides, 21)
     x, y = env.batch(bs, size, 21)
@@ -364,7 +378,7 @@ def bench_models(env: Env, args) -> list[dict]:
     size = args.size or (96 if args.quick else 512)
     bs = args.batch or (2 if args.quick else 8)
     iters = args.iters or (3 if args.quick else 20)
-    nets = NETWORKS if args.quick or env.device.type != "cuda" else {**NETWORKS, **FULL_NETWORKS}
+    nets = _chosen(NETWORKS if args.quick or env.device.type != "cuda" else {**NETWORKS, **FULL_NETWORKS}, args)
     rows = []
     for name, overrides in nets.items():
         if env.device.type == "cuda":
@@ -377,8 +391,31 @@ def bench_models(env: Env, args) -> list[dict]:
     return rows
 
 
+def _upsampled(model):
+    """A transformers segmentation model as a plain network: pixels in, logits at the input size out (its own
+    logits are at 1/4 of it), as segtrain's networks return them."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Upsampled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            logits = self.model(pixel_values=x).logits
+            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    return Upsampled()
+
+
 def _peer(name: str, classes: int):
     import torchvision
+
+    if name.startswith("transformers SegFormer"):
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation  # MiT-b0's config by default
+
+        return _upsampled(SegformerForSemanticSegmentation(SegformerConfig(num_labels=classes)))
 
     if name == "torchvision fcn_resnet50":
         return torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=classes)
@@ -398,7 +435,9 @@ PEERS = [  # (segtrain network, its overrides, the peer with the same architectu
     ("deeplabv3-r50-d8", ["model=deeplabv3", "model.output_stride=8"], "torchvision deeplabv3_resnet50"),
     ("deeplabv3plus-r50", ["model=deeplabv3plus"], "smp DeepLabV3Plus resnet50"),
     ("unet-r34", ["model=unet", "model.backbone=resnet34"], "smp Unet resnet34"),
+    ("segformer-b0", ["model=segformer", "model.variant=b0"], "transformers SegFormer-B0"),
 ]
+PEER_PACKAGES = {"smp": "segmentation-models-pytorch", "transformers": "transformers"}
 
 
 VARIANT_FLAGS = {  # segtrain's other implementations of a layer: (switch in segtrain.models.blocks, value)
@@ -440,10 +479,13 @@ def bench_peers(env: Env, args) -> list[dict]:
     reps = 3  # interleaved rounds; the best of each
     rows = []
     for name, overrides, peer_name in PEERS:
+        if args.networks and name not in args.networks:
+            continue
         try:
             peer = _peer(peer_name, 21).to(env.device, memory_format=env.torch.channels_last)
         except ImportError:
-            print(f"peers: {peer_name}: not installed (pip install segmentation-models-pytorch)", flush=True)
+            package = PEER_PACKAGES.get(peer_name.split()[0], peer_name.split()[0])
+            print(f"peers: {peer_name}: not installed (pip install {package})", flush=True)
             peer = None
         ours, params = build(env, overrides, 21)
         x, y = env.batch(bs, size, 21)
@@ -501,7 +543,7 @@ def bench_profile(env: Env, args) -> list[dict]:
     bs = args.batch or (2 if args.quick else 8)
     iters = args.iters or (2 if args.quick else 5)
     cuda = env.device.type == "cuda"
-    nets = NETWORKS if args.quick or not cuda else {**NETWORKS, **FULL_NETWORKS}
+    nets = _chosen(NETWORKS if args.quick or not cuda else {**NETWORKS, **FULL_NETWORKS}, args)
 
     def self_time(e) -> float:
         if cuda:
@@ -610,7 +652,11 @@ def parse(argv: list[str]):
     p.add_argument("--size", type=int, default=None, help="input size of the models/peers/compile sections")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument(
+        "--networks", default=None, help="comma-separated names: only these in models / peers / profile (default all)"
+    )
     args, rest = p.parse_known_args(argv)
+    args.networks = args.networks.split(",") if args.networks else None
     args.overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     args.sections = [a for a in rest if "=" not in a and not a.startswith("-")]
     unknown = [a for a in rest if a not in args.overrides and a not in args.sections]

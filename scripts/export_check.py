@@ -32,6 +32,8 @@ NETWORKS = {  # name: model.* keys (the shipped configs/model/*.yaml defaults, p
     "deeplabv3-r50": {"name": "deeplabv3", "backbone": "resnet50", "output_stride": 16},
     "deeplabv3plus-r50": {"name": "deeplabv3plus", "backbone": "resnet50", "output_stride": 16},
     "deeplabv3plus-mnv3": {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large", "output_stride": 16},
+    "segformer-b0": {"name": "segformer", "variant": "b0"},
+    "upernet-r50": {"name": "upernet", "backbone": "resnet50", "aux": True, "head_channels": 512},
 }
 
 

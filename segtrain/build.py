@@ -32,6 +32,7 @@ from segtrain.hooks.throughput import Throughput
 from segtrain.losses import auto_class_weights, build_loss
 from segtrain.models import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
+from segtrain.recipe import optimizer_for_batch
 from segtrain.trainer import Trainer
 
 log = logging.getLogger("segtrain")
@@ -100,8 +101,9 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
     model = build_model(cfg.model, k, d.in_channels).to(device, memory_format=memory_format)
     criterion = build_loss(cfg.loss, k, d.ignore_index).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, max_iters, cfg.optimizer.lr)
+    opt_cfg = optimizer_for_batch(cfg, dist.world_size, dist.is_main)  # recipe.total_batch, optimizer.lr_scaling
+    optimizer = build_optimizer(opt_cfg, model)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, max_iters, opt_cfg.lr)
 
     # --- the checkpoints: room for them, weights to start from, a run to continue ---------------------------
     ckpt_dir = run_dir / "checkpoints"

@@ -29,6 +29,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from segtrain.errors import ConfigError
+from segtrain.recipe import check_recipe
 from segtrain.utils import as_hw, as_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data.mean / data.std defaults (torchvision's ImageNet statistics)
@@ -50,15 +51,17 @@ class DeviceType(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # unet | fcn | deconvnet | pspnet | deeplabv3 | deeplabv3plus
+    name: str = MISSING  # unet | fcn | deconvnet | pspnet | deeplabv3 | deeplabv3plus | segformer | upernet
     base_channels: int = 16  # width of from-scratch networks (U-Net, DeconvNet)
     # Encoder networks (FCN, PSPNet, DeepLab, U-Net with an encoder):
     backbone: str | None = None  # resnet18/34/50/101, vgg16, vgg16_bn, mobilenet_v3_large, timm:NAME
-    pretrained: bool = False  # torchvision ImageNet weights
+    pretrained: Any = False  # true: ImageNet weights (downloaded) | false | PATH: a local weights file or HF folder
+    freeze_backbone: bool = False  # the pretrained encoder does not train (requires_grad off, eval mode)
     output_stride: int | None = None  # 8, 16 or 32; None: the network's default
     aux: bool = False  # auxiliary FCN head on stage 3 (train only)
-    variant: str | None = None  # network-specific: fcn 32s/16s/8s, deconvnet deconvnet/segnet
+    variant: str | None = None  # network-specific: fcn 32s/16s/8s, deconvnet deconvnet/segnet, segformer b0-b5
     dropout: float = 0.1
+    head_channels: int | None = None  # decoder width: pspnet, upernet 512; segformer the variant's (256, 768)
     norm: str = "bn"  # bn | none (from-scratch networks)
     init_from: str | None = None  # partial weight load for fine-tuning
 
@@ -113,6 +116,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     head_lr_mult: float = 1.0  # lr multiplier for everything outside the backbone (decoder, heads)
     no_decay_norm_bias: bool = False  # no weight decay on norm layers and biases
+    lr_scaling: str = "none"  # none | linear | sqrt: lr x (total batch / recipe.total_batch), or its square root
 
 
 @dataclass
@@ -227,6 +231,15 @@ class LoggerConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """What a recipe (``experiment=``) was published with, so that a run on other hardware can tell (segtrain/recipe.py)."""
+
+    total_batch: int | None = None  # processes x data.batch_size x trainer.accumulate of the published run
+    miou: float | None = None  # its published mIoU (%)
+    source: str | None = None  # where the number comes from
+
+
+@dataclass
 class SegtrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -237,6 +250,7 @@ class SegtrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     seed: int = 42
     run_dir: str | None = None  # None: Hydra's run dir (the working directory of the job)
 
@@ -330,9 +344,12 @@ APP_SCHEMAS: dict[str, type] = {  # each command's primary config (configs/NAME.
 def min_input_size(model: DictConfig) -> int:
     """The smallest image side the network accepts: the from-scratch encoders halve it 4 (U-Net) or 5
     (DeconvNet/SegNet) times with plain pooling, as a VGG backbone does (FCN pads its input to a multiple of
-    32 first); the other backbone networks run at any size (rounding up)."""
+    32 first); SegFormer's first stage needs 8 rows for its 8 x 8 key/value reduction (29 px; 32 said); the
+    other backbone networks run at any size (rounding up)."""
     if model.name == "unet" and model.backbone is None:
         return 16
+    if model.name == "segformer":  # stage 1 (stride 4) needs 8 rows for its 8 x 8 key/value reduction
+        return 32
     if model.name == "deconvnet" or (str(model.backbone or "").startswith("vgg") and model.name != "fcn"):
         return 32
     return 1
@@ -749,8 +766,10 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
+    _check(m.head_channels is None or m.head_channels >= 1, f"model.head_channels must be >= 1, got {m.head_channels}")
     _check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
     _check_seeds_and_optimizer(cfg)
+    check_recipe(cfg)
     _check_slide(cfg)
     _check_input_sizes(cfg)
     if t.max_iters is not None:

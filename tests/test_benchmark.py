@@ -50,3 +50,16 @@ def test_profiler_chatter_is_held_back_and_other_lines_pass(capfd):
         os.write(2, b"a real warning from a kernel\n")
     err = capfd.readouterr().err
     assert "a real warning from a kernel" in err and "profiler_start" not in err and "gpuGetDeviceCount" not in err
+
+
+def test_compare_networks_script_trains_each_for_its_budget(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_networks", ROOT / "scripts" / "compare_networks.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    args = ["--budget", "1", "--networks", "unet,segformer-b0", "--out", str(tmp_path), "debug=smoke", "device=cpu"]
+    result = compare.main([*args, "data.num_val=4"])
+    rows = result["runs"]["synthetic"]
+    assert list(rows) == ["unet", "segformer-b0"]
+    for r in rows.values():
+        assert 0 <= r["miou"] <= 1 and r["steps"] >= 1 and r["seconds"] >= 1 and r["train_images_per_sec"] > 0
+    assert "| segformer-b0 |" in (tmp_path / "compare.md").read_text()

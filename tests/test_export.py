@@ -27,6 +27,8 @@ FAMILIES = {
     "pspnet": {"name": "pspnet", "backbone": "resnet18"},
     "deeplabv3": {"name": "deeplabv3", "backbone": "resnet18"},
     "deeplabv3plus": {"name": "deeplabv3plus", "backbone": "resnet18"},
+    "segformer": {"name": "segformer", "variant": "tiny"},  # one block per stage (fixture below), else MiT-b0
+    "upernet": {"name": "upernet", "backbone": "resnet18", "head_channels": 32},  # its pyramid pooling made dynamic
 }
 MORE = {  # the other variants and a MobileNetV3 backbone: pytest -m slow
     "unet_resnet18": {"name": "unet", "backbone": "resnet18", "base_channels": 4},
@@ -34,11 +36,22 @@ MORE = {  # the other variants and a MobileNetV3 backbone: pytest -m slow
     "fcn_32s": {"name": "fcn", "backbone": "resnet18", "variant": "32s"},
     "segnet": {"name": "deconvnet", "base_channels": 4, "variant": "segnet"},
     "deeplabv3plus_mobilenet": {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large"},
+    "upernet_vit": {"name": "upernet", "backbone": "timm:vit_tiny_patch16_224", "head_channels": 32},
 }
+
+
+@pytest.fixture(autouse=True)
+def tiny_segformer(monkeypatch):
+    """A test-only MiT with one block per stage and narrow widths: MiT-b0's layers, half its export time."""
+    from segtrain.models import segformer
+
+    monkeypatch.setitem(segformer.VARIANTS, "tiny", ((16, 32, 80, 128), (1, 1, 1, 1), 64))
 
 
 def network(spec: dict) -> nn.Module:
     """A randomly initialised network with random BatchNorm statistics (nothing trivially zero)."""
+    if spec.get("backbone", "").startswith("timm:"):
+        pytest.importorskip("timm")
     torch.manual_seed(0)
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), spec)
     model = build_model(cfg, 3)
@@ -65,7 +78,7 @@ def _onnx_round_trip(spec, tmp_path):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_exports_to_onnx(family, tmp_path):
-    """With test_segtrain_export_onnx_with_sidecar (U-Net): all six families."""
+    """With test_segtrain_export_onnx_with_sidecar (U-Net): all eight families."""
     _onnx_round_trip(FAMILIES[family], tmp_path)
 
 
@@ -75,7 +88,7 @@ def test_more_variants_export_to_onnx(family, tmp_path):
     _onnx_round_trip(MORE[family], tmp_path)
 
 
-TRACED = {"unet": UNET, "deeplabv3plus": FAMILIES["deeplabv3plus"], "deconvnet": FAMILIES["deconvnet"]}
+TRACED = {"unet": UNET, **{k: FAMILIES[k] for k in ("deeplabv3plus", "deconvnet", "segformer")}}
 SLOW_TRACED = {k: v for k, v in {**FAMILIES, **MORE}.items() if k not in TRACED}
 
 

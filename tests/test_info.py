@@ -149,3 +149,15 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
     for key, value, low in (("iters", 0, 1), ("warmup", -1, 0)):
         with pytest.raises(ConfigError, match=f"info.{key} must be >= {low}, got {value}"):
             info_module.model_info(info_config(*base, f"info.{key}={value}"))
+
+
+def test_info_on_segformer_and_upernet():
+    """``segtrain-info model=segformer`` / ``model=upernet``: their parameters (encoder apart) and FLOPs."""
+    from segtrain.info import model_info
+
+    for network in (["model=segformer", "model.variant=b0"], ["model=upernet", "model.backbone=resnet18"]):
+        info = model_info(info_config(*network, "info.latency=false", "info.size=64", "device=cpu"))
+        model = build_model(composed(*network).model, 6).eval()
+        assert info["params"] == count_parameters(model) and 0 < info["backbone_params"] < info["params"]
+        assert info["gflops"] == count_flops(model, torch.randn(1, 3, 64, 64))[0] / 1e9 > 0
+        assert set(info["gflops_by_module"]) >= {"backbone", "head"}

@@ -56,6 +56,8 @@ CASES = {
     "deeplabv3-resnet18-aux": dict(name="deeplabv3", backbone="resnet18", aux=True),
     "deeplabv3plus-resnet18": dict(name="deeplabv3plus", backbone="resnet18"),
     "deeplabv3plus-mobilenet-os8": dict(name="deeplabv3plus", backbone="mobilenet_v3_large", output_stride=8),
+    "segformer-b0": dict(name="segformer", variant="b0"),
+    "upernet-resnet18-aux": dict(name="upernet", backbone="resnet18", aux=True, head_channels=16),
 }
 
 
@@ -286,7 +288,15 @@ def test_deconvnet_encoder_takes_vgg16_bn_weights():
 
 @pytest.mark.parametrize(
     "case",
-    ["unet", "unet-resnet18", "deconvnet", "fcn8s-mobilenet-os16", "pspnet-resnet18-aux", "deeplabv3plus-resnet18"],
+    [
+        "unet",
+        "unet-resnet18",
+        "deconvnet",
+        "fcn8s-mobilenet-os16",
+        "pspnet-resnet18-aux",
+        "deeplabv3plus-resnet18",
+        "segformer-b0",
+    ],
 )
 def test_any_number_of_bands(case):
     for bands in (1, 5):
@@ -473,9 +483,10 @@ def test_timm_pretrained_weights_that_cannot_download_are_named_at_any_output_st
 
 
 def test_timm_encoder_with_other_strides_is_refused():
+    """gMLP's maps all have stride 16 but it is no ViT (plain ViTs get a pyramid: test_upernet.py)."""
     pytest.importorskip("timm")
     with pytest.raises(ConfigError, match=r"strides \[16, 16, 16\].*4 at strides 4-32"):
-        build(name="deeplabv3", backbone="timm:vit_tiny_patch16_224", output_stride=32)
+        build(name="deeplabv3", backbone="timm:gmlp_ti16_224", output_stride=32)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "model").glob("*.yaml")), ids=lambda p: p.stem)
@@ -586,7 +597,9 @@ def test_pretrained_download_checks_the_hash(torch_home, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["pspnet-resnet18-aux", "deconvnet", "fcn8s-resnet18-aux"])
+@pytest.mark.parametrize(
+    "case", ["pspnet-resnet18-aux", "deconvnet", "fcn8s-resnet18-aux", "segformer-b0", "upernet-resnet18-aux"]
+)
 def test_torch_compile(case):
     model = build(**CASES[case])
     compiled = torch.compile(model)

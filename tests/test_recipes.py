@@ -19,10 +19,50 @@ VOC = {
     "voc_deeplabv3plus_r50": "deeplabv3plus",
 }
 CITY = {"cityscapes_pspnet_r50": "pspnet", "cityscapes_deeplabv3plus_r50": "deeplabv3plus"}
+ADE = {"ade20k_segformer_b0": "segformer", "ade20k_upernet_r50": "upernet"}
+PUBLISHED_MIOU = {
+    "voc_fcn_r50": 67.08,
+    "voc_pspnet_r50": 76.78,
+    "voc_deeplabv3_r50": 76.17,
+    "voc_deeplabv3plus_r50": 75.93,
+    "cityscapes_pspnet_r50": 77.85,
+    "cityscapes_deeplabv3plus_r50": 79.61,
+    "ade20k_segformer_b0": 37.41,
+    "ade20k_upernet_r50": 42.05,
+}
 
 
 def test_all_experiments_are_listed():
-    assert set(VOC) | set(CITY) | {"medical_unet_ce_dice"} == set(EXPERIMENTS)
+    assert set(VOC) | set(CITY) | set(ADE) | {"medical_unet_ce_dice"} == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MIOU))
+def test_published_recipes_record_their_total_batch_and_miou(name):
+    """The batch a number was published with is the recipe's one-GPU batch, and docs/recipes.md shows the number."""
+    cfg = composed(f"experiment={name}")
+    assert cfg.recipe.total_batch == cfg.data.batch_size * cfg.trainer.accumulate
+    assert cfg.recipe.miou == PUBLISHED_MIOU[name] and cfg.recipe.source.startswith("mmsegmentation configs/")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    assert f"`{name}`" in docs and f"{cfg.recipe.miou:.2f}" in docs
+
+
+def test_ade20k_recipes_compose():
+    """mmsegmentation's SegFormer-B0 (AdamW 6e-5, head lr x10, warmup 1500, poly power 1) and UPerNet-R50 (SGD 0.01)
+    ADE20K recipes: 160k iterations, crop 512, batch 16."""
+    seg, uper = composed("experiment=ade20k_segformer_b0"), composed("experiment=ade20k_upernet_r50")
+    for cfg in (seg, uper):
+        validate(cfg)
+        assert cfg.data.name == "ade20k" and cfg.data.num_classes == 150 and cfg.data.crop_size == 512
+        assert cfg.trainer.max_iters == 160000 and cfg.data.batch_size == 16 and cfg.model.pretrained is True
+    assert seg.model.name == "segformer" and seg.model.variant == "b0"
+    o, s = seg.optimizer, seg.scheduler
+    assert (o.name, o.lr, o.weight_decay, o.head_lr_mult, list(o.betas)) == ("adamw", 6e-5, 0.01, 10.0, [0.9, 0.999])
+    assert (s.name, s.power, s.min_lr, s.warmup_iters, s.warmup_ratio) == ("poly", 1.0, 0.0, 1500, 1e-6)
+    assert uper.model.name == "upernet" and uper.model.backbone == "resnet50" and uper.model.aux
+    assert uper.model.output_stride == 32 and uper.model.head_channels == 512 and uper.loss.aux_weight == 0.4
+    o, s = uper.optimizer, uper.scheduler
+    assert (o.name, o.lr, o.momentum, o.weight_decay) == ("sgd", 0.01, 0.9, 0.0005)
+    assert (s.name, s.power, s.min_lr, s.warmup_iters) == ("poly", 0.9, 1e-4, 0)
 
 
 @pytest.mark.parametrize("name", sorted(VOC) + sorted(CITY))

@@ -92,10 +92,14 @@ class Progress(Hook):
 
     def before_train(self, trainer) -> None:
         cfg, d, t = trainer.cfg, trainer.cfg.data, trainer.cfg.trainer
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        frozen = trainer.num_params - trainable
+        frozen_note = f" ({trainable:,} train; the frozen encoder's {frozen:,} do not)" if frozen else ""
         log.info(
-            "model %s: %s parameters | device %s, precision %s, channels_last %s, compile %s",
+            "model %s: %s parameters%s | device %s, precision %s, channels_last %s, compile %s",
             cfg.model.name,
             f"{trainer.num_params:,}",
+            frozen_note,
             trainer.device,
             trainer.precision,
             cfg.device.channels_last,

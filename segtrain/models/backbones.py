@@ -18,6 +18,8 @@ C4, C5 keep the resolution of C3 with a 2x / 4x larger receptive field
     mobilenet_v3_large   16   24    40   112   960    8, 16, 32
     timm:NAME            from ``timm.create_model(NAME, features_only=True)``: 5 levels (CNNs), or
                          4 (strides 4-32: ConvNeXt, Swin ...) with C1 = None, channels[0] = 0
+    timm:<plain ViT>     ViT, DeiT, DINOv2 (``timm:vit_small_patch14_dinov2``): ViTDet's simple feature
+                         pyramid from the last block (:mod:`segtrain.models.vit`), C1 = None; 16, 32
 
 Any number of input bands (``data.in_channels``): the first convolution takes
 them; with pretrained weights its RGB filters are adapted as
@@ -28,7 +30,10 @@ bands that repeat a 3-band image computes what the 3-band network computes.
 hub cache (``torch.hub.get_dir()/checkpoints/``), downloading them there first
 if they are missing.  The download gives up after a short timeout and then
 raises a one-line ConfigError that names the file, its URL and where to put
-it, so an offline machine never hangs.
+it, so an offline machine never hangs.  ``model.pretrained=PATH`` reads a local
+file instead (:mod:`segtrain.models.weights`): torchvision's or timm's state dict
+of the encoder (``.pth``, ``.pt``, ``.bin``, ``.safetensors``, or a Hugging Face
+folder), its tensors found by name; timm then loads them as its own downloads.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ MOBILENETS: dict[str, tuple[Callable[..., tvm.MobileNetV3], Any]] = {
     "mobilenet_v3_large": (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1),
 }
 NAMES = [*RESNETS, *VGGS, *MOBILENETS]
+CLASSIFIERS = ("fc.", "classifier.")  # torchvision's classifier layers (ResNet; VGG, MobileNetV3): no encoder part
 
 
 class Backbone(nn.Module):
@@ -87,6 +93,14 @@ class Backbone(nn.Module):
             x = stage(x)
             features.append(x)
         return features
+
+
+def _load_classifier(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """torchvision's ImageNet state dict into its classifier ``net``; the classifier layer itself may be absent (a
+    file of encoder weights), the rest may not."""
+    missing = [k for k in net.load_state_dict(state, strict=False).missing_keys if not k.startswith(CLASSIFIERS)]
+    if missing:
+        raise ConfigError(f"pretrained weights lack {len(missing)} of the encoder's tensors, e.g. {missing[0]}")
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +128,7 @@ def resnet(name: str, output_stride: int = 32, state: dict | None = None) -> Bac
     bottleneck = name in ("resnet50", "resnet101")
     net = make(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)
     if state is not None:
-        net.load_state_dict(state)
+        _load_classifier(net, state)
     if not bottleneck:
         dilation = 1
         for layer, dil in zip((net.layer2, net.layer3, net.layer4), dilate):
@@ -187,7 +201,7 @@ def mobilenet(name: str, output_stride: int = 32, state: dict | None = None) -> 
     make, _ = MOBILENETS[name]
     net = make(weights=None)
     if state is not None:
-        net.load_state_dict(state)
+        _load_classifier(net, state)
     f = net.features
     # The blocks with stride 2 (torchvision's ``_is_cn``) start the stages: 2, 4, 7, 13 for the large model.
     starts = [0, *(i for i, m in enumerate(f) if getattr(m, "_is_cn", False))]
@@ -248,8 +262,7 @@ def _create_timm(timm: Any, arch: str, kwargs: dict) -> nn.Module:
         return timm.create_model(arch, **kwargs)
 
 
-def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False, in_channels: int = 3) -> Backbone:
-    arch = name.split(":", 1)[1]
+def _import_timm(name: str) -> Any:
     try:
         import timm
     except ImportError:
@@ -257,11 +270,50 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False, 
             f"model.backbone={name} needs the timm package, which is not installed: pip install 'segtrain[timm]', "
             f"or use one of: {', '.join(NAMES)}"
         ) from None
-    kwargs: dict[str, Any] = {"features_only": True, "pretrained": pretrained}
+    return timm
+
+
+def _reference(timm: Any, arch: str, **kwargs: Any) -> nn.Module:
+    """``arch`` built on the meta device (no memory, no weights): its names, shapes and feature strides."""
+    with torch.device("meta"):
+        return _create_timm(timm, arch, {"pretrained": False, **kwargs})
+
+
+def _timm_file(timm: Any, name: str, path: str, **kwargs: Any) -> dict:
+    """``pretrained_cfg_overlay`` that has timm load ``path`` (its own filter, first-layer and positional-embedding
+    adaptation) after :func:`~segtrain.models.weights.match` found every tensor of the encoder in it."""
+    from segtrain.models.weights import match, read_weights
+
+    reference = _reference(timm, name.split(":", 1)[1], **kwargs)
+    classifier = reference.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+    wanted = {k: v.shape for k, v in reference.state_dict().items() if not heads or not k.startswith(heads)}
+    state = match(read_weights(path), wanted, name, path, check_shapes=False)
+    return {"state_dict": state, "num_classes": 0}  # num_classes: timm then skips the classifier it lacks
+
+
+def timm_backbone(
+    name: str, output_stride: int = 32, pretrained: bool | str = False, in_channels: int = 3
+) -> Backbone | nn.Module:
+    """A timm encoder: ``features_only`` (5 or 4 levels), or a plain ViT's simple feature pyramid (:mod:`.vit`).
+    ``pretrained``: timm's weights (downloaded by timm), or a file's (``model.pretrained=PATH``)."""
+    from segtrain.models.vit import is_plain_vit
+
+    arch = name.split(":", 1)[1]
+    timm = _import_timm(name)
+    try:
+        plain = is_plain_vit(_reference(timm, arch))
+    except Exception:  # an unknown name: reported below, by the real creation
+        plain = False
+    if plain:
+        return vit_backbone(timm, name, output_stride, pretrained, in_channels)
+    kwargs: dict[str, Any] = {"features_only": True, "pretrained": bool(pretrained)}
     if in_channels != 3:  # timm adapts the pretrained first layer itself, as adapt_conv_weight does
         kwargs["in_chans"] = in_channels
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
+    if isinstance(pretrained, str):
+        kwargs["pretrained_cfg_overlay"] = _timm_file(timm, name, pretrained)
     try:
         model = _create_timm(timm, arch, kwargs)
     except Exception as e:  # unknown name, no dilation support, weights not downloadable ...
@@ -270,20 +322,50 @@ def timm_backbone(name: str, output_stride: int = 32, pretrained: bool = False, 
                 f"model.backbone={name} cannot run at model.output_stride={output_stride}: timm has no dilated "
                 "variant of it; set model.output_stride=32 (or use a CNN such as timm:convnext_tiny or resnet50)"
             ) from None
-        reason = " ".join(str(e).split()) or type(e).__name__
-        what = "it with its pretrained weights" if pretrained else "it"
-        raise ConfigError(f"model.backbone={name}: timm could not create {what} ({reason})") from None
+        raise ConfigError(f"model.backbone={name}: timm could not create {_what(pretrained)} ({_reason(e)})") from None
     reductions = model.feature_info.reduction()
     nominal = [min(2**i, output_stride) for i in range(1, 6)]
     if reductions not in (nominal, nominal[1:]):
         raise ConfigError(
             f"model.backbone={name} gives feature maps at strides {reductions} with model.output_stride="
-            f"{output_stride}; segtrain needs 5 levels at strides 2-32 (a CNN such as timm:resnet50d) or 4 at "
-            "strides 4-32 (timm:convnext_tiny, timm:swin_tiny_patch4_window7_224)"
+            f"{output_stride}; segtrain needs 5 levels at strides 2-32 (a CNN such as timm:resnet50d), 4 at "
+            "strides 4-32 (ConvNeXt, Swin: timm:convnext_tiny) or a plain ViT (timm:vit_small_patch14_dinov2)"
         )
     channels = model.feature_info.channels()
     channels = channels if len(channels) == 5 else [0, *channels]
     return TimmBackbone(name, model, channels, nominal, output_stride)
+
+
+def _what(pretrained: bool | str) -> str:
+    if isinstance(pretrained, str):
+        return f"it with the weights of {pretrained}"
+    return "it with its pretrained weights" if pretrained else "it"
+
+
+def _reason(e: Exception) -> str:
+    return (" ".join(str(e).split()) or type(e).__name__)[:200]
+
+
+def vit_backbone(timm: Any, name: str, output_stride: int, pretrained: bool | str, in_channels: int) -> nn.Module:
+    """A plain ViT (any input size: positional embeddings interpolated) and its simple feature pyramid."""
+    from segtrain.models.vit import ViTPyramid
+
+    if output_stride not in (16, 32):
+        raise ConfigError(
+            f"model.backbone={name} cannot run at model.output_stride={output_stride}: a plain ViT has one map at "
+            "stride 16 (14 for DINOv2), so its pyramid runs at model.output_stride 16 or 32"
+        )
+    arch = name.split(":", 1)[1]
+    kwargs: dict[str, Any] = {"pretrained": bool(pretrained), "dynamic_img_size": True, "num_classes": 0}
+    if in_channels != 3:
+        kwargs["in_chans"] = in_channels
+    if isinstance(pretrained, str):
+        kwargs["pretrained_cfg_overlay"] = _timm_file(timm, name, pretrained, dynamic_img_size=True, num_classes=0)
+    try:
+        vit = timm.create_model(arch, **kwargs)
+    except Exception as e:
+        raise ConfigError(f"model.backbone={name}: timm could not create {_what(pretrained)} ({_reason(e)})") from None
+    return ViTPyramid(name, vit, output_stride)
 
 
 def _creates(timm: Any, arch: str, output_stride: int = 32) -> bool:
@@ -308,15 +390,37 @@ def imagenet_weights(name: str) -> Any:
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
 
 
+def torchvision_state(name: str, pretrained: bool | str) -> dict[str, torch.Tensor] | None:
+    """The ImageNet state dict of torchvision backbone ``name``: downloaded (``pretrained=True``), read from a file
+    (``pretrained=PATH``: its tensors found by name, :func:`segtrain.models.weights.match`), or None."""
+    if not pretrained:
+        return None
+    if not isinstance(pretrained, str):
+        return load_pretrained(imagenet_weights(name))
+    from segtrain.models.weights import match, read_weights
+
+    table = RESNETS if name in RESNETS else MOBILENETS if name in MOBILENETS else None
+    with torch.device("meta"):  # names and shapes only
+        net = table[name][0]() if table is not None else tvm.vgg16_bn() if VGGS[name][0] else tvm.vgg16()
+    wanted = {k: v.shape for k, v in net.state_dict().items()}
+    return match(read_weights(pretrained), wanted, f"torchvision's {name}", pretrained, optional=CLASSIFIERS)
+
+
 def build_backbone(
-    name: str, output_stride: int = 32, pretrained: bool = False, state: dict | None = None, in_channels: int = 3
-) -> Backbone:
+    name: str,
+    output_stride: int = 32,
+    pretrained: bool | str = False,
+    state: dict | None = None,
+    in_channels: int = 3,
+) -> Backbone | nn.Module:
     """``name`` at ``output_stride`` (8, 16 or 32, checked by the config); ImageNet weights when
-    ``pretrained`` (or the given torchvision ``state``); ``in_channels`` input bands (:func:`adapt_first_conv`)."""
+    ``pretrained`` (``True``: downloaded; a path: that file's), or the given torchvision ``state``;
+    ``in_channels`` input bands (:func:`adapt_first_conv`)."""
     if name.startswith("timm:"):
         return timm_backbone(name, output_stride, pretrained, in_channels)
     if state is None and pretrained:
-        state = load_pretrained(imagenet_weights(name))
+        imagenet_weights(name)  # an unknown name is reported as such, before any file is read
+        state = torchvision_state(name, pretrained)
     for table, make in ((RESNETS, resnet), (VGGS, vgg), (MOBILENETS, mobilenet)):
         if name in table:
             backbone = adapt_first_conv(make(name, output_stride, state), in_channels, pretrained=state is not None)
@@ -390,10 +494,11 @@ def cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def load_pretrained(weights: Any) -> dict[str, torch.Tensor]:
-    """The state dict of a torchvision ``Weights`` entry: from the hub cache, else downloaded there."""
+def load_pretrained(weights: Any, filename: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision ``Weights`` entry (or anything with a ``url``): from the hub cache, else
+    downloaded there (as ``filename``, default the URL's)."""
     url = weights.url
-    path = cache_path(url)
+    path = cache_path(url) if filename is None else cache_path(url).with_name(filename)
     if not path.is_file():
         try:
             prefix = re.search(r"-([a-f0-9]{6,})\.", path.name)

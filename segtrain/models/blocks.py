@@ -46,14 +46,16 @@ class ConvBNReLU(nn.Sequential):
 
 
 class FCNHead(nn.Sequential):
-    """3x3 conv to C/4 -> BN -> ReLU -> dropout -> 1x1 classifier.
+    """3x3 conv to C/4 (or ``channels``) -> BN -> ReLU -> dropout -> 1x1 classifier.
 
     torchvision's FCN head; every network here also uses it as its auxiliary
-    head on the backbone's stage-3 features (C4), as PSPNet introduced.
+    head on the backbone's stage-3 features (C4), as PSPNet introduced
+    (UPerNet with mmsegmentation's fixed width, ``channels=256``).
     """
 
-    def __init__(self, cin: int, num_classes: int, dropout: float = 0.1):
-        super().__init__(ConvBNReLU(cin, cin // 4, 3), nn.Dropout(dropout), nn.Conv2d(cin // 4, num_classes, 1))
+    def __init__(self, cin: int, num_classes: int, dropout: float = 0.1, channels: int | None = None):
+        mid = channels or cin // 4
+        super().__init__(ConvBNReLU(cin, mid, 3), nn.Dropout(dropout), nn.Conv2d(mid, num_classes, 1))
 
 
 def bilinear_kernel(factor: int) -> torch.Tensor:

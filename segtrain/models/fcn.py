@@ -103,7 +103,7 @@ class FCN(nn.Module):
         s3, s4, s5 = backbone.strides[2:]
         if backbone.name.startswith("vgg"):
             self.head = VGGFullyConv(c5, num_classes, dropout)
-            if vgg_fc is not None:
+            if vgg_fc is not None and "classifier.0.weight" in vgg_fc:  # a file of the encoder alone: fc6/fc7 fresh
                 self.head.load_fc(vgg_fc)
         else:
             self.head = FCNHead(c5, num_classes, dropout)

@@ -30,9 +30,10 @@ from segtrain.models.blocks import ConvBNReLU, FCNHead, resize_to, with_aux
 
 
 class PyramidPooling(nn.Module):
-    def __init__(self, cin: int, bins: tuple[int, ...] = (1, 2, 3, 6)):
+    def __init__(self, cin: int, bins: tuple[int, ...] = (1, 2, 3, 6), cout: int | None = None):
+        """``cout`` channels per level (default C / number of bins, PSPNet's; UPerNet: 512)."""
         super().__init__()
-        cout = cin // len(bins)
+        cout = cout or cin // len(bins)
         self.levels = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBNReLU(cin, cout, 1)) for b in bins)
         self.out_channels = cin + len(bins) * cout
 
