@@ -90,8 +90,7 @@ def compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from segtrain.cli import config_dir
-    from segtrain.config import register_configs, validate
+    from segtrain.config import config_dir, register_configs, validate
     from segtrain.errors import ConfigError
 
     register_configs()

@@ -55,8 +55,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from segtrain.cli import config_dir
-    from segtrain.config import register_configs, validate
+    from segtrain.config import config_dir, register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -30,8 +30,8 @@ T0 = time.perf_counter() - _since_start()
 def mark(what):
     print(f"@@ {time.perf_counter() - T0:.3f} {time.process_time():.3f} {what}", file=sys.stderr, flush=True)
 mark("interpreter up")
-import segtrain.cli as cli
-mark("segtrain.cli imported")
+import segtrain.apps.train as cli
+mark("segtrain.apps.train imported")
 def wrap(mod, name, label):
     f = getattr(mod, name)
     def g(*a, **k):

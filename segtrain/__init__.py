@@ -4,7 +4,8 @@
 it is imported on first use, so ``import segtrain`` stays cheap.
 """
 
-__version__ = "0.1.0"
+from segtrain.version import __version__
+
 __all__ = ["Predictor", "__version__"]
 
 

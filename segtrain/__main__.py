@@ -1,4 +1,4 @@
-from segtrain.cli import main
+from segtrain.apps.train import main
 
 if __name__ == "__main__":
     main()

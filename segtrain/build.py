@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 from segtrain import checkpoint, distributed, resume, rundir, runtime
 from segtrain.config import check_run_length, mask_classes
 from segtrain.data import SegDataset, build_datasets, build_loader, resolved
+from segtrain.data.palette import palette_of
 from segtrain.distributed import DistInfo
-from segtrain.evaluation import class_names, palette_of
+from segtrain.evaluation import class_names
 from segtrain.hooks.ema import EMA
 from segtrain.hooks.guard import DivergenceGuard
 from segtrain.hooks.logging import LoggerHook, Progress, ValidationPictures
@@ -129,7 +130,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
         optimizer,
         scheduler,
         names,
-        palette_of(train_set, k),
+        palette_of(mask_classes(k), (getattr(train_set, "palette", None), "the data set's palette")),
         max_iters,
         found,
     )

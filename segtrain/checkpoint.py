@@ -13,26 +13,23 @@ import os
 import pickle
 import random
 import re
-import stat
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.config import SegtrainConfig
 from segtrain.errors import CheckpointError
+from segtrain.files import checkpoint_file, inspect
 from segtrain.utils import atomic_write
-
-if TYPE_CHECKING:
-    import torch
-
-# torch and numpy load in the functions that use them: checkpoint_file and inspect check a path before a
-# command's run dir is made (segtrain.rundir), where torch is not loaded yet.
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` through :func:`segtrain.utils.atomic_write`: the old file or the complete new one."""
-    import torch
-
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -76,93 +73,16 @@ def remove_stale_temporaries(folder: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-EXAMPLE = "outputs/DATE/TIME/checkpoints/best.pt"
 
 
-KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISSOCK, "a socket"),
-)
 
 
-def _kind(path: Path) -> str:
-    """What a path that is not a regular file is, in words."""
-    mode = path.stat().st_mode
-    return next((kind for test, kind in KINDS if test(mode)), "not a regular file")
 
 
-def checkpoint_file(value: str | Path, key: str | None = None) -> Path:
-    """The checkpoint file that ``key=value`` names (``key``: ``ckpt``, ``trainer.resume``, ``model.init_from``;
-    None: a path given in code).  A one-line CheckpointError says what the path is instead (missing, a broken
-    link, a directory, a device or FIFO) and what was expected; a directory that holds a run's checkpoints is
-    answered with the file to give."""
-    path = Path(value).expanduser()
-    shown = f"{key}={value}" if key else str(value)
-    if path.is_file():
-        return path
-    if path.is_symlink() and not path.exists():
-        raise CheckpointError(f"{shown} is a broken symbolic link (to {os.readlink(path)}); give a .pt checkpoint file")
-    if not path.exists():
-        raise CheckpointError(f"{shown}: no such file (a .pt checkpoint is expected, e.g. {EXAMPLE})")
-    kind = _kind(path)
-    if kind == "a directory":
-        name = "last.pt" if key == "trainer.resume" else "best.pt"
-        candidates = [path / "checkpoints" / name, path / name, *sorted(path.glob("checkpoints/*.pt"))]
-        found = [p for p in [*candidates, *sorted(path.glob("*.pt"))] if p.is_file()]
-        if not found:
-            raise CheckpointError(f"{shown} is a directory, not a checkpoint file, and holds none; give a .pt file")
-        hint = f"{key}={found[0]}" if key else str(found[0])
-        if key == "trainer.resume" and (path / "checkpoints" / "last.pt").is_file():
-            hint += " (or trainer.resume=auto with hydra.run.dir set to it)"
-        raise CheckpointError(f"{shown} is a directory, not a checkpoint file; give the file in it: {hint}")
-    raise CheckpointError(f"{shown} is {kind}, not a checkpoint file; give a .pt checkpoint, e.g. {EXAMPLE}")
 
 
-TORCHSCRIPT_MEMBERS = ("constants.pkl", "code/")  # in every torch.jit.save archive, in no torch.save one
 
 
-def inspect(path: Path, shown: str | None = None) -> None:
-    """A CheckpointError for a file that cannot be a segtrain checkpoint, told from its first bytes and (a zip
-    archive, as ``torch.save`` writes) its list of members, without torch: empty, text, cut short, a
-    TorchScript or ONNX export, or not a PyTorch file at all (files of torch < 1.6 are a pickle)."""
-    shown = shown or str(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {shown}: {e.strerror or e}") from None
-    if head.startswith(b"\x80"):
-        return
-    use = "use a .pt file written by segtrain (last.pt, best.pt)"
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
-            raise CheckpointError(
-                f"{shown} is truncated or not a segtrain checkpoint (a TorchScript/ONNX export?); {use}"
-            ) from None
-        if any(m in n for n in names for m in TORCHSCRIPT_MEMBERS):
-            raise CheckpointError(
-                f"{shown} is a TorchScript export (segtrain-export), not a training checkpoint; give the .pt "
-                f"checkpoint it was exported from (e.g. {EXAMPLE})"
-            )
-        return
-    if head.startswith(b"\x08") and (b"pytorch" in head or b"onnx" in head.lower() or path.suffix == ".onnx"):
-        raise CheckpointError(
-            f"{shown} is an ONNX export (segtrain-export), not a training checkpoint; give the .pt checkpoint it "
-            f"was exported from (e.g. {EXAMPLE})"
-        )
-    if not head:
-        raise CheckpointError(f"checkpoint {shown} is an empty file; {use}")
-    text = head.decode("utf-8", "replace")
-    printable = sum(c.isprintable() or c.isspace() for c in text) / len(text) > 0.9
-    quoted = f" (it starts with {' '.join(text.split())[:40]!r})" if printable else ""
-    kind = "a text file" if printable else "not a PyTorch file"
-    raise CheckpointError(f"{shown} is {kind}, not a checkpoint{quoted}; {use}")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", require_model: bool = True) -> Any:
@@ -170,8 +90,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require_mod
     torch's own text goes to the log with the traceback), and torch's warnings about the file are not printed.
 
     ``require_model=False`` also accepts files that are not segtrain checkpoints (plain state dicts)."""
-    import torch
-
     path = checkpoint_file(path)
     inspect(path)
     try:
@@ -202,9 +120,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require_mod
 
 
 def rng_state() -> dict:
-    import numpy as np
-    import torch
-
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -224,9 +139,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -235,3 +147,21 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]  # older checkpoints hold a list, one per visible GPU: the first
         torch.cuda.set_rng_state((cuda[0] if isinstance(cuda, (list, tuple)) else cuda).cpu())
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
+    """A segtrain checkpoint (:func:`load`) and the config it was trained with, typed by the schema: what eval,
+    predict, export and info start from."""
+    path = Path(path).expanduser()
+    state = load(path)
+    if "config" not in state:
+        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
+    return state, OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))
+
+
+def stored_config(state: dict) -> DictConfig:
+    """The config a checkpoint was trained with (empty when absent or unparsable: weights still count)."""
+    try:
+        return OmegaConf.create(state.get("config") or {})
+    except Exception:
+        return OmegaConf.create({})

@@ -23,6 +23,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -943,7 +944,7 @@ def validate_app(cfg: DictConfig, name: str, prog: str) -> None:
             not OmegaConf.is_missing(cfg, "ckpt") and bool(str(cfg.ckpt).strip()),
             f"no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt ({prog} --help)",
         )
-    # what the checkpoint decides (segtrain.evaluate.merge_config, segtrain.info): refused before the run dir too
+    # what the checkpoint decides (segtrain.apps.evaluate.merge_config, segtrain.apps.info): refused before the run dir too
     fixed = {
         "eval": ("model", "optimizer", "scheduler", "loss"),
         "predict": ("model", "optimizer", "scheduler", "loss"),
@@ -1049,3 +1050,12 @@ def _validate_binary(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_dir() -> str:
+    """The shipped configs: ``segtrain/configs`` in a wheel, the repo's ``configs/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise SystemExit("segtrain: error: cannot find the shipped configs (config.yaml); reinstall segtrain")

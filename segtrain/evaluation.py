@@ -45,14 +45,6 @@ def class_names(dataset: Any, num_classes: int, stored: list[str] | None = None)
     return ["background", "foreground"] if num_classes == 1 else [str(i) for i in range(k)]
 
 
-def palette_of(dataset: Any, num_classes: int):
-    """The data set's class colours, else the VOC colour map for the classes its masks hold."""
-    from segtrain.data.palette import default_palette
-
-    pal = getattr(dataset, "palette", None)
-    return pal if pal is not None else default_palette(mask_classes(num_classes))
-
-
 def _batch_names(loader, b: int) -> list[str]:
     """The images of batch ``b`` of a DataLoader over a SegDataset (empty when that cannot be told)."""
     dataset, size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)

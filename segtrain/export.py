@@ -1,4 +1,5 @@
-"""``segtrain-export ckpt=PATH format=onnx|torchscript output=FILE``: a trained network for deployment.
+"""A trained network for deployment: ONNX or TorchScript with dynamic sizes, checked against PyTorch (what the
+``segtrain-export`` command, :mod:`segtrain.apps.export`, runs).
 
 The exported graph takes float32 NCHW RGB input normalised as in training, ``(pixel / range - mean) / std``
 (range 255 for 8-bit images, 65535 for 16-bit, 1 for float), of any batch, height and width, and returns
@@ -25,27 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import io
-import json
 import logging
-import os
 import re
-import shutil
-import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.export import Dim
 
-from segtrain.cli import command
-from segtrain.console import short_path
-from segtrain.errors import ConfigError, ExportError, OutputError
-
-if TYPE_CHECKING:  # torch loads when the command works, not when it starts
-    import numpy as np
-    import torch
-    from torch import nn
+from segtrain.config import mask_classes
+from segtrain.errors import ExportError
+from segtrain.evaluation import class_names
+from segtrain.predict import checkpoint_palette
+from segtrain.utils import as_hw
+from segtrain.version import __version__
 
 log = logging.getLogger("segtrain")
 
@@ -58,7 +56,6 @@ def _bin_matrix(n, bins: int, like: torch.Tensor) -> torch.Tensor:
     """[bins, n]: row i averages input positions floor(i*n/bins) .. ceil((i+1)*n/bins) - 1 (torch's bins).
 
     Integer arithmetic on non-negative values only: exported graphs divide integers by truncation."""
-    import torch
 
     i = torch.arange(bins, device=like.device)
     start = (i * n) // bins
@@ -68,40 +65,24 @@ def _bin_matrix(n, bins: int, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 
-@functools.cache
-def _pool_class() -> type:
-    """:class:`AdaptiveAvgPool2dDynamic`, defined on first use: this module imports torch only when it works,
-    so that the command answers ``--help`` and a Ctrl-C at once while it starts."""
-    from torch import nn
+class AdaptiveAvgPool2dDynamic(nn.Module):
+    """``nn.AdaptiveAvgPool2d(output_size)`` as ``A_h @ x @ A_w^T`` with bin matrices built from the input's
+    runtime size: exported, its bins follow the input size (the same numbers as torch's, up to rounding)."""
 
-    class AdaptiveAvgPool2dDynamic(nn.Module):
-        """``nn.AdaptiveAvgPool2d(output_size)`` as ``A_h @ x @ A_w^T`` with bin matrices built from the input's
-        runtime size: exported, its bins follow the input size (the same numbers as torch's, up to rounding)."""
+    def __init__(self, output_size):
+        super().__init__()
+        size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+        self.bins = (int(size[0]), int(size[1]))
 
-        def __init__(self, output_size):
-            super().__init__()
-            size = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
-            self.bins = (int(size[0]), int(size[1]))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            rows = _bin_matrix(x.shape[-2], self.bins[0], x)
-            cols = _bin_matrix(x.shape[-1], self.bins[1], x)
-            return rows @ x @ cols.transpose(0, 1)
-
-    AdaptiveAvgPool2dDynamic.__qualname__ = "AdaptiveAvgPool2dDynamic"  # found (and pickled) as a module attribute
-    return AdaptiveAvgPool2dDynamic
-
-
-def __getattr__(name: str):
-    if name == "AdaptiveAvgPool2dDynamic":
-        return _pool_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _bin_matrix(x.shape[-2], self.bins[0], x)
+        cols = _bin_matrix(x.shape[-1], self.bins[1], x)
+        return rows @ x @ cols.transpose(0, 1)
 
 
 def exportable(model: nn.Module) -> nn.Module:
     """A CPU fp32 eval-mode copy of ``model`` whose adaptive average pools (other than global ones) follow
     the input size when exported."""
-    from torch import nn
 
     model = copy.deepcopy(model).float().cpu().eval()
     for parent in list(model.modules()):
@@ -112,7 +93,7 @@ def exportable(model: nn.Module) -> nn.Module:
                 if None in sizes:
                     raise ExportError(f"nn.AdaptiveAvgPool2d({size}) with a free dimension cannot be exported")
                 if tuple(sizes) != (1, 1):  # a global pool exports as it is
-                    setattr(parent, name, _pool_class()(sizes))
+                    setattr(parent, name, AdaptiveAvgPool2dDynamic(sizes))
     return model
 
 
@@ -135,15 +116,12 @@ def _reraise_interrupt(e: BaseException) -> None:
 
 
 def _example(channels: int) -> torch.Tensor:
-    import torch
 
     return torch.randn(EXAMPLE_SHAPE[0], channels, *EXAMPLE_SHAPE[2:])
 
 
 def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str], channels: int = 3) -> int:
     """Write ``model`` (from :func:`exportable`) as ONNX with dynamic batch, height and width; the opset written."""
-    import torch
-    from torch.export import Dim
 
     # min 32: every network pools its input at least 32x (a guard a smaller range would trip, sending the
     # exporter to a slower fallback strategy)
@@ -180,7 +158,6 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
 
 def export_torchscript(model: nn.Module, path: Path, channels: int = 3) -> None:
     """Trace ``model`` (from :func:`exportable`) with torch.jit.trace and save it."""
-    import torch
 
     example = _example(channels)
     try:
@@ -197,7 +174,6 @@ def export_torchscript(model: nn.Module, path: Path, channels: int = 3) -> None:
 @contextlib.contextmanager
 def _quiet_loggers():
     """The exporter's and its optimizer's INFO lines stay out of the console (they go to the debug log)."""
-    import warnings
 
     loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
@@ -214,10 +190,9 @@ def _quiet_loggers():
 
 def _runner(path: Path, fmt: str):
     """A function numpy NCHW float32 -> numpy logits that runs the exported file."""
-    import torch
 
     if fmt == "onnx":
-        import onnxruntime as ort
+        import onnxruntime as ort  # an optional dependency (segtrain[export]): only for format=onnx
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
@@ -242,10 +217,7 @@ def _runner(path: Path, fmt: str):
 def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance: float, channels: int = 3) -> dict:
     """Run the exported file and ``model`` (fp32, CPU) on the same random inputs at ``sizes`` (the second
     one with batch 2); the largest absolute difference per size, and whether all are within ``tolerance``."""
-    import numpy as np
-    import torch
 
-    from segtrain.utils import as_hw
 
     run, runtime = _runner(path, fmt)
     model = copy.deepcopy(model).float().cpu().eval()
@@ -273,12 +245,7 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
 
 def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | None, check: dict) -> dict:
     """What a deployment needs to feed the exported file and read its output."""
-    import torch
 
-    from segtrain import __version__
-    from segtrain.config import mask_classes
-    from segtrain.evaluation import class_names
-    from segtrain.predict import palette_of
 
     meta = state.get("meta", {})
     k, c = cfg.data.num_classes, cfg.data.in_channels
@@ -309,7 +276,7 @@ def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | Non
         "std": list(cfg.data.std),
         "num_classes": k,
         "class_names": class_names(None, mask_classes(k), cfg.data.class_names or meta.get("class_names")),
-        "palette": palette_of(cfg, meta).tolist(),
+        "palette": checkpoint_palette(cfg, meta).tolist(),
         "ignore_index": cfg.data.ignore_index,
         "val_size": OmegaConf.to_container(cfg.data)["val_size"],
         "eval": OmegaConf.to_container(cfg.eval),
@@ -321,245 +288,34 @@ def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | Non
     }
 
 
-def _require_onnx() -> None:
-    import importlib.util
-
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")
 
 
-SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}  # the first: the default file name's
-MAX_CHECK_SIDE = 2048  # the self-check runs the network twice per size on the CPU, in fp32
 
 
-def _target(cfg: DictConfig) -> Path:
-    """The file to write: ``output`` (a folder, existing or ending in ``/``, gets ``model.onnx`` / ``model.pt``),
-    else that name in the run dir.  A file name whose suffix belongs to no format's files is refused, and so is
-    one without a suffix (``output=model``: a file or a folder?)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    fmt = _format(cfg)
-    name = f"model{SUFFIXES[fmt][0]}"
-    if cfg.output is None or cfg.output == "":
-        return Path(HydraConfig.get().runtime.output_dir) / name
-    if not str(cfg.output).strip():
-        raise ConfigError(
-            f"output={cfg.output!r} is blank: give a file (model{SUFFIXES[fmt][0]}) or a folder (deploy/)"
-        )
-    out = os.path.expanduser(cfg.output)
-    if out.endswith(("/", os.sep)) or Path(out).is_dir():
-        return Path(out) / name
-    suffix = Path(out).suffix
-    if not suffix:
-        raise ConfigError(
-            f"output={cfg.output} has no file extension: name the file {out}{SUFFIXES[fmt][0]}, or write {out}/ for "
-            f"a folder (which gets {name})"
-        )
-    if suffix.lower() not in SUFFIXES[fmt]:
-        raise ConfigError(
-            f"{_key(cfg)}: format={fmt} writes {' or '.join(SUFFIXES[fmt])} files, not {suffix}; "
-            f"name it {Path(out).stem}{SUFFIXES[fmt][0]}, or set the format= that {suffix} stands for"
-        )
-    return Path(out)
 
 
-def _format(cfg: DictConfig) -> str:
-    return str(getattr(cfg.format, "value", cfg.format))
 
 
-def opset_range() -> tuple[int, int]:
-    """The ONNX opsets the installed exporter writes: 18 (torch.export's) to the installed onnx's newest (the
-    exporter converts to it; asked for a newer one, it would silently write opset 18)."""
-    import onnx.defs
-
-    return 18, int(onnx.defs.onnx_opset_version())
 
 
-def check_settings(cfg: DictConfig, fmt: str) -> None:
-    """``opset``, ``tolerance`` and ``check_sizes`` beyond :func:`segtrain.config.validate_export`: the opsets the
-    installed exporter writes, a finite tolerance of at most 1 logit, self-check sizes the CPU can run."""
-    import math
-
-    from segtrain.utils import as_hw
-
-    if fmt == "onnx":
-        low, high = opset_range()
-        if not low <= cfg.opset <= high:
-            raise ConfigError(
-                f"opset={cfg.opset}: the installed exporter writes opset {low} to {high}; e.g. opset={low}"
-            )
-    if not (math.isfinite(cfg.tolerance) and 0 < cfg.tolerance <= 1):
-        raise ConfigError(
-            f"tolerance must be a number in (0, 1], the largest logit difference the self-check accepts (default "
-            f"1e-3), got {cfg.tolerance}"
-        )
-    for size in cfg.check_sizes:
-        h, w = as_hw(size, "check_sizes")
-        if max(h, w) > MAX_CHECK_SIDE:
-            raise ConfigError(
-                f"check_sizes: {h}x{w} is larger than the self-check's {MAX_CHECK_SIDE} px limit (it runs the "
-                "network on the CPU in fp32); the exported graph takes any size, check it at smaller ones"
-            )
-    if len(cfg.check_sizes) > 8:
-        raise ConfigError(
-            f"check_sizes lists {len(cfg.check_sizes)} sizes; at most 8 (each one costs two forward passes)"
-        )
 
 
-def _check_target(cfg: DictConfig, paths: list[Path], ckpt: Path) -> None:
-    """An OutputError (exit 4) when one of ``paths`` (the file, its sidecar ...) may not be written: see
-    :mod:`segtrain.writeguard`; the message names the file, why, and the way out."""
-    from segtrain.writeguard import check_outputs, file_ids
-
-    refused = check_outputs(
-        paths, {k: f"the checkpoint ckpt={cfg.ckpt}" for k in file_ids([ckpt])}, bool(cfg.overwrite), _earlier_export
-    )
-    if not refused:
-        return
-    r = refused[0]
-    fix = (
-        "set overwrite=true to replace it, or choose"
-        if not r.hard
-        else "never replaced, not even with overwrite=true: choose"
-    )
-    raise OutputError(f"{_key(cfg)}: {short_path(r.path, 100)} {r.what}; {fix} another output=")
 
 
-def _key(cfg: DictConfig) -> str:
-    """How the messages name the output: ``output=...``, or the run dir it defaults to."""
-    return f"output={cfg.output}" if cfg.output else "the run dir (no output= given)"
 
 
-def _earlier_export(path: Path) -> str | None:
-    """'an earlier export' for a file that has the sidecar of one (or that is one's sidecar)."""
-    for side in (path.with_name(path.name + ".json"), path):
-        try:
-            info = json.loads(side.read_text()) if side.suffix == ".json" and side.is_file() else None
-        except (OSError, ValueError):
-            continue
-        if (
-            isinstance(info, dict)
-            and "format" in info
-            and "check" in info
-            and info.get("file") in (path.name, path.stem)
-        ):
-            return "an earlier export"
-    return None
 
 
-def _staging(cfg: DictConfig, target: Path) -> Path:
-    """A new temporary folder beside ``target`` (its name starts with ``.NAME.``, ends in ``.tmp``): the file
-    is written and checked there, then moved into place."""
-    import tempfile
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as e:
-        raise OutputError(
-            f"{_key(cfg)}: cannot write in {short_path(target.parent, 100)} ({e.strerror or e}); choose another output="
-        ) from None
 
 
-def export_checkpoint(cfg: DictConfig) -> dict:
-    """The ``segtrain-export`` job: every check first, then export and self-check in a temporary folder beside
-    the target, and move the file and ``FILE.json`` into place."""
-    from segtrain.config import validate_export
-    from segtrain.writeguard import Interrupts, check_ckpt_path
-
-    validate_export(cfg)
-    fmt, target = _format(cfg), _target(cfg)
-    if fmt == "onnx":
-        _require_onnx()
-    check_settings(cfg, fmt)
-    ckpt = Path(cfg.ckpt).expanduser()
-    check_ckpt_path(ckpt, f"ckpt={cfg.ckpt}")
-    sidecar_path = target.with_name(target.name + ".json")
-    _check_target(cfg, [target, sidecar_path], ckpt)
-    with Interrupts("segtrain-export") as stop:
-        staging = _staging(cfg, target)
-        stop.cleanups.append(lambda: shutil.rmtree(staging, ignore_errors=True))
-        try:
-            return _export_staged(cfg, fmt, ckpt, target, staging, stop)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging: Path, stop) -> dict:
-    """Export, check and describe the network in ``staging``, then move the files into place: a failure or an
-    interrupt at any moment leaves no file (but the staging folder, which the caller removes)."""
-    from segtrain.evaluate import checkpoint_model, load_checkpoint
-    from segtrain.outputs import write_json
-
-    state, stored = load_checkpoint(ckpt)
-    stored.model.pretrained, stored.model.init_from = False, None
-    model = checkpoint_model(state, stored, ckpt).eval()
-    t0 = time.perf_counter()
-    tmp, ready, opset = staging / target.name, exportable(model), None
-    try:
-        with stop.deferred("the exporter"):  # a Ctrl-C inside it would come out as its own error, or abort
-            if fmt == "onnx":
-                meta = {"segtrain": json.dumps(_short_meta(stored, state))}
-                opset = export_onnx(ready, tmp, cfg.opset, meta, stored.data.in_channels)
-            else:
-                export_torchscript(ready, tmp, stored.data.in_channels)
-    except OSError as e:
-        raise OutputError(
-            f"{_key(cfg)}: cannot write {target} ({e.strerror or e}); free space or choose another output="
-        ) from None
-    if opset is not None and opset != cfg.opset:
-        raise ExportError(f"the exporter wrote opset {opset}, not opset={cfg.opset}; no file written")
-    seconds = time.perf_counter() - t0
-    check = check_export(tmp, fmt, model, list(cfg.check_sizes), cfg.tolerance, stored.data.in_channels)
-    _log_check(check, fmt)
-    if not check["passed"]:
-        raise ExportError(
-            f"self-check failed: the exported {fmt} model differs from PyTorch by up to "
-            f"{check['max_abs_diff']:.3g} (> tolerance {cfg.tolerance:g}); no file written"
-        )
-    info = sidecar(stored, state, fmt, target, opset, check)
-    write_json(staging / f"{target.name}.json", info)
-    staged = sorted(staging.iterdir(), key=lambda f: f.name != target.name)  # the file first, its sidecar last
-    _check_target(cfg, [target.with_name(f.name) for f in staged], ckpt)  # an external-data file too
-    try:
-        with stop.deferred("the files' move", critical=True):
-            for f in staged:
-                os.replace(f, target.with_name(f.name))
-    except OSError as e:
-        raise OutputError(
-            f"{_key(cfg)}: cannot move the export into {short_path(target.parent, 100)} "
-            f"({e.strerror or e}); choose another output="
-        ) from None
-    size_mb = target.stat().st_size / 2**20
-    what = f"ONNX opset {opset}" if fmt == "onnx" else "TorchScript"
-    log.info("exported %s (%s, %.1f MB, %.1f s) | sidecar %s.json", target, what, size_mb, seconds, target)
-    return info
 
 
-def _short_meta(cfg: DictConfig, state: dict) -> dict:
-    from segtrain import __version__
-
-    return {"model": cfg.model.name, "num_classes": cfg.data.num_classes, "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std), "step": state.get("step"), "segtrain_version": __version__}  # fmt: skip
 
 
-def _log_check(check: dict, fmt: str) -> None:
-    parts = ", ".join(
-        f"{'x'.join(str(v) for v in r['input_shape'])}: {r['max_abs_diff']:.2e}" for r in check["results"]
-    )
-    verdict = "ok" if check["passed"] else "FAILED"
-    log.info(
-        "self-check %s vs PyTorch (fp32, max |logit difference|): %s | largest %.2e, tolerance %g: %s",
-        check["runtime"], parts, check["max_abs_diff"], check["tolerance"], verdict,
-    )  # fmt: skip
 
 
-def _export(cfg: DictConfig) -> float:
-    return export_checkpoint(cfg)["check"]["max_abs_diff"]
 
 
-main = command(_export, "export", "segtrain-export")  # the console script
 
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""``segtrain-info``: parameters, FLOPs and inference latency of a network.
+"""Parameters, FLOPs and inference latency of a network: what ``segtrain-info`` (:mod:`segtrain.apps.info`) reports.
 
     segtrain-info ckpt=PATH                          # the network stored in a checkpoint (its weights loaded)
     segtrain-info model=deeplabv3plus model.backbone=resnet50 data=voc info.size=512
@@ -32,13 +32,14 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from segtrain.cli import command
 from segtrain.config import min_input_size, validate
 from segtrain.errors import ConfigError, ResourceError
+from segtrain.models import build_model, checkpoint_model
+from segtrain.runtime import autocast, resolve_device
 from segtrain.utils import as_hw
 
 log = logging.getLogger("segtrain")
@@ -46,7 +47,6 @@ log = logging.getLogger("segtrain")
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
     """(total FLOPs of ``model(x)``, FLOPs per top-level child module); a multiply-add counts as 2."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, depth=2)
     with torch.no_grad(), counter:
@@ -177,34 +177,11 @@ def input_size(cfg: DictConfig) -> tuple[int, int]:
     return 512, 512
 
 
-def _from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict]:
-    """The checkpoint's model and data config (with this command line's device and info)."""
-    from segtrain.evaluate import load_checkpoint
-
-    path = Path(cfg.ckpt).expanduser()
-    state, stored = load_checkpoint(path)
-    given = (
-        [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
-    )
-    for key in given:
-        if key.split(".", 1)[0] in ("model", "data"):
-            raise ConfigError(f"segtrain-info ckpt=... takes {key} from the checkpoint; drop the override {key}")
-    out = OmegaConf.merge(stored, {"device": cfg.device})
-    with open_dict(out):
-        out.info, out.ckpt = cfg.info, str(path)
-        out.model.pretrained, out.model.init_from = False, None
-    return out, state
 
 
-def model_info(cfg: DictConfig) -> dict:
-    """Parameters, FLOPs and latency of the configured network; see the module docstring."""
-    from segtrain.evaluate import checkpoint_model
-    from segtrain.models import build_model
-    from segtrain.runtime import autocast, resolve_device
-
-    state = None
-    if cfg.ckpt is not None:
-        cfg, state = _from_checkpoint(cfg)
+def model_info(cfg: DictConfig, state: dict | None = None) -> dict:
+    """Parameters, FLOPs and latency of the configured network (``state``: a checkpoint whose weights it loads);
+    see the module docstring."""
     i = cfg.info
     for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1)):
         if i[key] < low:
@@ -282,19 +259,6 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _info(cfg: DictConfig) -> float:
-    from segtrain.outputs import write_json
-
-    info = model_info(cfg)
-    run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "info.json", info)
-    print(format_info(info), flush=True)
-    log.info("wrote %s", run_dir / "info.json")
-    return info["gflops"]
 
 
-main = command(_info, "info", "segtrain-info")  # the console script
 
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,6 @@ The experiment loggers (TensorBoard, CSV, W&B, MLflow) are in :mod:`segtrain.log
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,21 +44,6 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
         f"{'mean':<{width}} {pct(metrics['miou'])} {pct(metrics['macc'])} {pct(metrics['mdice'])}   aAcc {pct(metrics['aacc']).strip()}"
     )
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (NaN and inf become null)."""
-
-    def clean(x):
-        if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-            return None
-        if isinstance(x, dict):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    atomic_write(path, json.dumps(clean(obj), indent=2) + "\n")
 
 
 def display_images(images: torch.Tensor) -> torch.Tensor:

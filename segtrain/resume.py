@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segtrain import checkpoint
+from segtrain.checkpoint import stored_config
 from segtrain.errors import CheckpointError
+from segtrain.files import checkpoint_file
 
 log = logging.getLogger("segtrain")
 
@@ -25,17 +27,11 @@ _UNWARNED = {"resume", "stop_at", "progress", "debug_errors", "num_workers", "ro
              "val_interval", "log_interval"}  # fmt: skip
 
 
-def stored_config(state: dict) -> DictConfig:
-    """The config a checkpoint was trained with (empty when absent or unparsable: weights still count)."""
-    try:
-        return OmegaConf.create(state.get("config") or {})
-    except Exception:
-        return OmegaConf.create({})
 
 
 def _candidates(resume: str, ckpt_dir: Path, keep_last: int) -> list[Path]:
     if resume != "auto":
-        return [checkpoint.checkpoint_file(resume, "trainer.resume")]
+        return [checkpoint_file(resume, "trainer.resume")]
     last = ckpt_dir / "last.pt"
     return [p for p in (checkpoint.numbered(last, i) for i in range(keep_last + 1)) if p.is_file()]
 
@@ -129,7 +125,7 @@ def differences(
 
 def init_from(model: nn.Module, path_str: str, network: str) -> None:
     """``model.init_from``: load every tensor whose name and shape match; report what was skipped."""
-    path = checkpoint.checkpoint_file(path_str, "model.init_from")
+    path = checkpoint_file(path_str, "model.init_from")
     obj = checkpoint.load(path, require_model=False)  # also a plain state dict
     theirs = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(theirs, dict):

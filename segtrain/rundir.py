@@ -1,7 +1,8 @@
 """The run dir belongs to one run.
 
-* :func:`claim` (the :class:`RunDirGuard` Hydra callback calls it before Hydra writes anything into the
-  run dir; the trainer calls it again, a no-op then, so the Python API is covered too):
+* :func:`claim` (the command line's Hydra callback, :class:`segtrain.apps.guard.RunDirGuard`, calls it before
+  Hydra writes anything into the run dir; :func:`segtrain.build.build_run` calls it again, a no-op then, so the
+  Python API is covered too):
 
   - the path must be a directory this process can create and write, else a one-line
     :class:`OutputError` (exit 4) that says to change ``hydra.run.dir``;
@@ -16,9 +17,9 @@
 * :func:`unique_dir` (the ``unique_dir`` resolver of ``configs/config.yaml``'s ``hydra.run.dir`` and
   ``hydra.sweep.dir``): the default ``outputs/DATE/TIME``, or ``TIME_2``, ``TIME_3`` ... when another run
   created that dir first (atomic mkdir: two runs started in the same second get two dirs).
-* :func:`check_writable` (free space for the checkpoints) and :func:`resume_command`.
+* :func:`check_writable`: free space for the checkpoints.
 
-Imports only the standard library and Hydra: the callback runs before torch is loaded.
+Imports the standard library and Hydra only: the command line's callback uses it before torch is loaded.
 """
 
 from __future__ import annotations
@@ -29,18 +30,16 @@ import errno
 import json
 import logging
 import os
-import shlex
 import shutil
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from hydra.experimental.callback import Callback
+from hydra.core.hydra_config import HydraConfig
 
 from segtrain.console import log_files, short_path, to_log_files
-from segtrain.errors import ConfigError, OutputError, SegtrainError
+from segtrain.errors import ConfigError, OutputError
 
 log = logging.getLogger("segtrain")
 
@@ -81,6 +80,12 @@ def unique_dir(path: str) -> str:
         _made[str(candidate)] = [candidate, *reversed(made)]
         return str(candidate)
     return path
+
+
+def made_for(folder: str | Path) -> list[Path]:
+    """The dirs :func:`unique_dir` created for the run dir ``folder`` (it and its new parents, innermost first):
+    what a refused command removes again, so that it leaves nothing behind."""
+    return list(_made.get(str(folder), []))
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +301,7 @@ atexit.register(release)
 # Ownership.
 
 
-def _outputs(folder: Path) -> list[str]:
+def run_outputs(folder: Path) -> list[str]:
     """The files that make ``folder`` a run's: checkpoints/*.pt and metrics.json."""
     found = [f"checkpoints/{p.name}" for p in sorted((folder / "checkpoints").glob("*.pt"))]
     return found + [name for name in OUTPUTS if (folder / name).is_file()]
@@ -332,7 +337,7 @@ def _has_last(folder: Path) -> bool:
 
 
 def _check_outputs(folder: Path, resume: str | None, overwrite: bool, keep: set[str], lock: Lock) -> None:
-    found = _outputs(folder)
+    found = run_outputs(folder)
     # resume=auto continues a run only when there is a last*.pt to continue from: a dir whose last*.pt are
     # gone (best.pt and metrics.json left) would otherwise be trained over from scratch
     continues = (resume == "auto" and _has_last(folder)) or (
@@ -419,7 +424,6 @@ def claim(folder: str | Path, resume: str | None = None, overwrite: bool = False
     _locks[str(folder)] = lock
     try:
         if keep is None:
-            from hydra.core.hydra_config import HydraConfig
 
             keep = {Path(f).name for f in log_files() if Path(f).parent == folder}
             keep |= {".hydra"} if HydraConfig.initialized() else set()
@@ -429,155 +433,15 @@ def claim(folder: str | Path, resume: str | None = None, overwrite: bool = False
         raise
 
 
-class Refused(BaseException):
-    """A SegtrainError of :class:`RunDirGuard`, carried past Hydra (which turns a callback's ``Exception``
-    into a warning and goes on); the CLI prints it as one line and exits with its code."""
-
-    def __init__(self, error: SegtrainError):
-        super().__init__(str(error))
-        self.error = error
 
 
-class RunDirGuard(Callback):
-    """Hydra callback: claim the run dir before Hydra writes its files (``.hydra/``, the job log) there,
-    so a refused run leaves the dir exactly as it was.
-
-    ``train=False`` (``segtrain-eval`` and other commands that write results): only check that the dir can
-    be created and does not hold a training run."""
-
-    def __init__(self, train: bool = True):
-        self.train = train
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":
-            return
-        try:
-            self.check_config(config, values=False)  # each job's values: its own config (the sweep's values differ)
-            if self.train:
-                check_sweep(Path(str(config.hydra.sweep.dir)), config.trainer.resume, config.trainer.overwrite)
-        except SegtrainError as e:
-            raise Refused(e) from None
-
-    def check_config(self, config: Any, values: bool = True) -> None:
-        """What the command line asks for, before any file is written (the run dir included): the overrides,
-        keys and numbers of any command (:func:`segtrain.config.check_command_line`); with ``values``, for
-        training every value (:func:`segtrain.config.validate`), for the other commands their own keys, and the
-        checkpoint paths (``trainer.resume``, ``model.init_from``, ``ckpt``: a file that can be a checkpoint,
-        told without torch)."""
-        from segtrain import checkpoint
-        from segtrain.config import check_command_line, validate, validate_app
-
-        warnings = check_command_line(config)
-        if not values:
-            paths = {}
-        elif self.train:
-            validate(config)
-            paths = {"trainer.resume": config.trainer.resume, "model.init_from": config.model.init_from}
-        else:
-            validate_app(config, str(config.hydra.job.name), prog_name())
-            paths = {"ckpt": config.get("ckpt")}
-        for key, value in paths.items():
-            if value and value != "auto" and isinstance(value, str):
-                checkpoint.inspect(checkpoint.checkpoint_file(value, key), f"{key}={value}")
-        for warning in warnings:  # after the checks: an error stays the one line printed
-            print(f"{prog_name()}: warning: {warning}", file=sys.stderr, flush=True)
-
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        if os.environ.get("RANK", "0") != "0":
-            return  # DDP: rank 0 owns the run dir; the others run in a scratch dir
-        folder = Path(str(config.get("run_dir") or config.hydra.run.dir))
-        try:
-            self.check_config(config)  # a config mistake is reported before the run dir is touched
-            if not self.train:
-                _check_command_dir(folder, config)
-                check_path(folder)
-                return
-            claim(folder, config.trainer.resume, config.trainer.overwrite, keep=set())
-        except SegtrainError as e:
-            for empty in _made.get(str(folder), []):  # the default outputs/DATE/TIME made for this run: not left
-                with contextlib.suppress(OSError):
-                    empty.rmdir()  # only an empty dir goes
-            raise Refused(e) from None
 
 
-COMMAND_WRITES = {
-    "predict": "predict.json (and, without output=, the masks)",
-    "info": "info.json",
-    "export": "its log (and, without output=, the exported model)",
-}
 
 
-def _check_command_dir(folder: Path, config: Any) -> None:
-    """The run dir of segtrain-eval/-predict/-export/-info (which write their results, log and ``.hydra/``
-    there) is not a training run's, nor inside one's own folders (``checkpoints/`` ...); for the commands
-    with ``overwrite`` (predict, export) not an earlier run's either, unless ``overwrite=true``."""
-    from segtrain.writeguard import run_file
-
-    name = str(config.hydra.job.name)
-    prog, where = f"segtrain-{name}", short_path(folder, 80)
-    found = [n for n in _outputs(folder) if n.startswith("checkpoints/")]
-    if found and name == "eval":
-        raise OutputError(
-            f"{where} holds a training run, whose metrics.json this would replace; give the evaluation its own "
-            "hydra.run.dir"
-        )
-    if found:
-        raise OutputError(
-            f"{where} holds a training run ({found[0]}); {prog} would write {COMMAND_WRITES.get(name, 'its results')} "
-            "there and replace the run's .hydra/: give it its own hydra.run.dir, or leave hydra.run.dir out"
-        )
-    inside = run_file(folder.absolute().resolve() / "x")
-    if inside is not None:
-        raise OutputError(
-            f"hydra.run.dir={where} is in {inside[1]} of the run {short_path(inside[0], 80)}; give {prog} its own "
-            "hydra.run.dir, or leave it out"
-        )
-    if config.get("overwrite") is False and (folder / ".hydra").is_dir():
-        raise OutputError(
-            f"{where} holds an earlier run (.hydra/), whose record {prog} would replace; give it its own "
-            "hydra.run.dir (or leave it out), or set overwrite=true"
-        )
 
 
-def prog_name() -> str:
-    """The command's name as typed (``segtrain``, ``segtrain-eval`` ...; ``python -m segtrain``: segtrain)."""
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if prog.endswith(".py") or not prog:  # python -m segtrain[.evaluate ...]
-        stem = prog.removesuffix(".py")
-        return "segtrain" if stem in ("__main__", "cli", "") else "segtrain-" + {"evaluate": "eval"}.get(stem, stem)
-    return prog
 
 
-def resume_command(run_dir: Path, limit: int | None = 160) -> str:
-    """The command line of this run, with trainer.resume=auto and its run dir: in a sweep (``-m``) the sweep
-    dir, which resumes every job; under torchrun on one node with ``torchrun``.  A short form when the command
-    is longer than ``limit`` characters, so that the stop line stays one short line."""
-    drop = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.dir=", "trainer.stop_at=", "run_dir=",
-            "trainer.overwrite=")  # fmt: skip
-    args = [a for a in sys.argv[1:] if not a.startswith(drop)]
-    from segtrain.config import override
-
-    where = override("hydra.run.dir", str(run_dir))  # quoted for Hydra where the path needs it (spaces, '=', é)
-    if "-m" in args or "--multirun" in args:
-        where = override("hydra.sweep.dir", str(_sweep_dir(Path(run_dir))))
-    prog = prog_name()
-    same, written_out = "the same command", True
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: one node's command can be written out
-        if world == local:
-            prog = f"torchrun --nproc_per_node={local} -m segtrain"
-        else:
-            same, written_out = "the same torchrun command on every node", False
-    full = " ".join([prog, *(shlex.quote(a) for a in [*args, "trainer.resume=auto", where])])
-    if written_out and (limit is None or len(full) <= limit):
-        return full
-    return f"{same} plus trainer.resume=auto {shlex.quote(where)}"
 
 
-def _sweep_dir(job_dir: Path) -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().sweep.dir).absolute()
-    except (ImportError, ValueError):  # no Hydra run (the Python API): the job dir's parent
-        return job_dir.parent

@@ -166,44 +166,5 @@ class StopSignals:
         return False
 
 
-def _plain(value):
-    from omegaconf import OmegaConf
-
-    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    return getattr(value, "value", value)  # an Enum (device.precision): its name
 
 
-def oom_message(cfg: DictConfig, precision: str | None, where: str, prog: str = "segtrain", kind: str = "GPU") -> str:
-    """Advice for an out-of-memory error of ``prog`` (``kind``: ``GPU`` or ``CPU`` memory): what ran out, and
-    the settings that shrink that job.  ``where``: "at step N" or "in validation" for a training run ("" when
-    not known)."""
-    from omegaconf import OmegaConf
-
-    def get(key: str, default=None):
-        return _plain(OmegaConf.select(cfg, key, default=default)) if cfg is not None else default
-
-    memory = "GPU memory" if kind == "GPU" else "memory (RAM)"
-    precision = precision or get("device.precision")
-    slide = "eval.mode=slide with a smaller eval.crop_size"
-    n_info, n_predict = get("info.batch_size", 8), get("predict.batch_size", 8)
-    size = f" (now {get('info.size')})" if get("info.size") else ""
-    b, k = get("data.batch_size", 16), get("trainer.accumulate", 1)
-    fixes = {
-        "segtrain-info": f"info.batch_size={max(1, n_info // 2)} (now {n_info}), a smaller info.size{size}, or "
-        "info.latency=false (parameters and FLOPs only)",
-        "segtrain-predict": f"predict.batch_size={max(1, n_predict // 2)} (now {n_predict}), a smaller "
-        f"data.val_size, {slide}, or fewer eval.scales",
-        "segtrain-eval": f"data.val_batch_size=1, {slide}, a smaller data.val_size, or fewer eval.scales",
-        "segtrain-export": f"smaller check_sizes (now {get('check_sizes')})",
-        "in validation": f"{slide}, a smaller data.val_size, or data.val_batch_size=1",
-        "training": f"data.batch_size={max(1, b // 2)} trainer.accumulate={2 * k} (same effective batch), "
-        + ("device.precision=fp16, " if kind == "GPU" and precision == "fp32" else "")
-        + ("fewer data.num_workers, " if kind == "CPU" else "")
-        + "or a smaller data.crop_size",
-    }
-    if prog != "segtrain":
-        setting = f" (precision {precision})" if precision not in (None, "auto") else ""
-        return f"out of {memory}{setting}: try {fixes.get(prog, 'a smaller batch or input size')}"
-    fix = fixes["in validation" if where == "in validation" else "training"]
-    settings = f"data.batch_size={b}, crop {get('data.crop_size')}, precision {precision}, model {get('model.name')}"
-    return f"out of {memory}{f' {where}' if where else ''} ({settings}): try {fix}"

@@ -22,8 +22,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from segtrain import __version__, checkpoint, console, distributed
+from segtrain import checkpoint, console, distributed
 from segtrain.config import to_yaml
+from segtrain.console import oom_message
 from segtrain.data.palette import default_palette
 from segtrain.distributed import DistInfo
 from segtrain.errors import NonFiniteLossError, OutputError, Preempted, ResourceError
@@ -31,8 +32,10 @@ from segtrain.evaluation import class_names as default_class_names
 from segtrain.evaluation import evaluate_loader
 from segtrain.hooks.base import Hook, StepResult, ValidationResult
 from segtrain.models import count_parameters
-from segtrain.outputs import bars_wanted, write_json
-from segtrain.runtime import BatchToDevice, StopSignals, autocast, oom_message
+from segtrain.outputs import bars_wanted
+from segtrain.runtime import BatchToDevice, StopSignals, autocast
+from segtrain.utils import write_json
+from segtrain.version import __version__
 
 log = logging.getLogger("segtrain")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import socket
 import sys
@@ -260,3 +261,18 @@ def _fetch(url: str, parsed, out: IO[bytes], timeout: float, sha256_prefix: str 
         raise OSError(f"download of {url} stopped after {done} of {total} bytes")
     if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
         raise OSError(f"the downloaded file's sha256 does not start with {sha256_prefix}")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (NaN and inf become null)."""
+
+    def clean(x):
+        if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    atomic_write(path, json.dumps(clean(obj), indent=2) + "\n")

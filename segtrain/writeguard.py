@@ -8,7 +8,7 @@
 
 Also: :func:`describe` names what a path is when it is not a regular file (a folder, a FIFO, a device),
 and :class:`Interrupts` makes a Ctrl-C or SIGTERM stop a command cleanly even inside the ONNX exporter.
-Imports only the standard library.
+Imports the standard library and PIL only.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ import contextlib
 import fnmatch
 import os
 import signal
-import stat
-import zipfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from PIL import Image
+
+from segtrain.files import describe, is_checkpoint
 
 # A run dir (of any segtrain command) holds one of these; its own entries (below) are never written over.
 RUN_MARKERS = (".hydra", ".segtrain.lock", "status.json", "metrics.json", "multirun.yaml")
@@ -41,47 +44,8 @@ RUN_FILES = (
 )
 
 
-def describe(path: Path) -> str | None:
-    """What ``path`` is when it exists but is not a regular file: 'a folder', 'a named pipe (FIFO)' ...;
-    None for a regular file (through links) or a path that does not exist."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return f"a broken symbolic link (to {os.readlink(path)})" if os.path.islink(path) else None
-    except OSError as e:
-        return f"a path that cannot be read ({e.strerror or e})"
-    for test, what in (
-        (stat.S_ISREG, None),
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return what
-    return "not a regular file"
 
 
-def is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a ``torch.save`` file (a zip archive with a ``data.pkl`` and no TorchScript code,
-    or a legacy pickle): a checkpoint or a state dict, never written over."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    if head.startswith(b"\x80"):
-        return True
-    if not head.startswith(b"PK"):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    pickles = any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
-    return pickles and not any(n.endswith("/constants.pkl") for n in names)  # TorchScript archives have constants
 
 
 def _run_roots(folder: Path, cache: dict[Path, list[Path]]) -> list[Path]:
@@ -218,7 +182,6 @@ class Interrupts:
             os.write(2, f"{self.prog}: stopping once {self.what} returns (again: at once)\n".encode())
 
     def __enter__(self) -> Interrupts:
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
@@ -258,23 +221,25 @@ class Interrupts:
             raise Interrupted(signum)
 
 
-def check_ckpt_path(path: Path, key: str) -> None:
-    """A CheckpointError (exit 2) when ``path`` is no file: missing (as the checkpoint loader says it), a folder
-    (naming the checkpoints in it), a FIFO, a device ...: before the command creates anything."""
-    from segtrain.errors import CheckpointError
+PREDICTION_MARK = "segtrain-predict"  # the PNG masks' Software text and the overlays' JPEG comment
 
-    what = describe(path)
-    if what is None and not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if what is None:
-        return
-    if what.startswith("a broken"):
-        raise CheckpointError(f"checkpoint not found: {path} is {what}")
-    if what == "a folder":
-        found = [p for p in sorted(path.glob("checkpoints/*.pt")) + sorted(path.glob("*.pt")) if is_checkpoint(p)]
-        best = [p for p in found if p.name == "best.pt"] or found
-        hint = f"; e.g. ckpt={best[0]}" if best else "; give a .pt file written by segtrain (best.pt, last.pt)"
-        raise CheckpointError(f"{key} is a folder, not a checkpoint file{hint}")
-    raise CheckpointError(
-        f"{key} is {what}, not a checkpoint file; give a .pt file written by segtrain (best.pt, last.pt)"
-    )
+
+def earlier_prediction(path: Path) -> bool:
+    """Whether ``path`` is a mask, overlay or probabilities file that segtrain-predict wrote (its mark; a
+    ``.npy`` by its mask's)."""
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        path = path.with_suffix(".png")
+    if path.suffix.lower() not in (".png", ".jpg"):
+        return False
+    try:
+        with Image.open(path) as im:
+            mark = im.info.get("Software") if im.format == "PNG" else im.info.get("comment")
+    except Exception:  # noqa: BLE001 - unreadable: not ours
+        return False
+    mark = mark.decode("latin-1") if isinstance(mark, bytes) else str(mark or "")
+    return mark.startswith(PREDICTION_MARK)
+
+
+OUTPUT_SUFFIXES = {"mask": ".png", "overlay": "_overlay.jpg", "probs": ".npy"}  # appended to an image's stem

@@ -58,9 +58,7 @@ def cli(tmp_path):
 def console_script(name: str) -> list[str]:
     """An installed console script next to this Python, else ``python -m MODULE`` (same code)."""
     exe = Path(sys.executable).parent / name
-    module = {"segtrain": "segtrain", "segtrain-data": "segtrain.data.prepare", "segtrain-eval": "segtrain.evaluate",
-              "segtrain-info": "segtrain.info", "segtrain-predict": "segtrain.predict",
-              "segtrain-export": "segtrain.export"}[name]  # fmt: skip
+    module = "segtrain" if name == "segtrain" else "segtrain.apps." + {"eval": "evaluate"}.get(name[9:], name[9:])
     return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
 
 

@@ -250,7 +250,7 @@ def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(t
         "def failing(gm, example_inputs):\n"
         "    raise RuntimeError('C++ compile error\\n' + 'error: in generated kernel\\n' * 4000)\n"
         "torch.compile = functools.partial(torch.compile, backend=failing)\n"
-        "from segtrain.cli import main\n"
+        "from segtrain.apps.train import main\n"
         "sys.argv = ['segtrain', 'debug=smoke', 'trainer.max_iters=1', 'device.compile=true', 'hydra.run.dir=run']\n"
         "main()\n"
     )
@@ -271,7 +271,7 @@ def test_cli_and_schema_load_without_torch():
     import sys
 
     code = (
-        "import sys, segtrain.cli, segtrain.config, segtrain.evaluate, segtrain.rundir, segtrain.checkpoint\n"
+        "import sys, segtrain.apps.train, segtrain.apps.evaluate, segtrain.apps.guard, segtrain.config, segtrain.files\n"
         "heavy = [m for m in ('torch', 'numpy', 'albumentations', 'cv2', 'torchvision') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

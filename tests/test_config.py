@@ -6,8 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segtrain.cli import config_dir
-from segtrain.config import as_hw, register_configs, validate
+from segtrain.config import as_hw, config_dir, register_configs, validate
 from segtrain.errors import ConfigError
 
 

@@ -33,7 +33,7 @@ def _env(tmp_path, monkeypatch):
 
 
 def segtrain_eval(monkeypatch, tmp_path, name: str, *args: str) -> dict:
-    from segtrain.evaluate import main
+    from segtrain.apps.evaluate import main
 
     out = tmp_path / name
     argv = ["segtrain-eval", *args, f"hydra.run.dir={out}", "trainer.progress=false", "device=cpu"]

@@ -159,6 +159,7 @@ def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path):
 
 def test_failed_self_check_leaves_no_file(tiny_run, tmp_path, monkeypatch):
     import segtrain.export as export
+    from segtrain.apps.export import export_checkpoint
 
     real = export.exportable
 
@@ -174,14 +175,14 @@ def test_failed_self_check_leaves_no_file(tiny_run, tmp_path, monkeypatch):
         {"ckpt": str(tiny_run / "checkpoints" / "best.pt"), "format": "torchscript", "output": str(tmp_path / "m.pt")},
     )
     with pytest.raises(ExportError, match="self-check failed"):
-        export.export_checkpoint(cfg)
+        export_checkpoint(cfg)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_output_folder_and_suffix(tiny_run, tmp_path):
     """output= an existing folder or a path ending in / gets model.pt inside; a suffix of another format is
     refused before anything is exported."""
-    import segtrain.export as export
+    from segtrain.apps.export import export_checkpoint
 
     base = OmegaConf.merge(
         OmegaConf.structured(ExportAppConfig),
@@ -189,13 +190,13 @@ def test_export_output_folder_and_suffix(tiny_run, tmp_path):
     )
     (tmp_path / "deploy").mkdir()
     for output, folder in ((tmp_path / "deploy", "deploy"), (f"{tmp_path / 'new'}/", "new")):
-        export.export_checkpoint(OmegaConf.merge(base, {"output": str(output)}))
+        export_checkpoint(OmegaConf.merge(base, {"output": str(output)}))
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["model.pt", "model.pt.json"]
-    export.export_checkpoint(OmegaConf.merge(base, {"output": str(tmp_path / "m.pth")}))
+    export_checkpoint(OmegaConf.merge(base, {"output": str(tmp_path / "m.pth")}))
     with pytest.raises(ConfigError, match="format=torchscript writes .pt or .pth files, not .onnx; name it x.pt"):
-        export.export_checkpoint(OmegaConf.merge(base, {"output": str(tmp_path / "x.onnx")}))
+        export_checkpoint(OmegaConf.merge(base, {"output": str(tmp_path / "x.onnx")}))
     with pytest.raises(ConfigError, match="format=onnx writes .onnx files, not .pt"):
-        export.export_checkpoint(OmegaConf.merge(base, {"format": "onnx", "output": str(tmp_path / "x.pt")}))
+        export_checkpoint(OmegaConf.merge(base, {"format": "onnx", "output": str(tmp_path / "x.pt")}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy", "m.pth", "m.pth.json", "new"]
 
 
@@ -235,8 +236,9 @@ def test_export_never_replaces_what_it_did_not_write(tiny_run, tmp_path, monkeyp
     import shutil
 
     import segtrain.evaluate
+
+    from segtrain.apps.export import export_checkpoint
     from segtrain.errors import OutputError
-    from segtrain.export import export_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -279,8 +281,8 @@ def test_export_settings_and_outputs_refused_before_work(tiny_run, tmp_path):
     self-check sizes, an output without an extension or a blank one, a ckpt= that is no file."""
     import onnx.defs
 
+    from segtrain.apps.export import _target, check_settings, opset_range
     from segtrain.errors import CheckpointError
-    from segtrain.export import _target, check_settings, opset_range
     from segtrain.writeguard import check_ckpt_path
 
     assert opset_range() == (18, onnx.defs.onnx_opset_version())
@@ -318,7 +320,7 @@ def test_export_settings_and_outputs_refused_before_work(tiny_run, tmp_path):
         check_ckpt_path(tiny_run, "ckpt=R")
     with pytest.raises(CheckpointError, match="ckpt=/dev/null is a character device, not a checkpoint file"):
         check_ckpt_path(Path("/dev/null"), "ckpt=/dev/null")
-    from segtrain.export import export_checkpoint
+    from segtrain.apps.export import export_checkpoint
 
     with pytest.raises(CheckpointError, match="checkpoint not found: .*gone.pt"):  # before any folder is made
         export_checkpoint(_export_cfg(tiny_run, ckpt=str(tmp_path / "gone.pt"), output=str(tmp_path / "new" / "m.pt")))
@@ -333,6 +335,7 @@ def test_interrupt_inside_the_exporter_is_an_interrupt(tiny_run, tmp_path, monke
     import signal
 
     import segtrain.export as export
+    from segtrain.apps.export import export_checkpoint
 
     real = export.export_torchscript
 
@@ -345,7 +348,7 @@ def test_interrupt_inside_the_exporter_is_an_interrupt(tiny_run, tmp_path, monke
 
     monkeypatch.setattr(export, "export_torchscript", wrapping)
     with pytest.raises(KeyboardInterrupt):
-        export.export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "m.pt")))
+        export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "m.pt")))
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
 
@@ -436,7 +439,7 @@ def test_export_and_predict_load_without_torch():
     import sys
 
     code = (
-        "import sys, segtrain.export, segtrain.predict, segtrain.writeguard\n"
+        "import sys, segtrain.apps.export, segtrain.apps.predict, segtrain.writeguard\n"
         "heavy = [m for m in ('torch', 'torchvision', 'cv2', 'onnx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -235,7 +235,7 @@ def test_describe_says_what_the_data_holds(tmp_path):
 
 
 def inspect(capsys, *args) -> tuple[int, str]:
-    from segtrain.data.prepare import main
+    from segtrain.apps.data import main
 
     code = main(["inspect", *map(str, args)])
     return code, capsys.readouterr().out

@@ -303,7 +303,7 @@ def test_out_of_memory_anywhere_is_exit_5_naming_the_commands_knobs(prog, error,
     CUDA, numpy) and asks for that command's knobs."""
     from omegaconf import OmegaConf
 
-    from segtrain.cli import _classify
+    from segtrain.apps.runner import _classify
 
     cfg = OmegaConf.create(
         {

@@ -6,10 +6,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from segtrain import __version__, checkpoint
+from segtrain import checkpoint
 from segtrain.config import to_yaml
 from segtrain.info import count_flops, input_size
 from segtrain.models import build_model, count_parameters
+from segtrain.version import __version__
 from tests.conftest import console_script, run_cli
 from tests.test_config import composed
 
@@ -92,8 +93,7 @@ def info_config(*overrides):
     """segtrain-info's config (configs/info.yaml) with ``overrides``, composed in-process."""
     from hydra import compose, initialize_config_dir
 
-    from segtrain.cli import config_dir
-    from segtrain.config import register_configs
+    from segtrain.config import config_dir, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

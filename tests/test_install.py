@@ -45,7 +45,7 @@ def test_regular_install_trains_from_another_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr
     shutil.rmtree(src)  # nothing may refer back to the source tree
     where = subprocess.run(
-        [str(py), "-c", "import segtrain.cli as c; print(c.__file__); print(c.config_dir())"],
+        [str(py), "-c", "import segtrain.config as c; print(c.__file__); print(c.config_dir())"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

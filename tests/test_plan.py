@@ -14,8 +14,7 @@ from fake_own_data import write_binary_95_5, write_nuclei16, write_photos, write
 from omegaconf import OmegaConf
 from test_config import composed
 
-from segtrain.cli import config_dir
-from segtrain.config import IMAGENET_MEAN, IMAGENET_STD
+from segtrain.config import IMAGENET_MEAN, IMAGENET_STD, config_dir
 from segtrain.data.fingerprint import fingerprint
 from segtrain.data.plan import (
     Plan,

@@ -11,15 +11,9 @@ from fake_datasets import write_png
 from omegaconf import OmegaConf
 from PIL import Image
 
+from segtrain.apps.predict import check_no_overwrite, list_inputs, output_stems
 from segtrain.errors import OutputError
-from segtrain.predict import (
-    Predictor,
-    check_no_overwrite,
-    list_inputs,
-    output_stems,
-    read_image,
-    write_outputs,
-)
+from segtrain.predict import Predictor, read_image, write_outputs
 
 
 @pytest.fixture(scope="module")
@@ -348,8 +342,7 @@ def predict_config():
     composition per module: each costs a second); CPU, fp32, no loader workers."""
     from hydra import compose, initialize_config_dir
 
-    from segtrain.cli import config_dir
-    from segtrain.config import register_configs
+    from segtrain.config import config_dir, register_configs
 
     register_configs()
     args = ["device=cpu", "device.precision=fp32", "data.num_workers=0", "trainer.progress=false", "ckpt=x", "input=x"]
@@ -363,7 +356,7 @@ def predict_job(composed, cwd, *overrides):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from segtrain.predict import run_predict
+    from segtrain.apps.predict import run_predict
 
     cfg = composed.copy()
     with open_dict(cfg):
@@ -512,7 +505,7 @@ def test_run_dir_messages_name_the_command(tiny_run, tmp_path):
     overwrite=true: one line that names what the command would write there; nothing is created."""
     from omegaconf import OmegaConf
 
-    from segtrain.rundir import Refused, RunDirGuard
+    from segtrain.apps.guard import Refused, RunDirGuard
 
     def refused(name, folder, **keys):
         config = OmegaConf.create({"hydra": {"job": {"name": name}, "run": {"dir": str(folder)}}, **keys})

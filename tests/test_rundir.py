@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli, start_cli
 
 from segtrain import rundir
+from segtrain.apps import guard as guards
 from segtrain.errors import OutputError
 
 SMOKE1 = ["debug=smoke", "trainer.max_iters=1", "trainer.num_vis=0", "trainer.progress=false"]
@@ -238,27 +239,27 @@ def test_resume_into_the_dir_is_allowed(tmp_path):
 
 
 def test_resume_command_stays_short():
-    cmd = rundir.resume_command(Path("/runs/x"), limit=None)
+    cmd = guards.resume_command(Path("/runs/x"), limit=None)
     assert cmd.endswith("trainer.resume=auto hydra.run.dir=/runs/x")
-    assert rundir.resume_command(Path("/runs/x"), limit=10) == (
+    assert guards.resume_command(Path("/runs/x"), limit=10) == (
         "the same command plus trainer.resume=auto hydra.run.dir=/runs/x"
     )
 
 
 def test_resume_command_of_a_sweep_and_of_torchrun(monkeypatch):
     monkeypatch.setattr("sys.argv", ["segtrain", "-m", "optimizer.lr=0.1,0.01", "hydra.sweep.dir=/old"])
-    assert rundir.resume_command(Path("/sw/1"), limit=None) == (
+    assert guards.resume_command(Path("/sw/1"), limit=None) == (
         "segtrain -m optimizer.lr=0.1,0.01 trainer.resume=auto hydra.sweep.dir=/sw"  # the sweep, every job
     )
     monkeypatch.setattr("sys.argv", ["/venv/lib/segtrain/__main__.py", "model=pspnet"])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert rundir.resume_command(Path("/r"), limit=None) == (
+    assert guards.resume_command(Path("/r"), limit=None) == (
         "torchrun --nproc_per_node=4 -m segtrain model=pspnet trainer.resume=auto hydra.run.dir=/r"
     )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes: the command differs per node
-    assert rundir.resume_command(Path("/r"), limit=None) == (
+    assert guards.resume_command(Path("/r"), limit=None) == (
         "the same torchrun command on every node plus trainer.resume=auto hydra.run.dir=/r"
     )
 
@@ -298,7 +299,7 @@ def test_resume_command_of_a_run_dir_with_spaces_equals_and_accents_works_in_bas
     run = tmp_path / "r un=1" / "données, 'x'"
     given = ["debug=smoke", 'data.root="/d/my data=2"', 'data.class_names=[a,"b c"]', "hydra.run.dir=old"]
     monkeypatch.setattr("sys.argv", ["segtrain", *given])
-    cmd = rundir.resume_command(run, limit=None)
+    cmd = guards.resume_command(run, limit=None)
     assert cmd.startswith("segtrain debug=smoke ") and "hydra.run.dir=old" not in cmd
     cmd = cmd.replace("segtrain", f"{shlex.quote(sys.executable)} -m segtrain", 1)
     proc = subprocess.run(["bash", "-c", f"{cmd} --cfg hydra"], capture_output=True, text=True, timeout=120)
@@ -321,7 +322,7 @@ def test_guard_checks_every_command_before_the_run_dir_and_warns_after(tmp_path,
     from segtrain.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
-    guard = rundir.RunDirGuard()
+    guard = guards.RunDirGuard()
     with pytest.raises(ConfigError, match="optimizer.lr must be > 0"):
         guard.check_config(composed("trainer.max_iters=2", "trainer.max_iters=3", "optimizer.lr=-1", hydra=True))
     assert capsys.readouterr().err == ""
@@ -329,7 +330,7 @@ def test_guard_checks_every_command_before_the_run_dir_and_warns_after(tmp_path,
     assert "warning: trainer.max_iters is given twice (trainer.max_iters=2, then trainer.max_iters=3)" in (
         capsys.readouterr().err
     )
-    eval_guard = rundir.RunDirGuard(train=False)
+    eval_guard = guards.RunDirGuard(train=False)
     with pytest.raises(ConfigError, match="no checkpoint given: add ckpt=PATH"):
         eval_guard.check_config(composed("ckpt=", app="eval", hydra=True))
     with pytest.raises(ConfigError, match="predict.batch_size must be >= 1"):

@@ -177,7 +177,7 @@ def test_out_of_memory_becomes_advice_and_keeps_last_pt(tmp_path, monkeypatch):
 def test_out_of_memory_advice_names_the_knobs_of_each_command(prog, kind, knobs):
     from omegaconf import OmegaConf
 
-    from segtrain.runtime import oom_message
+    from segtrain.console import oom_message
     from tests.test_config import composed
 
     cfg = composed("data.batch_size=16")

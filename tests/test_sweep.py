@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from segtrain import sweep
+from segtrain.apps import sweep
 
 FAST = ["debug=smoke", "trainer.max_iters=2", "trainer.num_vis=0"]
 

@@ -37,3 +37,13 @@ def palette_array(value: Any, key: str) -> np.ndarray | None:
     if pal.ndim != 2 or pal.shape[1] != 3 or pal.min(initial=0) < 0 or pal.max(initial=0) > 255:
         raise ConfigError(f"{key} must be a list of [r, g, b] colours with values in [0, 255]")
     return pal.astype(np.uint8)
+
+
+def palette_of(num_classes: int, *candidates: tuple[Any, str]) -> np.ndarray:
+    """The colours of ``num_classes`` mask classes: the first of ``candidates`` (``(colours, key)`` pairs, e.g. the
+    data set's or ``data.palette``, then a checkpoint's) that has enough of them, else the VOC colour map."""
+    for value, key in candidates:
+        pal = palette_array(value, key)
+        if pal is not None and len(pal) >= num_classes:
+            return pal[:num_classes]
+    return default_palette(num_classes)

@@ -243,7 +243,7 @@ def explicit_keys(task_overrides: Iterable[str], config_dirs: Iterable[str | Pat
     """The keys that count as set by the user, for :func:`make_plan`'s ``user_set``.
 
     ``task_overrides``: the command line's overrides (``HydraConfig.get().overrides.task``); ``config_dirs``:
-    segtrain's config dir first (``segtrain.cli.config_dir()``), then any of the user's.  A dotted key
+    segtrain's config dir first (``segtrain.config.config_dir()``), then any of the user's.  A dotted key
     (``data.crop_size=96``) is explicit; ``experiment=X`` / ``debug=X`` make every key their file sets
     explicit, with every key of the options they select (a recipe is complete: its loss has no class weights
     unless it says so); ``loss=X`` makes ``loss.name`` and the values its file sets

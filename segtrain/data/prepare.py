@@ -1,4 +1,5 @@
-"""``segtrain-data``: download, verify, extract and convert data sets into the layouts segtrain reads.
+"""Data sets on disk: download, verify, extract and convert them into the layouts segtrain reads (what the
+``segtrain-data`` command, :mod:`segtrain.apps.data`, runs).
 
 * ``segtrain-data voc --root DIR``: PASCAL VOC 2012 trainval (``DIR/VOCdevkit/VOC2012``).
 * ``segtrain-data sbd --root DIR``: SBD (``benchmark.tgz``) converted to
@@ -6,8 +7,6 @@
   (like mmseg's ``tools/dataset_converters/voc_aug.py``); needs VOC in ``DIR`` first.
 * ``segtrain-data cityscapes --root DIR``: ``*_gtFine_labelTrainIds.png`` next to every
   ``*_gtFine_labelIds.png`` (no download: Cityscapes needs a login).
-* ``segtrain-data inspect data=NAME data.root=DIR [overrides]``: the data set's fingerprint and training plan
-  in a few lines, and ``data_card.png`` (:mod:`segtrain.data.inspect`).
 
 Archives are md5-verified (``--md5`` overrides the expected sum, ``--no-verify`` skips it) and
 extracted safely (absolute paths, ``..`` and links leaving the root are refused).  Every failure is
@@ -24,15 +23,14 @@ import os
 import signal
 import sys
 import tarfile
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from segtrain.console import error_line, first_line, out_of_memory, protect_std_streams
-from segtrain.errors import DataError, OutputError, ResourceError, SegtrainError
+from segtrain.console import first_line, out_of_memory
+from segtrain.errors import DataError, OutputError, ResourceError
 from segtrain.utils import atomic_write, download
 
 PROG = "segtrain-data"
@@ -259,18 +257,6 @@ def voc_ready(root: Path) -> bool:
     return extracted(root, "voc2012", lambda: voc_complete(root))
 
 
-def cmd_voc(args: argparse.Namespace) -> None:
-    root = root_folder(args)
-    if not args.force and voc_ready(root) and args.archive is None:
-        print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
-        return
-    archive_file(args)  # before the root is created
-    root_folder(args, create=True)
-    archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", "PASCAL VOC 2012")
-    extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
-    if not voc_ready(root):
-        raise DataError(f"{archive} did not yield {VOC_LAYOUT} (DIR: {root}); is it VOC 2012 trainval?")
-    print(f"{PROG}: VOC 2012 ready: data=voc data.root={root}", file=sys.stdout)
 
 
 # ----------------------------------------------------------------------------------------------------- SBD
@@ -354,6 +340,50 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
         raise next((k for start, k in kind.items() if errors[0].startswith(start)), DataError)(errors[0] + more)
 
 
+
+
+# ----------------------------------------------------------------------------------------------------- Cityscapes
+
+
+def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
+    src, dst = job
+    try:
+        from PIL import Image
+
+        with Image.open(src) as im:
+            arr = np.array(im)
+        if arr.ndim != 2:
+            return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
+        _write_png(dst, Image.fromarray(lut[arr.astype(np.uint8)]))
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        return _conversion_error(src, dst, e)
+    return None
+
+
+
+
+# ----------------------------------------------------------------------------------------------------- inspect
+
+
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def cmd_voc(args: argparse.Namespace) -> None:
+    root = root_folder(args)
+    if not args.force and voc_ready(root) and args.archive is None:
+        print(f"{PROG}: VOC 2012 already in {voc_base(root)}; skipping (--force re-extracts)", file=sys.stdout)
+        return
+    archive_file(args)  # before the root is created
+    root_folder(args, create=True)
+    archive = fetch_archive(args, root, args.url, VOC_MD5, "VOCtrainval_11-May-2012.tar", "PASCAL VOC 2012")
+    extract_once(archive, root, lambda: voc_complete(root), "voc2012", args.force)
+    if not voc_ready(root):
+        raise DataError(f"{archive} did not yield {VOC_LAYOUT} (DIR: {root}); is it VOC 2012 trainval?")
+    print(f"{PROG}: VOC 2012 ready: data=voc data.root={root}", file=sys.stdout)
+
+
 def cmd_sbd(args: argparse.Namespace) -> None:
     root = root_folder(args)
     if not voc_ready(root):
@@ -405,24 +435,6 @@ def cmd_sbd(args: argparse.Namespace) -> None:
     print(f"{PROG}: wrote {sets / 'aug.txt'} ({len(aug)} ids); ready: data=voc_aug data.root={root}", file=sys.stdout)
 
 
-# ----------------------------------------------------------------------------------------------------- Cityscapes
-
-
-def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
-    src, dst = job
-    try:
-        from PIL import Image
-
-        with Image.open(src) as im:
-            arr = np.array(im)
-        if arr.ndim != 2:
-            return f"{src}: shape {arr.shape}, expected a single-channel labelIds PNG"
-        _write_png(dst, Image.fromarray(lut[arr.astype(np.uint8)]))
-    except Exception as e:  # noqa: BLE001 - reported as one line
-        return _conversion_error(src, dst, e)
-    return None
-
-
 def cmd_cityscapes(args: argparse.Namespace) -> None:
     root = root_folder(args)
     cands = [c for c in (root, root / "cityscapes") if (c / "gtFine").is_dir()]
@@ -458,138 +470,3 @@ def cmd_cityscapes(args: argparse.Namespace) -> None:
             file=sys.stdout,
         )
     print(f"{PROG}: Cityscapes labels ready: data=cityscapes data.root={base}", file=sys.stdout)
-
-
-# ----------------------------------------------------------------------------------------------------- inspect
-
-
-def cmd_inspect(args: argparse.Namespace) -> None:
-    """The data card: fingerprint, plan and data_card.png (segtrain.data.inspect)."""
-    from segtrain.data.inspect import inspect
-
-    if args.max_images is not None and args.max_images < 1:
-        raise DataError("--max-images must be >= 1")
-    inspect(args.overrides, out=args.out, max_images=args.max_images, as_json=args.json)
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (a partial download is removed)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _sigterm_as_interrupt():
-    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the function that puts back the old
-    handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        print(f"{PROG}: error: {message} (see {PROG} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Download, verify, extract and convert data sets for segtrain.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{voc,sbd,cityscapes,inspect}", parser_class=_Parser)
-
-    def archive_opts(sp, what):
-        sp.add_argument("--root", required=True, help="folder that receives the data (data.root for training)")
-        sp.add_argument("--archive", metavar="PATH", help=f"use this local {what} instead of downloading")
-        sp.add_argument("--md5", metavar="HEX", help="expected md5 of the archive (default: the official one)")
-        sp.add_argument("--no-verify", action="store_true", help="skip the md5 check")
-        sp.add_argument(
-            "--force",
-            action="store_true",
-            help="extract again even if already done (an archive already in --root is reused: delete it to download anew)",
-        )
-
-    v = sub.add_parser("voc", help="PASCAL VOC 2012 trainval -> ROOT/VOCdevkit/VOC2012")
-    archive_opts(v, "VOCtrainval_11-May-2012.tar")
-    v.add_argument("--url", default=VOC_URL, help=f"download URL (default: {VOC_URL})")
-    v.set_defaults(func=cmd_voc)
-
-    s = sub.add_parser("sbd", help="SBD benchmark.tgz -> VOC2012/SegmentationClassAug + aug.txt (data=voc_aug)")
-    archive_opts(s, "benchmark.tgz")
-    s.add_argument("--workers", type=int, default=0, help="conversion processes (default: min(8, CPUs))")
-    s.set_defaults(func=cmd_sbd)
-
-    c = sub.add_parser("cityscapes", help="gtFine labelIds -> labelTrainIds PNGs (no download: needs a login)")
-    c.add_argument("--root", required=True, help="folder holding gtFine/ and leftImg8bit/")
-    c.add_argument("--workers", type=int, default=0, help="conversion processes (default: min(8, CPUs))")
-    c.add_argument("--force", action="store_true", help="rewrite existing labelTrainIds PNGs")
-    c.set_defaults(func=cmd_cityscapes)
-
-    i = sub.add_parser(
-        "inspect",
-        help="the data card: fingerprint, plan and data_card.png (e.g. inspect data=folder data.root=DIR)",
-        description="Fingerprint a data set, print the training plan, and write data_card.png. The overrides "
-        "compose the same config as segtrain (data=NAME data.root=PATH data.KEY=VALUE ...).",
-    )
-    i.add_argument("overrides", nargs="*", help="segtrain overrides: data=NAME data.root=PATH [data.KEY=VALUE ...]")
-    i.add_argument("--out", default="data_card.png", help="where the card goes (default: ./data_card.png)")
-    i.add_argument("--max-images", type=int, default=None, help="images per split read for pixel statistics (256)")
-    i.add_argument("--json", action="store_true", help="print the fingerprint and the plan as one JSON object")
-    i.set_defaults(func=cmd_inspect)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    protect_std_streams()  # `segtrain-data ... | head -1`: output stops quietly, the work goes on
-    args = build_parser().parse_args(argv)
-    if getattr(args, "workers", 0) < 0:
-        print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
-        return 2
-    restore = _sigterm_as_interrupt()
-    try:
-        args.func(args)
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
-        return 128 + signum
-    except Exception as e:
-        if os.environ.get("SEGTRAIN_DATA_DEBUG"):
-            raise
-        e = _user_error(e)
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if not isinstance(e, SegtrainError):
-            msg = f"{type(e).__name__}: {msg} (SEGTRAIN_DATA_DEBUG=1 shows the traceback)"
-        print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
-        return getattr(e, "exit_code", 1)
-    finally:
-        restore()
-    return 0
-
-
-def _user_error(e: Exception) -> Exception:
-    """An error not yet put in words: out of memory (exit 5), a file that cannot be written (exit 4), a file
-    where a folder must be (exit 2); else ``e`` itself."""
-    if isinstance(e, SegtrainError):
-        return e
-    if out_of_memory(e):
-        return ResourceError(f"out of memory ({first_line(e, 80)}): rerun with fewer --workers, or on a larger machine")
-    if isinstance(e, OSError) and e.filename:
-        if isinstance(e, (FileExistsError, NotADirectoryError)):
-            return DataError(
-                f"{e.filename}: {e.strerror} (a file is where a folder must be): move it, or pass another --root"
-            )
-        return output_error(e, e.filename) or e
-    return e
-
-
-if __name__ == "__main__":
-    sys.exit(main())

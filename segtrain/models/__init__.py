@@ -33,11 +33,12 @@ a local file (:mod:`segtrain.models.weights`).  ``freeze_backbone=true``
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import nn
 
-from segtrain.errors import ConfigError
+from segtrain.errors import CheckpointError, ConfigError
 
 
 def _reject(cfg: DictConfig, network: str, *keys: str) -> None:
@@ -242,3 +243,19 @@ def freeze_backbone(model: nn.Module, network: str) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_model(state: dict, cfg: DictConfig, path: str | Path) -> nn.Module:
+    """The network of ``cfg.model`` with the checkpoint's weights (on the CPU, in training mode)."""
+    num_classes = cfg.data.num_classes
+    stored_classes = state.get("meta", {}).get("num_classes", num_classes)
+    if stored_classes != num_classes:
+        raise ConfigError(f"the checkpoint predicts {stored_classes} classes but data.num_classes={num_classes}")
+    model = build_model(cfg.model, num_classes, cfg.data.in_channels)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"the weights in {path} do not fit model={cfg.model.name}: {str(e).splitlines()[-1].strip()}"
+        ) from None
+    return model

@@ -1,6 +1,6 @@
 """Sweep summaries: one table of every job of a ``segtrain -m ...`` sweep.
 
-Each job writes ``status.json`` into its own directory (``segtrain.cli``):
+Each job writes ``status.json`` into its own directory (:mod:`segtrain.apps.runner`):
 ``{"status": "running" | "done" | "failed" | "stopped" | "aborted", "error", "overrides", "wall_time_sec",
 "result"}`` (the best value of ``trainer.monitor``), and for a finished training job ``monitor``, ``best_value``,
 ``best_checkpoint`` and ``stop_reason``;

@@ -1,8 +1,7 @@
-"""Command-line entry points.
+"""The runner of every Hydra command (``segtrain``, ``segtrain-eval``, ``-predict``, ``-export``, ``-info``).
 
-``segtrain`` is a Hydra app: ``segtrain [group=option ...] [key=value ...]``,
-``segtrain -m ...`` for sweeps, ``segtrain --help`` for the config groups.
-User errors (bad values, unknown keys or options, missing files) are printed
+``run_hydra_app(task, config_name, prog)`` composes the config (``segtrain [group=option ...] [key=value ...]``,
+``-m`` for sweeps, ``--help`` for the groups) and runs ``task(cfg)`` as the job.  User errors (bad values, unknown keys or options, missing files) are printed
 as one line of at most 300 characters, ``segtrain: error: ...``, with a non-zero exit and no
 traceback; the full message and traceback go to the run dir's log file.  ``HYDRA_FULL_ERROR=1`` or
 ``trainer.debug_errors=true`` shows the traceback.  Console output that fails (a closed pipe, a full
@@ -24,49 +23,44 @@ from pathlib import Path
 # Before albumentations is imported anywhere: it would otherwise check PyPI for updates.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import atexit
+import shlex
+import shutil
+import signal
+import threading
+import time
+
 import hydra  # noqa: E402
+import yaml
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from segtrain import console  # noqa: E402
-from segtrain.config import check_keys, register_configs, validate  # noqa: E402
+from segtrain import (
+    console,  # noqa: E402
+    distributed,
+)
+from segtrain.apps import sweep
+from segtrain.apps.guard import Refused  # noqa: E402
+from segtrain.apps.sweep import write_status
+from segtrain.config import (  # noqa: E402
+    APP_SCHEMAS,
+    config_dir,
+    deletion_error,
+    override,
+    register_configs,
+    schema_keys,
+    unknown_key,
+)
+from segtrain.console import oom_message
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
-from segtrain.rundir import Refused  # noqa: E402
 
 log = logging.getLogger("segtrain")
 
 
-def config_dir() -> str:
-    """The shipped configs: ``segtrain/configs`` in a wheel, the repo's ``configs/`` in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise SystemExit("segtrain: error: cannot find the shipped configs (config.yaml); reinstall segtrain")
 
 
-def _train(cfg: DictConfig) -> tuple[float, dict]:
-    """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
-    check_keys(cfg)  # a sweep's job: what the RunDirGuard checked for a single run
-    validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
-    from functools import partial
-
-    from segtrain import distributed, rundir
-    from segtrain.build import build_trainer
-    from segtrain.sweep import mark_status
-
-    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
-    on_abort = partial(mark_status, run_dir, "aborted") if distributed.env_rank() == 0 else None
-    trainer = build_trainer(cfg, run_dir, on_abort)
-    try:
-        summary = trainer.fit()
-    except Preempted as e:  # the command that continues the run
-        log.warning("%s; resume with: %s", e, rundir.resume_command(trainer.run_dir, limit=None))
-        raise Preempted(f"{e}; resume with: {rundir.resume_command(trainer.run_dir)}", e.by_signal) from None
-    finally:
-        distributed.cleanup()
-    keys = ("monitor", "monitor_mode", "best_value", "best_step", "best_checkpoint", "stop_reason")
-    return summary["best_value"], {k: summary[k] for k in keys}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -143,7 +137,6 @@ class _Failures:
     def report(cls, prog: str = "segtrain", summarise: bool = False) -> bool:
         """Print the failed jobs of this sweep (from their status.json) on one line; True if any.
         ``summarise``: also write the sweep summary (a sweep that stopped part-way skips the callback)."""
-        from segtrain import sweep
 
         current = sweep.current_sweep()
         if summarise and current:
@@ -185,7 +178,6 @@ def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "se
     """(message, exit code) for an exception that is not a SegtrainError."""
     memory = console.out_of_memory(exc)  # anywhere in any command: the settings that shrink prog's job
     if memory is not None:
-        from segtrain.runtime import oom_message
 
         return oom_message(cfg, None, "", prog, memory), 5
     os_err = _os_error(exc)
@@ -220,14 +212,8 @@ def _guarded(task, full_errors: bool, prog: str):
     ``details`` dict goes into the job's ``status.json`` too."""
 
     def job(cfg: DictConfig):
-        import signal
-        import threading
-        import time
 
-        from hydra.types import RunMode
 
-        from segtrain import distributed
-        from segtrain.sweep import write_status
 
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
@@ -294,7 +280,6 @@ def _job_failed(line: str, code: int, main_rank: bool, sweep_goes_on: bool, job_
     else:
         log.error("%s", line)
     if not sweep_goes_on:
-        from segtrain import sweep
 
         if sweep.current_sweep():
             sweep.summarise(sweep.current_sweep()[0])
@@ -305,7 +290,6 @@ def _job_failed(line: str, code: int, main_rank: bool, sweep_goes_on: bool, job_
 
 def _groups(config_name: str) -> list[str]:
     """The config groups of a command's primary config (its defaults list, Hydra's own aside)."""
-    import yaml
 
     try:
         defaults = yaml.safe_load((Path(config_dir()) / f"{config_name}.yaml").read_text()).get("defaults", [])
@@ -326,11 +310,8 @@ def _no_group(group: str, msg: str, prog: str, config_name: str) -> str:
 def _unquoted(multirun: bool) -> str | None:
     """The line for the first argument Hydra cannot read as one value (spaces with '=', ',', '#', quotes,
     non-ASCII letters): its key and the quoting that works."""
-    import shlex
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from segtrain.config import override
 
     parser = OverridesParser.create()
     for arg in sys.argv[1:]:
@@ -356,9 +337,7 @@ def _unquoted(multirun: bool) -> str | None:
 
 def _split_value(key: str) -> str:
     """``hydra.run.dir=runs/my run=1`` unquoted: the shell passes ``run=1`` as an argument of its own."""
-    import shlex
 
-    from segtrain.config import override
 
     args = sys.argv[1:]
     i = next((i for i, a in enumerate(args) if a.lstrip("+").partition("=")[0] == key), 0)
@@ -401,7 +380,6 @@ def _type_error(msg: str) -> str | None:
 def _override_error(exc: Exception, msg: str, prog: str, config_name: str) -> str | None:
     """Hydra's and OmegaConf's errors about one override, in segtrain's words (None: not one of them).
     Never Hydra's advice to add a key with +KEY=VALUE: the config takes no key of its own (check_keys)."""
-    from segtrain.config import APP_SCHEMAS, deletion_error, schema_keys, unknown_key
 
     multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
     if type(exc).__name__ == "OverrideParseException" or (not multirun and "Ambiguous value for argument" in msg):
@@ -489,12 +467,9 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
     register_configs()
     if any(a in ("--help", "-h", "--hydra-help") for a in sys.argv[1:]):
         _speed_up_help()
-    from segtrain import distributed  # torch-free until a process group is set up
 
     scratch = distributed.scratch_run_dir()
     if scratch:  # torchrun rank > 0: Hydra works in a throw-away dir, rank 0 owns the run dir and the logs
-        import atexit
-        import shutil
 
         sys.argv += [
             f"hydra.run.dir={scratch}",
@@ -537,10 +512,5 @@ def command(task, config_name: str, prog: str):
     return main
 
 
-def main() -> None:
-    """``segtrain``: train a network."""
-    run_hydra_app(_train)
 
 
-if __name__ == "__main__":
-    main()

@@ -17,17 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segtrain.cli import command
-from segtrain.config import SegtrainConfig, check_keys, validate
-from segtrain.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    import torch
+from segtrain.apps.runner import command
+from segtrain.config import check_keys, validate
+from segtrain.errors import ConfigError
+from segtrain.utils import write_json
 
 log = logging.getLogger("segtrain")
 
@@ -63,48 +60,24 @@ def merge_config(cfg: DictConfig, stored: DictConfig, prog: str = "segtrain-eval
     return out
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
-    """A segtrain checkpoint (weights_only) and its stored config on the current schema."""
-    from segtrain import checkpoint
-    from segtrain.resume import stored_config
-
-    path = Path(path).expanduser()
-    state = checkpoint.load(path)
-    if "config" not in state:
-        raise CheckpointError(f"{path} holds no stored config (not written by segtrain's trainer)")
-    stored = OmegaConf.merge(OmegaConf.structured(SegtrainConfig), stored_config(state))  # older ones lack newer keys
-    return state, stored
 
 
-def checkpoint_model(state: dict, cfg: DictConfig, path: str | Path) -> torch.nn.Module:
-    """The network of ``cfg.model`` with the checkpoint's weights (on the CPU, in training mode)."""
-    from segtrain.models import build_model
-
-    num_classes = cfg.data.num_classes
-    stored_classes = state.get("meta", {}).get("num_classes", num_classes)
-    if stored_classes != num_classes:
-        raise ConfigError(f"the checkpoint predicts {stored_classes} classes but data.num_classes={num_classes}")
-    model = build_model(cfg.model, num_classes, cfg.data.in_channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"the weights in {path} do not fit model={cfg.model.name}: {str(e).splitlines()[-1].strip()}"
-        ) from None
-    return model
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
         raise ConfigError("no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt")
     check_keys(cfg)  # a sweep's job (a single run: checked by the RunDirGuard)
-    import torch  # here, not at the top: `segtrain-eval --help` answers without loading torch
+    # torch and the library load when the job runs, not for `segtrain-eval --help`
+    import torch
 
+    from segtrain.checkpoint import load_checkpoint
     from segtrain.data import build_datasets, build_loader
     from segtrain.data.transforms import val_scale
     from segtrain.evaluation import class_names as names_of
     from segtrain.evaluation import evaluate_loader
-    from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table, write_json
+    from segtrain.models import checkpoint_model
+    from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table
     from segtrain.runtime import BatchToDevice, autocast, configure_backends, resolve_device
 
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
