@@ -29,7 +29,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from segtrain.config import DataConfig  # noqa: E402
-from segtrain.data import build_datasets, build_loader  # noqa: E402
+from segtrain.data.build import build_datasets, build_loader  # noqa: E402
 from segtrain.data.palette import default_palette  # noqa: E402
 from segtrain.data.synthetic import SyntheticShapes  # noqa: E402
 

@@ -218,7 +218,7 @@ def _rss() -> int:
 
 
 def build(env: Env, overrides: list[str], classes: int):
-    from segtrain.models import build_model, count_parameters
+    from segtrain.models.build import build_model, count_parameters
 
     cfg = compose(env.overrides + overrides)
     model = build_model(cfg.model, classes).to(env.device, memory_format=env.torch.channels_last)

@@ -67,7 +67,7 @@ def compose(overrides: list[str]):
 def warm_datasets(cfg) -> tuple:
     """The data set's (train, val) splits, every sample loaded once before any timing: the built-in set draws its
     images on first use and keeps them, so no network pays for drawing them in its budget."""
-    from segtrain.data import build_datasets
+    from segtrain.data.build import build_datasets
 
     train_set, val_set = build_datasets(cfg.data, cfg.seed)
     for ds in (train_set, val_set):
@@ -81,10 +81,10 @@ def train_for(cfg, budget: float, datasets: tuple) -> dict:
     then validate it."""
     import torch
 
-    from segtrain.data import build_loader
+    from segtrain.data.build import build_loader
     from segtrain.evaluation import class_names, evaluate_loader
-    from segtrain.losses import build_loss
-    from segtrain.models import build_model, count_parameters
+    from segtrain.losses.functions import build_loss
+    from segtrain.models.build import build_model, count_parameters
     from segtrain.optim import build_optimizer
     from segtrain.runtime import BatchToDevice, autocast, resolve_device, seed_everything
 

@@ -42,7 +42,7 @@ def network(spec: dict, num_classes: int):
     from omegaconf import OmegaConf
 
     from segtrain.config import ModelConfig
-    from segtrain.models import build_model
+    from segtrain.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), spec), num_classes)

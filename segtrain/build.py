@@ -18,8 +18,10 @@ import torch
 from omegaconf import DictConfig
 
 from segtrain import checkpoint, distributed, resume, rundir, runtime
-from segtrain.config import check_run_length, mask_classes
-from segtrain.data import SegDataset, build_datasets, build_loader, resolved
+from segtrain.config import check_run_length
+from segtrain.data import mask_classes
+from segtrain.data.base import SegDataset
+from segtrain.data.build import build_datasets, build_loader, resolved
 from segtrain.data.palette import palette_of
 from segtrain.distributed import DistInfo
 from segtrain.evaluation import class_names
@@ -30,8 +32,8 @@ from segtrain.hooks.monitor import Monitor
 from segtrain.hooks.preflight import Preflight
 from segtrain.hooks.rundir import RunDirLock
 from segtrain.hooks.throughput import Throughput
-from segtrain.losses import auto_class_weights, build_loss
-from segtrain.models import build_model, count_parameters
+from segtrain.losses.functions import auto_class_weights, build_loss
+from segtrain.models.build import build_model, count_parameters
 from segtrain.optim import build_optimizer, build_scheduler
 from segtrain.recipe import optimizer_for_batch
 from segtrain.trainer import Trainer

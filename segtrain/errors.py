@@ -57,3 +57,11 @@ class ResourceError(SegtrainError):
     """Out of (GPU) memory."""
 
     exit_code = 5
+
+
+def missing_extra(what: str, package: str, extra: str, alternative: str = "") -> str:
+    """The one line for ``what`` (a setting) whose optional ``package`` is not installed: the extra that installs
+    it, and the ``alternative`` (what to change instead), e.g. ``missing_extra("logger=wandb", "wandb", "wandb",
+    "or drop wandb from logger=...")``."""
+    instead = f" ({alternative})" if alternative else ""
+    return f"{what} needs the {package} package, which is not installed: pip install 'segtrain[{extra}]'{instead}"

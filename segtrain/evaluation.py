@@ -17,10 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain import distributed
-from segtrain.config import mask_classes, min_input_size
+from segtrain.data import mask_classes
 from segtrain.errors import DataError
 from segtrain.inference import labels, predict
 from segtrain.metrics import ConfusionMatrix
+from segtrain.models import min_input_size
 from segtrain.outputs import display_images
 from segtrain.utils import as_hw
 

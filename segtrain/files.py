@@ -115,7 +115,9 @@ def inspect(path: Path, shown: str | None = None) -> None:
     if head.startswith(b"PK"):
         names = zip_members(path)
         if names is None:
-            raise CheckpointError(f"{shown} is truncated or not a segtrain checkpoint (a TorchScript/ONNX export?); {use}")
+            raise CheckpointError(
+                f"{shown} is truncated or not a segtrain checkpoint (a TorchScript/ONNX export?); {use}"
+            )
         if _torchscript(names):
             raise CheckpointError(f"{shown} is a TorchScript export (segtrain-export), {export} (e.g. {EXAMPLE})")
         return

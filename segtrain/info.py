@@ -36,9 +36,10 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segtrain.config import min_input_size, validate
+from segtrain.config import validate
 from segtrain.errors import ConfigError, ResourceError
-from segtrain.models import build_model, checkpoint_model
+from segtrain.models import min_input_size
+from segtrain.models.build import build_model, checkpoint_model
 from segtrain.runtime import autocast, resolve_device
 from segtrain.utils import as_hw
 
@@ -177,8 +178,6 @@ def input_size(cfg: DictConfig) -> tuple[int, int]:
     return 512, 512
 
 
-
-
 def model_info(cfg: DictConfig, state: dict | None = None) -> dict:
     """Parameters, FLOPs and latency of the configured network (``state``: a checkpoint whose weights it loads);
     see the module docstring."""
@@ -257,8 +256,3 @@ def format_info(info: dict) -> str:
     lines.append(f"device       {info['device_name']} ({info['device']}), {info['precision']}, channels_last "
                  f"{info['channels_last']}, compile {info['compile']}, torch {info['torch']}")  # fmt: skip
     return "\n".join(lines)
-
-
-
-
-

@@ -38,8 +38,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.config import missing_package
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, missing_extra
 from segtrain.utils import atomic_write
 
 log = logging.getLogger("segtrain")
@@ -55,7 +54,9 @@ def _import(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise ConfigError(missing_package(module)) from None
+        raise ConfigError(
+            missing_extra(f"logger={module}", module, module, f"or drop {module} from logger=...")
+        ) from None
 
 
 def run_names(run_dir: Path) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from segtrain.config.schema import OPTIMIZERS, SCHEDULERS
 from segtrain.errors import ConfigError
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -66,7 +67,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ConfigError(f"unknown optimizer.name {cfg.name!r}; choose one of: sgd, adamw")
+    raise ConfigError(f"unknown optimizer.name {cfg.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
 
 
 def lr_factor(cfg: DictConfig, step: int, total: int, base_lr: float) -> float:
@@ -86,7 +87,7 @@ def lr_factor(cfg: DictConfig, step: int, total: int, base_lr: float) -> float:
     elif cfg.name == "constant":
         factor = 1.0
     else:
-        raise ConfigError(f"unknown scheduler.name {cfg.name!r}; choose one of: poly, cosine, constant")
+        raise ConfigError(f"unknown scheduler.name {cfg.name!r}; choose one of: {', '.join(SCHEDULERS)}")
     if cfg.warmup_iters > 0 and step < cfg.warmup_iters:
         factor *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * step / cfg.warmup_iters
     return factor

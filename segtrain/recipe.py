@@ -26,25 +26,7 @@ import math
 
 from omegaconf import DictConfig
 
-from segtrain.errors import ConfigError
-
 log = logging.getLogger("segtrain")
-
-SCALINGS = ("none", "linear", "sqrt")
-
-
-def check_recipe(cfg: DictConfig) -> None:
-    """``optimizer.lr_scaling`` and ``recipe.*``: ConfigError (one line) for an impossible value."""
-    scaling, r = cfg.optimizer.lr_scaling, cfg.recipe
-    if scaling not in SCALINGS:
-        raise ConfigError(f"optimizer.lr_scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
-    if r.total_batch is not None and r.total_batch < 1:
-        raise ConfigError(f"recipe.total_batch must be >= 1, got {r.total_batch}")
-    if scaling != "none" and r.total_batch is None:
-        raise ConfigError(
-            f"optimizer.lr_scaling={scaling} scales the lr by the total batch over recipe.total_batch, which is unset: "
-            "set recipe.total_batch=N (the batch optimizer.lr was tuned for), or use a recipe (experiment=...)"
-        )
 
 
 def total_batch(cfg: DictConfig, world_size: int) -> int:

@@ -27,8 +27,6 @@ _UNWARNED = {"resume", "stop_at", "progress", "debug_errors", "num_workers", "ro
              "val_interval", "log_interval"}  # fmt: skip
 
 
-
-
 def _candidates(resume: str, ckpt_dir: Path, keep_last: int) -> list[Path]:
     if resume != "auto":
         return [checkpoint_file(resume, "trainer.resume")]

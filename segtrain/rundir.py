@@ -424,24 +424,9 @@ def claim(folder: str | Path, resume: str | None = None, overwrite: bool = False
     _locks[str(folder)] = lock
     try:
         if keep is None:
-
             keep = {Path(f).name for f in log_files() if Path(f).parent == folder}
             keep |= {".hydra"} if HydraConfig.initialized() else set()
         _check_outputs(folder, resume, overwrite, keep, lock)
     except BaseException:
         release(folder)
         raise
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -30,8 +30,8 @@ from segtrain.distributed import DistInfo
 from segtrain.errors import NonFiniteLossError, OutputError, Preempted, ResourceError
 from segtrain.evaluation import class_names as default_class_names
 from segtrain.evaluation import evaluate_loader
-from segtrain.hooks.base import Hook, StepResult, ValidationResult
-from segtrain.models import count_parameters
+from segtrain.hooks.base import VALIDATION_SCALARS, Hook, StepResult, ValidationResult
+from segtrain.models.build import count_parameters
 from segtrain.outputs import bars_wanted
 from segtrain.runtime import BatchToDevice, StopSignals, autocast
 from segtrain.utils import write_json
@@ -248,14 +248,8 @@ class Trainer:
         if not m["miou"] <= self.best_miou:  # also true when best is NaN (the first validation)
             self.best_miou = m["miou"]
         self.history.append({"step": self.step, "epoch": self.epoch, **{k: m[k] for k in VALIDATION_KEYS if k in m}})
-        scalars = {
-            "val/mIoU": m["miou"],
-            "val/aAcc": m["aacc"],
-            "val/mAcc": m["macc"],
-            "val/mDice": m["mdice"],
-            "val/loss": m["loss"],
-            **{f"val_iou/{name}": v for name, v in zip(self.class_names, m["iou"])},
-        }
+        scalars = {key: m[metric] for key, metric in VALIDATION_SCALARS.items()}
+        scalars.update({f"val_iou/{name}": v for name, v in zip(self.class_names, m["iou"])})
         self._call("after_validation", ValidationResult(m, scalars, cm.mat.cpu(), vis))
         if self.is_main:
             self.save()

@@ -60,7 +60,7 @@ def test_checkpoint_round_trip(cli):
     assert cfg["model"]["name"] == "unet" and cfg["model"]["base_channels"] == 4
     from omegaconf import OmegaConf
 
-    from segtrain.models import build_model
+    from segtrain.models.build import build_model
 
     model = build_model(OmegaConf.create(cfg["model"]), cfg["data"]["num_classes"])
     model.load_state_dict(state["model"])

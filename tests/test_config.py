@@ -1,13 +1,15 @@
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segtrain.config import as_hw, config_dir, register_configs, validate
+from segtrain.config import config_dir, register_configs, validate
 from segtrain.errors import ConfigError
+from segtrain.utils import as_hw
 
 
 def composed(*overrides, app: str = "config", hydra: bool = False):
@@ -162,7 +164,7 @@ def test_schema_default_check_can_fail():
         (["eval.threshold=0.3"], "eval.threshold=0.3 applies to one sigmoid logit (data.num_classes=1) only"),
         (["data.val_fraction=1.5"], "data.val_fraction must be in (0, 1]"),
         (["data.val_split=nonexistent"], "data=synthetic has the splits train and val only"),
-        (["model.name=segformer"], "unknown model.name 'segformer'; choose one of: deconvnet"),
+        (["model.name=segnetz"], "unknown model.name 'segnetz'; choose one of: deconvnet"),
         (["optimizer.name=lion"], "unknown optimizer.name 'lion'; choose one of: adamw, sgd"),
         (["loss.name=ce+lovasz"], "unknown loss term 'lovasz'"),
         (["eval.scales=[0.01]"], "gives 0 px, fewer than the 16 px model=unet needs (its encoder halves the input 4 "),
@@ -344,3 +346,20 @@ def test_override_quotes_what_hydra_would_misread():
     assert proc.returncode == 0, proc.stderr
     got = OmegaConf.create(proc.stdout)
     assert {k: OmegaConf.select(got, k) for k in values} == values
+
+
+def test_default_options_only_select():
+    """Each default is stated once, in the schema: the default option of every group (config.yaml's defaults
+    list) selects itself and sets no value of its own."""
+    import yaml
+
+    root = Path(config_dir())
+    defaults = yaml.safe_load((root / "config.yaml").read_text())["defaults"]
+    chosen = [(group, option) for d in defaults if isinstance(d, dict) for group, option in d.items()]
+    chosen = [(g, o) for g, o in chosen if o is not None and not g.startswith(("override", "experiment", "debug"))]
+    assert len(chosen) >= 8, chosen
+    selectors = {"name", "type"}
+    for group, option in chosen:
+        values = yaml.safe_load((root / group / f"{option}.yaml").read_text()) or {}
+        stated = {k: v for k, v in values.items() if k not in selectors and v not in ({}, None)}
+        assert not stated, f"{group}/{option}.yaml states {stated}: give defaults in segtrain/config/schema.py"

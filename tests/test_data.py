@@ -6,8 +6,8 @@ import torch
 from omegaconf import OmegaConf
 
 from segtrain.config import DataConfig
-from segtrain.data import build_datasets, build_loader
 from segtrain.data.base import EpochSampler
+from segtrain.data.build import build_datasets, build_loader
 
 
 def data_cfg(**kw):

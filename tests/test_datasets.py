@@ -8,9 +8,9 @@ import pytest
 from fake_datasets import FOLDER_PALETTE, data_cfg, write_ade, write_cityscapes, write_folder, write_png, write_voc
 from PIL import Image
 
-from segtrain.data import build_datasets
-from segtrain.data import transforms as T
 from segtrain.data.base import seed_pipeline
+from segtrain.data.build import build_datasets
+from segtrain.data.build import transforms as T
 from segtrain.data.checks import cache_dir
 from segtrain.errors import ConfigError, DataError
 

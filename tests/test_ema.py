@@ -12,7 +12,7 @@ from segtrain.config import validate
 from segtrain.errors import ConfigError, Preempted
 from segtrain.evaluation import evaluate_loader
 from segtrain.hooks.ema import EMA
-from segtrain.models import build_model
+from segtrain.models.build import build_model
 from segtrain.runtime import autocast
 from tests.test_config import composed
 

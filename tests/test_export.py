@@ -14,7 +14,7 @@ from torch import nn
 from segtrain.config import ExportAppConfig, ModelConfig
 from segtrain.errors import ConfigError, ExportError
 from segtrain.export import AdaptiveAvgPool2dDynamic, check_export, export_onnx, export_torchscript, exportable
-from segtrain.models import build_model
+from segtrain.models.build import build_model
 
 pytest.importorskip("onnxruntime")
 

@@ -9,7 +9,7 @@ from torch import nn
 from segtrain import checkpoint
 from segtrain.config import to_yaml
 from segtrain.info import count_flops, input_size
-from segtrain.models import build_model, count_parameters
+from segtrain.models.build import build_model, count_parameters
 from segtrain.version import __version__
 from tests.conftest import console_script, run_cli
 from tests.test_config import composed

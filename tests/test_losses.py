@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from segtrain.config import LossConfig
 from segtrain.data.disk import DiskDataset
 from segtrain.errors import ConfigError
-from segtrain.losses import (
+from segtrain.losses.functions import (
     CrossEntropy,
     DiceLoss,
     FocalLoss,

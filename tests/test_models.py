@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain.config import ModelConfig
 from segtrain.errors import ConfigError
-from segtrain.models import backbones, build_model, count_parameters
+from segtrain.models import backbones
 from segtrain.models.blocks import SafeBatchNorm2d
+from segtrain.models.build import build_model, count_parameters
 from segtrain.models.deconvnet import DeconvNet
 from segtrain.models.fcn import VGGFullyConv
 

@@ -24,7 +24,7 @@ def _opt_cfg(**kw):
 
 
 def _pspnet():
-    from segtrain.models import build_model
+    from segtrain.models.build import build_model
 
     cfg = composed("model=pspnet", "model.backbone=resnet18").model
     return build_model(cfg, 5)
@@ -59,7 +59,7 @@ def test_param_groups_default_is_one_group():
 
 
 def test_head_lr_mult_ignored_without_backbone():
-    from segtrain.models import build_model
+    from segtrain.models.build import build_model
 
     model = build_model(composed("model=unet", "model.base_channels=4").model, 3)
     groups = param_groups(_opt_cfg(head_lr_mult=10.0), model)

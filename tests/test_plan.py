@@ -189,7 +189,7 @@ def test_iterations_floor_ceiling_and_validations(tmp_path):
 
 
 def test_binary_95_5_masks_saved_as_0_255(tmp_path):
-    from segtrain.data import build_datasets
+    from segtrain.data.build import build_datasets
 
     masks = write_binary_95_5(tmp_path, n_train=6, n_val=2)
     plan, cfg, fp = planned("data=folder", f"data.root={tmp_path}")
@@ -356,8 +356,8 @@ def test_the_applied_plan_is_what_validation_loaders_and_losses_take(tmp_path):
     """What the plan writes is what today's validation, data sets, loader, batch normalisation and loss accept:
     label_map, ce+dice, per-band numbers, an [h, w] crop, a batch for 6 images."""
     from segtrain.config import validate
-    from segtrain.data import build_datasets, build_loader
-    from segtrain.losses import build_loss
+    from segtrain.data.build import build_datasets, build_loader
+    from segtrain.losses.functions import build_loss
     from segtrain.runtime import BatchToDevice
 
     write_binary_95_5(tmp_path / "d", n_train=6, n_val=2)

@@ -254,7 +254,7 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     grayscale PNGs (as in medical imaging) and 16-bit RGB PNGs are read at their full depth by both."""
     import torch.nn.functional as F
 
-    from segtrain.data import build_datasets, build_loader
+    from segtrain.data.build import build_datasets, build_loader
     from segtrain.evaluation import evaluate_loader
     from segtrain.metrics import ConfusionMatrix
     from segtrain.runtime import autocast

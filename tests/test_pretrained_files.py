@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from segtrain.config import ModelConfig
 from segtrain.errors import ConfigError
-from segtrain.models import build_model
+from segtrain.models.build import build_model
 from segtrain.models.weights import read_safetensors, read_weights
 from segtrain.optim import build_optimizer
 from tests.safetensors_writer import save_safetensors

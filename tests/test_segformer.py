@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from segtrain.config import ModelConfig
 from segtrain.errors import ConfigError
-from segtrain.models import build_model, count_parameters
+from segtrain.models.build import build_model, count_parameters
 from segtrain.models.segformer import VARIANTS, SegFormer, convert_state_dict
 from tests.safetensors_writer import save_safetensors
 
@@ -237,7 +237,7 @@ def test_config_errors(kw, match):
 
 
 def test_min_input_size():
-    from segtrain.config import min_input_size
+    from segtrain.models import min_input_size
 
     assert min_input_size(model_cfg()) == 32
     with torch.no_grad():  # 29 px is the smallest that works: stage 1 has 8 rows for the 8 x 8 reduction

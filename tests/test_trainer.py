@@ -163,7 +163,7 @@ class _InMemory(torch.utils.data.Dataset):
 
 def _objects_trainer(run_dir, *overrides):
     """A Trainer from objects made here: no data set, no files, no builder."""
-    from segtrain.data import EpochSampler
+    from segtrain.data.base import EpochSampler
     from segtrain.hooks.monitor import Monitor
     from segtrain.trainer import Trainer
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fake_datasets import data_cfg, write_folder, write_voc
 
-from segtrain.data import build_datasets
-from segtrain.data import transforms as T
+from segtrain.data.build import build_datasets
+from segtrain.data.build import transforms as T
 from segtrain.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("own_cache")
@@ -107,7 +107,7 @@ def test_photometric_only_for_3_band_8_bit(tmp_path):
 def test_a_pipeline_that_does_not_fit_the_images_is_one_line_naming_the_file(tmp_path):
     from fake_datasets import data_cfg, write_folder
 
-    from segtrain.data import build_datasets
+    from segtrain.data.build import build_datasets
     from segtrain.errors import DataError
 
     write_folder(tmp_path)  # images of about 60-90 px

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from segtrain.config import ModelConfig
 from segtrain.errors import ConfigError
-from segtrain.models import build_model, count_parameters
 from segtrain.models.blocks import FCNHead
+from segtrain.models.build import build_model, count_parameters
 from segtrain.models.upernet import UPerHead
 
 pytestmark = pytest.mark.usefixtures("one_thread")

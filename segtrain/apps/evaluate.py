@@ -60,10 +60,6 @@ def merge_config(cfg: DictConfig, stored: DictConfig, prog: str = "segtrain-eval
     return out
 
 
-
-
-
-
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt") or not str(cfg.ckpt).strip():
         raise ConfigError("no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/DATE/TIME/checkpoints/best.pt")
@@ -72,11 +68,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     import torch
 
     from segtrain.checkpoint import load_checkpoint
-    from segtrain.data import build_datasets, build_loader
+    from segtrain.data.build import build_datasets, build_loader
     from segtrain.data.transforms import val_scale
     from segtrain.evaluation import class_names as names_of
     from segtrain.evaluation import evaluate_loader
-    from segtrain.models import checkpoint_model
+    from segtrain.models.build import checkpoint_model
     from segtrain.outputs import bars_wanted, confusion_matrix_png, format_table
     from segtrain.runtime import BatchToDevice, autocast, configure_backends, resolve_device
 

@@ -86,7 +86,6 @@ def check_settings(cfg: DictConfig, fmt: str) -> None:
     """``opset``, ``tolerance`` and ``check_sizes`` beyond :func:`segtrain.config.validate_export`: the opsets the
     installed exporter writes, a finite tolerance of at most 1 logit, self-check sizes the CPU can run."""
 
-
     if fmt == "onnx":
         low, high = opset_range()
         if not low <= cfg.opset <= high:
@@ -192,7 +191,7 @@ def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging:
     # torch and the network load only now, after every check (a refused command and --help stay quick)
     from segtrain.checkpoint import load_checkpoint
     from segtrain.export import check_export, export_onnx, export_torchscript, exportable, sidecar
-    from segtrain.models import checkpoint_model
+    from segtrain.models.build import checkpoint_model
 
     state, stored = load_checkpoint(ckpt)
     stored.model.pretrained, stored.model.init_from = False, None
@@ -240,7 +239,6 @@ def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging:
 
 
 def _short_meta(cfg: DictConfig, state: dict) -> dict:
-
     return {"model": cfg.model.name, "num_classes": cfg.data.num_classes, "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "step": state.get("step"), "segtrain_version": __version__}  # fmt: skip
 

@@ -173,7 +173,6 @@ def resume_command(run_dir: Path, limit: int | None = 160) -> str:
 
 def _sweep_dir(job_dir: Path) -> Path:
     try:
-
         return Path(HydraConfig.get().sweep.dir).absolute()
     except (ImportError, ValueError):  # no Hydra run (the Python API): the job dir's parent
         return job_dir.parent

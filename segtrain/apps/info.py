@@ -40,10 +40,6 @@ def _info(cfg: DictConfig) -> float:
     return info["gflops"]
 
 
-
-
-
-
 def _from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict]:
     """The checkpoint's model and data config (with this command line's device and info), and the checkpoint."""
     from segtrain.checkpoint import load_checkpoint  # torch: loaded when the job runs, not for --help

@@ -37,30 +37,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from segtrain import (
-    console,  # noqa: E402
-    distributed,
-)
-from segtrain.apps import sweep
+from segtrain import console, distributed  # noqa: E402
+from segtrain.apps import sweep  # noqa: E402
 from segtrain.apps.guard import Refused  # noqa: E402
-from segtrain.apps.sweep import write_status
-from segtrain.config import (  # noqa: E402
-    APP_SCHEMAS,
-    config_dir,
-    deletion_error,
-    override,
-    register_configs,
-    schema_keys,
-    unknown_key,
-)
-from segtrain.console import oom_message
+from segtrain.apps.sweep import write_status  # noqa: E402
+from segtrain.config import APP_SCHEMAS, config_dir, override, register_configs  # noqa: E402
+from segtrain.config.validate import deletion_error, schema_keys, unknown_key  # noqa: E402
+from segtrain.console import oom_message  # noqa: E402
 from segtrain.errors import Preempted, SegtrainError  # noqa: E402
 
 log = logging.getLogger("segtrain")
-
-
-
-
 
 
 def _one_line(exc: BaseException) -> str:
@@ -178,7 +164,6 @@ def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "se
     """(message, exit code) for an exception that is not a SegtrainError."""
     memory = console.out_of_memory(exc)  # anywhere in any command: the settings that shrink prog's job
     if memory is not None:
-
         return oom_message(cfg, None, "", prog, memory), 5
     os_err = _os_error(exc)
     if os_err is not None:
@@ -212,8 +197,6 @@ def _guarded(task, full_errors: bool, prog: str):
     ``details`` dict goes into the job's ``status.json`` too."""
 
     def job(cfg: DictConfig):
-
-
 
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
@@ -280,7 +263,6 @@ def _job_failed(line: str, code: int, main_rank: bool, sweep_goes_on: bool, job_
     else:
         log.error("%s", line)
     if not sweep_goes_on:
-
         if sweep.current_sweep():
             sweep.summarise(sweep.current_sweep()[0])
         raise SystemExit(code)
@@ -311,8 +293,6 @@ def _unquoted(multirun: bool) -> str | None:
     """The line for the first argument Hydra cannot read as one value (spaces with '=', ',', '#', quotes,
     non-ASCII letters): its key and the quoting that works."""
 
-
-
     parser = OverridesParser.create()
     for arg in sys.argv[1:]:
         key, eq, value = arg.partition("=")
@@ -337,7 +317,6 @@ def _unquoted(multirun: bool) -> str | None:
 
 def _split_value(key: str) -> str:
     """``hydra.run.dir=runs/my run=1`` unquoted: the shell passes ``run=1`` as an argument of its own."""
-
 
     args = sys.argv[1:]
     i = next((i for i, a in enumerate(args) if a.lstrip("+").partition("=")[0] == key), 0)
@@ -470,7 +449,6 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
 
     scratch = distributed.scratch_run_dir()
     if scratch:  # torchrun rank > 0: Hydra works in a throw-away dir, rank 0 owns the run dir and the logs
-
         sys.argv += [
             f"hydra.run.dir={scratch}",
             "hydra.output_subdir=null",
@@ -510,7 +488,3 @@ def command(task, config_name: str, prog: str):
 
     main.__doc__ = f"``{prog}``"
     return main
-
-
-
-

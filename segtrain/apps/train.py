@@ -21,6 +21,8 @@ from segtrain.config import check_keys, validate
 from segtrain.errors import Preempted
 
 log = logging.getLogger("segtrain")
+
+
 def _train(cfg: DictConfig) -> tuple[float, dict]:
     """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
     check_keys(cfg)  # a sweep's job: what the RunDirGuard checked for a single run

@@ -92,17 +92,14 @@ def datasets_for(cfg_data: DictConfig, seed: int = 0) -> tuple[Any, Any]:
     ``data=folder``: when ``ROOT/classes.yaml`` (or ``data.class_names`` / ``data.palette``) lists a number of
     classes other than ``data.num_classes``, the sets are built with that number, so that the fingerprint can
     be taken before the plan has set ``data.num_classes``."""
-    from segtrain.data import BUILDERS
-    from segtrain.errors import ConfigError
+    from segtrain.data.build import open_datasets
 
-    if cfg_data.name not in BUILDERS:
-        raise ConfigError(f"unknown data.name {cfg_data.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg_data, resolve=True))
     if cfg.name == "folder":
         declared = declared_classes(cfg)
         if declared is not None and not (cfg.num_classes == 1 and declared == 2):
             cfg.num_classes = declared
-    train, val = BUILDERS[cfg.name](cfg, seed, True)
+    train, val = open_datasets(cfg, seed, True)
     for ds in (train, val):
         if ds is not None and hasattr(ds, "in_channels"):
             ds.in_channels = cfg.in_channels

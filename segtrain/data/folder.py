@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from segtrain.config import mask_classes
+from segtrain.data import mask_classes
 from segtrain.data.disk import IMAGE_EXTS, DiskDataset, label_map_lut, list_images, read_list, resolve_root
 from segtrain.data.palette import default_palette, palette_array
 from segtrain.errors import ConfigError, DataError

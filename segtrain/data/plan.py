@@ -48,7 +48,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from segtrain.config import IMAGENET_MEAN, IMAGENET_STD, mask_classes
+from segtrain.config import IMAGENET_MEAN, IMAGENET_STD
+from segtrain.data import mask_classes
 from segtrain.utils import as_hw, as_size
 
 log = logging.getLogger("segtrain")
@@ -312,7 +313,7 @@ def network_cost(cfg_model: DictConfig, in_channels: int = 3, num_classes: int =
     ``param_bytes``: the fp32 parameters."""
     import torch
 
-    from segtrain.models import build_model
+    from segtrain.models.build import build_model
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg_model, resolve=True))
     cfg.pretrained, cfg.init_from = False, None

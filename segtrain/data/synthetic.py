@@ -23,9 +23,12 @@ import math
 
 import cv2
 import numpy as np
+from omegaconf import DictConfig
 
+from segtrain.data import mask_classes, transforms
 from segtrain.data.base import SegDataset
 from segtrain.data.palette import default_palette
+from segtrain.utils import as_hw
 
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "star", "ellipse"]
 CLASS_NAMES = ["background", *SHAPES]
@@ -203,3 +206,12 @@ class SyntheticShapes(SegDataset):
             mask[box][shape_mask[box] >= 128] = cls + 1
         image = image + rng.normal(0, 4, size=image.shape).astype(np.float32)
         return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def build(cfg: DictConfig, seed: int, train: bool = True) -> tuple[SegDataset, SegDataset]:
+    """The built-in set's (train, val) for the data config ``cfg``; ``seed`` seeds augmentation."""
+    size = as_hw(cfg.image_size, "data.image_size")
+    common = dict(image_size=size, num_classes=mask_classes(cfg.num_classes), seed=cfg.seed, aug_seed=seed)
+    train = SyntheticShapes(cfg.num_train, split="train", transform=transforms.synthetic_train(cfg), **common)
+    val = SyntheticShapes(cfg.num_val, split="val", transform=None, **common)
+    return train, val

@@ -30,6 +30,16 @@ if TYPE_CHECKING:
     from segtrain.trainer import Trainer
 
 
+# What every validation logs (scalar name -> the metric of segtrain.metrics), besides val_iou/<class>
+VALIDATION_SCALARS = {
+    "val/mIoU": "miou",
+    "val/aAcc": "aacc",
+    "val/mAcc": "macc",
+    "val/mDice": "mdice",
+    "val/loss": "loss",
+}
+
+
 @dataclass
 class StepResult:
     """One optimizer step, as the hooks see it."""

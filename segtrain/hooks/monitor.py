@@ -27,8 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from segtrain import checkpoint
-from segtrain.config import VAL_KEYS
-from segtrain.errors import ConfigError
+from segtrain.config.validate import check_monitor
 from segtrain.hooks.base import Hook, ValidationResult
 
 log = logging.getLogger("segtrain")
@@ -43,12 +42,7 @@ class Monitor(Hook):
     name = "monitor"
 
     def __init__(self, t: DictConfig, ckpt_dir: Path, class_names: list[str]):
-        keys = [*VAL_KEYS, *(f"val_iou/{n}" for n in class_names)]
-        if t.monitor not in keys:
-            raise ConfigError(
-                f"trainer.monitor={t.monitor} is not a validation value; choose one of: {', '.join(VAL_KEYS)}, "
-                f"val_iou/<class> (classes: {', '.join(class_names[:8])}{' ...' if len(class_names) > 8 else ''})"
-            )
+        check_monitor(t.monitor, class_names)
         self.key, self.mode = t.monitor, monitor_mode(t.monitor, t.monitor_mode)
         self.patience, self.min_delta, self.top_k = t.early_stop_patience, t.early_stop_min_delta, t.save_top_k
         self.ckpt_dir = Path(ckpt_dir)

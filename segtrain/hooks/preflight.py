@@ -16,10 +16,11 @@ import logging
 import math
 import time
 
-from segtrain.config import min_input_size, smallest_eval_scale
+from segtrain.config import smallest_eval_scale
 from segtrain.errors import ConfigError, DataError
 from segtrain.evaluation import evaluate_loader
 from segtrain.hooks.base import Hook
+from segtrain.models import min_input_size
 from segtrain.runtime import autocast
 
 log = logging.getLogger("segtrain")

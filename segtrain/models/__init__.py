@@ -1,261 +1,57 @@
-"""Network construction: ``build_model(cfg.model, num_classes, in_channels)``.
+"""The networks: their names, the ``model.*`` keys each one reads, their variants and the smallest input they take.
 
-The contract every network keeps:
+These are facts, checked by :mod:`segtrain.config.validate` before anything is built (this module imports no
+torch); :func:`segtrain.models.build.build_model` builds a network.  The contract every network keeps:
 
-* ``forward(x)`` takes ``[N, C, H, W]`` of any ``H, W`` (``C = in_channels``,
-  ``data.in_channels``; pretrained first layers adapted, see ``backbones.adapt_first_conv``)
-  and, in eval mode, returns logits ``[N, num_classes, H, W]`` (``num_classes=1``: one
-  sigmoid logit).
-* In training mode a network with an auxiliary head returns
-  ``{"out": logits, "aux": aux_logits}`` (both at the input size); without one it
-  returns the logits tensor.
+* ``forward(x)`` takes ``[N, C, H, W]`` of any ``H, W`` (``C = data.in_channels``; pretrained first layers adapted,
+  see ``backbones.adapt_first_conv``) and, in eval mode, returns logits ``[N, num_classes, H, W]``
+  (``num_classes=1``: one sigmoid logit);
+* in training mode a network with an auxiliary head returns ``{"out": logits, "aux": aux_logits}`` (both at the
+  input size); without one it returns the logits tensor.
 
-The networks (``model.name``) and the ``model.*`` keys each one reads:
-
-    unet           base_channels, norm; backbone (+ pretrained): an ImageNet encoder as the contracting path
-    fcn            backbone, pretrained, output_stride (32), variant (32s | 16s | 8s), aux, dropout
-    deconvnet      base_channels, norm, variant (deconvnet | segnet), pretrained (base_channels=64: VGG16 weights)
-    pspnet         backbone, pretrained, output_stride (8), aux, dropout, head_channels (512)
-    deeplabv3      backbone, pretrained, output_stride (16), aux, dropout
-    deeplabv3plus  backbone, pretrained, output_stride (16), aux, dropout
-    segformer      variant (b0 .. b5), pretrained (a Hugging Face / paper checkpoint), dropout, head_channels
-    upernet        backbone, pretrained, output_stride (32), aux (true), dropout, head_channels (512)
-
-``backbone`` (resnet50 when unset) is one of :mod:`segtrain.models.backbones`;
-output strides in brackets are the defaults when ``output_stride`` is unset.
-``backbone``, ``pretrained``, ``output_stride``, ``aux``, ``variant``,
-``freeze_backbone`` or ``head_channels`` set for a network that does not read it is
-a ConfigError, not silently ignored.  ``pretrained`` is ``true`` (download), ``false``, or the PATH of
-a local file (:mod:`segtrain.models.weights`).  ``freeze_backbone=true``
-(:func:`freeze_backbone`) trains everything but the pretrained encoder.
+``backbone`` (resnet50 when unset) is one of :mod:`segtrain.models.backbones`.  ``backbone``, ``pretrained``,
+``output_stride``, ``aux``, ``variant``, ``freeze_backbone`` or ``head_channels`` set for a network that does not
+read it is a ConfigError, not silently ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
-from torch import nn
-
-from segtrain.errors import CheckpointError, ConfigError
-
-
-def _reject(cfg: DictConfig, network: str, *keys: str) -> None:
-    """ConfigError for a model key that ``network`` does not use (so it is not silently ignored)."""
-    unset = {
-        "backbone": None,
-        "pretrained": False,
-        "output_stride": None,
-        "aux": False,
-        "variant": None,
-        "freeze_backbone": False,
-        "head_channels": None,
-    }
-    for key in keys:
-        value = cfg[key]
-        if value != unset[key]:
-            shown = str(value).lower() if isinstance(value, bool) else value
-            raise ConfigError(f"model.{key}={shown} is not used by model={network}; remove it")
-
-
-def _variant(cfg: DictConfig, network: str, variants: tuple[str, ...], default: str) -> str:
-    variant = cfg.variant if cfg.variant is not None else default
-    if variant not in variants:
-        raise ConfigError(f"unknown model.variant {variant!r} for {network}; choose one of: {', '.join(variants)}")
-    return variant
-
-
-def _unet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.unet import BackboneUNet, UNet
-
-    _reject(cfg, "unet", "aux", "variant", "head_channels")
-    if cfg.backbone is None:
-        if cfg.pretrained:
-            raise ConfigError("model.pretrained needs an ImageNet encoder: set model.backbone (e.g. resnet18)")
-        _reject(cfg, "unet", "output_stride", "freeze_backbone")
-        return UNet(num_classes, in_channels, base_channels=cfg.base_channels, norm=cfg.norm)
-    if cfg.output_stride not in (None, 32):
-        raise ConfigError(
-            f"model.output_stride={cfg.output_stride} is not supported by unet (its decoder climbs the full "
-            "stride-32 pyramid); remove model.output_stride"
-        )
-    from segtrain.models.backbones import backbone_from_config
-
-    return BackboneUNet(
-        backbone_from_config(cfg, 32, in_channels=in_channels), num_classes, cfg.base_channels, cfg.norm
-    )
-
-
-def _fcn(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import VGGS, backbone_from_config, torchvision_state
-    from segtrain.models.fcn import FCN, VARIANTS
-
-    variant = _variant(cfg, "fcn", tuple(VARIANTS), "8s")
-    _reject(cfg, "fcn", "head_channels")
-    vgg_state = None  # VGG: FCN also turns the pretrained fc6/fc7 into convolutions
-    if cfg.pretrained and cfg.backbone in VGGS:
-        vgg_state = torchvision_state(cfg.backbone, cfg.pretrained)
-    backbone = backbone_from_config(cfg, 32, state=vgg_state, in_channels=in_channels)
-    return FCN(backbone, num_classes, variant, cfg.dropout, cfg.aux, vgg_fc=vgg_state)
-
-
-def _deconvnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import torchvision_state
-    from segtrain.models.deconvnet import VARIANTS, DeconvNet
-
-    variant = _variant(cfg, "deconvnet", VARIANTS, "deconvnet")
-    if cfg.backbone is not None:
-        raise ConfigError(
-            "model=deconvnet builds its own VGG16-style encoder (scaled by model.base_channels); remove "
-            "model.backbone (model.pretrained=true with base_channels=64 loads ImageNet VGG16 weights into it)"
-        )
-    _reject(cfg, "deconvnet", "aux", "freeze_backbone", "head_channels")
-    if cfg.output_stride not in (None, 32):
-        raise ConfigError(f"model.output_stride={cfg.output_stride} is not supported by deconvnet; remove it")
-    if cfg.pretrained and cfg.base_channels != 64:
-        raise ConfigError(
-            f"model.pretrained=true for deconvnet needs model.base_channels=64 (VGG16's widths), "
-            f"got {cfg.base_channels}"
-        )
-    model = DeconvNet(num_classes, cfg.base_channels, variant, cfg.norm, in_channels)
-    if cfg.pretrained:
-        model.load_vgg16(torchvision_state("vgg16_bn" if cfg.norm == "bn" else "vgg16", cfg.pretrained))
-    return model
-
-
-def _pspnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.pspnet import PSPNet
-
-    _reject(cfg, "pspnet", "variant")
-    backbone = backbone_from_config(cfg, 8, in_channels=in_channels)
-    return PSPNet(backbone, num_classes, cfg.aux, cfg.dropout, head_channels=cfg.head_channels or 512)
-
-
-def _deeplabv3(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.deeplab import DeepLabV3
-
-    _reject(cfg, "deeplabv3", "variant", "head_channels")
-    return DeepLabV3(backbone_from_config(cfg, 16, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
-
-
-def _deeplabv3plus(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.deeplab import DeepLabV3Plus
-
-    _reject(cfg, "deeplabv3plus", "variant", "head_channels")
-    return DeepLabV3Plus(backbone_from_config(cfg, 16, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
-
-
-def _segformer(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.segformer import VARIANTS, SegFormer
-
-    variant = _variant(cfg, "segformer", tuple(VARIANTS), "b0")
-    if cfg.backbone is not None:
-        raise ConfigError(
-            f"model=segformer builds its own Mix Transformer encoder (model.variant=b0 .. b5); remove "
-            f"model.backbone={cfg.backbone}"
-        )
-    _reject(cfg, "segformer", "output_stride", "aux")
-    model = SegFormer(num_classes, variant, in_channels, cfg.dropout, cfg.head_channels)
-    if cfg.pretrained:
-        model.load_pretrained(_segformer_weights(cfg.pretrained, variant), str(cfg.pretrained))
-    return model
-
-
-def _segformer_weights(pretrained: bool | str, variant: str) -> dict:
-    from segtrain.models.weights import read_weights
-
-    if isinstance(pretrained, str):
-        return read_weights(pretrained)
-    from types import SimpleNamespace
-
-    from segtrain.models.backbones import load_pretrained
-    from segtrain.models.segformer import WEIGHTS_URL
-
-    return load_pretrained(SimpleNamespace(url=WEIGHTS_URL.format(variant=variant)), f"nvidia-mit-{variant}.bin")
-
-
-def _upernet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.upernet import UPerNet
-
-    _reject(cfg, "upernet", "variant")
-    backbone = backbone_from_config(cfg, 32, in_channels=in_channels)
-    return UPerNet(backbone, num_classes, cfg.aux, cfg.dropout, cfg.head_channels or 512)
-
-
-BUILDERS: dict[str, Callable[[DictConfig, int, int], nn.Module]] = {
-    "fcn": _fcn,
-    "deconvnet": _deconvnet,
-    "unet": _unet,
-    "pspnet": _pspnet,
-    "deeplabv3": _deeplabv3,
-    "deeplabv3plus": _deeplabv3plus,
-    "segformer": _segformer,
-    "upernet": _upernet,
+# The optional model.* keys each network reads (the others must stay unset, see UNSET).  Keys with a rule of their
+# own (a network that builds its own encoder and takes no backbone, output strides a network cannot run at,
+# variants) are checked where the network is built (segtrain.models.build), with a message of their own.
+ENCODER = frozenset({"backbone", "pretrained", "output_stride", "aux", "freeze_backbone"})
+NETWORKS: dict[str, frozenset[str]] = {
+    "unet": frozenset({"backbone", "pretrained", "output_stride", "freeze_backbone"}),
+    "fcn": ENCODER | {"variant"},
+    "deconvnet": frozenset({"backbone", "pretrained", "output_stride", "variant"}),
+    "pspnet": ENCODER | {"head_channels"},
+    "deeplabv3": ENCODER,
+    "deeplabv3plus": ENCODER,
+    "segformer": frozenset({"backbone", "pretrained", "variant", "freeze_backbone", "head_channels"}),
+    "upernet": ENCODER | {"head_channels"},
+}
+UNSET: dict[str, Any] = {  # the value of an optional model.* key that is not set
+    "backbone": None,
+    "pretrained": False,
+    "output_stride": None,
+    "aux": False,
+    "variant": None,
+    "freeze_backbone": False,
+    "head_channels": None,
 }
 
 
-def build_model(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """The network ``cfg`` (the ``model`` config) asks for, with ``num_classes`` outputs and ``in_channels`` bands."""
-    if cfg.name not in BUILDERS:
-        raise ConfigError(f"unknown model.name {cfg.name!r}; choose one of: {', '.join(sorted(BUILDERS))}")
-    if not isinstance(cfg.pretrained, (bool, str)) or cfg.pretrained == "":
-        raise ConfigError(f"model.pretrained must be true, false or the PATH of a weights file, got {cfg.pretrained!r}")
-    model = BUILDERS[cfg.name](cfg, num_classes, in_channels)
-    if cfg.freeze_backbone:
-        freeze_backbone(model, cfg.name)
-    return model
-
-
-class _Frozen:
-    """Mixed into a frozen encoder's class: ``train()`` keeps it in eval mode (BatchNorm statistics and dropout as
-    at inference), whatever the network around it does."""
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-
-_FROZEN: dict[type, type] = {}
-
-
-def freeze_backbone(model: nn.Module, network: str) -> nn.Module:
-    """``model.freeze_backbone=true``: the pretrained encoder (``model.backbone``; of a plain ViT's pyramid, the ViT
-    alone: the pyramid's new layers train) gets ``requires_grad=False`` (so the optimizer leaves it out) and stays
-    in eval mode in training.  The state-dict keys do not change."""
-    from segtrain.models.vit import ViTPyramid
-
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, nn.Module):
-        raise ConfigError(f"model.freeze_backbone=true needs a network with an encoder; model={network} has none")
-    part = backbone.model if isinstance(backbone, ViTPyramid) else backbone
-    part.requires_grad_(False)
-    cls = type(part)
-    if cls not in _FROZEN:
-        _FROZEN[cls] = type(f"Frozen{cls.__name__}", (_Frozen, cls), {})
-    part.__class__ = _FROZEN[cls]
-    part.eval()
-    return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def checkpoint_model(state: dict, cfg: DictConfig, path: str | Path) -> nn.Module:
-    """The network of ``cfg.model`` with the checkpoint's weights (on the CPU, in training mode)."""
-    num_classes = cfg.data.num_classes
-    stored_classes = state.get("meta", {}).get("num_classes", num_classes)
-    if stored_classes != num_classes:
-        raise ConfigError(f"the checkpoint predicts {stored_classes} classes but data.num_classes={num_classes}")
-    model = build_model(cfg.model, num_classes, cfg.data.in_channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"the weights in {path} do not fit model={cfg.model.name}: {str(e).splitlines()[-1].strip()}"
-        ) from None
-    return model
+def min_input_size(model: Any) -> int:
+    """The smallest image side the network (a ``model`` config) accepts: the from-scratch encoders halve it 4
+    (U-Net) or 5 (DeconvNet/SegNet) times with plain pooling, as a VGG backbone does (FCN pads its input to a
+    multiple of 32 first); SegFormer's first stage needs 8 rows for its 8 x 8 key/value reduction (29 px; 32 said);
+    the other backbone networks run at any size (rounding up)."""
+    if model.name == "unet" and model.backbone is None:
+        return 16
+    if model.name == "segformer":
+        return 32
+    if model.name == "deconvnet" or (str(model.backbone or "").startswith("vgg") and model.name != "fcn"):
+        return 32
+    return 1

@@ -50,7 +50,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision import models as tvm
 
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, missing_extra
 from segtrain.models.blocks import SafeBatchNorm2d
 from segtrain.utils import download
 
@@ -267,8 +267,7 @@ def _import_timm(name: str) -> Any:
         import timm
     except ImportError:
         raise ConfigError(
-            f"model.backbone={name} needs the timm package, which is not installed: pip install 'segtrain[timm]', "
-            f"or use one of: {', '.join(NAMES)}"
+            missing_extra(f"model.backbone={name}", "timm", "timm", f"or use one of: {', '.join(NAMES)}")
         ) from None
     return timm
 

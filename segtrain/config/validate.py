@@ -1,15 +1,17 @@
-"""The typed config schema.
+"""Validation of a composed config, in one place and one style: each check raises a one-line
+:class:`~segtrain.errors.ConfigError` that names the key and how to fix it.
 
-Every YAML file under ``configs/`` is merged onto these dataclasses, so a
-misspelled key, a wrong type or a value outside an enum fails at compose
-time and names the key.  :func:`validate` then checks the values that a type
-cannot express (``lr > 0``, ``num_classes >= 2`` ...).
+* :func:`check_command_line`: what the command line asks for (deletions, quoting, keys the schema does not
+  know, non-finite numbers, run dirs), before anything is written;
+* :func:`validate`: every value and cross-key rule of a training config (``lr > 0``, class weights against
+  ``num_classes``, crops against the network's smallest input ...); :func:`validate_app`,
+  :func:`validate_predict`, :func:`validate_export`: each command's own keys;
+* checks that need what is known later: :func:`check_run_length` (the data set's size) and
+  :func:`check_monitor` (its class names); the checks that need the images themselves run in the preflight hook.
 
-The schema is registered in Hydra's ConfigStore as ``segtrain_schema`` and is
-the first entry of ``configs/config.yaml``'s defaults list.  Its defaults are the
-default run's values (``tests/test_config.py`` fails when a default option's YAML
-disagrees); other options (``optimizer/sgd.yaml``, ``data/voc.yaml`` ...) set only
-what they change.
+The facts they check against live with their domain: the networks in :mod:`segtrain.models`, the data layouts
+and label semantics in :mod:`segtrain.data`, the loss terms in :mod:`segtrain.losses`, what a validation logs
+in :mod:`segtrain.hooks.base`.  Imports no torch: the command line runs it before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -21,340 +23,23 @@ import importlib.util
 import math
 import re
 import typing
-from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from segtrain.errors import ConfigError
-from segtrain.recipe import check_recipe
+from segtrain.config.schema import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LR_SCALINGS,
+    OPTIMIZERS,
+    SCHEDULERS,
+)
+from segtrain.data import LAYOUTS, mask_classes
+from segtrain.errors import ConfigError, missing_extra
+from segtrain.hooks.base import VALIDATION_SCALARS
+from segtrain.losses import SIGMOID_TERMS, parse_terms
+from segtrain.models import NETWORKS, UNSET, min_input_size
 from segtrain.utils import as_hw, as_size
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data.mean / data.std defaults (torchvision's ImageNet statistics)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Precision(str, Enum):
-    auto = "auto"  # fp16 on CUDA, bf16 on a CPU with native bf16, else fp32
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class DeviceType(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # unet | fcn | deconvnet | pspnet | deeplabv3 | deeplabv3plus | segformer | upernet
-    base_channels: int = 16  # width of from-scratch networks (U-Net, DeconvNet)
-    # Encoder networks (FCN, PSPNet, DeepLab, U-Net with an encoder):
-    backbone: str | None = None  # resnet18/34/50/101, vgg16, vgg16_bn, mobilenet_v3_large, timm:NAME
-    pretrained: Any = False  # true: ImageNet weights (downloaded) | false | PATH: a local weights file or HF folder
-    freeze_backbone: bool = False  # the pretrained encoder does not train (requires_grad off, eval mode)
-    output_stride: int | None = None  # 8, 16 or 32; None: the network's default
-    aux: bool = False  # auxiliary FCN head on stage 3 (train only)
-    variant: str | None = None  # network-specific: fcn 32s/16s/8s, deconvnet deconvnet/segnet, segformer b0-b5
-    dropout: float = 0.1
-    head_channels: int | None = None  # decoder width: pspnet, upernet 512; segformer the variant's (256, 768)
-    norm: str = "bn"  # bn | none (from-scratch networks)
-    init_from: str | None = None  # partial weight load for fine-tuning
-
-
-@dataclass
-class DataConfig:
-    name: str = MISSING  # synthetic | voc | ...
-    root: str | None = None  # on-disk data sets
-    num_classes: int = 6
-    class_names: list[str] | None = None
-    image_size: Any = 64  # synthetic: int or [h, w]
-    num_train: int = 1600  # synthetic
-    num_val: int = 160  # synthetic
-    crop_size: Any = None  # int or [h, w]; None: no crop
-    batch_size: int = 16
-    val_batch_size: int | None = None  # None: batch_size
-    num_workers: Any = (
-        "auto"  # loader processes per training process; auto: one per CPU but one (<= 16; 0 with <= 2 CPUs)
-    )
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    ignore_index: int = 255
-    seed: int = 0  # synthetic: content seed (independent of the training seed)
-    augment: bool = True  # flips / scale jitter on the training split
-    in_channels: int = 3  # image bands (1: grayscale, 4: RGB + NIR, 13: Sentinel-2 ...); see docs/own-data.md
-    # Per band, in units where the image type's full range is 1 (uint8 / 255, uint16 / 65535; float images as
-    # they are), or "auto": computed from the training images (cached)
-    mean: Any = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: Any = field(default_factory=lambda: list(IMAGENET_STD))
-    # On-disk data sets (voc | cityscapes | ade20k | folder), see segtrain/data/:
-    train_split: str = "train"  # voc: ImageSets/Segmentation/<split>.txt; cityscapes: train|val|test
-    val_split: str = "val"
-    base_size: Any = None  # int (short side), [h, w] (fit, keep ratio) or auto (median training size); None: own size
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random resize ratio around base_size
-    cat_max_ratio: float = 0.75  # re-draw a crop (up to 10x) when one class fills more than this share; 1: off
-    photometric: bool = True  # brightness/contrast/saturation/hue distortion in the standard train pipeline
-    val_size: Any = None  # int (short side) or [h, w] (fit, keep ratio) for validation; None: base_size (or own size)
-    train_pipeline: Any = None  # list of albumentations {_target_: ...} dicts; None: the standard recipe
-    val_fraction: float = 0.1  # folder: seeded hold-out when there are no split lists / folders
-    palette: Any = None  # [[r, g, b], ...] per class: visualisation, and folder RGB colour masks
-    label_map: Any = None  # {raw: new} applied to mask values before checks, e.g. {255: 1}
-    check_labels: bool = True  # scan every mask before training (cached); false: skip
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = MISSING  # sgd | adamw
-    lr: float = 0.001
-    weight_decay: float = 0.0001
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    head_lr_mult: float = 1.0  # lr multiplier for everything outside the backbone (decoder, heads)
-    no_decay_norm_bias: bool = False  # no weight decay on norm layers and biases
-    lr_scaling: str = "none"  # none | linear | sqrt: lr x (total batch / recipe.total_batch), or its square root
-
-
-@dataclass
-class SchedulerConfig:
-    name: str = MISSING  # poly | cosine | constant
-    power: float = 0.9  # poly
-    min_lr: float = 0.0001
-    warmup_iters: int = 0
-    warmup_ratio: float = 0.1  # warmup starts at lr * warmup_ratio
-
-
-@dataclass
-class LossConfig:
-    name: str = MISSING  # ce | ohem | dice | focal | bce (one sigmoid logit), or a weighted sum such as ce+dice
-    # per-term weights of a sum, e.g. {ce: 1.0, dice: 3.0}; a term not listed: 1.  Any, not dict[str, float]: OmegaConf
-    # cannot merge a dict given on the command line into a null typed dict (validate checks the values)
-    weights: Any = None
-    class_weights: Any = None  # [w_0, ..., w_K-1], or "auto": median-frequency weights from the training masks
-    aux_weight: float = 0.4  # weight of the auxiliary head's loss (same terms)
-    label_smoothing: float = 0.0  # ce, ohem
-    ohem_thresh: float = 0.7  # ohem: pixels whose true-class probability is below this are hard
-    ohem_min_kept: int = 100000  # ohem: keep at least this many pixels per batch (the hardest ones)
-    focal_gamma: float = 2.0  # focal: (1 - p_t) ** gamma
-    focal_alpha: float | None = None  # focal: optional scalar alpha
-    dice_smooth: float = 1.0  # dice: (2|X.Y| + s) / (|X| + |Y| + s)
-
-
-@dataclass
-class DeviceConfig:
-    type: DeviceType = DeviceType.auto
-    precision: Precision = Precision.auto
-    channels_last: bool = True
-    compile: bool = False
-    cudnn_benchmark: bool = True
-    sync_bn: bool = True  # DDP on CUDA: BatchNorm statistics over all processes (off with one process / on CPU)
-
-
-@dataclass
-class EvalConfig:
-    """How validation (during training) and ``segtrain-eval`` predict a full image."""
-
-    mode: str = "whole"  # whole: one forward pass per image | slide: overlapping crops, overlaps averaged
-    crop_size: Any = None  # slide: int or [h, w]; None: data.crop_size
-    stride: Any = None  # slide: int or [h, w]; None: 2/3 of the crop
-    scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time augmentation
-    flip: bool = False  # add horizontally flipped views (probabilities are averaged over views)
-    threshold: float = 0.5  # data.num_classes=1: foreground where sigmoid(logit) > threshold (others: refused if set)
-
-
-@dataclass
-class TrainerConfig:
-    max_epochs: int | None = 12
-    max_iters: int | None = None  # wins over max_epochs when set
-    val_interval: int | None = None  # iterations between validations; None: every epoch
-    log_interval: int = 10  # iterations between TensorBoard scalars
-    grad_clip: float | None = None  # max grad norm
-    accumulate: int = 1  # micro-batches per optimizer step (effective batch = data.batch_size x accumulate)
-    resume: str | None = None  # PATH or "auto" (last.pt of this run dir, if any)
-    overwrite: bool = False  # start over in a run dir that holds a run: its files move to previous-<time>/
-    keep_last: int = 1  # previous last.pt files kept as last-1.pt ... (a fallback if the newest is unreadable)
-    stop_at: int | None = None  # stop after this iteration as if preempted (writes last.pt, exit code 75)
-    deterministic: bool = False
-    num_vis: int = 4  # images in the logged grid per validation
-    progress: bool = True  # tqdm bars
-    debug_errors: bool = False  # show full tracebacks
-    # Checkpoints and early stopping by a validation value (segtrain/monitor.py):
-    monitor: str = "val/mIoU"  # val/mIoU | val/aAcc | val/mAcc | val/mDice | val/loss | val_iou/<class>
-    monitor_mode: str = "auto"  # max | min | auto (min for val/loss, else max)
-    early_stop_patience: int | None = None  # stop after this many validations without improvement; null: off
-    early_stop_min_delta: float = 0.0  # an improvement must exceed this to reset the patience count
-    save_top_k: int = 0  # keep the k best as best-<step>-<value>.pt (-1: every validation; 0: best.pt only)
-    # Weight EMA (segtrain/ema.py): validation and best checkpoints use the averaged weights
-    ema_decay: float | None = None  # e.g. 0.999; null: off
-    ema_warmup: int | None = 10  # decay_n = min(ema_decay, (1 + n) / (ema_warmup + n)); null: no warm-up
-
-
-@dataclass
-class TensorBoardLoggerConfig:
-    dir: str = "tb"  # under the run dir
-
-
-@dataclass
-class CSVLoggerConfig:
-    filename: str = "metrics.csv"  # under the run dir
-
-
-@dataclass
-class WandbLoggerConfig:
-    project: str = "segtrain"
-    entity: str | None = None
-    name: str | None = None  # null: <job number>_<overrides> in a sweep, else the overrides or the run dir's name
-    group: str | None = None  # null: the sweep dir's name in a sweep
-    tags: list[str] = field(default_factory=list)
-    mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
-
-
-@dataclass
-class MLflowLoggerConfig:
-    tracking_uri: str | None = None  # null: a local file store, <run dir>/mlruns
-    experiment: str = "segtrain"
-    run_name: str | None = None  # null: as logger.wandb.name
-
-
-@dataclass
-class LoggerConfig:
-    """The ``logger`` group: each option (``logger=csv``, ``logger=[tensorboard,csv]``) switches a backend on."""
-
-    tensorboard: TensorBoardLoggerConfig | None = None
-    csv: CSVLoggerConfig | None = None
-    wandb: WandbLoggerConfig | None = None
-    mlflow: MLflowLoggerConfig | None = None
-
-
-@dataclass
-class RecipeConfig:
-    """What a recipe (``experiment=``) was published with, so that a run on other hardware can tell (segtrain/recipe.py)."""
-
-    total_batch: int | None = None  # processes x data.batch_size x trainer.accumulate of the published run
-    miou: float | None = None  # its published mIoU (%)
-    source: str | None = None  # where the number comes from
-
-
-@dataclass
-class SegtrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    device: DeviceConfig = field(default_factory=DeviceConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    recipe: RecipeConfig = field(default_factory=RecipeConfig)
-    seed: int = 42
-    run_dir: str | None = None  # None: Hydra's run dir (the working directory of the job)
-
-
-@dataclass
-class EvalAppConfig(SegtrainConfig):
-    """``segtrain-eval``: the training schema plus the checkpoint to evaluate."""
-
-    ckpt: str = MISSING  # PATH to a segtrain checkpoint (best.pt / last.pt)
-
-
-@dataclass
-class InfoSettings:
-    size: Any = None  # int or [h, w]; None: data.crop_size, else data.image_size, else 512
-    batch_size: int = 8  # the larger of the two timed batch sizes (the other is 1)
-    warmup: int = 5  # untimed forward passes before timing (allocator, cuDNN autotuning, compilation)
-    iters: int = 20  # timed forward passes per batch size
-    latency: bool = True  # false: parameters and FLOPs only
-
-
-@dataclass
-class InfoAppConfig(SegtrainConfig):
-    """``segtrain-info``: the training schema, an optional checkpoint, and what to measure."""
-
-    ckpt: str | None = None  # PATH: the model (and data) config stored in a segtrain checkpoint
-    info: InfoSettings = field(default_factory=InfoSettings)
-
-
-@dataclass
-class PredictConfig:
-    """What ``segtrain-predict`` writes for each image."""
-
-    batch_size: int = 8  # images per forward pass (images of the same size are batched together)
-    overlay: bool = True  # <name>_overlay.jpg: the image blended with the class colours
-    alpha: float = 0.5  # overlay: weight of the class colours (0: the image, 1: the colours)
-    save_probs: bool = False  # <name>.npy: float16 class probabilities [C, H, W]
-    extensions: list[str] = field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
-    )  # the files a folder or glob input picks up (case-insensitive)
-
-
-@dataclass
-class PredictAppConfig(EvalAppConfig):
-    """``segtrain-predict``: a checkpoint, the images, and where the masks go."""
-
-    input: str = MISSING  # an image, a folder (read recursively) or a glob pattern such as 'photos/**/*.jpg'
-    output: str | None = None  # folder for the masks; None: the run dir
-    overwrite: bool = False  # replace files this command did not write (earlier predictions); never inputs or run files
-    predict: PredictConfig = field(default_factory=PredictConfig)
-
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    torchscript = "torchscript"
-
-
-@dataclass
-class ExportAppConfig:
-    """``segtrain-export``: a checkpoint's network as ONNX or TorchScript, checked against PyTorch."""
-
-    ckpt: str = MISSING  # PATH to a segtrain checkpoint (best.pt / last.pt)
-    format: ExportFormat = ExportFormat.onnx
-    output: str | None = None  # FILE (.onnx; .pt/.pth) or FOLDER/ (model.onnx / model.pt in it); None: the run dir
-    opset: int = 18  # ONNX opset (>= 18)
-    check_sizes: list[Any] = field(default_factory=lambda: [[97, 131], [75, 109], [160, 96]])  # [h, w] self-check sizes
-    tolerance: float = 0.001  # largest |exported - PyTorch| logit difference the self-check accepts (fp32)
-    overwrite: bool = False  # replace a file this command did not write (an earlier export); never a checkpoint
-
-
-def register_configs() -> None:
-    """The schemas in Hydra's ConfigStore, and the ``unique_dir`` resolver of the default run dirs."""
-    from segtrain.rundir import unique_dir
-
-    ConfigStore.instance().store(name="segtrain_schema", node=SegtrainConfig)
-    ConfigStore.instance().store(name="segtrain_eval_schema", node=EvalAppConfig)
-    ConfigStore.instance().store(name="segtrain_predict_schema", node=PredictAppConfig)
-    ConfigStore.instance().store(name="segtrain_export_schema", node=ExportAppConfig)
-    ConfigStore.instance().store(name="segtrain_info_schema", node=InfoAppConfig)
-    OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
-
-
-APP_SCHEMAS: dict[str, type] = {  # each command's primary config (configs/NAME.yaml) and its schema
-    "config": SegtrainConfig,
-    "eval": EvalAppConfig,
-    "predict": PredictAppConfig,
-    "export": ExportAppConfig,
-    "info": InfoAppConfig,
-}
-
-
-def min_input_size(model: DictConfig) -> int:
-    """The smallest image side the network accepts: the from-scratch encoders halve it 4 (U-Net) or 5
-    (DeconvNet/SegNet) times with plain pooling, as a VGG backbone does (FCN pads its input to a multiple of
-    32 first); SegFormer's first stage needs 8 rows for its 8 x 8 key/value reduction (29 px; 32 said); the
-    other backbone networks run at any size (rounding up)."""
-    if model.name == "unet" and model.backbone is None:
-        return 16
-    if model.name == "segformer":  # stage 1 (stride 4) needs 8 rows for its 8 x 8 key/value reduction
-        return 32
-    if model.name == "deconvnet" or (str(model.backbone or "").startswith("vgg") and model.name != "fcn"):
-        return 32
-    return 1
-
 
 # ---------------------------------------------------------------------------
 # Validation of values a type cannot express.
@@ -551,10 +236,6 @@ def check_command_line(cfg: DictConfig) -> list[str]:
 
 
 MAX_LR = 10.0  # optimizer.lr above this only overflows (a typo such as 1e3 for 1e-3)
-MODEL_NAMES = ("fcn", "deconvnet", "unet", "pspnet", "deeplabv3", "deeplabv3plus")  # segtrain.models.BUILDERS
-DATA_NAMES = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder")  # segtrain.data.BUILDERS
-LOSS_TERMS = ("ce", "ohem", "dice", "focal", "bce")  # segtrain.losses.TERMS
-OPTIMIZERS, SCHEDULERS = ("sgd", "adamw"), ("poly", "cosine", "constant")
 
 
 def _number(value: Any) -> bool:
@@ -565,21 +246,14 @@ def _check_names(cfg: DictConfig) -> None:
     """``model.name``, ``data.name``, ``optimizer.name``, ``scheduler.name`` and the terms and weights of
     ``loss.name`` (checked again where they are built; here before the run dir is touched)."""
     for key, value, names in (
-        ("model.name", cfg.model.name, MODEL_NAMES),
-        ("data.name", cfg.data.name, DATA_NAMES),
+        ("model.name", cfg.model.name, tuple(NETWORKS)),
+        ("data.name", cfg.data.name, LAYOUTS),
         ("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
         ("scheduler.name", cfg.scheduler.name, SCHEDULERS),
     ):
         _check(value in names, f"unknown {key} {value!r}; choose one of: {', '.join(sorted(names))}")
     name = cfg.loss.name
-    terms = [t.strip() for t in str(name).split("+")]
-    bad = [t for t in terms if t not in LOSS_TERMS]
-    _check(
-        not bad,
-        f"unknown loss term {bad[0] if bad else ''!r} in loss.name={name!r}; valid terms: {', '.join(LOSS_TERMS)} "
-        "(or a sum such as ce+dice)",
-    )
-    _check(len(set(terms)) == len(terms), f"loss.name={name!r} repeats a term; use loss.weights to weight it")
+    terms = parse_terms(name)
     weights = cfg.loss.weights
     _check(
         weights is None or (isinstance(weights, (dict, DictConfig)) and all(_number(w) for w in weights.values())),
@@ -760,15 +434,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(t.log_interval >= 1, f"trainer.log_interval must be >= 1, got {t.log_interval}")
     _check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0, got {t.grad_clip}")
-    m = cfg.model
-    _check(
-        m.output_stride in (None, 8, 16, 32),
-        f"model.output_stride must be 8, 16 or 32, got {m.output_stride}",
-    )
-    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
-    _check(m.head_channels is None or m.head_channels >= 1, f"model.head_channels must be >= 1, got {m.head_channels}")
-    _check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
+    check_model(cfg.model)
     _check_seeds_and_optimizer(cfg)
     check_recipe(cfg)
     _check_slide(cfg)
@@ -887,21 +553,12 @@ def _check_input_sizes(cfg: DictConfig) -> None:
         at_least("data.image_size", d.image_size, min(as_hw(d.image_size, "data.image_size")) * low, how, low)
 
 
-VAL_KEYS = ("val/mIoU", "val/aAcc", "val/mAcc", "val/mDice", "val/loss")  # what every validation logs
-
-
-def missing_package(backend: str) -> str:
-    """The one line for ``logger=<backend>`` whose package (of the same name) is not installed."""
-    return (
-        f"logger={backend} needs the {backend} package, which is not installed: pip install 'segtrain[{backend}]' "
-        f"(or drop {backend} from logger=...)"
-    )
-
-
 def _validate_monitor_ema(t: DictConfig, lg: DictConfig) -> None:
     """trainer.monitor / early stopping / top-k / EMA, and the logger settings."""
-    if not (t.monitor in VAL_KEYS or t.monitor.startswith("val_iou/")):
-        raise ConfigError(f"trainer.monitor must be {', '.join(VAL_KEYS)} or val_iou/<class>, got {t.monitor!r}")
+    if not (t.monitor in tuple(VALIDATION_SCALARS) or t.monitor.startswith("val_iou/")):
+        raise ConfigError(
+            f"trainer.monitor must be {', '.join(tuple(VALIDATION_SCALARS))} or val_iou/<class>, got {t.monitor!r}"
+        )
     if t.monitor_mode not in ("auto", "max", "min"):
         raise ConfigError(f"trainer.monitor_mode must be auto, max or min, got {t.monitor_mode!r}")
     if t.early_stop_patience is not None and t.early_stop_patience < 1:
@@ -918,7 +575,9 @@ def _validate_monitor_ema(t: DictConfig, lg: DictConfig) -> None:
         raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got {lg.wandb.mode!r}")
     for backend in ("wandb", "mlflow"):  # before anything starts (W&B would otherwise have begun a run)
         if lg[backend] is not None and importlib.util.find_spec(backend) is None:
-            raise ConfigError(missing_package(backend))
+            raise ConfigError(
+                missing_extra(f"logger={backend}", backend, backend, f"or drop {backend} from logger=...")
+            )
 
 
 def require(cfg: DictConfig, usage: str, *keys: str) -> None:
@@ -989,15 +648,6 @@ def validate_export(cfg: DictConfig) -> None:
             )
 
 
-def mask_classes(num_classes: int) -> int:
-    """The classes a mask holds and the metrics count: ``num_classes``, or 2 (background, foreground) when
-    ``data.num_classes=1`` trains one sigmoid logit."""
-    return max(int(num_classes), 2)
-
-
-SIGMOID_TERMS = ("bce", "dice")  # the loss terms defined on one sigmoid logit
-
-
 def _validate_images(d: DictConfig) -> None:
     """``data.in_channels``, ``data.mean`` / ``data.std`` (a list per band, or auto) and ``base_size=auto``."""
     c = d.in_channels
@@ -1048,14 +698,52 @@ def _validate_binary(cfg: DictConfig) -> None:
         )
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def check_monitor(monitor: str, class_names: list[str]) -> None:
+    """``trainer.monitor`` against the values a validation of this data set logs (its classes known)."""
+    keys = [*VALIDATION_SCALARS, *(f"val_iou/{n}" for n in class_names)]
+    more = " ..." if len(class_names) > 8 else ""
+    _check(
+        monitor in keys,
+        f"trainer.monitor={monitor} is not a validation value; choose one of: {', '.join(VALIDATION_SCALARS)}, "
+        f"val_iou/<class> (classes: {', '.join(class_names[:8])}{more})",
+    )
 
 
-def config_dir() -> str:
-    """The shipped configs: ``segtrain/configs`` in a wheel, the repo's ``configs/`` in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise SystemExit("segtrain: error: cannot find the shipped configs (config.yaml); reinstall segtrain")
+def check_model(m: DictConfig) -> None:
+    """The ``model`` config's values, and no key set that the network does not read (``segtrain.models.NETWORKS``:
+    a key left unread would be silently ignored).  Called again by ``build_model``."""
+    _check(m.name in NETWORKS, f"unknown model.name {m.name!r}; choose one of: {', '.join(sorted(NETWORKS))}")
+    _check(
+        m.output_stride in (None, 8, 16, 32),
+        f"model.output_stride must be 8, 16 or 32, got {m.output_stride}",
+    )
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.base_channels >= 1, f"model.base_channels must be >= 1, got {m.base_channels}")
+    _check(m.head_channels is None or m.head_channels >= 1, f"model.head_channels must be >= 1, got {m.head_channels}")
+    _check(m.norm in ("bn", "none"), f"model.norm must be 'bn' or 'none', got {m.norm!r}")
+    _check(
+        isinstance(m.pretrained, (bool, str)) and m.pretrained != "",
+        f"model.pretrained must be true, false or the PATH of a weights file, got {m.pretrained!r}",
+    )
+    reads = set(NETWORKS[m.name])
+    if m.name == "unet" and m.backbone is None:  # the from-scratch U-Net: no encoder to set up
+        _check(not m.pretrained, "model.pretrained needs an ImageNet encoder: set model.backbone (e.g. resnet18)")
+        reads -= {"output_stride", "freeze_backbone"}
+    for key, unset in UNSET.items():
+        value = m[key]
+        shown = str(value).lower() if isinstance(value, bool) else value
+        _check(key in reads or value == unset, f"model.{key}={shown} is not used by model={m.name}; remove it")
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """``optimizer.lr_scaling`` and ``recipe.*``: ConfigError (one line) for an impossible value."""
+    scaling, r = cfg.optimizer.lr_scaling, cfg.recipe
+    if scaling not in LR_SCALINGS:
+        raise ConfigError(f"optimizer.lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+    if r.total_batch is not None and r.total_batch < 1:
+        raise ConfigError(f"recipe.total_batch must be >= 1, got {r.total_batch}")
+    if scaling != "none" and r.total_batch is None:
+        raise ConfigError(
+            f"optimizer.lr_scaling={scaling} scales the lr by the total batch over recipe.total_batch, which is unset: "
+            "set recipe.total_batch=N (the batch optimizer.lr was tuned for), or use a recipe (experiment=...)"
+        )

@@ -69,10 +69,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from segtrain.errors import ConfigError, DataError
+from segtrain.losses import TERMS, parse_terms
 
 log = logging.getLogger("segtrain")
-
-TERMS = ("ce", "ohem", "dice", "focal", "bce")
 
 
 def _zero_safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -335,20 +334,6 @@ def auto_class_weights(train_set: Any, num_classes: int, ignore_index: int) -> l
 
 
 # ---------------------------------------------------------------------------
-
-
-def parse_terms(name: str) -> list[str]:
-    """``"ce+dice"`` -> ``["ce", "dice"]``; ConfigError for an unknown or repeated term."""
-    terms = [t.strip() for t in str(name).split("+")]
-    bad = [t for t in terms if t not in TERMS]
-    if bad:
-        raise ConfigError(
-            f"unknown loss term {bad[0]!r} in loss.name={name!r}; valid terms: {', '.join(TERMS)} "
-            f"(or a sum such as ce+dice)"
-        )
-    if len(set(terms)) != len(terms):
-        raise ConfigError(f"loss.name={name!r} repeats a term; use loss.weights to weight it")
-    return terms
 
 
 def _class_weights(cfg: DictConfig) -> torch.Tensor | None:
