@@ -11,7 +11,7 @@ __all__ = ["Predictor", "__version__"]
 
 def __getattr__(name: str):
     if name == "Predictor":
-        from segtrain.predict import Predictor
+        from segtrain.predict import Predictor  # torch loads on first use: `import segtrain` stays cheap
 
         return Predictor
     raise AttributeError(f"module 'segtrain' has no attribute {name!r}")

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -61,8 +62,6 @@ def link_atomic(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, tmp)
     except OSError:
-        import shutil
-
         shutil.copy2(source, tmp)
     os.replace(tmp, target)
 

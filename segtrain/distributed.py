@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch loads lazily: the CLI asks scratch_run_dir() before anything needs torch
-    import torch
+    import torch  # the command line asks this module before torch loads
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _export_slurm_env() -> None:
         return
     if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
-    from submitit.helpers import TorchDistributedEnvironment
+    from submitit.helpers import TorchDistributedEnvironment  # an optional package (segtrain[slurm])
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
@@ -67,8 +67,8 @@ def setup(device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun; a single process otherwise."""
     if not launched():
         return DistInfo()
-    import torch
-    import torch.distributed as dist
+    import torch  # the command line asks this module before torch loads
+    import torch.distributed as dist  # the command line asks this module before torch loads
 
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -82,7 +82,7 @@ def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:
         return obj
-    import torch.distributed as dist
+    import torch.distributed as dist  # the command line asks this module before torch loads
 
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -91,7 +91,7 @@ def broadcast_object(obj, info: DistInfo):
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     """In-place sum (or ``op``) over ranks; a no-op in a single process."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # the command line asks this module before torch loads
 
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -99,7 +99,7 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # the command line asks this module before torch loads
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -109,7 +109,7 @@ def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device)
     """The mean of ``value`` over ranks and whether any rank's ``flag`` is set, in one collective."""
     if not info.enabled:
         return value, flag
-    import torch
+    import torch  # the command line asks this module before torch loads
 
     buf = torch.tensor([value, float(flag)], device=device, dtype=torch.float64)
     all_reduce(buf)
@@ -119,7 +119,7 @@ def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device)
 def wrap(model: torch.nn.Module, device: torch.device, info: DistInfo, sync_bn: bool) -> tuple[torch.nn.Module, bool]:
     """(DistributedDataParallel around ``model`` when several processes train, else ``model``; whether its
     BatchNorm became SyncBatchNorm: ``device.sync_bn`` under DDP on CUDA, which SyncBatchNorm needs)."""
-    import torch
+    import torch  # the command line asks this module before torch loads
 
     if not info.enabled:
         return model, False

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.errors import ConfigError, missing_extra
@@ -62,9 +64,6 @@ def _import(module: str):
 def run_names(run_dir: Path) -> tuple[str, str | None]:
     """(run name, group): in a Hydra sweep ``<job number>_<overrides>`` and the sweep dir's name, otherwise
     the overrides (or the run dir's name) and no group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     try:
         hc = HydraConfig.get()
         overrides = hc.job.override_dirname or ""
@@ -112,7 +111,7 @@ class TensorBoardLogger(Backend):
     @property
     def writer(self):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # TensorBoard's import takes a second: at the first write
 
             # purge_step: events after the resumed step (written before a crash) are dropped on resume; those
             # at it (its training and validation values, logged before its checkpoint) stay, as in metrics.csv
@@ -137,7 +136,7 @@ class TensorBoardLogger(Backend):
 
     def finish(self, hparams: dict, final: dict) -> None:
         """hparams with the final metrics in this run's own event file (TensorBoard's HPARAMS tab)."""
-        from torch.utils.tensorboard.summary import hparams as hp_summary
+        from torch.utils.tensorboard.summary import hparams as hp_summary  # with the writer (above)
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         metrics = {f"hparams/{k}": v for k, v in _finite(final).items()}
@@ -260,7 +259,7 @@ class MLflowLogger(Backend):
         if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         _import("mlflow")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # an optional package (segtrain[mlflow])
 
         self.client = MlflowClient(tracking_uri=uri)
         previous = _ids(run_dir, start_step).get("mlflow")
@@ -278,7 +277,7 @@ class MLflowLogger(Backend):
         log.info("mlflow: run %s in %s", self.run_id, uri)
 
     def config(self, config: dict, hparams: dict) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # an optional package (segtrain[mlflow])
 
         logged = self.client.get_run(self.run_id).data.params if self.start_step else {}  # params cannot change
         params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items() if k not in logged]
@@ -288,7 +287,7 @@ class MLflowLogger(Backend):
         self.client.log_text(self.run_id, OmegaConf.to_yaml(OmegaConf.create(config)), name)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # an optional package (segtrain[mlflow])
 
         now = int(time.time() * 1000)
         metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in _finite(values).items()]
@@ -299,7 +298,7 @@ class MLflowLogger(Backend):
         self.client.log_image(self.run_id, image.permute(1, 2, 0).cpu().numpy(), key=_mlflow_key(tag), step=step)
 
     def finish(self, hparams: dict, final: dict) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # an optional package (segtrain[mlflow])
 
         now = int(time.time() * 1000)
         metrics = [Metric(f"final/{_mlflow_key(k)}", v, now, 0) for k, v in _finite(final).items()]

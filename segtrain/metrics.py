@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from segtrain.distributed import all_reduce
+
 __all__ = ["ConfusionMatrix", "compute_metrics", "confusion_matrix"]
 
 
@@ -111,7 +113,6 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrix over processes (DDP); a no-op without torch.distributed."""
-        from segtrain.distributed import all_reduce
 
         all_reduce(self.mat)
 

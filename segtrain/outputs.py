@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
+from segtrain.console import is_terminal
 from segtrain.utils import atomic_write
 
 log = logging.getLogger("segtrain")
@@ -23,7 +25,6 @@ log = logging.getLogger("segtrain")
 def bars_wanted(enabled: bool) -> bool:
     """Progress bars only on a terminal that can redraw them (not a pipe or file, TERM=dumb or NO_COLOR);
     otherwise the trainer logs a plain line every ``trainer.log_interval`` steps."""
-    from segtrain.console import is_terminal
 
     dumb = os.environ.get("TERM") == "dumb" or "NO_COLOR" in os.environ
     return enabled and not dumb and is_terminal(sys.stderr)  # sys.stderr is None after `2>&-`
@@ -113,7 +114,6 @@ def image_grid(images: torch.Tensor, ncol: int, padding: int = 2, pad_value: int
 
 
 def _text(canvas: np.ndarray, text: str, xy: tuple[int, int], scale: float = 0.35, colour=(0, 0, 0)) -> None:
-    import cv2
 
     cv2.putText(canvas, text, xy, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
@@ -126,7 +126,6 @@ def confusion_matrix_image(cm: torch.Tensor | np.ndarray, class_names: list[str]
     letters (up to 20 classes) or indices; larger matrices
     (ADE20K's 150 classes) are drawn as a plain heat map with small cells.
     """
-    import cv2
 
     mat = np.asarray(cm, dtype=np.float64)
     k = mat.shape[0]
@@ -160,7 +159,6 @@ def per_class_iou_image(iou: list[float | None], class_names: list[str], palette
     """A horizontal bar chart of per-class IoU (percent) as an HxWx3 uint8 RGB image: one bar per class in
     its palette colour, its value at the end ("-" for a class absent from ground truth and prediction),
     and the mean IoU as a vertical line."""
-    import cv2
 
     k = len(class_names)
     vals = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in iou]
@@ -199,7 +197,6 @@ def per_class_iou_image(iou: list[float | None], class_names: list[str], palette
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
     """Write an HxWx3 uint8 RGB image as a PNG, atomically."""
-    import cv2
 
     ok, data = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
     if not ok:

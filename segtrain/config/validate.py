@@ -25,6 +25,7 @@ import re
 import typing
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from segtrain.config.schema import (
@@ -204,7 +205,6 @@ def check_hydra_dirs(cfg: DictConfig) -> None:
 
 
 def _parses_as(text: str) -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         return OverridesParser.create().parse_override(text).value()

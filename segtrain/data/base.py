@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from segtrain.errors import DataError
+
 
 def seed_pipeline(pipeline: Any, seed: int) -> None:
     """Seed an albumentations pipeline and each transform with distinct seeds."""
@@ -55,8 +57,6 @@ class SegDataset(Dataset):
             try:
                 out = self.transform(image=image, mask=mask)
             except Exception as e:  # e.g. albumentations' CropSizeError: a data.train_pipeline that does not fit
-                from segtrain.errors import DataError
-
                 raise DataError(
                     f"the pipeline failed on {self.describe(index)} ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
                     "check data.train_pipeline (a crop larger than the image needs a PadIfNeeded before it)"

@@ -12,7 +12,9 @@ import atexit
 import copy
 import importlib
 import logging
+import multiprocessing
 import os
+import signal
 from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
@@ -20,8 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from segtrain.data import LAYOUTS, mask_classes
+from segtrain.data import LAYOUTS, mask_classes, transforms
 from segtrain.data.base import EpochSampler, SegDataset
+from segtrain.data.checks import check_labels
+from segtrain.data.palette import palette_array
+from segtrain.data.stats import resolve_auto, scan_images
 from segtrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -76,8 +81,6 @@ def build_datasets(cfg: DictConfig, seed: int, train: bool = True) -> Datasets:
     if on_disk:
         cfg = _prepare_on_disk(cfg, train_set, val)
     else:
-        from segtrain.data.stats import resolve_auto
-
         cfg = resolved(cfg, resolve_auto(cfg, train_set, None))
     return Datasets(train_set, val, cfg)
 
@@ -86,10 +89,6 @@ def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDatase
     """Checks, ``auto`` values, the scale report and the standard pipelines of an on-disk (train, val) pair
     (train None: the validation split alone, for ``segtrain-eval``); the resolved config.  The builders refuse
     empty splits."""
-    from segtrain.data import transforms
-    from segtrain.data.checks import check_labels
-    from segtrain.data.palette import palette_array
-    from segtrain.data.stats import resolve_auto, scan_images
 
     sets = [ds for ds in (train, val) if ds is not None]
     if cfg.palette is not None:
@@ -128,8 +127,6 @@ def _stop_workers_at_exit() -> None:
     children with SIGTERM and waits, would wait forever for any still alive at exit (a loader kept alive by
     an exception's traceback): kill them first (they only read data).  Registered after multiprocessing's
     handler, so it runs before it."""
-    import multiprocessing
-    import signal
 
     children = [c for c in multiprocessing.active_children() if c.daemon]
     if children:
@@ -142,7 +139,6 @@ atexit.register(_stop_workers_at_exit)
 
 
 def _worker_init(worker_id: int) -> None:
-    import signal
 
     # Ctrl-C / SIGTERM reach the whole process group: the main process handles them (finishes its step,
     # writes last.pt) and shuts the workers down; a worker dying first would crash the loader instead.

@@ -17,6 +17,7 @@ import numpy as np
 
 from segtrain.data.fingerprint import class_name, describe
 from segtrain.data.palette import default_palette
+from segtrain.outputs import write_png
 
 CARD_WIDTH = 1000
 TITLE_H, LINE_H, TEXT_LINES = 30, 15, 20
@@ -177,7 +178,6 @@ def card_image(fp: dict, plan: Any = None, samples: list | None = None, title: s
 
 def write_card(fingerprint: dict, plan: Any, samples: list | None, path: str | Path, title: str | None = None) -> Path:
     """Write :func:`card_image` as a PNG at ``path`` (atomically); returns the path."""
-    from segtrain.outputs import write_png
 
     path = Path(path)
     write_png(path, card_image(fingerprint, plan, samples, title))

@@ -41,6 +41,10 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain.data.build import open_datasets
+from segtrain.data.checks import cache_dir as labelcheck_dir
+from segtrain.data.disk import read_header, resolve_root
+from segtrain.data.folder import LAYOUT, read_classes
 from segtrain.errors import DataError
 from segtrain.utils import atomic_write, files_digest
 
@@ -57,7 +61,6 @@ TYPE_MAX = {"uint8": 255.0, "uint16": 65535.0}  # what data.mean's units divide 
 
 def cache_dir() -> Path:
     """``$SEGTRAIN_CACHE/fingerprint`` (default ``~/.cache/segtrain/fingerprint``)."""
-    from segtrain.data.checks import cache_dir as labelcheck_dir
 
     return labelcheck_dir().parent / "fingerprint"
 
@@ -92,7 +95,6 @@ def datasets_for(cfg_data: DictConfig, seed: int = 0) -> tuple[Any, Any]:
     ``data=folder``: when ``ROOT/classes.yaml`` (or ``data.class_names`` / ``data.palette``) lists a number of
     classes other than ``data.num_classes``, the sets are built with that number, so that the fingerprint can
     be taken before the plan has set ``data.num_classes``."""
-    from segtrain.data.build import open_datasets
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg_data, resolve=True))
     if cfg.name == "folder":
@@ -111,8 +113,6 @@ def datasets_for(cfg_data: DictConfig, seed: int = 0) -> tuple[Any, Any]:
 def declared_classes(cfg_data: DictConfig) -> int | None:
     """``data=folder``: the number of classes that ``data.class_names``, ``data.palette`` or ``ROOT/classes.yaml``
     (names, else palette) lists, or None."""
-    from segtrain.data.disk import resolve_root
-    from segtrain.data.folder import LAYOUT, read_classes
 
     if cfg_data.get("class_names") is not None:
         return len(cfg_data.class_names)
@@ -306,7 +306,6 @@ class _MaskStats:
 
 
 def _header_sizes(ds: Any, workers: int) -> tuple[list[tuple[int, int]], dict]:
-    from segtrain.data.disk import read_header
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         headers = list(pool.map(read_header, ds.images))

@@ -46,10 +46,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from segtrain.config import IMAGENET_MEAN, IMAGENET_STD
 from segtrain.data import mask_classes
+from segtrain.data.transforms import scale_factor
+from segtrain.models.build import build_model
+from segtrain.runtime import resolve_device
 from segtrain.utils import as_hw, as_size
 
 log = logging.getLogger("segtrain")
@@ -197,7 +202,6 @@ def _flatten(d: Any, prefix: str = "") -> set[str]:
 
 
 def _load_yaml(path: Path) -> dict:
-    import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
     return data if isinstance(data, dict) else {}
@@ -311,9 +315,6 @@ def network_cost(cfg_model: DictConfig, in_channels: int = 3, num_classes: int =
     """``bytes_per_pixel``: the bytes of the tensors autograd saves in one training forward pass, per input
     pixel and image (fp32; measured on the CPU at ``size`` x ``size``, two images, parameters excluded);
     ``param_bytes``: the fp32 parameters."""
-    import torch
-
-    from segtrain.models.build import build_model
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg_model, resolve=True))
     cfg.pretrained, cfg.init_from = False, None
@@ -341,13 +342,10 @@ def describe_device(
     """What :func:`make_plan` needs of the machine: ``type``, ``precision`` (autocast: fp16, bf16, fp32),
     ``name``, ``memory_bytes`` (the accelerator's; None on the CPU) and, on an accelerator with
     ``cfg_model``, the network's :func:`network_cost`."""
-    from segtrain.runtime import resolve_device
 
     device, precision = resolve_device(cfg_device)
     info: dict[str, Any] = {"type": device.type, "precision": precision, "name": str(device), "memory_bytes": None}
     if device.type == "cuda":
-        import torch
-
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, memory_bytes=int(props.total_memory))
         if cfg_model is not None:
@@ -371,7 +369,6 @@ def training_memory(batch: int, crop_hw: tuple[int, int], device_info: dict) -> 
 
 
 def _scale_factor(h: float, w: float, size: Any) -> float:
-    from segtrain.data.transforms import scale_factor
 
     return scale_factor(h, w, size)
 

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
 from segtrain.console import first_line, out_of_memory
 from segtrain.errors import DataError, OutputError, ResourceError
@@ -276,8 +277,7 @@ def _convert_mat(job: tuple[str, str]) -> str | None:
     """SBD ``cls/ID.mat`` -> index PNG; returns an error message or None."""
     src, dst = job
     try:
-        from PIL import Image
-        from scipy.io import loadmat
+        from scipy.io import loadmat  # SBD's .mat files only: scipy loads when one is converted
 
         seg = loadmat(src)["GTcls"][0]["Segmentation"][0]
         seg = np.asarray(seg)
@@ -293,8 +293,6 @@ def _copy_voc_png(job: tuple[str, str]) -> str | None:
     """VOC palette PNG -> index (grayscale) PNG."""
     src, dst = job
     try:
-        from PIL import Image
-
         with Image.open(src) as im:
             if im.mode not in ("P", "L"):
                 return f"{src}: mode {im.mode}, expected a palette (P) or index (L) PNG"
@@ -344,8 +342,6 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
 def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
     src, dst = job
     try:
-        from PIL import Image
-
         with Image.open(src) as im:
             arr = np.array(im)
         if arr.ndim != 2:

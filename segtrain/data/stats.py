@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from segtrain.data.checks import cache_dir as labelcheck_dir
 from segtrain.data.checks import read_cache, write_cache
 from segtrain.data.disk import DiskDataset, band_message, header_bands_fit, read_header
 from segtrain.errors import ConfigError, DataError
@@ -45,7 +46,6 @@ def value_range(dtype: Any) -> float:
 
 def cache_dir() -> Path:
     """``$SEGTRAIN_CACHE/images`` (default ``~/.cache/segtrain/images``), beside the label-check cache."""
-    from segtrain.data.checks import cache_dir as labelcheck_dir
 
     return labelcheck_dir().parent / "images"
 

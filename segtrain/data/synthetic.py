@@ -24,10 +24,12 @@ import math
 import cv2
 import numpy as np
 from omegaconf import DictConfig
+from torch.utils.data import get_worker_info
 
 from segtrain.data import mask_classes, transforms
 from segtrain.data.base import SegDataset
 from segtrain.data.palette import default_palette
+from segtrain.errors import ConfigError
 from segtrain.utils import as_hw
 
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "star", "ellipse"]
@@ -137,8 +139,6 @@ class SyntheticShapes(SegDataset):
     ):
         super().__init__(transform, aug_seed)
         if num_classes < 2:
-            from segtrain.errors import ConfigError
-
             raise ConfigError(f"data=synthetic needs data.num_classes >= 2, got {num_classes}")
         self.num_samples, self.image_size, self.num_classes = num_samples, tuple(image_size), num_classes
         self.split_id, self.content_seed = _SPLIT_IDS[split], seed
@@ -165,7 +165,6 @@ class SyntheticShapes(SegDataset):
 
     @staticmethod
     def _cache_share() -> int:
-        from torch.utils.data import get_worker_info
 
         info = get_worker_info()  # None in the main process (data.num_workers=0)
         return CACHE_BYTES // (info.num_workers if info is not None else 1)

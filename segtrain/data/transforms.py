@@ -18,6 +18,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from segtrain.errors import ConfigError
@@ -131,7 +132,6 @@ class CatMaxRatioCrop(A.DualTransform):
 
 def custom_pipeline(spec: Any, key: str) -> A.Compose:
     """``data.train_pipeline``: a list of ``{_target_: albumentations.X, ...}`` dicts -> ``A.Compose``."""
-    from hydra.utils import instantiate
 
     if not isinstance(spec, (list, ListConfig)):
         raise ConfigError(

@@ -17,6 +17,7 @@ import math
 import time
 
 from segtrain.config import smallest_eval_scale
+from segtrain.data.transforms import val_scale
 from segtrain.errors import ConfigError, DataError
 from segtrain.evaluation import evaluate_loader
 from segtrain.hooks.base import Hook
@@ -31,7 +32,6 @@ def check_val_images(val_set, cfg) -> None:
     label check of on-disk data sets) is named before training; when validation rescales every image
     (``data.val_size``, else ``data.base_size``: ``transforms.val_scale``) the sizes are checked in
     ``config.validate``."""
-    from segtrain.data.transforms import val_scale
 
     smallest = getattr(val_set, "smallest", None)
     need = min_input_size(cfg.model)

@@ -52,6 +52,8 @@ from torchvision import models as tvm
 
 from segtrain.errors import ConfigError, missing_extra
 from segtrain.models.blocks import SafeBatchNorm2d
+from segtrain.models.vit import ViTPyramid, is_plain_vit
+from segtrain.models.weights import match, read_weights
 from segtrain.utils import download
 
 log = logging.getLogger("segtrain")
@@ -264,7 +266,7 @@ def _create_timm(timm: Any, arch: str, kwargs: dict) -> nn.Module:
 
 def _import_timm(name: str) -> Any:
     try:
-        import timm
+        import timm  # an optional package (segtrain[timm])
     except ImportError:
         raise ConfigError(
             missing_extra(f"model.backbone={name}", "timm", "timm", f"or use one of: {', '.join(NAMES)}")
@@ -281,7 +283,6 @@ def _reference(timm: Any, arch: str, **kwargs: Any) -> nn.Module:
 def _timm_file(timm: Any, name: str, path: str, **kwargs: Any) -> dict:
     """``pretrained_cfg_overlay`` that has timm load ``path`` (its own filter, first-layer and positional-embedding
     adaptation) after :func:`~segtrain.models.weights.match` found every tensor of the encoder in it."""
-    from segtrain.models.weights import match, read_weights
 
     reference = _reference(timm, name.split(":", 1)[1], **kwargs)
     classifier = reference.pretrained_cfg.get("classifier") or ()
@@ -296,7 +297,6 @@ def timm_backbone(
 ) -> Backbone | nn.Module:
     """A timm encoder: ``features_only`` (5 or 4 levels), or a plain ViT's simple feature pyramid (:mod:`.vit`).
     ``pretrained``: timm's weights (downloaded by timm), or a file's (``model.pretrained=PATH``)."""
-    from segtrain.models.vit import is_plain_vit
 
     arch = name.split(":", 1)[1]
     timm = _import_timm(name)
@@ -347,7 +347,6 @@ def _reason(e: Exception) -> str:
 
 def vit_backbone(timm: Any, name: str, output_stride: int, pretrained: bool | str, in_channels: int) -> nn.Module:
     """A plain ViT (any input size: positional embeddings interpolated) and its simple feature pyramid."""
-    from segtrain.models.vit import ViTPyramid
 
     if output_stride not in (16, 32):
         raise ConfigError(
@@ -396,7 +395,6 @@ def torchvision_state(name: str, pretrained: bool | str) -> dict[str, torch.Tens
         return None
     if not isinstance(pretrained, str):
         return load_pretrained(imagenet_weights(name))
-    from segtrain.models.weights import match, read_weights
 
     table = RESNETS if name in RESNETS else MOBILENETS if name in MOBILENETS else None
     with torch.device("meta"):  # names and shapes only

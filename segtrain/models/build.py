@@ -22,12 +22,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import DictConfig
 from torch import nn
 
 from segtrain.config.validate import check_model
 from segtrain.errors import CheckpointError, ConfigError
+from segtrain.models import deconvnet, fcn, segformer
+from segtrain.models.backbones import VGGS, backbone_from_config, load_pretrained, torchvision_state
+from segtrain.models.deconvnet import DeconvNet
+from segtrain.models.deeplab import DeepLabV3, DeepLabV3Plus
+from segtrain.models.fcn import FCN
+from segtrain.models.pspnet import PSPNet
+from segtrain.models.segformer import SegFormer
+from segtrain.models.unet import BackboneUNet, UNet
+from segtrain.models.upernet import UPerNet
+from segtrain.models.vit import ViTPyramid
+from segtrain.models.weights import read_weights
 
 
 def _variant(cfg: DictConfig, network: str, variants: tuple[str, ...], default: str) -> str:
@@ -38,7 +50,6 @@ def _variant(cfg: DictConfig, network: str, variants: tuple[str, ...], default: 
 
 
 def _unet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.unet import BackboneUNet, UNet
 
     if cfg.backbone is None:
         return UNet(num_classes, in_channels, base_channels=cfg.base_channels, norm=cfg.norm)
@@ -47,7 +58,6 @@ def _unet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
             f"model.output_stride={cfg.output_stride} is not supported by unet (its decoder climbs the full "
             "stride-32 pyramid); remove model.output_stride"
         )
-    from segtrain.models.backbones import backbone_from_config
 
     return BackboneUNet(
         backbone_from_config(cfg, 32, in_channels=in_channels), num_classes, cfg.base_channels, cfg.norm
@@ -55,10 +65,8 @@ def _unet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
 
 
 def _fcn(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import VGGS, backbone_from_config, torchvision_state
-    from segtrain.models.fcn import FCN, VARIANTS
 
-    variant = _variant(cfg, "fcn", tuple(VARIANTS), "8s")
+    variant = _variant(cfg, "fcn", tuple(fcn.VARIANTS), "8s")
     vgg_state = None  # VGG: FCN also turns the pretrained fc6/fc7 into convolutions
     if cfg.pretrained and cfg.backbone in VGGS:
         vgg_state = torchvision_state(cfg.backbone, cfg.pretrained)
@@ -67,10 +75,8 @@ def _fcn(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
 
 
 def _deconvnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import torchvision_state
-    from segtrain.models.deconvnet import VARIANTS, DeconvNet
 
-    variant = _variant(cfg, "deconvnet", VARIANTS, "deconvnet")
+    variant = _variant(cfg, "deconvnet", deconvnet.VARIANTS, "deconvnet")
     if cfg.backbone is not None:
         raise ConfigError(
             "model=deconvnet builds its own VGG16-style encoder (scaled by model.base_channels); remove "
@@ -90,31 +96,24 @@ def _deconvnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Mo
 
 
 def _pspnet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.pspnet import PSPNet
 
     backbone = backbone_from_config(cfg, 8, in_channels=in_channels)
     return PSPNet(backbone, num_classes, cfg.aux, cfg.dropout, head_channels=cfg.head_channels or 512)
 
 
 def _deeplabv3(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.deeplab import DeepLabV3
 
     return DeepLabV3(backbone_from_config(cfg, 16, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
 
 
 def _deeplabv3plus(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.deeplab import DeepLabV3Plus
 
     return DeepLabV3Plus(backbone_from_config(cfg, 16, in_channels=in_channels), num_classes, cfg.aux, cfg.dropout)
 
 
 def _segformer(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.segformer import VARIANTS, SegFormer
 
-    variant = _variant(cfg, "segformer", tuple(VARIANTS), "b0")
+    variant = _variant(cfg, "segformer", tuple(segformer.VARIANTS), "b0")
     if cfg.backbone is not None:
         raise ConfigError(
             f"model=segformer builds its own Mix Transformer encoder (model.variant=b0 .. b5); remove "
@@ -127,21 +126,16 @@ def _segformer(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Mo
 
 
 def _segformer_weights(pretrained: bool | str, variant: str) -> dict:
-    from segtrain.models.weights import read_weights
 
     if isinstance(pretrained, str):
         return read_weights(pretrained)
-    from types import SimpleNamespace
 
-    from segtrain.models.backbones import load_pretrained
-    from segtrain.models.segformer import WEIGHTS_URL
-
-    return load_pretrained(SimpleNamespace(url=WEIGHTS_URL.format(variant=variant)), f"nvidia-mit-{variant}.bin")
+    return load_pretrained(
+        SimpleNamespace(url=segformer.WEIGHTS_URL.format(variant=variant)), f"nvidia-mit-{variant}.bin"
+    )
 
 
 def _upernet(cfg: DictConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    from segtrain.models.backbones import backbone_from_config
-    from segtrain.models.upernet import UPerNet
 
     backbone = backbone_from_config(cfg, 32, in_channels=in_channels)
     return UPerNet(backbone, num_classes, cfg.aux, cfg.dropout, cfg.head_channels or 512)
@@ -183,7 +177,6 @@ def freeze_backbone(model: nn.Module, network: str) -> nn.Module:
     """``model.freeze_backbone=true``: the pretrained encoder (``model.backbone``; of a plain ViT's pyramid, the ViT
     alone: the pyramid's new layers train) gets ``requires_grad=False`` (so the optimizer leaves it out) and stays
     in eval mode in training.  The state-dict keys do not change."""
-    from segtrain.models.vit import ViTPyramid
 
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from segtrain.errors import ConfigError
+from segtrain.models.backbones import adapt_conv_weight
 from segtrain.models.blocks import ConvBNReLU, norm_layer
 
 STAGES = (2, 2, 3, 3, 3)  # convs in each of VGG16's five stages
@@ -118,7 +119,6 @@ class DeconvNet(nn.Module):
         bias is folded into the running mean: the same function in eval mode.
         Other input bands than RGB: the first conv's filters are adapted (``backbones.adapt_conv_weight``).
         """
-        from segtrain.models.backbones import adapt_conv_weight
 
         convs = [k[: -len(".weight")] for k, v in state.items() if k.startswith("features.") and v.dim() == 4]
         ours = [m for stage in self.encoder for m in stage]

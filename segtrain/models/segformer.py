@@ -51,7 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.models.backbones import adapt_conv_weight
 from segtrain.models.blocks import ConvBNReLU, resize_to
+from segtrain.models.weights import match
 
 log = logging.getLogger("segtrain")
 
@@ -249,8 +251,6 @@ class SegFormer(nn.Module):
     def load_pretrained(self, state: dict[str, torch.Tensor], source: str) -> None:
         """A Hugging Face or paper checkpoint (see the module docstring): the whole encoder, and the decoder's
         tensors whose names and shapes match."""
-        from segtrain.models.backbones import adapt_conv_weight
-        from segtrain.models.weights import match
 
         encoder, decoder = convert_state_dict(state)
         ours = self.backbone.state_dict()

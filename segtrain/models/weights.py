@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from segtrain import checkpoint
 from segtrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("segtrain")
@@ -89,7 +90,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_file(path: Path) -> dict[str, torch.Tensor]:
-    from segtrain import checkpoint
 
     obj = checkpoint.load(path, require_model=False)  # weights_only=True; one-line CheckpointError
     for key in ("state_dict", "model", "module"):  # mmseg/mmengine, segtrain/DeiT, DeepSpeed-style wrappers
