@@ -2,9 +2,15 @@
 
 :func:`build_run` fits the config to the data and makes every object the run needs: device and processes,
 data sets and loaders, network, loss, optimizer and schedule, and the checkpoint to resume from.  Fitting
-returns values: the ``auto`` settings (``data.base_size``, ``data.mean`` / ``std``, ``loss.class_weights``)
-come back as numbers in a new, resolved config, which is what checkpoints store; the config given is never
-changed.  :func:`build_trainer` wires the objects and the hooks into a :class:`~segtrain.trainer.Trainer`.
+returns values, never changes the config given:
+
+* the plan (:func:`plan_run`, when the keys the user set are known: the command line's): the data's fingerprint
+  (:mod:`segtrain.data.fingerprint`, cached) and every data-dependent setting the user left unset, each by a
+  stated rule (:mod:`segtrain.data.plan`), written into a new config;
+* the ``auto`` settings (``data.base_size``, ``data.mean`` / ``std``, ``loss.class_weights``) come back as
+  numbers in the resolved config, which is what checkpoints store.
+
+:func:`build_trainer` wires the objects and the hooks into a :class:`~segtrain.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import torch
 from omegaconf import DictConfig
 
 from segtrain import checkpoint, distributed, resume, rundir, runtime
-from segtrain.config import check_run_length
+from segtrain.config import check_run_length, validate
 from segtrain.data import mask_classes
 from segtrain.data.base import SegDataset
 from segtrain.data.build import build_datasets, build_loader, resolved
+from segtrain.data.fingerprint import compute_fingerprint, datasets_for, declared_classes
 from segtrain.data.palette import palette_of
+from segtrain.data.plan import Plan, describe_device, make_plan
 from segtrain.distributed import DistInfo
 from segtrain.evaluation import class_names
+from segtrain.hooks.datacard import DataCard
 from segtrain.hooks.ema import EMA
 from segtrain.hooks.guard import DivergenceGuard
 from segtrain.hooks.logging import LoggerHook, Progress, ValidationPictures
@@ -63,6 +72,7 @@ class Run:
     palette: np.ndarray
     max_iters: int
     resume: tuple[dict, Path] | None
+    plan: tuple[Plan, dict] | None = None  # the plan and the fingerprint it was made from (a planned run)
 
 
 def _processes(cfg: DictConfig, run_dir: str | Path) -> tuple[torch.device, str, DistInfo, Path]:
@@ -81,10 +91,32 @@ def _processes(cfg: DictConfig, run_dir: str | Path) -> tuple[torch.device, str,
     return device, precision, dist, run_dir
 
 
-def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
-    """Every object of the run that ``cfg`` describes, in the order that makes a seeded run repeatable."""
-    t = cfg.trainer
+def plan_run(cfg: DictConfig, explicit: set[str], seed: int = 0) -> tuple[DictConfig, Plan, dict]:
+    """The data's fingerprint and the plan for ``cfg``: (the planned config, the plan, the fingerprint).
+    ``explicit``: the keys the user set (:func:`segtrain.data.plan.explicit_keys`), which the plan never changes."""
+    d = cfg.data
+    train_set, val_set = datasets_for(d, seed)
+    declared = declared_classes(d) if d.name == "folder" else None
+    fp = compute_fingerprint(
+        train_set, val_set, name=str(d.name), in_channels=d.in_channels, ignore_index=d.ignore_index, declared=declared
+    )
+    device = describe_device(cfg.device, cfg.model, d.in_channels, d.num_classes)
+    plan = make_plan(fp, d, cfg.loss, cfg.model, explicit, device, cfg_trainer=cfg.trainer)
+    plan.log()
+    return plan.apply(cfg), plan, fp
+
+
+def build_run(cfg: DictConfig, run_dir: str | Path, explicit: set[str] | None = None) -> Run:
+    """Every object of the run that ``cfg`` describes, in the order that makes a seeded run repeatable.
+    ``explicit``: the keys the user set, to plan the others from the data (:func:`plan_run`); None: no plan, the
+    config as given."""
     device, precision, dist, run_dir = _processes(cfg, run_dir)
+    planned = None
+    if explicit is not None:
+        cfg, plan, fp = plan_run(cfg, explicit, cfg.data.seed)
+        planned = (plan, fp)
+    validate(cfg)  # the config the run is built from (what the plan fills is checked once it is filled)
+    t = cfg.trainer
     runtime.seed_everything(cfg.seed)
     runtime.configure_backends(device, t.deterministic, cfg.device.cudnn_benchmark)
 
@@ -135,17 +167,21 @@ def build_run(cfg: DictConfig, run_dir: str | Path) -> Run:
         palette_of(mask_classes(k), (getattr(train_set, "palette", None), "the data set's palette")),
         max_iters,
         found,
+        planned,
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: str | Path, on_abort=None) -> Trainer:
+def build_trainer(cfg: DictConfig, run_dir: str | Path, on_abort=None, explicit: set[str] | None = None) -> Trainer:
     """A Trainer for ``cfg`` with the standard hooks, resumed from ``trainer.resume`` when set.  ``on_abort(msg)``:
-    called when a second stop signal aborts the run at once (the command line records it in status.json)."""
-    run = build_run(cfg, run_dir)
+    called when a second stop signal aborts the run at once (the command line records it in status.json);
+    ``explicit``: the keys the user set, to plan the others (:func:`build_run`)."""
+    run = build_run(cfg, run_dir, explicit)
     t = run.cfg.trainer
     speed = Throughput()
     records = LoggerHook(run.run_dir, speed)
     hooks = [Preflight(run.val_set), DivergenceGuard()]  # the guard first: a diverged step goes no further
+    if run.plan is not None:
+        hooks.append(DataCard(run.run_dir, run.plan[1], run.plan[0], run.train_set))
     if t.ema_decay:
         hooks.append(EMA(run.model, t.ema_decay, t.ema_warmup))
     hooks += [

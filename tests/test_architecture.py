@@ -104,7 +104,11 @@ def test_no_module_imports_another_modules_private_name():
     for name, path in _modules().items():
         for node, _ in _runtime_imports(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("segtrain"):
-                offenders += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                offenders += [
+                    f"{name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.endswith("__")
+                ]
     assert offenders == []
 
 

@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 from test_config import composed
 
 from segtrain.config import IMAGENET_MEAN, IMAGENET_STD, config_dir
+from segtrain.config.explicit import explicit_keys
 from segtrain.data.fingerprint import fingerprint
 from segtrain.data.plan import (
     Plan,
     autocast_step,
     describe_device,
-    explicit_keys,
     make_plan,
     network_cost,
     signal_problems,

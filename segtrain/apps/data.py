@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from segtrain.config import config_dir, register_configs
+from segtrain.config.explicit import explicit_keys
 from segtrain.console import error_line, first_line, out_of_memory, protect_std_streams
 from segtrain.data.prepare import (
     PROG,
@@ -184,7 +185,7 @@ def inspect(
     # the data sets and their readers load when the data is inspected, not for --help
     from segtrain.data.card import card_samples, write_card
     from segtrain.data.fingerprint import MAX_IMAGES, compute_fingerprint, datasets_for, declared_classes, describe
-    from segtrain.data.plan import describe_device, explicit_keys, make_plan
+    from segtrain.data.plan import describe_device, make_plan
 
     if not any(o.split("=", 1)[0] == "data" for o in overrides):
         raise ConfigError("name the data set: segtrain-data inspect data=NAME data.root=PATH [data.KEY=VALUE ...]")

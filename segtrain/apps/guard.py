@@ -70,7 +70,7 @@ class RunDirGuard(Callback):
         if not values:
             paths = {}
         elif self.train:
-            validate(config)
+            validate(config, before_plan=True)  # what the plan fills is checked once it is filled
             paths = {"trainer.resume": config.trainer.resume, "model.init_from": config.model.init_from}
         else:
             validate_app(config, str(config.hydra.job.name), prog_name())

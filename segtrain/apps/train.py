@@ -17,7 +17,8 @@ from segtrain import distributed
 from segtrain.apps.guard import resume_command
 from segtrain.apps.runner import run_hydra_app
 from segtrain.apps.sweep import mark_status
-from segtrain.config import check_keys, validate
+from segtrain.config import check_keys, config_dir, validate
+from segtrain.config.explicit import explicit_keys
 from segtrain.errors import Preempted
 
 log = logging.getLogger("segtrain")
@@ -26,12 +27,13 @@ log = logging.getLogger("segtrain")
 def _train(cfg: DictConfig) -> tuple[float, dict]:
     """The best value of ``trainer.monitor`` (what Hydra sweepers optimise), and why training stopped."""
     check_keys(cfg)  # a sweep's job: what the RunDirGuard checked for a single run
-    validate(cfg)  # before torch loads: a sweep's bad job fails in a moment
+    validate(cfg, before_plan=True)  # before torch loads: a sweep's bad job fails in a moment
     from segtrain.build import build_trainer  # torch: not imported before a job runs (`segtrain --help`)
 
-    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    run_dir = cfg.run_dir or hc.runtime.output_dir
     on_abort = partial(mark_status, run_dir, "aborted") if distributed.env_rank() == 0 else None
-    trainer = build_trainer(cfg, run_dir, on_abort)
+    trainer = build_trainer(cfg, run_dir, on_abort, explicit=explicit_keys(hc.overrides.task, _config_dirs(hc)))
     try:
         summary = trainer.fit()
     except Preempted as e:  # the command that continues the run
@@ -41,6 +43,14 @@ def _train(cfg: DictConfig) -> tuple[float, dict]:
         distributed.cleanup()
     keys = ("monitor", "monitor_mode", "best_value", "best_step", "best_checkpoint", "stop_reason")
     return summary["best_value"], {k: summary[k] for k in keys}
+
+
+def _config_dirs(hc) -> list[str]:
+    """segtrain's config dir, then the user's (``--config-dir``, ``hydra.searchpath``): where explicit_keys reads the
+    options the command line chose."""
+    ours = config_dir()
+    theirs = [s.path for s in hc.runtime.config_sources if s.schema == "file" and s.path and s.path != ours]
+    return [ours, *theirs]
 
 
 def main() -> None:

@@ -303,8 +303,11 @@ def _validate_class_weights(cfg: DictConfig) -> None:
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line, naming the key) for an impossible value."""
+def validate(cfg: DictConfig, before_plan: bool = False) -> None:
+    """Raise ConfigError (one line, naming the key) for an impossible value.  ``before_plan``: the config before the
+    plan fills what the user left unset (:func:`segtrain.build.plan_run`): the checks of what the plan may fill
+    (the classes of ``data.class_names`` against ``data.num_classes``, ``data.mean`` / ``std`` per band, the loss of
+    one sigmoid logit) wait for the planned config, which is checked whole."""
 
     check_finite(cfg)
     d, o, s, t, lo = cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
@@ -358,7 +361,7 @@ def validate(cfg: DictConfig) -> None:
         f"data.scale_range must be [low, high] with 0 < low <= high, got {list(d.scale_range)}",
     )
     _check(0 < d.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {d.cat_max_ratio}")
-    if d.class_names is not None:
+    if d.class_names is not None and not before_plan:
         k = mask_classes(d.num_classes)
         _check(
             len(d.class_names) == k,
@@ -369,9 +372,10 @@ def validate(cfg: DictConfig) -> None:
         0 < d.val_fraction <= 1,
         f"data.val_fraction must be in (0, 1] (the share of the images held out for validation), got {d.val_fraction}",
     )
-    _validate_images(d)
+    _validate_images(d, before_plan)
     _check_names(cfg)
-    _validate_binary(cfg)
+    if not before_plan:
+        _validate_binary(cfg)
 
     _check(s.power > 0, f"scheduler.power must be > 0, got {s.power}")
     _check(s.min_lr >= 0, f"scheduler.min_lr must be >= 0, got {s.min_lr}")
@@ -648,7 +652,7 @@ def validate_export(cfg: DictConfig) -> None:
             )
 
 
-def _validate_images(d: DictConfig) -> None:
+def _validate_images(d: DictConfig, before_plan: bool = False) -> None:
     """``data.in_channels``, ``data.mean`` / ``data.std`` (a list per band, or auto) and ``base_size=auto``."""
     c = d.in_channels
     _check(c >= 1, f"data.in_channels must be >= 1, got {c}")
@@ -671,7 +675,7 @@ def _validate_images(d: DictConfig) -> None:
             )
             continue
         _check(
-            len(value) == c,
+            before_plan or len(value) == c,
             f"data.{key} has {len(value)} values but data.in_channels={c}: give {c} values, or data.mean=auto "
             "(mean and std computed from the training images)",
         )
