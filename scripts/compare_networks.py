@@ -69,7 +69,7 @@ def warm_datasets(cfg) -> tuple:
     images on first use and keeps them, so no network pays for drawing them in its budget."""
     from segtrain.data.build import build_datasets
 
-    train_set, val_set = build_datasets(cfg.data, cfg.seed)
+    train_set, val_set, _ = build_datasets(cfg.data, cfg.seed)
     for ds in (train_set, val_set):
         for i in range(len(ds)):
             ds.load(i)
@@ -96,7 +96,7 @@ def train_for(cfg, budget: float, datasets: tuple) -> dict:
     fmt = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
     model = build_model(cfg.model, cfg.data.num_classes, cfg.data.in_channels).to(device, memory_format=fmt)
     to_device = BatchToDevice(device, cfg.data.mean, cfg.data.std, fmt)
-    criterion = build_loss(cfg.loss, cfg.data.num_classes, cfg.data.ignore_index, train_set).to(device)
+    criterion = build_loss(cfg.loss, cfg.data.num_classes, cfg.data.ignore_index).to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
     bases = [g["lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from segtrain.checkpoint import load_checkpoint
 from segtrain.config import validate
 from segtrain.errors import ConfigError, ResourceError
 from segtrain.models import min_input_size
@@ -178,9 +179,24 @@ def input_size(cfg: DictConfig) -> tuple[int, int]:
     return 512, 512
 
 
-def model_info(cfg: DictConfig, state: dict | None = None) -> dict:
-    """Parameters, FLOPs and latency of the configured network (``state``: a checkpoint whose weights it loads);
-    see the module docstring."""
+def checkpoint_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """The model and data config stored in ``cfg.ckpt`` (with ``cfg``'s device and info settings), and the
+    checkpoint (its weights are loaded, no pretrained download)."""
+    path = Path(cfg.ckpt).expanduser()
+    state, stored = load_checkpoint(path)
+    out = OmegaConf.merge(stored, {"device": cfg.device})
+    with open_dict(out):
+        out.info, out.ckpt = cfg.info, str(path)
+        out.model.pretrained, out.model.init_from = False, None
+    return out, state
+
+
+def model_info(cfg: DictConfig) -> dict:
+    """Parameters, FLOPs and latency of the configured network, or (``cfg.ckpt``) the checkpoint's with its
+    weights; see the module docstring."""
+    state = None
+    if cfg.ckpt is not None:
+        cfg, state = checkpoint_config(cfg)
     i = cfg.info
     for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1)):
         if i[key] < low:

@@ -8,9 +8,9 @@ import pytest
 from fake_datasets import FOLDER_PALETTE, data_cfg, write_ade, write_cityscapes, write_folder, write_png, write_voc
 from PIL import Image
 
+from segtrain.data import transforms as T
 from segtrain.data.base import seed_pipeline
 from segtrain.data.build import build_datasets
-from segtrain.data.build import transforms as T
 from segtrain.data.checks import cache_dir
 from segtrain.errors import ConfigError, DataError
 
@@ -338,7 +338,9 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
     root = cli.cwd / "data"
     write_folder(root, masks="binary", classes_yaml=False)
     env = {"SEGTRAIN_CACHE": str(cli.cwd / "cache")}
-    proc, _ = cli("data=folder", f"data.root={root}", *FAST, check=False, env=env)
+    # the plan maps 255 to 1 in masks that hold only 0 and 255 (data.label_map left unset); set to null, the label
+    # check names the fix
+    proc, _ = cli("data=folder", f"data.root={root}", *FAST, "data.label_map=null", check=False, env=env)
     assert proc.returncode != 0
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("segtrain: error:"), proc.stderr
@@ -348,6 +350,8 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
         and "img_0" in err[0]
         and "data.label_map={255:1}" in err[0]
     )
+    proc, run = cli("data=folder", f"data.root={root}", *FAST, env=env, run_dir="planned")
+    assert (run / "metrics.json").is_file() and "plan: data.label_map={255: 1}" in proc.stdout + proc.stderr
     proc, run = cli("data=folder", f"data.root={root}", *FAST, "data.label_map={255:1}", env=env)
     assert (run / "metrics.json").is_file()
     # segtrain-eval on a separate test folder of the same kind: the checkpoint's label_map carries over, and

@@ -235,8 +235,7 @@ def test_export_never_replaces_what_it_did_not_write(tiny_run, tmp_path, monkeyp
     import os
     import shutil
 
-    import segtrain.evaluate
-
+    import segtrain.checkpoint
     from segtrain.apps.export import export_checkpoint
     from segtrain.errors import OutputError
 
@@ -254,8 +253,8 @@ def test_export_never_replaces_what_it_did_not_write(tiny_run, tmp_path, monkeyp
         "new.pt is in checkpoints/ of the training run": run / "checkpoints" / "new.pt",
         "tb/m.pt is in tb/ of the training run": run / "tb" / "m.pt",
     }
-    real_load = segtrain.evaluate.load_checkpoint
-    monkeypatch.setattr(segtrain.evaluate, "load_checkpoint", lambda p: pytest.fail(f"loaded {p} before refusing"))
+    real_load = segtrain.checkpoint.load_checkpoint
+    monkeypatch.setattr(segtrain.checkpoint, "load_checkpoint", lambda p: pytest.fail(f"loaded {p} before refusing"))
     for match, output in never.items():
         for overwrite in (False, True):
             with pytest.raises(OutputError, match=f"{match}.*; never replaced, not even with overwrite=true: choose"):
@@ -265,7 +264,7 @@ def test_export_never_replaces_what_it_did_not_write(tiny_run, tmp_path, monkeyp
             export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / name)))
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == ckpts
     assert os.path.islink(tmp_path / "link.pt") and (tmp_path / "mine.pt").read_bytes() == b"the user's own file"
-    monkeypatch.setattr(segtrain.evaluate, "load_checkpoint", real_load)
+    monkeypatch.setattr(segtrain.checkpoint, "load_checkpoint", real_load)
     export_checkpoint(_export_cfg(tiny_run, output=str(tmp_path / "mine.pt"), overwrite=True))
     assert (tmp_path / "mine.pt").read_bytes()[:2] == b"PK" and (tmp_path / "mine.pt.json").is_file()
     with pytest.raises(OutputError, match="mine.pt is an earlier export; set overwrite=true"):
@@ -283,7 +282,7 @@ def test_export_settings_and_outputs_refused_before_work(tiny_run, tmp_path):
 
     from segtrain.apps.export import _target, check_settings, opset_range
     from segtrain.errors import CheckpointError
-    from segtrain.writeguard import check_ckpt_path
+    from segtrain.files import checkpoint_file
 
     assert opset_range() == (18, onnx.defs.onnx_opset_version())
     newest = opset_range()[1]
@@ -315,14 +314,15 @@ def test_export_settings_and_outputs_refused_before_work(tiny_run, tmp_path):
     assert _target(_export_cfg(tiny_run, output=str(tmp_path / "deploy"))) == tmp_path / "deploy" / "model.pt"
     assert _target(_export_cfg(tiny_run, output="~")) == Path.home() / "model.pt"
     with pytest.raises(
-        CheckpointError, match="ckpt=R is a folder, not a checkpoint file; e.g. ckpt=.*checkpoints/best.pt"
+        CheckpointError,
+        match="ckpt=.* is a directory, not a checkpoint file; give the file in it: ckpt=.*checkpoints/best.pt",
     ):
-        check_ckpt_path(tiny_run, "ckpt=R")
+        checkpoint_file(tiny_run, "ckpt")
     with pytest.raises(CheckpointError, match="ckpt=/dev/null is a character device, not a checkpoint file"):
-        check_ckpt_path(Path("/dev/null"), "ckpt=/dev/null")
+        checkpoint_file("/dev/null", "ckpt")
     from segtrain.apps.export import export_checkpoint
 
-    with pytest.raises(CheckpointError, match="checkpoint not found: .*gone.pt"):  # before any folder is made
+    with pytest.raises(CheckpointError, match="ckpt=.*gone.pt: no such file"):  # before any folder is made
         export_checkpoint(_export_cfg(tiny_run, ckpt=str(tmp_path / "gone.pt"), output=str(tmp_path / "new" / "m.pt")))
     assert not (tmp_path / "new").exists()
 

@@ -23,7 +23,7 @@ from fake_own_data import write_binary_95_5, write_nuclei16, write_photos, write
 from PIL import Image
 from scipy import ndimage
 
-from segtrain.data.build import disk as D
+from segtrain.data import disk as D
 from segtrain.data.card import CARD_HEIGHT, CARD_WIDTH, card_samples, display, write_card
 from segtrain.data.fingerprint import (
     cache_dir,

@@ -239,7 +239,7 @@ def test_full_disk_and_out_of_memory_are_one_line_each(tmp_path, finished_run):
     """A disk that fills during training (a file size limit of 8 KiB: writes fail with EFBIG as they would with
     ENOSPC): TensorBoard's writer thread fails into the log, not onto the console, the logger is switched off
     naming its file, and the one error line names the full path that could not be written (exit 4).
-    An allocation no machine can make (segtrain-export's self-check at 10^7 x 10^7 px): one line naming the
+    An allocation no machine can make (segtrain-info, a batch of 10^7 images of 2048 x 2048 px): one line naming the
     setting that shrinks the job (exit 5)."""
     from conftest import one_line_error
 
@@ -253,9 +253,9 @@ def test_full_disk_and_out_of_memory_are_one_line_each(tmp_path, finished_run):
         text=True,
     )
     ckpt = finished_run[1] / "checkpoints" / "last.pt"
-    export = ["format=torchscript", "output=big/model.pt", "check_sizes=[[10000000,10000000]]", "hydra.run.dir=x"]
+    big = ["info.size=[2048,2048]", "info.batch_size=10000000", "hydra.run.dir=x"]  # segtrain-export caps check_sizes
     oom = subprocess.run(
-        console_script("segtrain-export") + [f"ckpt={ckpt}", *export],
+        console_script("segtrain-info") + [f"ckpt={ckpt}", *big],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,
@@ -271,10 +271,8 @@ def test_full_disk_and_out_of_memory_are_one_line_each(tmp_path, finished_run):
     assert "background thread" in log and "File too large" in log  # the thread's traceback, in the log only
     assert f"logger tensorboard failed (OSError: [Errno 27] File too large (writing {tmp_path / 'run' / 'tb'}" in log
 
-    line = one_line_error(
-        oom, "out of memory (RAM)", "check_sizes (now [[10000000, 10000000]])", prog="segtrain-export"
-    )
-    assert oom.returncode == 5 and not (tmp_path / "big" / "model.pt").exists(), line
+    line = one_line_error(oom, "2048x2048", "info.batch_size", prog="segtrain-info")
+    assert oom.returncode == 5 and not (tmp_path / "x" / "info.json").exists(), line
 
 
 @pytest.mark.parametrize(

@@ -365,7 +365,7 @@ def test_the_applied_plan_is_what_validation_loaders_and_losses_take(tmp_path):
     new = plan.apply(cfg)
     assert new.loss.name == "ce+dice" and new.data.label_map == {255: 1} and new.data.batch_size == 2
     validate(new)
-    train, _ = build_datasets(new.data, seed=0)
+    train, _, _ = build_datasets(new.data, seed=0)
     images, masks = next(iter(build_loader(train, new.data, True, seed=0)))
     assert images.shape == (2, 3, 40, 40) and set(masks.unique().tolist()) <= {0, 1, 255}
     x, y = BatchToDevice(torch.device("cpu"), new.data.mean, new.data.std)(images, masks)

@@ -55,8 +55,8 @@ def test_recipe_config_errors(overrides, match):
 def test_segformer_trains_from_a_safetensors_file_with_a_frozen_encoder(tmp_path, caplog):
     """``segtrain debug=smoke model=segformer model.pretrained=FILE model.freeze_backbone=true`` (in-process, 2
     steps): the encoder ends as it was loaded, the decoder trained, the log says how many parameters train."""
+    from segtrain.build import build_trainer
     from segtrain.models.segformer import SegFormer
-    from segtrain.trainer import Trainer
 
     torch.manual_seed(3)
     source = SegFormer(6, "b0").state_dict()
@@ -66,7 +66,7 @@ def test_segformer_trains_from_a_safetensors_file_with_a_frozen_encoder(tmp_path
     )
     validate(cfg)
     with caplog.at_level(logging.INFO, logger="segtrain"):
-        summary = Trainer(cfg, tmp_path / "run").fit()
+        summary = build_trainer(cfg, tmp_path / "run").fit()
     assert summary["step"] == 2 and 0 <= summary["best_miou"] <= 1
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
     for k, v in source.items():
@@ -79,13 +79,13 @@ def test_segformer_trains_from_a_safetensors_file_with_a_frozen_encoder(tmp_path
 
 def test_upernet_trains_with_a_scaled_lr(tmp_path, caplog):
     """``segtrain debug=smoke model=upernet ...`` with a recipe batch of 8 and 4 images: lr x sqrt(1/2), said at start."""
-    from segtrain.trainer import Trainer
+    from segtrain.build import build_trainer
 
     network = ["model=upernet", "model.backbone=resnet18", "model.head_channels=16"]
     cfg = composed(*SMOKE, *network, "recipe.total_batch=8", "optimizer.lr_scaling=sqrt")
     validate(cfg)
     with caplog.at_level(logging.INFO, logger="segtrain"):
-        trainer = Trainer(cfg, tmp_path / "run")
+        trainer = build_trainer(cfg, tmp_path / "run")
         assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(cfg.optimizer.lr * math.sqrt(0.5))
         summary = trainer.fit()
     assert summary["step"] == 2 and 0 <= summary["best_miou"] <= 1

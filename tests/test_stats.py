@@ -10,8 +10,8 @@ import torch
 from fake_datasets import data_cfg, write_png, write_tiff_folder, write_voc
 from omegaconf import OmegaConf
 
+from segtrain.data import disk as D
 from segtrain.data.build import build_datasets
-from segtrain.data.build import disk as D
 from segtrain.data.stats import cache_dir, channel_stats
 from segtrain.errors import DataError
 

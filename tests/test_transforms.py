@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fake_datasets import data_cfg, write_folder, write_voc
 
+from segtrain.data import transforms as T
 from segtrain.data.build import build_datasets
-from segtrain.data.build import transforms as T
 from segtrain.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("own_cache")

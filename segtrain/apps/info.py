@@ -15,10 +15,9 @@ import logging
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from segtrain.apps.runner import command
-from segtrain.errors import ConfigError
 from segtrain.utils import write_json
 
 log = logging.getLogger("segtrain")
@@ -28,35 +27,13 @@ def _info(cfg: DictConfig) -> float:
     # torch and the network load when the job runs, not for `segtrain-info --help`
     from segtrain.info import format_info, model_info
 
-    state = None
-    if cfg.ckpt is not None:
-        cfg, state = _from_checkpoint(cfg)
-    info = model_info(cfg, state)
+    info = model_info(cfg)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "info.json", info)
     print(format_info(info), flush=True)
     log.info("wrote %s", run_dir / "info.json")
     return info["gflops"]
-
-
-def _from_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict]:
-    """The checkpoint's model and data config (with this command line's device and info), and the checkpoint."""
-    from segtrain.checkpoint import load_checkpoint  # torch: loaded when the job runs, not for --help
-
-    path = Path(cfg.ckpt).expanduser()
-    state, stored = load_checkpoint(path)
-    given = (
-        [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
-    )
-    for key in given:
-        if key.split(".", 1)[0] in ("model", "data"):
-            raise ConfigError(f"segtrain-info ckpt=... takes {key} from the checkpoint; drop the override {key}")
-    out = OmegaConf.merge(stored, {"device": cfg.device})
-    with open_dict(out):
-        out.info, out.ckpt = cfg.info, str(path)
-        out.model.pretrained, out.model.init_from = False, None
-    return out, state
 
 
 main = command(_info, "info", "segtrain-info")  # the console script

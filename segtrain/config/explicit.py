@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+
+from segtrain.config.schema import SegtrainConfig
+
+# the keys of each group of the schema (the defaults of a recipe's options are part of the recipe)
+SCHEMA_GROUPS = {
+    group: tuple(node.keys())
+    for group, node in OmegaConf.structured(SegtrainConfig).items()
+    if OmegaConf.is_dict(node) and not OmegaConf.is_missing(OmegaConf.structured(SegtrainConfig), group)
+}
 
 GROUPS = ("model", "data", "optimizer", "scheduler", "loss", "device", "trainer", "logger", "eval")
 
@@ -70,8 +80,10 @@ def _option_keys(group: str, option: str, config_dirs: list[Path], complete: boo
             return {"data"}
         return {"data.name"} if shipped else {"data.name"} | {f"data.{k}" for k in _flatten(_load_yaml(path))}
     keys = {f"{group}.name"} if group in ("model", "loss", "optimizer", "scheduler") else set()
-    if path is not None and (group == "loss" or complete):  # a loss option's own values (not its null placeholders)
-        keys |= {f"{group}.{k}" for k, v in _load_yaml(path).items() if complete or v is not None}
+    if complete and group in SCHEMA_GROUPS:  # a recipe's option: every key of its group, the schema's defaults too
+        return keys | {f"{group}.{k}" for k in SCHEMA_GROUPS[group]}
+    if path is not None and group == "loss":  # a loss option's own values
+        keys |= {f"{group}.{k}" for k, v in _load_yaml(path).items() if v is not None}
     return keys
 
 

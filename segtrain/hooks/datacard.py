@@ -1,9 +1,11 @@
 """The data card of the run: ``plan.json`` (every setting the plan derived from the data, with its reason) and
 ``data_card.png`` (class frequencies, image sizes, samples with their masks) in the run dir, written before the
-first step; the plan is also kept in every checkpoint (``plan``)."""
+first step; the plan is also kept in every checkpoint (``plan``).  Like a logger, the card never stops a run: a
+file that cannot be written is one warning naming it."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ from segtrain.data.card import card_samples, write_card
 from segtrain.data.plan import Plan
 from segtrain.hooks.base import Hook
 from segtrain.utils import atomic_write
+
+log = logging.getLogger("segtrain")
 
 
 class DataCard(Hook):
@@ -22,11 +26,15 @@ class DataCard(Hook):
     def before_train(self, trainer) -> None:
         if not trainer.is_main:
             return
-        atomic_write(self.run_dir / "plan.json", self.plan.to_json() + "\n", durable=False)
-        title = f"data card: data={trainer.cfg.data.name}" + (
-            f" ({trainer.cfg.data.root})" if trainer.cfg.data.root else ""
-        )
-        write_card(self.fingerprint, self.plan, card_samples(self.dataset), self.run_dir / "data_card.png", title)
+        d = trainer.cfg.data
+        title = f"data card: data={d.name}" + (f" ({d.root})" if d.root else "")
+        path = self.run_dir / "plan.json"
+        try:
+            atomic_write(path, self.plan.to_json() + "\n", durable=False)
+            path = self.run_dir / "data_card.png"
+            write_card(self.fingerprint, self.plan, card_samples(self.dataset), path, title)
+        except OSError as e:
+            log.warning("cannot write %s (%s); training goes on without it", path, e.strerror or e)
 
     def state_dict(self) -> dict:
         return self.plan.to_dict()
