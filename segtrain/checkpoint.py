@@ -73,18 +73,6 @@ def remove_stale_temporaries(folder: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def load(path: str | Path, map_location: str | torch.device = "cpu", require_model: bool = True) -> Any:
     """Load a checkpoint with ``weights_only=True``; every failure is a one-line CheckpointError (complete:
     torch's own text goes to the log with the traceback), and torch's warnings about the file are not printed.

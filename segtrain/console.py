@@ -287,6 +287,7 @@ def oom_message(cfg: DictConfig, precision: str | None, where: str, prog: str = 
     """Advice for an out-of-memory error of ``prog`` (``kind``: ``GPU`` or ``CPU`` memory): what ran out, and
     the settings that shrink that job.  ``where``: "at step N" or "in validation" for a training run ("" when
     not known)."""
+
     def get(key: str, default=None):
         return _plain(OmegaConf.select(cfg, key, default=default)) if cfg is not None else default
 

@@ -218,7 +218,6 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
     """Run the exported file and ``model`` (fp32, CPU) on the same random inputs at ``sizes`` (the second
     one with batch 2); the largest absolute difference per size, and whether all are within ``tolerance``."""
 
-
     run, runtime = _runner(path, fmt)
     model = copy.deepcopy(model).float().cpu().eval()
     g = torch.Generator().manual_seed(0)
@@ -245,7 +244,6 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
 
 def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | None, check: dict) -> dict:
     """What a deployment needs to feed the exported file and read its output."""
-
 
     meta = state.get("meta", {})
     k, c = cfg.data.num_classes, cfg.data.in_channels
@@ -286,36 +284,3 @@ def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | Non
         "segtrain_version": __version__,
         "torch_version": torch.__version__,
     }
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

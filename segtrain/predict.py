@@ -155,7 +155,6 @@ class Predictor:
         of the stored config, e.g. ``{"eval.mode": "slide", "eval.crop_size": 512, "data.val_size": 512}``.
         """
 
-
         state, cfg = load_checkpoint(path)
         settings = {"device.type": device, "device.precision": precision, **(overrides or {})}
         for key, value in settings.items():
@@ -226,7 +225,6 @@ class Predictor:
 
     def _scores(self, images: list[np.ndarray]) -> torch.Tensor:
 
-
         x = self.to_device.images(torch.stack([self.prepare(im) for im in images]))
         with torch.no_grad(), autocast(self.device, self.precision):
             out = predict(self.model, x, self.num_classes, **self.settings)
@@ -285,34 +283,6 @@ class Predictor:
 
 # ----------------------------------------------------------------------------------------------------
 # segtrain-predict
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # (a multi-page TIFF is refused by the training reader, with its shape, and skipped)
@@ -381,7 +351,6 @@ def _save(path: Path, write) -> None:
 def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor: Predictor, cfg: DictConfig):
     """``stem.png`` (class indices with the palette), ``stem_overlay.jpg`` and ``stem.npy``; the class map."""
 
-
     pred = predictor.labels(scores).cpu().numpy()
     if predictor.mask_classes <= 256:
         im = Image.fromarray(pred.astype(np.uint8))
@@ -390,7 +359,6 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
         im.putpalette(pal.ravel().tolist())
     else:
         im = Image.fromarray(pred.astype(np.uint16))
-
 
     mark = f"{PREDICTION_MARK} {__version__}"  # earlier predictions are told apart from images by it
     info = PngInfo()
@@ -420,7 +388,6 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     """Predict ``files`` in batches of one size (decoded in ``data.num_workers`` loader workers) and write
     their outputs to ``out_dir / stems[i]``: (pixels per class, images done, {index: why skipped},
     {index: note}); an animated image is predicted on its first frame, with a note."""
-
 
     batches, skipped = size_batches(files, cfg.predict.batch_size, predictor.in_channels)
     for i, reason in skipped.items():
@@ -469,7 +436,6 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
 def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> torch.Tensor:
     """:meth:`Predictor.scores`; out of memory is a ResourceError (exit 5) with the keys that help."""
 
-
     try:
         return predictor.scores(images)
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -485,7 +451,6 @@ def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> 
 
 
 def _quiet_worker(worker_id: int) -> None:
-
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the loader
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (which unwinds its job)

@@ -164,7 +164,3 @@ class StopSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-
-

@@ -44,10 +44,6 @@ RUN_FILES = (
 )
 
 
-
-
-
-
 def _run_roots(folder: Path, cache: dict[Path, list[Path]]) -> list[Path]:
     """The run dirs ``folder`` is in or below (itself included), nearest first."""
     if folder in cache:

@@ -165,8 +165,6 @@ def _user_error(e: Exception) -> Exception:
     return e
 
 
-
-
 def compose_config(overrides: list[str]) -> DictConfig:
     """The ``segtrain`` config for ``overrides`` (Hydra's compose API: no run dir, no logging set-up)."""
     register_configs()

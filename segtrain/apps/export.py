@@ -86,7 +86,6 @@ def check_settings(cfg: DictConfig, fmt: str) -> None:
     """``opset``, ``tolerance`` and ``check_sizes`` beyond :func:`segtrain.config.validate_export`: the opsets the
     installed exporter writes, a finite tolerance of at most 1 logit, self-check sizes the CPU can run."""
 
-
     if fmt == "onnx":
         low, high = opset_range()
         if not low <= cfg.opset <= high:
@@ -240,7 +239,6 @@ def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging:
 
 
 def _short_meta(cfg: DictConfig, state: dict) -> dict:
-
     return {"model": cfg.model.name, "num_classes": cfg.data.num_classes, "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "step": state.get("step"), "segtrain_version": __version__}  # fmt: skip
 

@@ -104,10 +104,6 @@ def list_inputs(
     return out
 
 
-
-
-
-
 def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     """``dir/a.jpg`` -> ``dir/a``; inputs that would share a stem (``a.jpg``, ``a.png``) keep their
     extension (``a.jpg``, ``a.png``) so that no output overwrites another."""
@@ -116,8 +112,6 @@ def output_stems(items: list[tuple[Path, Path]]) -> list[Path]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [rel if counts[s] > 1 else s for s, (_, rel) in zip(stems, items)]
-
-
 
 
 def output_paths(stem: Path, p: DictConfig) -> list[Path]:
@@ -174,20 +168,6 @@ def check_out_dir(out_dir: Path, key: str) -> None:
         raise OutputError(f"{key}: cannot write in {above} (permission denied); choose another output=")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _histogram_lines(counts: np.ndarray, names: list[str]) -> str:
     total = max(int(counts.sum()), 1)
     parts = [f"{n} {100 * c / total:.1f}%" for n, c in zip(names, counts)]
@@ -210,10 +190,6 @@ def _prepare(cfg: DictConfig) -> tuple[Predictor, DictConfig, dict]:
     return Predictor.from_state(state, pcfg, path), pcfg, state
 
 
-
-
-
-
 def run_predict(cfg: DictConfig) -> dict:
     """The ``segtrain-predict`` job: returns its summary (also written to ``predict.json`` in the run dir).
     Everything is checked before the model loads: the input, the output folder, and every file it would
@@ -224,7 +200,6 @@ def run_predict(cfg: DictConfig) -> dict:
 
 
 def _run_predict(cfg: DictConfig) -> dict:
-
 
     validate_predict(cfg)
     check_input(cfg.input)
@@ -303,8 +278,6 @@ def _run_predict(cfg: DictConfig) -> dict:
     )  # fmt: skip
     log.info(_histogram_lines(counts, predictor.class_names))
     return summary
-
-
 
 
 def _predict(cfg: DictConfig) -> int:

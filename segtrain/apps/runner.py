@@ -59,10 +59,6 @@ from segtrain.errors import Preempted, SegtrainError  # noqa: E402
 log = logging.getLogger("segtrain")
 
 
-
-
-
-
 def _one_line(exc: BaseException) -> str:
     """Fold an exception (and Hydra/OmegaConf causes) into one informative line."""
     parts = []
@@ -178,7 +174,6 @@ def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "se
     """(message, exit code) for an exception that is not a SegtrainError."""
     memory = console.out_of_memory(exc)  # anywhere in any command: the settings that shrink prog's job
     if memory is not None:
-
         return oom_message(cfg, None, "", prog, memory), 5
     os_err = _os_error(exc)
     if os_err is not None:
@@ -212,8 +207,6 @@ def _guarded(task, full_errors: bool, prog: str):
     ``details`` dict goes into the job's ``status.json`` too."""
 
     def job(cfg: DictConfig):
-
-
 
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
@@ -280,7 +273,6 @@ def _job_failed(line: str, code: int, main_rank: bool, sweep_goes_on: bool, job_
     else:
         log.error("%s", line)
     if not sweep_goes_on:
-
         if sweep.current_sweep():
             sweep.summarise(sweep.current_sweep()[0])
         raise SystemExit(code)
@@ -311,8 +303,6 @@ def _unquoted(multirun: bool) -> str | None:
     """The line for the first argument Hydra cannot read as one value (spaces with '=', ',', '#', quotes,
     non-ASCII letters): its key and the quoting that works."""
 
-
-
     parser = OverridesParser.create()
     for arg in sys.argv[1:]:
         key, eq, value = arg.partition("=")
@@ -337,7 +327,6 @@ def _unquoted(multirun: bool) -> str | None:
 
 def _split_value(key: str) -> str:
     """``hydra.run.dir=runs/my run=1`` unquoted: the shell passes ``run=1`` as an argument of its own."""
-
 
     args = sys.argv[1:]
     i = next((i for i, a in enumerate(args) if a.lstrip("+").partition("=")[0] == key), 0)
@@ -470,7 +459,6 @@ def run_hydra_app(task, config_name: str = "config", prog: str = "segtrain") -> 
 
     scratch = distributed.scratch_run_dir()
     if scratch:  # torchrun rank > 0: Hydra works in a throw-away dir, rank 0 owns the run dir and the logs
-
         sys.argv += [
             f"hydra.run.dir={scratch}",
             "hydra.output_subdir=null",
@@ -510,7 +498,3 @@ def command(task, config_name: str, prog: str):
 
     main.__doc__ = f"``{prog}``"
     return main
-
-
-
-

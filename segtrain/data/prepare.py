@@ -257,8 +257,6 @@ def voc_ready(root: Path) -> bool:
     return extracted(root, "voc2012", lambda: voc_complete(root))
 
 
-
-
 # ----------------------------------------------------------------------------------------------------- SBD
 
 
@@ -340,8 +338,6 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
         raise next((k for start, k in kind.items() if errors[0].startswith(start)), DataError)(errors[0] + more)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------- Cityscapes
 
 
@@ -360,11 +356,7 @@ def _trainid_png(job: tuple[str, str], lut: np.ndarray) -> str | None:
     return None
 
 
-
-
 # ----------------------------------------------------------------------------------------------------- inspect
-
-
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
