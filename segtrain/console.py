@@ -270,12 +270,17 @@ def _relative(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def first_line(exc: BaseException, limit: int = 160, lines: int = 1) -> str:
-    """The first ``lines`` non-empty lines of ``exc``'s message joined (its type name when empty), at most
-    ``limit`` characters."""
-    found = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:lines]
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes (torch.export puts them in its errors)
+
+
+def first_line(exc: BaseException | str, limit: int | None = 160, lines: int = 1) -> str:
+    """The first ``lines`` non-empty lines of ``exc``'s message (an exception, or its text) joined, without terminal
+    colour codes; the exception's type name when there is no text.  At most ``limit`` characters (a cut ends in
+    "…"); ``limit=None``: the whole line(s).  The one way any segtrain message quotes an error."""
+    text = _COLOURS.sub("", str(exc))
+    found = [ln.strip() for ln in text.splitlines() if ln.strip()][:lines]
     text = " ".join(found) if found else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _plain(value):

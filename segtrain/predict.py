@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import mask_classes, min_input_size, validate
+from segtrain.console import first_line
 from segtrain.data import num_workers
 from segtrain.data.disk import TIFF_EXTS, loads_rotated, read_header
 from segtrain.data.disk import read_image as read_bands
@@ -163,7 +164,7 @@ class Predictor:
             try:
                 OmegaConf.update(cfg, key, value, merge=False)
             except OmegaConfBaseException as e:
-                raise ConfigError(f"Predictor override {key}={value!r}: {str(e).splitlines()[0]}") from None
+                raise ConfigError(f"Predictor override {key}={value!r}: {first_line(e, None)}") from None
         cfg.model.pretrained, cfg.model.init_from = False, None  # the checkpoint holds every weight
         validate(cfg)
         return cls.from_state(state, cfg, path)

@@ -172,9 +172,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return compose("config", overrides=list(overrides))
     except Exception as e:  # Hydra / OmegaConf: a misspelled key, an unknown option, a bad value
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = lines[0] if lines else type(e).__name__
-        raise ConfigError(f"{msg} (`segtrain --cfg job` prints every key, `segtrain --help` every option)") from None
+        raise ConfigError(
+            f"{first_line(e, None)} (`segtrain --cfg job` prints every key, `segtrain --help` every option)"
+        ) from None
 
 
 def inspect(
