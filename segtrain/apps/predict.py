@@ -55,7 +55,7 @@ def check_input(spec: str) -> Path:
         raise ConfigError(f"input={spec!r} is blank: give an image, a folder or a glob like 'photos/*.jpg'")
     path = Path(os.path.expanduser(spec))
     what = describe(path)
-    if what is not None and what != "a folder":
+    if what is not None and not path.is_dir():
         raise DataError(f"input={spec} is {what}, not an image file or a folder of images")
     if what is None and path.is_file() and is_checkpoint(path):
         raise DataError(f"input={spec} is a checkpoint, not an image: give it as ckpt=, and images as input=")
@@ -159,7 +159,7 @@ def check_out_dir(out_dir: Path, key: str) -> None:
     """An OutputError (exit 4) before the model loads when ``out_dir`` cannot be a folder this process writes in."""
 
     what = "a file" if out_dir.exists() and describe(out_dir) is None else describe(out_dir)
-    if what is not None and what != "a folder":
+    if what is not None and not out_dir.is_dir():
         raise OutputError(f"{key} is {what}; segtrain-predict writes its masks into a folder: choose another output=")
     above = next((d for d in [out_dir, *out_dir.absolute().parents] if os.path.lexists(d)), Path("/"))
     if not above.is_dir():
