@@ -42,7 +42,7 @@ from segtrain.data import num_workers
 from segtrain.data.disk import TIFF_EXTS, loads_rotated, read_header
 from segtrain.data.disk import read_image as read_bands
 from segtrain.data.palette import palette_of
-from segtrain.data.transforms import _target_size, standard_val, val_scale
+from segtrain.data.transforms import rescaled_size, standard_val, val_scale
 from segtrain.errors import ConfigError, OutputError, ResourceError
 from segtrain.evaluation import class_names, eval_settings
 from segtrain.inference import labels, predict
@@ -192,7 +192,7 @@ class Predictor:
 
         need = min_input_size(self.cfg.model)
         size = val_scale(self.cfg.data)
-        ph, pw = (h, w) if size is None else _target_size(h, w, size)
+        ph, pw = (h, w) if size is None else rescaled_size(h, w, size)
         side = min(max(1, round(v * s)) for v in (ph, pw) for s in self.settings["scales"])  # as inference scales
         if side >= need:
             return None
