@@ -170,6 +170,23 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _multirun() -> bool:
+    """Whether the command line asks for a sweep (``-m``)."""
+    return bool({"-m", "--multirun"} & set(sys.argv[1:]))
+
+
+def _file_error(err: OSError, in_job: bool) -> str:
+    """The line for an OSError about a file (:func:`_os_error`): in a job (``in_job``), a file it could not write;
+    before one, the run dir Hydra could not create or log into.  It names the path and the system's reason, and
+    the fix: free space (a full disk or quota), or another run dir (``hydra.sweep.dir`` for a sweep)."""
+    key = "hydra.sweep.dir" if _multirun() else "hydra.run.dir"
+    fix = f"free space, or change {key}" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"change {key}"
+    if in_job:
+        where = f" {console.short_path(err.filename)}" if err.filename else ""
+        return f"cannot write{where}: {err.strerror or err}; {fix}"
+    return f"cannot use {console.short_path(err.filename or 'the run dir')}: {err.strerror or err}; {fix}"
+
+
 def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "segtrain") -> tuple[str, int]:
     """(message, exit code) for an exception that is not a SegtrainError."""
     memory = console.out_of_memory(exc)  # anywhere in any command: the settings that shrink prog's job
@@ -177,8 +194,7 @@ def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "se
         return oom_message(cfg, None, "", prog, memory), 5
     os_err = _os_error(exc)
     if os_err is not None:
-        where = f" {console.short_path(os_err.filename)}" if os_err.filename else ""
-        return f"cannot write{where}: {os_err.strerror or os_err}; free space, or change hydra.run.dir", 4
+        return _file_error(os_err, in_job=True), 4
     if type(exc).__module__.split(".")[0] == "omegaconf":  # a config value read by the task
         return f"{_one_line(exc)}{_hint(str(exc))}", 2
     if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
@@ -370,7 +386,7 @@ def _override_error(exc: Exception, msg: str, prog: str, config_name: str) -> st
     """Hydra's and OmegaConf's errors about one override, in segtrain's words (None: not one of them).
     Never Hydra's advice to add a key with +KEY=VALUE: the config takes no key of its own (check_keys)."""
 
-    multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+    multirun = _multirun()
     if type(exc).__name__ == "OverrideParseException" or (not multirun and "Ambiguous value for argument" in msg):
         return _unquoted(multirun)
     m = re.search(r"Could not override '([^']+)'\.? ?;? ?No match in the defaults list", msg)
@@ -409,10 +425,7 @@ def _app_failed(exc: Exception, prog: str, config_name: str = "config") -> int:
     elif isinstance(exc, SegtrainError):
         msg, code = _user_message(exc), exc.exit_code
     elif _os_error(exc) is not None:  # Hydra could not create the run dir or its log file
-        os_err = _os_error(exc)
-        where = console.short_path(os_err.filename or "the run dir")
-        key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv[1:]) else "hydra.run.dir"
-        msg, code = f"cannot use {where}: {os_err.strerror or os_err}; change {key}", 4
+        msg, code = _file_error(_os_error(exc), in_job=False), 4
     else:
         msg = _one_line(exc)
         if "Could not find" in msg:
