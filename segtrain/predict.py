@@ -21,8 +21,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-import signal
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import mask_classes, min_input_size, validate
 from segtrain.console import first_line
-from segtrain.data import num_workers
+from segtrain.data import num_workers, worker_init
 from segtrain.data.disk import TIFF_EXTS, loads_rotated, read_header
 from segtrain.data.disk import read_image as read_bands
 from segtrain.data.palette import palette_of
@@ -403,7 +403,7 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
     loader = torch.utils.data.DataLoader(
         _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
-        worker_init_fn=_quiet_worker if workers > 0 else None,
+        worker_init_fn=partial(worker_init, stop_on_sigterm=True) if workers > 0 else None,
     )  # fmt: skip
     counts, done = np.zeros(predictor.mask_classes, np.int64), 0
     bar = tqdm(
@@ -449,10 +449,3 @@ def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> 
             f"predict.batch_size (now {cfg.predict.batch_size}), or predict in windows (eval.mode=slide) or at a "
             "smaller size (data.val_size)"
         ) from None
-
-
-def _quiet_worker(worker_id: int) -> None:
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the loader
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (which unwinds its job)
-    torch.set_num_threads(1)
