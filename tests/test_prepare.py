@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segtrain.apps import data as data_app
 from segtrain.data import prepare
 from tests.conftest import console_script, run_cli
 
@@ -47,7 +48,7 @@ def prep(capsys):
     def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         capsys.readouterr()
         try:
-            rc = prepare.main(list(args))
+            rc = data_app.main(list(args))
         except SystemExit as e:  # argparse
             rc = e.code
         out, err = capsys.readouterr()
@@ -342,7 +343,7 @@ def test_closed_stdout_does_not_stop_the_work(tmp_path, archives, monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     root = tmp_path / "data"
     voc = archives["voc"]
-    assert prepare.main(["voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc)]) == 0
+    assert data_app.main(["voc", "--root", str(root), "--archive", str(voc), "--md5", md5(voc)]) == 0
     assert (root / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{VOC_IDS[0]}.jpg").is_file()
     assert "Error" not in sys.stderr.getvalue()
 
