@@ -254,6 +254,12 @@ def _log_check(check: dict, fmt: str) -> None:
     )  # fmt: skip
 
 
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")
+
+
 def _export(cfg: DictConfig) -> float:
     return export_checkpoint(cfg)["check"]["max_abs_diff"]
 
@@ -263,10 +269,3 @@ main = command(_export, "export", "segtrain-export")  # the console script
 
 if __name__ == "__main__":
     main()
-
-
-def _require_onnx() -> None:
-
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")
