@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -40,6 +39,7 @@ from segtrain.data.prepare import (
     output_error,
 )
 from segtrain.errors import ConfigError, DataError, ResourceError, SegtrainError
+from segtrain.signals import AsInterrupt, Interrupted
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -47,27 +47,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.max_images is not None and args.max_images < 1:
         raise DataError("--max-images must be >= 1")
     inspect(args.overrides, out=args.out, max_images=args.max_images, as_json=args.json)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (a partial download is removed)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _sigterm_as_interrupt():
-    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the function that puts back the old
-    handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,25 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "workers", 0) < 0:
         print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
         return 2
-    restore = _sigterm_as_interrupt()
-    try:
-        args.func(args)
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
-        return 128 + signum
-    except Exception as e:
-        if os.environ.get("SEGTRAIN_DATA_DEBUG"):
-            raise
-        e = _user_error(e)
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if not isinstance(e, SegtrainError):
-            msg = f"{type(e).__name__}: {msg} (SEGTRAIN_DATA_DEBUG=1 shows the traceback)"
-        print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
-        return getattr(e, "exit_code", 1)
-    finally:
-        restore()
+    with AsInterrupt():  # SIGTERM ends the command as Ctrl-C does: a partial download is removed
+        try:
+            args.func(args)
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
+            return 128 + signum
+        except Exception as e:
+            if os.environ.get("SEGTRAIN_DATA_DEBUG"):
+                raise
+            e = _user_error(e)
+            msg = " ".join(str(e).split()) or type(e).__name__
+            if not isinstance(e, SegtrainError):
+                msg = f"{type(e).__name__}: {msg} (SEGTRAIN_DATA_DEBUG=1 shows the traceback)"
+            print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
+            return getattr(e, "exit_code", 1)
     return 0
 
 

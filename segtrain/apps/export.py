@@ -27,9 +27,10 @@ from segtrain.config import validate_export
 from segtrain.console import short_path
 from segtrain.errors import ConfigError, ExportError, OutputError
 from segtrain.files import checkpoint_file
+from segtrain.signals import Interrupts
 from segtrain.utils import as_hw, write_json
 from segtrain.version import __version__
-from segtrain.writeguard import Interrupts, check_outputs, file_ids
+from segtrain.writeguard import check_outputs, file_ids
 
 log = logging.getLogger("segtrain")
 

@@ -26,8 +26,9 @@ from segtrain.config import validate, validate_predict
 from segtrain.console import short_path
 from segtrain.errors import ConfigError, DataError, OutputError
 from segtrain.files import checkpoint_file, describe, is_checkpoint
+from segtrain.signals import Interrupts
 from segtrain.utils import write_json
-from segtrain.writeguard import OUTPUT_SUFFIXES, Interrupts, check_outputs, earlier_prediction, file_ids
+from segtrain.writeguard import OUTPUT_SUFFIXES, check_outputs, earlier_prediction, file_ids
 
 if TYPE_CHECKING:
     import numpy as np

@@ -27,7 +27,6 @@ import atexit
 import shlex
 import shutil
 import signal
-import threading
 import time
 
 import hydra  # noqa: E402
@@ -40,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from segtrain import (
     console,  # noqa: E402
     distributed,
+    signals,
 )
 from segtrain.apps import sweep
 from segtrain.apps.guard import Refused  # noqa: E402
@@ -237,29 +237,24 @@ def _guarded(task, full_errors: bool, prog: str):
 
         def terminated(signum, frame):  # SIGTERM outside the training loop (which handles it): record, then die
             status("aborted", f"{signal.Signals(signum).name} outside the training loop")
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            signals.die_of(signum)
 
         status("running", None)  # replaces an earlier run's record: status.json is always this run's
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
-        try:
-            result = task(cfg)
-            result, details = result if isinstance(result, tuple) else (result, None)
-            status("done", None, result, details)
-            return result
-        except SegtrainError as e:
-            err, msg, code = e, _user_message(e), e.exit_code
-            kind = "stopped" if isinstance(e, Preempted) else "error"  # resumable, not a failure of the config
-        except KeyboardInterrupt:
-            status("aborted", "interrupted")
-            raise
-        except Exception as e:  # a bug or an environment fault: one line, the trace on request
-            err, kind = e, "error"
-            msg, code = _classify(e, cfg, prog)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        with signals.Handling(terminated, [signal.SIGTERM]):
+            try:
+                result = task(cfg)
+                result, details = result if isinstance(result, tuple) else (result, None)
+                status("done", None, result, details)
+                return result
+            except SegtrainError as e:
+                err, msg, code = e, _user_message(e), e.exit_code
+                kind = "stopped" if isinstance(e, Preempted) else "error"  # resumable, not a failure of the config
+            except KeyboardInterrupt:
+                status("aborted", "interrupted")
+                raise
+            except Exception as e:  # a bug or an environment fault: one line, the trace on request
+                err, kind = e, "error"
+                msg, code = _classify(e, cfg, prog)
         line = _stop_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors or OmegaConf.select(cfg, "trainer.debug_errors", default=False):

@@ -175,8 +175,9 @@ def worker_init(worker_id: int, stop_on_sigterm: bool = False) -> None:
     main process's handler that it inherited.  One OpenCV and one torch thread: the workers are the parallelism."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if stop_on_sigterm else signal.SIG_IGN)
+    from segtrain.signals import worker_signals
+
+    worker_signals(sigterm=signal.SIG_DFL if stop_on_sigterm else signal.SIG_IGN)
     cv2.setNumThreads(0)  # one OpenCV thread per worker: workers are the parallelism
     cv2.ocl.setUseOpenCL(False)
     torch.set_num_threads(1)
