@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -39,8 +39,7 @@ from segtrain.checkpoint import load_checkpoint
 from segtrain.config import mask_classes, min_input_size, validate
 from segtrain.console import first_line
 from segtrain.data import num_workers, worker_init
-from segtrain.data.disk import TIFF_EXTS, loads_rotated, read_header
-from segtrain.data.disk import read_image as read_bands
+from segtrain.data.images import TIFF_EXTS, loads_rotated, read_header, read_image
 from segtrain.data.palette import palette_of
 from segtrain.data.transforms import rescaled_size, standard_val, val_scale
 from segtrain.errors import ConfigError, OutputError, ResourceError
@@ -56,52 +55,6 @@ from segtrain.writeguard import OUTPUT_SUFFIXES, PREDICTION_MARK
 log = logging.getLogger("segtrain")
 
 
-def read_image(source: Any) -> np.ndarray:
-    """An image as HxWx3 uint8 RGB, upright as a viewer shows it.
-
-    ``source``: a path, a PIL image, or an array (HxW, HxWx1, HxWx3 or HxWx4; uint8 or uint16).  The
-    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become
-    8-bit RGB (16-bit values are scaled from the full 0..65535 range).  Raises OSError/ValueError for a
-    file that cannot be decoded.
-    """
-
-    if isinstance(source, np.ndarray):
-        if source.dtype not in (np.uint8, np.uint16):
-            raise ValueError(
-                f"expected uint8 (or uint16) pixels, got {source.dtype}; e.g. pass (x * 255).astype(np.uint8)"
-            )
-        return _array_to_rgb(source)
-    if isinstance(source, (str, os.PathLike)):
-        with Image.open(source) as im:
-            im.load()
-            return read_image(im)
-    if not isinstance(source, Image.Image):
-        raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(source).__name__}")
-    im = ImageOps.exif_transpose(source)
-    if im.mode in HIGH_DEPTH_MODES:
-        return _array_to_rgb(np.asarray(im).astype(np.float64) * (255.0 / 65535.0))
-    return np.array(im.convert("RGB"))
-
-
-HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit and float images
-
-
-def _array_to_rgb(a: np.ndarray, keep_depth: bool = False) -> np.ndarray:
-    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
-        a = a[..., :3] if a.shape[2] != 1 else a[..., 0]
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"expected an HxW or HxWx3 image, got shape {a.shape}")
-    if keep_depth and a.dtype == np.uint16:
-        return np.ascontiguousarray(a)
-    if a.dtype == np.uint16:
-        a = a.astype(np.float64) * (255.0 / 65535.0)
-    if a.dtype != np.uint8:
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(a)
-
-
 def display_rgb(image: np.ndarray) -> np.ndarray:
     """An 8-bit RGB view of any image (the first three bands, or one band repeated), each band stretched from
     its 1st to 99th percentile: for overlays of multi-band or 16-bit images."""
@@ -110,6 +63,14 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     bands = bands.astype(np.float32)
     lo, hi = np.percentile(bands, 1, axis=(0, 1)), np.percentile(bands, 99, axis=(0, 1))
     return np.clip((bands - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
+
+
+def _deeper_than_8_bits(source: Any) -> bool:
+    """A uint16 array, or a PNG or TIFF file whose header says 16 bits or float (JPEG, BMP ...: 8 bits only)."""
+    if isinstance(source, np.ndarray):
+        return source.dtype == np.uint16
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    return path is not None and path.suffix.lower() in (".png", *TIFF_EXTS) and read_header(path)[3] != "uint8"
 
 
 def checkpoint_palette(cfg: DictConfig, meta: Mapping) -> np.ndarray:
@@ -235,26 +196,15 @@ class Predictor:
         return out
 
     def read(self, source: Any) -> np.ndarray:
-        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (8-bit
-        files by :func:`read_image`, upright; 16-bit and float files by the training reader
-        :func:`segtrain.data.disk.read_image` at their depth; uint16 arrays keep theirs);
-        for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
-        array with that many bands."""
+        """``source`` (a path, a PIL image or an array) as the network's input image, by
+        :func:`segtrain.data.images.read_image`: for a 3-band network, an 8-bit photo as an upright 8-bit RGB
+        photo (``rgb8=True``); a uint16 array, and a PNG or TIFF whose header says 16 bits or float, at its own
+        depth, as training read it; for any other ``data.in_channels``, a file as training read it (TIFF bands,
+        16 bit) or an HxWxC array with that many bands."""
 
-        if self.in_channels == 3:
-            if isinstance(source, np.ndarray) and source.dtype == np.uint16:
-                return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
-            path = Path(source) if isinstance(source, (str, os.PathLike)) else None
-            deep = path is not None and path.suffix.lower() in (".png", *TIFF_EXTS)  # JPEG, BMP ...: 8-bit only
-            if deep and read_header(path)[3] != "uint8":
-                return read_bands(path, 3)  # a 16-bit or float file (the header says): not 8 bits
-            return read_image(source)
-        if isinstance(source, np.ndarray):
-            image = source if source.ndim == 3 else source[..., None]
-            if image.shape[2] != self.in_channels:
-                raise ValueError(f"expected {self.in_channels} bands (data.in_channels), got shape {source.shape}")
-            return image
-        return read_bands(Path(source), self.in_channels)
+        if self.in_channels == 3 and not _deeper_than_8_bits(source):
+            return read_image(source, rgb8=True)
+        return read_image(source, self.in_channels)
 
     def labels(self, scores: torch.Tensor) -> torch.Tensor:
         """[K, H, W] scores -> [H, W] class indices (one sigmoid logit: ``sigmoid > eval.threshold``)."""

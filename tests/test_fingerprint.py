@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from segtrain.data import disk as D
+from segtrain.data import images
 from segtrain.data.card import CARD_HEIGHT, CARD_WIDTH, card_samples, display, write_card
 from segtrain.data.fingerprint import (
     cache_dir,
@@ -265,7 +266,7 @@ def test_inspect_every_layout(tmp_path, capsys, layout):
     assert cv2.imread(str(card)).shape == (CARD_HEIGHT, CARD_WIDTH, 3)
     assert f"data={name}: {counts[0]} train / {counts[1]} val images" in out and f"data card: {card}" in out
     train, _ = datasets_for(cfg(name, root, **dict(e.split("=") for e in [x.replace("data.", "") for x in extra])))
-    hw = np.array([D.read_header(p)[:2] for p in train.images])
+    hw = np.array([images.read_header(p)[:2] for p in train.images])
     h, w = (int(round(v)) for v in np.median(hw, axis=0))
     assert f"median {h}x{w} px" in out and "plan: data.mean=" in out and "plan: data.crop_size=" in out
     if layout == "colour":
