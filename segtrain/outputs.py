@@ -46,17 +46,30 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+DISPLAY_PERCENTILES = (2, 98)  # the stretch of images that are not 8-bit (as GIS viewers show rasters)
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """An HxWx3 uint8 RGB picture of an HxW or HxWxC image of any bands and type: what overlays, the data card
+    and the validation pictures show.  The first three bands (fewer than three: the first, as gray); an 8-bit
+    image as it is; any other type (16-bit, float) with each band stretched from its 2nd to its 98th
+    percentile (:data:`DISPLAY_PERCENTILES`) to 0..255: a few extreme pixels do not darken the rest."""
+    img = image if image.ndim == 3 else image[..., None]
+    x = img[..., :3] if img.shape[2] >= 3 else np.repeat(img[..., :1], 3, axis=2)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    x = x.astype(np.float32)
+    lo, hi = np.percentile(x, DISPLAY_PERCENTILES, axis=(0, 1))
+    return np.clip((x - lo) / np.maximum(hi - lo, 1e-12) * 255, 0, 255).round().astype(np.uint8)
+
+
 def display_images(images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] images of any bands and type as uint8 RGB [N, 3, H, W] for TensorBoard: 3-band uint8
-    images as they are; otherwise the first three bands (one band: gray), each stretched per image from its
-    2nd to its 98th percentile."""
+    """[N, C, H, W] images of any bands and type as uint8 RGB [N, 3, H, W] (:func:`display_rgb`, image by
+    image), for the validation pictures."""
     if images.dtype == torch.uint8 and images.shape[1] == 3:
         return images
-    x = images[:, :3].float()
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x if x.shape[1] == 3 else x[:, :1].expand(-1, 3, -1, -1)
-    flat = x.flatten(2)
-    lo, hi = flat.quantile(0.02, dim=2)[..., None, None], flat.quantile(0.98, dim=2)[..., None, None]
-    return ((x - lo) / (hi - lo).clamp_min(1e-12) * 255).clamp(0, 255).round().to(torch.uint8)
+    shown = [display_rgb(image.permute(1, 2, 0).numpy()) for image in images.cpu()]
+    return torch.from_numpy(np.stack(shown)).permute(0, 3, 1, 2).contiguous()
 
 
 def overlay(

@@ -46,23 +46,13 @@ from segtrain.errors import ConfigError, OutputError, ResourceError
 from segtrain.evaluation import class_names, eval_settings
 from segtrain.inference import labels, predict
 from segtrain.models import checkpoint_model
-from segtrain.outputs import bars_wanted, overlay
+from segtrain.outputs import bars_wanted, display_rgb, overlay
 from segtrain.runtime import BatchToDevice, autocast, resolve_device
 from segtrain.utils import atomic_write
 from segtrain.version import __version__
 from segtrain.writeguard import OUTPUT_SUFFIXES, PREDICTION_MARK
 
 log = logging.getLogger("segtrain")
-
-
-def display_rgb(image: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB view of any image (the first three bands, or one band repeated), each band stretched from
-    its 1st to 99th percentile: for overlays of multi-band or 16-bit images."""
-    bands = image if image.ndim == 3 else image[..., None]
-    bands = bands[..., :3] if bands.shape[2] >= 3 else np.repeat(bands[..., :1], 3, axis=2)
-    bands = bands.astype(np.float32)
-    lo, hi = np.percentile(bands, 1, axis=(0, 1)), np.percentile(bands, 99, axis=(0, 1))
-    return np.clip((bands - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
 
 
 def _deeper_than_8_bits(source: Any) -> bool:
@@ -317,8 +307,7 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
     _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["mask"]), lambda f: im.save(f, format="PNG", pnginfo=info))
     p = cfg.predict
     if p.overlay:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # bands: an 8-bit view of the first
-            image = display_rgb(image)
+        image = display_rgb(image)  # 16 bits, float, other bands: an 8-bit RGB view
         blend = overlay(
             torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
         )

@@ -17,6 +17,7 @@ import numpy as np
 
 from segtrain.data.fingerprint import class_name, describe
 from segtrain.data.palette import default_palette
+from segtrain.outputs import display_rgb, write_png
 
 CARD_WIDTH = 1000
 TITLE_H, LINE_H, TEXT_LINES = 30, 15, 20
@@ -37,18 +38,6 @@ def _text(
         while len(text) > 4 and cv2.getTextSize(text, FONT, scale, 1)[0][0] > width:
             text = text[: int(len(text) * 0.9) - 3] + "..."
     cv2.putText(canvas, text, xy, FONT, scale, colour, 1, cv2.LINE_AA)
-
-
-def display(image: np.ndarray) -> np.ndarray:
-    """An HxWx3 uint8 RGB picture of an image of any bands and type: 3-band uint8 as it is; otherwise the
-    first three bands (one or two bands: the first as gray) stretched from their 2nd to 98th percentile."""
-    img = image if image.ndim == 3 else image[..., None]
-    x = img[..., :3] if img.shape[2] >= 3 else np.repeat(img[..., :1], 3, axis=2)
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    x = x.astype(np.float32)
-    lo, hi = np.percentile(x, [2, 98])
-    return ((x - lo) / max(float(hi - lo), 1e-12) * 255).clip(0, 255).astype(np.uint8)
 
 
 def _palette(fp: dict) -> np.ndarray:
@@ -141,7 +130,7 @@ def _size_histogram(canvas: np.ndarray, fp: dict, x0: int, y0: int, width: int) 
 def _samples(canvas: np.ndarray, fp: dict, samples: list, y0: int) -> None:
     pal, ignore = _palette(fp), fp.get("ignore_index", 255)
     for k, (image, mask) in enumerate(samples[: COLS * ROWS]):
-        img, m = _fit(display(image), np.asarray(mask, np.uint8), TILE_W, TILE_H)
+        img, m = _fit(display_rgb(image), np.asarray(mask, np.uint8), TILE_W, TILE_H)
         tile = overlay(img, m, pal, ignore)
         r, c = divmod(k, COLS)
         y = y0 + r * (TILE_H + 6) + (TILE_H - tile.shape[0]) // 2
@@ -177,8 +166,6 @@ def card_image(fp: dict, plan: Any = None, samples: list | None = None, title: s
 
 def write_card(fingerprint: dict, plan: Any, samples: list | None, path: str | Path, title: str | None = None) -> Path:
     """Write :func:`card_image` as a PNG at ``path`` (atomically); returns the path."""
-    from segtrain.outputs import write_png
-
     path = Path(path)
     write_png(path, card_image(fingerprint, plan, samples, title))
     return path
