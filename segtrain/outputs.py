@@ -73,16 +73,37 @@ def display_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def overlay(
-    images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ignore_index: int, alpha: float = 0.6
-) -> torch.Tensor:
-    """uint8 [N,3,H,W] images blended with class colours of [N,H,W] labels (ignore pixels stay white-ish)."""
-    pal = torch.as_tensor(palette, dtype=torch.float32, device=labels.device)
-    lab = labels.long()
+    image: np.ndarray, mask: np.ndarray, palette, ignore_index: int, alpha: float = 0.6, outline: bool = False
+) -> np.ndarray:
+    """``image`` (HxWx3 uint8 RGB) blended with the class colours of ``mask`` (HxW class indices): every pixel
+    ``(1 - alpha) x image + alpha x colour``, where ignored pixels (``ignore_index``, or a value the palette has
+    no colour for) take white; a black class colour (VOC's background) darkens.  ``outline``: each class's
+    outline drawn in its colour too, black classes and ignored pixels aside (the data card's small tiles).
+    Prediction overlays, the validation pictures (:func:`prediction_grid`) and the data card draw with it."""
+    pal = np.asarray(palette, np.float32)
+    lab = np.asarray(mask).astype(np.int64)
     ignore = (lab == ignore_index) | (lab < 0) | (lab >= len(pal))
-    colours = pal[lab.clamp(0, len(pal) - 1)].permute(0, 3, 1, 2)
-    colours[ignore.unsqueeze(1).expand_as(colours)] = 255.0
-    out = images.float() * (1 - alpha) + colours * alpha
-    return out.clamp(0, 255).to(torch.uint8)
+    colours = pal[np.clip(lab, 0, len(pal) - 1)]
+    colours[ignore] = 255.0
+    out = image.astype(np.float32) * np.float32(1 - alpha) + colours * np.float32(alpha)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if outline:
+        import cv2
+
+        for v in np.unique(lab[~ignore]).tolist():
+            if pal[v].any():
+                contours, _ = cv2.findContours((lab == v).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(out, contours, -1, tuple(int(c) for c in pal[v]), 1)
+    return out
+
+
+def _overlays(images: torch.Tensor, labels: torch.Tensor, palette, ignore_index: int) -> torch.Tensor:
+    """:func:`overlay` of a batch: uint8 [N, 3, H, W] images, [N, H, W] labels."""
+    pictures = [
+        overlay(image.permute(1, 2, 0).cpu().numpy(), label.cpu().numpy(), palette, ignore_index)
+        for image, label in zip(images, labels)
+    ]
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).to(images.device)
 
 
 def error_map(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -104,8 +125,8 @@ def prediction_grid(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tenso
     pred = pred.to(masks.device)
     rows = [
         images,
-        overlay(images, masks, palette, ignore_index),
-        overlay(images, pred, palette, ignore_index),
+        _overlays(images, masks, palette, ignore_index),
+        _overlays(images, pred, palette, ignore_index),
         error_map(images, masks, pred, ignore_index),
     ]
     return image_grid(torch.stack(rows, 1).flatten(0, 1), ncol=len(rows))

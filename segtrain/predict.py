@@ -308,10 +308,7 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
     p = cfg.predict
     if p.overlay:
         image = display_rgb(image)  # 16 bits, float, other bands: an 8-bit RGB view
-        blend = overlay(
-            torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
-        )
-        jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
+        jpg = Image.fromarray(overlay(image, pred, predictor.palette, -1, p.alpha))
         _save(
             stem.with_name(stem.name + OUTPUT_SUFFIXES["overlay"]),
             lambda f: jpg.save(f, format="JPEG", quality=90, comment=mark.encode()),

@@ -84,3 +84,18 @@ def test_display_shows_8_bit_as_it_is_and_stretches_the_rest_per_band():
     batch = torch.from_numpy(np.stack([bands, bands[::-1]]).astype(np.float32)).permute(0, 3, 1, 2)
     for image, picture in zip(batch, display_images(batch)):
         assert torch.equal(picture, torch.from_numpy(display_rgb(image.permute(1, 2, 0).numpy())).permute(2, 0, 1))
+
+
+def test_overlay_blends_every_class_whitens_ignored_and_outlines_on_request():
+    from segtrain.outputs import overlay
+
+    image = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), np.int64)
+    mask[2:6, 2:6], mask[0, 0], mask[7, 7] = 1, 255, 9  # a class, an ignored pixel, a value without a colour
+    palette = np.array([[0, 0, 0], [200, 0, 0]], np.uint8)
+    out = overlay(image, mask, palette, 255, alpha=0.5)
+    assert tuple(out[1, 1]) == (50, 50, 50)  # black (the background) darkens
+    assert tuple(out[3, 3]) == (150, 50, 50) and tuple(out[0, 0]) == tuple(out[7, 7]) == (177, 177, 177)
+    lined = overlay(image, mask, palette, 255, alpha=0.5, outline=True)
+    assert tuple(lined[2, 2]) == (200, 0, 0) and tuple(lined[3, 3]) == (150, 50, 50)  # the edge, the inside
+    assert (lined[mask == 0] == out[mask == 0]).all()  # no outline for a black class
