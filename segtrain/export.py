@@ -39,7 +39,7 @@ from torch.export import Dim
 
 from segtrain.config import mask_classes
 from segtrain.console import first_line
-from segtrain.errors import ExportError
+from segtrain.errors import ExportError, cause_chain
 from segtrain.evaluation import class_names
 from segtrain.predict import checkpoint_palette
 from segtrain.utils import as_hw
@@ -100,13 +100,9 @@ def exportable(model: nn.Module) -> nn.Module:
 def _reraise_interrupt(e: BaseException) -> None:
     """A KeyboardInterrupt when ``e`` is the exporter's own error wrapped around one (its ``__cause__`` or
     ``__context__`` chain): a Ctrl-C, not a network that cannot be exported."""
-    seen: BaseException | None = e
-    for _ in range(20):
-        if seen is None:
-            return
+    for seen in cause_chain(e, 20):
         if isinstance(seen, KeyboardInterrupt):
             raise seen
-        seen = seen.__cause__ or seen.__context__
 
 
 def _example(channels: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ from segtrain.config import (  # noqa: E402
     unknown_key,
 )
 from segtrain.console import oom_message
-from segtrain.errors import Preempted, SegtrainError  # noqa: E402
+from segtrain.errors import Preempted, SegtrainError, cause_chain  # noqa: E402
 
 log = logging.getLogger("segtrain")
 
@@ -158,16 +158,11 @@ OUTPUT_ERRNOS = (  # disk full, quota, file size limit (ulimit -f), read-only, p
 
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError about a file (disk full, read-only, permissions ...) in ``exc``'s chain, if any."""
-    e: BaseException | None = exc
-    for _ in range(5):
-        if e is None:
-            return None
-        if isinstance(e, OSError) and (
-            e.errno in OUTPUT_ERRNOS or isinstance(e, (FileExistsError, NotADirectoryError))
-        ):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    files = (FileExistsError, NotADirectoryError)
+    found = (
+        e for e in cause_chain(exc) if isinstance(e, OSError) and (e.errno in OUTPUT_ERRNOS or isinstance(e, files))
+    )
+    return next(found, None)
 
 
 def _multirun() -> bool:
