@@ -164,8 +164,8 @@ class Interrupts(AsInterrupt):
 
 # SIGUSR2: what SLURM sends before a time limit or preemption under submitit (--signal=USR2@120); handled
 # here on every rank, so all ranks stop at the same step and write last.pt (submitit's own handler would
-# stop rank 0 only, with no checkpoint)
-PREEMPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, n))  # no USR2 on Windows
+# stop rank 0 only, with no checkpoint).  Windows has no SIGUSR2.
+PREEMPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, n))
 
 
 class StopSignals(Handling):
