@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.config import SegtrainConfig
+from segtrain.console import first_line
 from segtrain.errors import CheckpointError
 from segtrain.files import checkpoint_file, inspect
 from segtrain.utils import atomic_write
@@ -85,8 +86,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", require_mod
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         what = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(e))
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        detail = f"it would call {what.group(1) or what.group(2)}" if what else first[:120]
+        detail = f"it would call {what.group(1) or what.group(2)}" if what else first_line(e, 120)
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain values ({detail}); "
             "only load checkpoints you trust, and re-save their state_dict"

@@ -17,7 +17,8 @@
 * :func:`error_line` folds a message into one line of at most :data:`MAX_LINE` characters; the full text
   goes to the run's log file (:func:`to_log_files`) and the line says where.
 
-Imports the standard library and OmegaConf only: the command line loads it before Hydra parses its arguments.
+Imports the standard library, OmegaConf and :mod:`segtrain.errors` only: the command line loads it before Hydra
+parses its arguments.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import threading
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from segtrain.errors import cause_chain
 
 MAX_LINE = 300  # characters in any error line the CLI prints
 
@@ -182,10 +185,7 @@ def out_of_memory(exc: BaseException) -> str | None:
     """``"GPU"`` or ``"CPU"`` when ``exc`` (or its cause) is an out-of-memory error: ``torch.OutOfMemoryError``
     (CUDA), an allocator's error (torch's ``DefaultCPUAllocator: can't allocate memory``, MPS, OpenCV), a
     Python / numpy ``MemoryError`` or ENOMEM (a loader worker that cannot be forked); else None."""
-    e: BaseException | None = exc
-    for _ in range(5):
-        if e is None:
-            return None
+    for e in cause_chain(exc):
         text = str(e).lower()
         if type(e).__name__ == "OutOfMemoryError" or ("out of memory" in text and ("cuda" in text or "mps" in text)):
             return "GPU"
@@ -193,7 +193,6 @@ def out_of_memory(exc: BaseException) -> str | None:
             return "CPU"
         if not isinstance(e, OSError) and any(t in text for t in _OOM_TEXT):  # RuntimeError, cv2.error ...
             return "CPU"
-        e = e.__cause__ or e.__context__
     return None
 
 
@@ -270,12 +269,17 @@ def _relative(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def first_line(exc: BaseException, limit: int = 160, lines: int = 1) -> str:
-    """The first ``lines`` non-empty lines of ``exc``'s message joined (its type name when empty), at most
-    ``limit`` characters."""
-    found = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:lines]
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes (torch.export puts them in its errors)
+
+
+def first_line(exc: BaseException | str, limit: int | None = 160, lines: int = 1) -> str:
+    """The first ``lines`` non-empty lines of ``exc``'s message (an exception, or its text) joined, without terminal
+    colour codes; the exception's type name when there is no text.  At most ``limit`` characters (a cut ends in
+    "…"); ``limit=None``: the whole line(s).  The one way any segtrain message quotes an error."""
+    text = _COLOURS.sub("", str(exc))
+    found = [ln.strip() for ln in text.splitlines() if ln.strip()][:lines]
     text = " ".join(found) if found else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _plain(value):

@@ -2,8 +2,23 @@
 
 Each one is printed by the CLI as a single line (``segtrain: error: ...``)
 with a non-zero exit and no traceback.  Raise them for anything a user can
-fix: a bad path, a bad value, a foreign checkpoint.
+fix: a bad path, a bad value, a foreign checkpoint.  :func:`cause_chain` walks what an error arose from.
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+def cause_chain(exc: BaseException | None, limit: int = 5) -> Iterator[BaseException]:
+    """``exc``, then the exception it arose from (``__cause__``, else ``__context__``), and so on, at most ``limit``:
+    where a library's own error wraps the one that tells what happened (an OSError, an out-of-memory error, a
+    Ctrl-C)."""
+    for _ in range(limit):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 class SegtrainError(Exception):

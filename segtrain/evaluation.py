@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain import distributed
+from segtrain.console import first_line
 from segtrain.data import mask_classes
 from segtrain.errors import DataError
 from segtrain.inference import labels, predict
@@ -66,7 +67,7 @@ def _failed(e: RuntimeError, loader, b: int, x: torch.Tensor, cfg: DictConfig) -
             f"validation image {what} is {w}x{h} px, smaller than the {need} px model={cfg.model.name} needs; "
             f"remove it, or set data.val_size={need} (or larger)"
         )
-    return RuntimeError(f"validation failed on {what} ({w}x{h} px): {str(e).strip().splitlines()[0][:200]}")
+    return RuntimeError(f"validation failed on {what} ({w}x{h} px): {first_line(e, 200)}")
 
 
 @torch.no_grad()

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import io
 import logging
-import re
 import warnings
 from pathlib import Path
 
@@ -38,8 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.export import Dim
 
+from segtrain.console import first_line
 from segtrain.data import mask_classes
-from segtrain.errors import ExportError
+from segtrain.errors import ExportError, cause_chain
 from segtrain.evaluation import class_names
 from segtrain.predict import checkpoint_palette
 from segtrain.utils import as_hw
@@ -97,22 +97,12 @@ def exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def _first_line(e: BaseException) -> str:
-    """The error's first line, without the terminal colour codes torch.export puts in it."""
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
 def _reraise_interrupt(e: BaseException) -> None:
     """A KeyboardInterrupt when ``e`` is the exporter's own error wrapped around one (its ``__cause__`` or
     ``__context__`` chain): a Ctrl-C, not a network that cannot be exported."""
-    seen: BaseException | None = e
-    for _ in range(20):
-        if seen is None:
-            return
+    for seen in cause_chain(e, 20):
         if isinstance(seen, KeyboardInterrupt):
             raise seen
-        seen = seen.__cause__ or seen.__context__
 
 
 def _example(channels: int) -> torch.Tensor:
@@ -145,7 +135,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
         log.debug("ONNX export output:\n%s", quiet.getvalue())
         _reraise_interrupt(e)
         raise ExportError(
-            f"the network cannot be exported to ONNX ({type(e).__name__}: {_first_line(e)}); format=torchscript "
+            f"the network cannot be exported to ONNX ({type(e).__name__}: {first_line(e, 200)}); format=torchscript "
             "traces it instead (timm encoders of 4 levels, such as ConvNeXt and Swin, need that)"
         ) from None
     log.debug("ONNX export output:\n%s", quiet.getvalue())
@@ -166,7 +156,7 @@ def export_torchscript(model: nn.Module, path: Path, channels: int = 3) -> None:
     except Exception as e:
         _reraise_interrupt(e)
         raise ExportError(
-            f"the network cannot be traced to TorchScript: {type(e).__name__}: {_first_line(e)}"
+            f"the network cannot be traced to TorchScript: {type(e).__name__}: {first_line(e, 200)}"
         ) from None
     traced.save(str(path))  # an OSError (a full disk) is no tracing error
 
@@ -200,7 +190,8 @@ def _runner(path: Path, fmt: str):
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - e.g. an opset newer than this onnxruntime knows
             raise ExportError(
-                f"onnxruntime {ort.__version__} cannot load the exported file ({_first_line(e)}); try a lower opset="
+                f"onnxruntime {ort.__version__} cannot load the exported file ({first_line(e, 200)}); "
+                "try a lower opset="
             ) from None
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0], f"onnxruntime {ort.__version__}"
@@ -230,7 +221,9 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
         try:
             out = run(x.numpy())
         except Exception as e:
-            raise ExportError(f"the exported {fmt} model fails at input {list(x.shape)}: {_first_line(e)}") from None
+            raise ExportError(
+                f"the exported {fmt} model fails at input {list(x.shape)}: {first_line(e, 200)}"
+            ) from None
         if tuple(out.shape) != tuple(ref.shape):
             raise ExportError(
                 f"the exported {fmt} model returns shape {list(out.shape)} at input {list(x.shape)}, PyTorch "

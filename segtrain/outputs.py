@@ -47,30 +47,64 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+DISPLAY_PERCENTILES = (2, 98)  # the stretch of images that are not 8-bit (as GIS viewers show rasters)
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """An HxWx3 uint8 RGB picture of an HxW or HxWxC image of any bands and type: what overlays, the data card
+    and the validation pictures show.  The first three bands (fewer than three: the first, as gray); an 8-bit
+    image as it is; any other type (16-bit, float) with each band stretched from its 2nd to its 98th
+    percentile (:data:`DISPLAY_PERCENTILES`) to 0..255: a few extreme pixels do not darken the rest."""
+    img = image if image.ndim == 3 else image[..., None]
+    x = img[..., :3] if img.shape[2] >= 3 else np.repeat(img[..., :1], 3, axis=2)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    x = x.astype(np.float32)
+    lo, hi = np.percentile(x, DISPLAY_PERCENTILES, axis=(0, 1))
+    return np.clip((x - lo) / np.maximum(hi - lo, 1e-12) * 255, 0, 255).round().astype(np.uint8)
+
+
 def display_images(images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] images of any bands and type as uint8 RGB [N, 3, H, W] for TensorBoard: 3-band uint8
-    images as they are; otherwise the first three bands (one band: gray), each stretched per image from its
-    2nd to its 98th percentile."""
+    """[N, C, H, W] images of any bands and type as uint8 RGB [N, 3, H, W] (:func:`display_rgb`, image by
+    image), for the validation pictures."""
     if images.dtype == torch.uint8 and images.shape[1] == 3:
         return images
-    x = images[:, :3].float()
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x if x.shape[1] == 3 else x[:, :1].expand(-1, 3, -1, -1)
-    flat = x.flatten(2)
-    lo, hi = flat.quantile(0.02, dim=2)[..., None, None], flat.quantile(0.98, dim=2)[..., None, None]
-    return ((x - lo) / (hi - lo).clamp_min(1e-12) * 255).clamp(0, 255).round().to(torch.uint8)
+    shown = [display_rgb(image.permute(1, 2, 0).numpy()) for image in images.cpu()]
+    return torch.from_numpy(np.stack(shown)).permute(0, 3, 1, 2).contiguous()
 
 
 def overlay(
-    images: torch.Tensor, labels: torch.Tensor, palette: np.ndarray, ignore_index: int, alpha: float = 0.6
-) -> torch.Tensor:
-    """uint8 [N,3,H,W] images blended with class colours of [N,H,W] labels (ignore pixels stay white-ish)."""
-    pal = torch.as_tensor(palette, dtype=torch.float32, device=labels.device)
-    lab = labels.long()
+    image: np.ndarray, mask: np.ndarray, palette, ignore_index: int, alpha: float = 0.6, outline: bool = False
+) -> np.ndarray:
+    """``image`` (HxWx3 uint8 RGB) blended with the class colours of ``mask`` (HxW class indices): every pixel
+    ``(1 - alpha) x image + alpha x colour``, where ignored pixels (``ignore_index``, or a value the palette has
+    no colour for) take white; a black class colour (VOC's background) darkens.  ``outline``: each class's
+    outline drawn in its colour too, black classes and ignored pixels aside (the data card's small tiles).
+    Prediction overlays, the validation pictures (:func:`prediction_grid`) and the data card draw with it."""
+    pal = np.asarray(palette, np.float32)
+    lab = np.asarray(mask).astype(np.int64)
     ignore = (lab == ignore_index) | (lab < 0) | (lab >= len(pal))
-    colours = pal[lab.clamp(0, len(pal) - 1)].permute(0, 3, 1, 2)
-    colours[ignore.unsqueeze(1).expand_as(colours)] = 255.0
-    out = images.float() * (1 - alpha) + colours * alpha
-    return out.clamp(0, 255).to(torch.uint8)
+    colours = pal[np.clip(lab, 0, len(pal) - 1)]
+    colours[ignore] = 255.0
+    out = image.astype(np.float32) * np.float32(1 - alpha) + colours * np.float32(alpha)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if outline:
+        import cv2
+
+        for v in np.unique(lab[~ignore]).tolist():
+            if pal[v].any():
+                contours, _ = cv2.findContours((lab == v).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(out, contours, -1, tuple(int(c) for c in pal[v]), 1)
+    return out
+
+
+def _overlays(images: torch.Tensor, labels: torch.Tensor, palette, ignore_index: int) -> torch.Tensor:
+    """:func:`overlay` of a batch: uint8 [N, 3, H, W] images, [N, H, W] labels."""
+    pictures = [
+        overlay(image.permute(1, 2, 0).cpu().numpy(), label.cpu().numpy(), palette, ignore_index)
+        for image, label in zip(images, labels)
+    ]
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).to(images.device)
 
 
 def error_map(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -92,8 +126,8 @@ def prediction_grid(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tenso
     pred = pred.to(masks.device)
     rows = [
         images,
-        overlay(images, masks, palette, ignore_index),
-        overlay(images, pred, palette, ignore_index),
+        _overlays(images, masks, palette, ignore_index),
+        _overlays(images, pred, palette, ignore_index),
         error_map(images, masks, pred, ignore_index),
     ]
     return image_grid(torch.stack(rows, 1).flatten(0, 1), ncol=len(rows))

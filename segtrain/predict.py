@@ -21,8 +21,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-import signal
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +30,25 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from segtrain.checkpoint import load_checkpoint
 from segtrain.config import validate
+from segtrain.console import first_line
 from segtrain.data import mask_classes
-from segtrain.data.build import num_workers
-from segtrain.data.disk import TIFF_EXTS, loads_rotated, read_header
-from segtrain.data.disk import read_image as read_bands
+from segtrain.data.build import num_workers, worker_init
+from segtrain.data.images import TIFF_EXTS, loads_rotated, read_header, read_image
 from segtrain.data.palette import palette_of
-from segtrain.data.transforms import _target_size, standard_val, val_scale
+from segtrain.data.transforms import rescaled_size, standard_val, val_scale
 from segtrain.errors import ConfigError, OutputError, ResourceError
 from segtrain.evaluation import class_names, eval_settings
 from segtrain.inference import labels, predict
 from segtrain.models import min_input_size
 from segtrain.models.build import checkpoint_model
-from segtrain.outputs import bars_wanted, overlay
+from segtrain.outputs import bars_wanted, display_rgb, overlay
 from segtrain.runtime import BatchToDevice, autocast, resolve_device
 from segtrain.utils import atomic_write
 from segtrain.version import __version__
@@ -57,60 +57,12 @@ from segtrain.writeguard import OUTPUT_SUFFIXES, PREDICTION_MARK
 log = logging.getLogger("segtrain")
 
 
-def read_image(source: Any) -> np.ndarray:
-    """An image as HxWx3 uint8 RGB, upright as a viewer shows it.
-
-    ``source``: a path, a PIL image, or an array (HxW, HxWx1, HxWx3 or HxWx4; uint8 or uint16).  The
-    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become
-    8-bit RGB (16-bit values are scaled from the full 0..65535 range).  Raises OSError/ValueError for a
-    file that cannot be decoded.
-    """
-
+def _deeper_than_8_bits(source: Any) -> bool:
+    """A uint16 array, or a PNG or TIFF file whose header says 16 bits or float (JPEG, BMP ...: 8 bits only)."""
     if isinstance(source, np.ndarray):
-        if source.dtype not in (np.uint8, np.uint16):
-            raise ValueError(
-                f"expected uint8 (or uint16) pixels, got {source.dtype}; e.g. pass (x * 255).astype(np.uint8)"
-            )
-        return _array_to_rgb(source)
-    if isinstance(source, (str, os.PathLike)):
-        with Image.open(source) as im:
-            im.load()
-            return read_image(im)
-    if not isinstance(source, Image.Image):
-        raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(source).__name__}")
-    im = ImageOps.exif_transpose(source)
-    if im.mode in HIGH_DEPTH_MODES:
-        return _array_to_rgb(np.asarray(im).astype(np.float64) * (255.0 / 65535.0))
-    return np.array(im.convert("RGB"))
-
-
-HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16-bit and float images
-
-
-def _array_to_rgb(a: np.ndarray, keep_depth: bool = False) -> np.ndarray:
-    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
-        a = a[..., :3] if a.shape[2] != 1 else a[..., 0]
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"expected an HxW or HxWx3 image, got shape {a.shape}")
-    if keep_depth and a.dtype == np.uint16:
-        return np.ascontiguousarray(a)
-    if a.dtype == np.uint16:
-        a = a.astype(np.float64) * (255.0 / 65535.0)
-    if a.dtype != np.uint8:
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(a)
-
-
-def display_rgb(image: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB view of any image (the first three bands, or one band repeated), each band stretched from
-    its 1st to 99th percentile: for overlays of multi-band or 16-bit images."""
-    bands = image if image.ndim == 3 else image[..., None]
-    bands = bands[..., :3] if bands.shape[2] >= 3 else np.repeat(bands[..., :1], 3, axis=2)
-    bands = bands.astype(np.float32)
-    lo, hi = np.percentile(bands, 1, axis=(0, 1)), np.percentile(bands, 99, axis=(0, 1))
-    return np.clip((bands - lo) / np.maximum(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
+        return source.dtype == np.uint16
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    return path is not None and path.suffix.lower() in (".png", *TIFF_EXTS) and read_header(path)[3] != "uint8"
 
 
 def checkpoint_palette(cfg: DictConfig, meta: Mapping) -> np.ndarray:
@@ -165,7 +117,7 @@ class Predictor:
             try:
                 OmegaConf.update(cfg, key, value, merge=False)
             except OmegaConfBaseException as e:
-                raise ConfigError(f"Predictor override {key}={value!r}: {str(e).splitlines()[0]}") from None
+                raise ConfigError(f"Predictor override {key}={value!r}: {first_line(e, None)}") from None
         cfg.model.pretrained, cfg.model.init_from = False, None  # the checkpoint holds every weight
         validate(cfg)
         return cls.from_state(state, cfg, path)
@@ -193,7 +145,7 @@ class Predictor:
 
         need = min_input_size(self.cfg.model)
         size = val_scale(self.cfg.data)
-        ph, pw = (h, w) if size is None else _target_size(h, w, size)
+        ph, pw = (h, w) if size is None else rescaled_size(h, w, size)
         side = min(max(1, round(v * s)) for v in (ph, pw) for s in self.settings["scales"])  # as inference scales
         if side >= need:
             return None
@@ -236,26 +188,15 @@ class Predictor:
         return out
 
     def read(self, source: Any) -> np.ndarray:
-        """``source`` as the network's input image, as training read it: HxWx3 RGB for 3-band networks (8-bit
-        files by :func:`read_image`, upright; 16-bit and float files by the training reader
-        :func:`segtrain.data.disk.read_image` at their depth; uint16 arrays keep theirs);
-        for ``data.in_channels`` other than 3, a file read as training read it (TIFF bands, 16 bit) or an HxWxC
-        array with that many bands."""
+        """``source`` (a path, a PIL image or an array) as the network's input image, by
+        :func:`segtrain.data.images.read_image`: for a 3-band network, an 8-bit photo as an upright 8-bit RGB
+        photo (``rgb8=True``); a uint16 array, and a PNG or TIFF whose header says 16 bits or float, at its own
+        depth, as training read it; for any other ``data.in_channels``, a file as training read it (TIFF bands,
+        16 bit) or an HxWxC array with that many bands."""
 
-        if self.in_channels == 3:
-            if isinstance(source, np.ndarray) and source.dtype == np.uint16:
-                return _array_to_rgb(source, keep_depth=True)  # 16 bit kept: normalised from 0..65535 as in training
-            path = Path(source) if isinstance(source, (str, os.PathLike)) else None
-            deep = path is not None and path.suffix.lower() in (".png", *TIFF_EXTS)  # JPEG, BMP ...: 8-bit only
-            if deep and read_header(path)[3] != "uint8":
-                return read_bands(path, 3)  # a 16-bit or float file (the header says): not 8 bits
-            return read_image(source)
-        if isinstance(source, np.ndarray):
-            image = source if source.ndim == 3 else source[..., None]
-            if image.shape[2] != self.in_channels:
-                raise ValueError(f"expected {self.in_channels} bands (data.in_channels), got shape {source.shape}")
-            return image
-        return read_bands(Path(source), self.in_channels)
+        if self.in_channels == 3 and not _deeper_than_8_bits(source):
+            return read_image(source, rgb8=True)
+        return read_image(source, self.in_channels)
 
     def labels(self, scores: torch.Tensor) -> torch.Tensor:
         """[K, H, W] scores -> [H, W] class indices (one sigmoid logit: ``sigmoid > eval.threshold``)."""
@@ -368,12 +309,8 @@ def write_outputs(stem: Path, image: np.ndarray, scores: torch.Tensor, predictor
     _save(stem.with_name(stem.name + OUTPUT_SUFFIXES["mask"]), lambda f: im.save(f, format="PNG", pnginfo=info))
     p = cfg.predict
     if p.overlay:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:  # bands: an 8-bit view of the first
-            image = display_rgb(image)
-        blend = overlay(
-            torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(pred)[None], predictor.palette, -1, p.alpha
-        )
-        jpg = Image.fromarray(blend[0].permute(1, 2, 0).numpy())
+        image = display_rgb(image)  # 16 bits, float, other bands: an 8-bit RGB view
+        jpg = Image.fromarray(overlay(image, pred, predictor.palette, -1, p.alpha))
         _save(
             stem.with_name(stem.name + OUTPUT_SUFFIXES["overlay"]),
             lambda f: jpg.save(f, format="JPEG", quality=90, comment=mark.encode()),
@@ -404,7 +341,7 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
     workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
     loader = torch.utils.data.DataLoader(
         _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
-        worker_init_fn=_quiet_worker if workers > 0 else None,
+        worker_init_fn=partial(worker_init, stop_on_sigterm=True) if workers > 0 else None,
     )  # fmt: skip
     counts, done = np.zeros(predictor.mask_classes, np.int64), 0
     bar = tqdm(
@@ -450,10 +387,3 @@ def _scores(predictor: Predictor, images: list[np.ndarray], cfg: DictConfig) -> 
             f"predict.batch_size (now {cfg.predict.batch_size}), or predict in windows (eval.mode=slide) or at a "
             "smaller size (data.val_size)"
         ) from None
-
-
-def _quiet_worker(worker_id: int) -> None:
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the loader
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (which unwinds its job)
-    torch.set_num_threads(1)

@@ -1,14 +1,11 @@
-"""Where and how the numbers are computed: device, precision, autocast, batches on the device, seeds,
-and the stop signals.  Shared by training, ``segtrain-eval`` and prediction."""
+"""Where and how the numbers are computed: device, precision, autocast, batches on the device, seeds.  Shared by
+training, ``segtrain-eval`` and prediction.  (The training loop's stop signals: :mod:`segtrain.signals`.)"""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -119,48 +116,3 @@ class BatchToDevice:
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images(images), masks.to(self.device, non_blocking=True).long()
-
-
-# SIGUSR2: what SLURM sends before a time limit or preemption under submitit (--signal=USR2@120); handled
-# here on every rank, so all ranks stop at the same step and write last.pt (submitit's own handler would
-# stop rank 0 only, with no checkpoint)
-PREEMPT_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR2")
-
-
-class StopSignals:
-    """Within the block, the first SIGINT/SIGTERM/SIGUSR2 sets ``received`` (the loop stops after its step, or at
-    the next validation batch); a second one aborts at once, after ``on_abort("aborted by a second SIGINT")``
-    (which records the abort in status.json).  A no-op outside the main thread."""
-
-    def __init__(self, on_abort=None):
-        self.received: str | None = None
-        self.on_abort = on_abort
-        self._old: dict = {}
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is not None:  # the second signal: abort now
-            if self.on_abort is not None:
-                try:
-                    self.on_abort(f"aborted by a second {name}")
-                except Exception:  # noqa: BLE001 - nothing may delay the abort
-                    pass
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = name
-        sys.stderr.write(
-            f"\nsegtrain: {name}: stopping after this step and writing last.pt (send it again to abort at once)\n"
-        )
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in PREEMPT_SIGNALS:
-                sig = getattr(signal, name)
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False

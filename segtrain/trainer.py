@@ -33,7 +33,8 @@ from segtrain.evaluation import evaluate_loader
 from segtrain.hooks.base import VALIDATION_SCALARS, Hook, StepResult, ValidationResult
 from segtrain.models.build import count_parameters
 from segtrain.outputs import bars_wanted
-from segtrain.runtime import BatchToDevice, StopSignals, autocast
+from segtrain.runtime import BatchToDevice, autocast
+from segtrain.signals import StopSignals
 from segtrain.utils import write_json
 from segtrain.version import __version__
 

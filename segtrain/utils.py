@@ -18,7 +18,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, cause_chain
 
 try:
     import fcntl
@@ -119,7 +119,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | 
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        cause = _os_cause(e)
+        cause = next((c for c in cause_chain(e, 4) if isinstance(c, OSError) and c.errno is not None), None)
         if cause is None:
             raise
         if cause is e:  # a failed write (disk full) names no file: this one
@@ -131,18 +131,6 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None] | bytes | 
     if durable:
         _fsync_dir(path.parent)
     return path
-
-
-def _os_cause(exc: BaseException) -> OSError | None:
-    """The OSError with an errno (disk full, permissions ...) that ``exc`` is or arose from, if any."""
-    e: BaseException | None = exc
-    for _ in range(4):
-        if e is None:
-            return None
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _resolve_host(host: str, port: int, timeout: float) -> None:

@@ -6,8 +6,8 @@
   the command (the ``ckpt``, an input image; symbolic and hard links included), or a file of a run dir
   (a training run's ``checkpoints/``, ``metrics.json``, ``status.json``, ``.hydra/``, logs, ``tb/`` ...).
 
-Also: :func:`describe` names what a path is when it is not a regular file (a folder, a FIFO, a device),
-and :class:`Interrupts` makes a Ctrl-C or SIGTERM stop a command cleanly even inside the ONNX exporter.
+Also: :func:`describe` names what a path is when it is not a regular file (a folder, a FIFO, a device).
+(A Ctrl-C or SIGTERM stops these commands cleanly, even inside the ONNX exporter: :class:`segtrain.signals.Interrupts`.)
 Imports the standard library and PIL only.
 """
 
@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import signal
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -134,87 +132,6 @@ def check_outputs(paths: Iterable[Path], inputs: dict, overwrite: bool, earlier=
         known = earlier(Path(os.path.abspath(refused[0].path)))
         refused[0].what = f"is {known}" if known else refused[0].what
     return refused
-
-
-# ---------------------------------------------------------------------------
-# Signals.
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM (``signum``) during a command that :class:`Interrupts` guards."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class Interrupts:
-    """SIGINT and SIGTERM while a command writes: outside a :meth:`deferred` section they raise
-    :class:`Interrupted` at once, so that every ``finally`` runs (temporary files removed); inside one (code
-    a Python exception must not cross: the ONNX exporter and the tracer, whose C++ callbacks turn it into
-    their own error or abort the process; the final renames) the signal is recorded and raised when the
-    section ends, however it ends.  A second signal inside a section stops at once: ``cleanup`` runs and the
-    process exits with 128 + the signal (a pending rename section is always finished first).
-
-    On leaving the ``with`` block after a SIGTERM, the previous SIGTERM handler gets it (the CLI records the
-    job as aborted and dies of it: exit 143); a SIGINT leaves as a KeyboardInterrupt (exit 130)."""
-
-    def __init__(self, prog: str):
-        self.prog, self.pending, self.depth, self.critical, self.what = prog, None, 0, False, ""
-        self.cleanups: list = []
-        self.previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.depth == 0:
-            raise Interrupted(signum)
-        if self.pending is not None and not self.critical:
-            for fn in self.cleanups:
-                with contextlib.suppress(Exception):
-                    fn()
-            os.write(2, f"{self.prog}: interrupted\n".encode())
-            os._exit(128 + signum)
-        self.pending = self.pending or signum
-        if not self.critical:
-            os.write(2, f"{self.prog}: stopping once {self.what} returns (again: at once)\n".encode())
-
-    def __enter__(self) -> Interrupts:
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(s) is not signal.SIG_IGN:
-                    self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        if isinstance(exc, Interrupted) and exc.signum == signal.SIGTERM:
-            handler = self.previous.get(signal.SIGTERM)
-            if callable(handler):
-                handler(exc.signum, None)  # the CLI's records the job as 'aborted' and dies of SIGTERM
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return False
-
-    @contextlib.contextmanager
-    def deferred(self, what: str, critical: bool = False) -> Iterator[None]:
-        """Signals in the block are recorded and raised (as :class:`Interrupted`) when it ends, whatever it
-        raised meanwhile (an exporter error caused by the interrupt is no error of the network)."""
-        self.depth, self.critical, self.what = self.depth + 1, critical, what
-        try:
-            yield
-        except BaseException:
-            if self.pending is None:
-                raise
-        finally:
-            self.depth -= 1
-            self.critical = False
-        self.raise_pending()
-
-    def raise_pending(self) -> None:
-        if self.pending is not None and self.depth == 0:
-            signum, self.pending = self.pending, None
-            raise Interrupted(signum)
 
 
 PREDICTION_MARK = "segtrain-predict"  # the PNG masks' Software text and the overlays' JPEG comment

@@ -149,3 +149,13 @@ def test_background_thread_errors_go_to_the_log(file_log, monkeypatch, capsys):
     log = file_log.read_text()
     assert "background thread EventWriter failed (OSError: [Errno 28] No space left on device)" in log
     assert log.count("Traceback") == 2 and "KeyError: 'a bug'" in log
+
+
+def test_first_line_is_the_one_way_to_quote_an_error():
+    """Colour codes out, blank lines skipped, the type name for an empty message, a cut marked, or none."""
+    assert console.first_line(RuntimeError("\n  \x1b[1mfirst\x1b[0m  \nsecond")) == "first"
+    assert console.first_line(RuntimeError("a\n\nb"), lines=2) == "a b"
+    assert console.first_line(RuntimeError()) == "RuntimeError"
+    assert console.first_line(ValueError("x" * 300), 120) == "x" * 119 + "…"
+    assert console.first_line(ValueError("x" * 300), None) == "x" * 300
+    assert console.first_line("text of an error\nmore", 80) == "text of an error"

@@ -213,10 +213,10 @@ def test_export_config_checks():
 
 
 def test_export_errors_are_plain_text():
-    from segtrain.export import _first_line
+    from segtrain.console import first_line
 
     e = RuntimeError("\x1b[96mCannot create Dim\x1b[0m with inconsistent min=0\nmore detail")
-    assert _first_line(e) == "Cannot create Dim with inconsistent min=0"
+    assert first_line(e) == "Cannot create Dim with inconsistent min=0"
 
 
 # ----------------------------------------------------------------------------------------------------

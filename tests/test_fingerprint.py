@@ -24,7 +24,8 @@ from PIL import Image
 from scipy import ndimage
 
 from segtrain.data import disk as D
-from segtrain.data.card import CARD_HEIGHT, CARD_WIDTH, card_samples, display, write_card
+from segtrain.data import images
+from segtrain.data.card import CARD_HEIGHT, CARD_WIDTH, card_samples, write_card
 from segtrain.data.fingerprint import (
     cache_dir,
     compute_fingerprint,
@@ -33,6 +34,7 @@ from segtrain.data.fingerprint import (
     fingerprint,
     sample_indices,
 )
+from segtrain.outputs import display_rgb
 
 tifffile = pytest.importorskip("tifffile")
 pytestmark = pytest.mark.usefixtures("own_cache")
@@ -219,7 +221,7 @@ def test_write_card_is_a_png_of_the_card_size(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = cv2.imread(str(path))
     assert img.shape == (CARD_HEIGHT, CARD_WIDTH, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
-    shown = display(arrays["n00"][0])  # 16-bit, one band: stretched from its 2nd to 98th percentile
+    shown = display_rgb(arrays["n00"][0])  # 16-bit, one band: stretched from its 2nd to 98th percentile
     assert shown.dtype == np.uint8 and shown.shape == (*arrays["n00"][0].shape, 3) and shown.max() == 255
 
 
@@ -265,7 +267,7 @@ def test_inspect_every_layout(tmp_path, capsys, layout):
     assert cv2.imread(str(card)).shape == (CARD_HEIGHT, CARD_WIDTH, 3)
     assert f"data={name}: {counts[0]} train / {counts[1]} val images" in out and f"data card: {card}" in out
     train, _ = datasets_for(cfg(name, root, **dict(e.split("=") for e in [x.replace("data.", "") for x in extra])))
-    hw = np.array([D.read_header(p)[:2] for p in train.images])
+    hw = np.array([images.read_header(p)[:2] for p in train.images])
     h, w = (int(round(v)) for v in np.median(hw, axis=0))
     assert f"median {h}x{w} px" in out and "plan: data.mean=" in out and "plan: data.crop_size=" in out
     if layout == "colour":

@@ -66,3 +66,36 @@ def test_error_map_and_grid():
     assert err[0, :, 0, 3].tolist() == [255, 255, 255]  # ignored: white
     grid = prediction_grid(images, masks, pred, np.array([[0, 0, 0], [255, 0, 0]], np.uint8), 255)
     assert grid.shape == (3, 4 + 2 * 2, 4 * 4 + 5 * 2)  # one row, four columns
+
+
+def test_display_shows_8_bit_as_it_is_and_stretches_the_rest_per_band():
+    from segtrain.outputs import display_images, display_rgb
+
+    gray8 = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    assert (display_rgb(gray8) == gray8[..., None]).all() and display_rgb(gray8).shape == (4, 5, 3)
+    rgbn8 = np.random.default_rng(0).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    assert (display_rgb(rgbn8) == rgbn8[..., :3]).all()  # the first three bands
+    bands = np.stack([np.linspace(0, 1000, 100), np.linspace(5e4, 6e4, 100), np.zeros(100)], -1).reshape(10, 10, 3)
+    shown = display_rgb(bands.astype(np.uint16))
+    for b in range(2):  # each band stretched on its own: its 2nd percentile black, its 98th white
+        lo, hi = np.percentile(bands[..., b], (2, 98))
+        assert shown[..., b][bands[..., b] <= lo].max() == 0 and shown[..., b][bands[..., b] >= hi].min() == 255
+    assert (shown[..., 2] == 0).all()  # a constant band: black, no division by zero
+    batch = torch.from_numpy(np.stack([bands, bands[::-1]]).astype(np.float32)).permute(0, 3, 1, 2)
+    for image, picture in zip(batch, display_images(batch)):
+        assert torch.equal(picture, torch.from_numpy(display_rgb(image.permute(1, 2, 0).numpy())).permute(2, 0, 1))
+
+
+def test_overlay_blends_every_class_whitens_ignored_and_outlines_on_request():
+    from segtrain.outputs import overlay
+
+    image = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), np.int64)
+    mask[2:6, 2:6], mask[0, 0], mask[7, 7] = 1, 255, 9  # a class, an ignored pixel, a value without a colour
+    palette = np.array([[0, 0, 0], [200, 0, 0]], np.uint8)
+    out = overlay(image, mask, palette, 255, alpha=0.5)
+    assert tuple(out[1, 1]) == (50, 50, 50)  # black (the background) darkens
+    assert tuple(out[3, 3]) == (150, 50, 50) and tuple(out[0, 0]) == tuple(out[7, 7]) == (177, 177, 177)
+    lined = overlay(image, mask, palette, 255, alpha=0.5, outline=True)
+    assert tuple(lined[2, 2]) == (200, 0, 0) and tuple(lined[3, 3]) == (150, 50, 50)  # the edge, the inside
+    assert (lined[mask == 0] == out[mask == 0]).all()  # no outline for a black class

@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segtrain.apps.predict import check_no_overwrite, list_inputs, output_stems
+from segtrain.data.images import read_image
 from segtrain.errors import OutputError
-from segtrain.predict import Predictor, read_image, write_outputs
+from segtrain.predict import Predictor, write_outputs
 
 
 @pytest.fixture(scope="module")
@@ -144,20 +145,21 @@ def test_predict_nothing_readable_fails(ckpt, tmp_path):
 
 def test_read_image_kinds(tmp_path):
     expected = write_inputs(tmp_path)
-    gray = read_image(tmp_path / "gray.png")
+    gray = read_image(tmp_path / "gray.png", rgb8=True)
     assert gray.shape == (50, 70, 3) and gray.dtype == np.uint8 and (gray[..., 0] == gray[..., 2]).all()
     raw16 = np.asarray(Image.open(tmp_path / "depth16.png")).astype(np.float64)
-    assert np.abs(read_image(tmp_path / "depth16.png")[..., 0] - raw16 * 255 / 65535).max() <= 0.5  # full range
-    assert read_image(tmp_path / "rotated.jpg").shape[:2] == expected["rotated"]
+    eight = read_image(tmp_path / "depth16.png", rgb8=True)
+    assert np.abs(eight[..., 0] - raw16 * 255 / 65535).max() <= 0.5  # full range
+    assert read_image(tmp_path / "rotated.jpg", rgb8=True).shape[:2] == expected["rotated"]
     rgba = np.asarray(Image.open(tmp_path / "rgba.png"))
-    assert (read_image(tmp_path / "rgba.png") == rgba[..., :3]).all()  # alpha dropped
-    assert read_image(tmp_path / "sub" / "cmyk.jpg").shape == (33, 44, 3)
-    assert read_image(np.zeros((5, 6), np.uint16)).shape == (5, 6, 3)
+    assert (read_image(tmp_path / "rgba.png", rgb8=True) == rgba[..., :3]).all()  # alpha dropped
+    assert read_image(tmp_path / "sub" / "cmyk.jpg", rgb8=True).shape == (33, 44, 3)
+    assert read_image(np.zeros((5, 6), np.uint16), rgb8=True).shape == (5, 6, 3)
     with pytest.raises(ValueError, match="uint8"):
-        read_image(np.zeros((5, 6, 3), np.float32))
+        read_image(np.zeros((5, 6, 3), np.float32), rgb8=True)
     for bad in ("broken.jpg", "sub/truncated.jpg"):
         with pytest.raises(OSError):
-            read_image(tmp_path / bad)
+            read_image(tmp_path / bad, rgb8=True)
 
 
 def test_list_inputs_layouts(tmp_path):
@@ -303,7 +305,7 @@ def test_predictor_equals_segtrain_eval(ckpt, tmp_path, depth):
     assert not torch.allclose(plain.scores([image]), p.scores([image]), atol=1e-3)  # the settings matter
     assert (p(tmp_path / "val" / "images" / "im0.png") == p(image)).all()  # a path or the array it holds
     if depth != "rgb8":  # what 8 bits would have lost is visible in the scores
-        eight = read_image(tmp_path / "val" / "images" / "im0.png")
+        eight = read_image(tmp_path / "val" / "images" / "im0.png", rgb8=True)
         assert eight.dtype == np.uint8 and not torch.equal(p.scores([eight]), p.scores([image]))
 
 

@@ -344,3 +344,24 @@ def test_guard_checks_every_command_before_the_run_dir_and_warns_after(tmp_path,
     with pytest.raises(ConfigError, match="takes data from the checkpoint; drop the override data.num_classes"):
         eval_guard.check_config(composed("ckpt=x", "data.num_classes=3", app="info", hydra=True))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_file_error_line_names_the_path_and_the_fix_that_helps(monkeypatch):
+    """One line for a file the job could not write and for a run dir Hydra could not use: free space only when
+    the disk or quota is full; the run or sweep dir key of the command line."""
+    import errno
+    import sys
+
+    from segtrain.apps.runner import _file_error
+
+    full = OSError(errno.ENOSPC, "No space left on device", "run/checkpoints/last.pt")
+    denied = OSError(errno.EACCES, "Permission denied", "/locked/run")
+    monkeypatch.setattr(sys, "argv", ["segtrain", "debug=smoke"])
+    assert _file_error(full, in_job=True) == (
+        "cannot write run/checkpoints/last.pt: No space left on device; free space, or change hydra.run.dir"
+    )
+    assert _file_error(denied, in_job=False) == "cannot use /locked/run: Permission denied; change hydra.run.dir"
+    monkeypatch.setattr(sys, "argv", ["segtrain", "-m", "optimizer.lr=0.1,0.2"])
+    assert _file_error(OSError(errno.EROFS, "Read-only file system"), in_job=False) == (
+        "cannot use the run dir: Read-only file system; change hydra.sweep.dir"
+    )

@@ -76,7 +76,7 @@ def test_loader_warning_judges_each_window_after_the_warm_up_once(caplog):
 def test_first_signal_is_noted_second_aborts(name):
     code = f"""
 import os, signal, sys, time
-from segtrain.runtime import StopSignals
+from segtrain.signals import StopSignals
 with StopSignals() as s:
     os.kill(os.getpid(), signal.{name})
     time.sleep(0.2)

@@ -11,6 +11,7 @@ from fake_datasets import data_cfg, write_png, write_tiff_folder, write_voc
 from omegaconf import OmegaConf
 
 from segtrain.data import disk as D
+from segtrain.data import images
 from segtrain.data.build import build_datasets
 from segtrain.data.stats import cache_dir, channel_stats
 from segtrain.errors import DataError
@@ -38,28 +39,28 @@ def one_line(excinfo) -> str:
 def test_multiband_tiff_reads_every_band(tmp_path, planar):
     write_tiff_folder(tmp_path, n=1, bands=4, planar=planar)
     path = tmp_path / "images" / "tile_00.tif"
-    img = D.read_image(path, 4)
+    img = images.read_image(path, 4)
     raw = tifffile.imread(path)
     assert img.dtype == np.uint16 and img.shape == (40, 48, 4)
     np.testing.assert_array_equal(img, np.moveaxis(raw, 0, 2) if planar else raw)
-    assert D.read_header(path) == (40, 48, 4, "uint16")
+    assert images.read_header(path) == (40, 48, 4, "uint16")
 
 
 def test_16bit_png_float_tiff_and_int16(tmp_path):
     gray16 = (np.arange(30 * 20).reshape(30, 20) * 100).astype(np.uint16)
     write_png(tmp_path / "g16.png", gray16)
-    assert D.read_header(tmp_path / "g16.png") == (30, 20, 1, "uint16")
-    np.testing.assert_array_equal(D.read_image(tmp_path / "g16.png", 1)[..., 0], gray16)
-    rgb3 = D.read_image(tmp_path / "g16.png", 3)  # in_channels=3: one band repeated, 16 bits kept
+    assert images.read_header(tmp_path / "g16.png") == (30, 20, 1, "uint16")
+    np.testing.assert_array_equal(images.read_image(tmp_path / "g16.png", 1)[..., 0], gray16)
+    rgb3 = images.read_image(tmp_path / "g16.png", 3)  # in_channels=3: one band repeated, 16 bits kept
     assert rgb3.dtype == np.uint16 and rgb3.shape == (30, 20, 3) and (rgb3[..., 2] == gray16).all()
     f = np.random.default_rng(0).normal(size=(13, 16, 24)).astype(np.float64)
     tifffile.imwrite(tmp_path / "s2.tif", f, photometric="minisblack")
-    img = D.read_image(tmp_path / "s2.tif", 13)
+    img = images.read_image(tmp_path / "s2.tif", 13)
     assert img.dtype == np.float32 and img.shape == (16, 24, 13)
     assert np.allclose(img[..., 5], f[5], atol=1e-6)
     tifffile.imwrite(tmp_path / "dem.tif", np.full((8, 9), -300, np.int16))
-    assert D.read_header(tmp_path / "dem.tif") == (8, 9, 1, "float32")
-    assert D.read_image(tmp_path / "dem.tif", 1).min() == -300.0
+    assert images.read_header(tmp_path / "dem.tif") == (8, 9, 1, "float32")
+    assert images.read_image(tmp_path / "dem.tif", 1).min() == -300.0
 
 
 def test_gray_alpha_and_palette_png_bands_match_their_header(tmp_path):
@@ -68,14 +69,14 @@ def test_gray_alpha_and_palette_png_bands_match_their_header(tmp_path):
 
     la = np.dstack([np.arange(12 * 10, dtype=np.uint8).reshape(12, 10), np.full((12, 10), 200, np.uint8)])
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
-    assert D.read_header(tmp_path / "la.png")[2] == 2
-    np.testing.assert_array_equal(D.read_image(tmp_path / "la.png", 2), la)
+    assert images.read_header(tmp_path / "la.png")[2] == 2
+    np.testing.assert_array_equal(images.read_image(tmp_path / "la.png", 2), la)
     pal = Image.fromarray(np.arange(6 * 5, dtype=np.uint8).reshape(6, 5) % 3, "P")
     pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
     pal.info["transparency"] = 0
     pal.save(tmp_path / "p.png", transparency=0)
-    assert D.read_header(tmp_path / "p.png")[2] == 3
-    rgb = D.read_image(tmp_path / "p.png", 4 - 1)
+    assert images.read_header(tmp_path / "p.png")[2] == 3
+    rgb = images.read_image(tmp_path / "p.png", 4 - 1)
     assert rgb.shape == (6, 5, 3) and rgb[0, 0].tolist() == [255, 0, 0]
 
 
@@ -84,14 +85,14 @@ def test_nan_pixels_are_named(tmp_path):
     f[1, 3, 4] = np.nan
     tifffile.imwrite(tmp_path / "nodata.tif", f, photometric="minisblack")
     with pytest.raises(DataError) as e:
-        D.read_image(tmp_path / "nodata.tif", 2)
+        images.read_image(tmp_path / "nodata.tif", 2)
     assert "nodata.tif holds NaN or infinite pixels" in one_line(e)
 
 
 def test_band_mismatch_is_one_line_naming_the_file(tmp_path):
     write_tiff_folder(tmp_path, n=6, bands=4)
     with pytest.raises(DataError) as e:
-        D.read_image(tmp_path / "images" / "tile_02.tif", 3)
+        images.read_image(tmp_path / "images" / "tile_02.tif", 3)
     assert "tile_02.tif has 4 band(s) but data.in_channels=3" in one_line(e)
     # caught before training by the header scan, which names a file and the fix
     with pytest.raises(DataError) as e:
@@ -120,7 +121,7 @@ def test_base_size_auto_reads_headers_only(tmp_path, monkeypatch):
         raise AssertionError("an image was decoded")
 
     monkeypatch.setattr(D, "read_image", no_decoding)
-    monkeypatch.setattr(D.cv2, "imread", no_decoding)
+    monkeypatch.setattr(images.cv2, "imread", no_decoding)
     cfg = folder_cfg(tmp_path, "voc", base_size="auto", check_labels=False)
     train, val, cfg = build_datasets(cfg, seed=0)
     assert list(cfg.base_size) == [61, 83]  # the median short side (61) and long side (83)

@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -41,6 +40,7 @@ from segtrain.data.prepare import (
     output_error,
 )
 from segtrain.errors import ConfigError, DataError, ResourceError, SegtrainError
+from segtrain.signals import AsInterrupt, Interrupted
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -48,27 +48,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.max_images is not None and args.max_images < 1:
         raise DataError("--max-images must be >= 1")
     inspect(args.overrides, out=args.out, max_images=args.max_images, as_json=args.json)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (a partial download is removed)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _sigterm_as_interrupt():
-    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the function that puts back the old
-    handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,25 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "workers", 0) < 0:
         print(f"{PROG}: error: --workers must be >= 0", file=sys.stderr)
         return 2
-    restore = _sigterm_as_interrupt()
-    try:
-        args.func(args)
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
-        return 128 + signum
-    except Exception as e:
-        if os.environ.get("SEGTRAIN_DATA_DEBUG"):
-            raise
-        e = _user_error(e)
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if not isinstance(e, SegtrainError):
-            msg = f"{type(e).__name__}: {msg} (SEGTRAIN_DATA_DEBUG=1 shows the traceback)"
-        print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
-        return getattr(e, "exit_code", 1)
-    finally:
-        restore()
+    with AsInterrupt():  # SIGTERM ends the command as Ctrl-C does: a partial download is removed
+        try:
+            args.func(args)
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            print(f"{PROG}: error: {what}; rerun the same command to finish", file=sys.stderr)
+            return 128 + signum
+        except Exception as e:
+            if os.environ.get("SEGTRAIN_DATA_DEBUG"):
+                raise
+            e = _user_error(e)
+            msg = " ".join(str(e).split()) or type(e).__name__
+            if not isinstance(e, SegtrainError):
+                msg = f"{type(e).__name__}: {msg} (SEGTRAIN_DATA_DEBUG=1 shows the traceback)"
+            print(error_line(f"{PROG}: error: ", msg), file=sys.stderr)  # at most 300 characters
+            return getattr(e, "exit_code", 1)
     return 0
 
 
@@ -173,9 +150,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return compose("config", overrides=list(overrides))
     except Exception as e:  # Hydra / OmegaConf: a misspelled key, an unknown option, a bad value
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = lines[0] if lines else type(e).__name__
-        raise ConfigError(f"{msg} (`segtrain --cfg job` prints every key, `segtrain --help` every option)") from None
+        raise ConfigError(
+            f"{first_line(e, None)} (`segtrain --cfg job` prints every key, `segtrain --help` every option)"
+        ) from None
 
 
 def inspect(

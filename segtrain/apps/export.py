@@ -27,9 +27,10 @@ from segtrain.config import validate_export
 from segtrain.console import short_path
 from segtrain.errors import ConfigError, ExportError, OutputError
 from segtrain.files import checkpoint_file
+from segtrain.signals import Interrupts
 from segtrain.utils import as_hw, write_json
 from segtrain.version import __version__
-from segtrain.writeguard import Interrupts, check_outputs, file_ids
+from segtrain.writeguard import check_outputs, file_ids
 
 log = logging.getLogger("segtrain")
 
@@ -254,6 +255,12 @@ def _log_check(check: dict, fmt: str) -> None:
     )  # fmt: skip
 
 
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")
+
+
 def _export(cfg: DictConfig) -> float:
     return export_checkpoint(cfg)["check"]["max_abs_diff"]
 
@@ -263,10 +270,3 @@ main = command(_export, "export", "segtrain-export")  # the console script
 
 if __name__ == "__main__":
     main()
-
-
-def _require_onnx() -> None:
-
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(f"format=onnx needs {', '.join(missing)}: pip install 'segtrain[export]'")

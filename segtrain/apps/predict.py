@@ -26,8 +26,9 @@ from segtrain.config import validate, validate_predict
 from segtrain.console import short_path
 from segtrain.errors import ConfigError, DataError, OutputError
 from segtrain.files import checkpoint_file, describe, is_checkpoint
+from segtrain.signals import Interrupts
 from segtrain.utils import write_json
-from segtrain.writeguard import OUTPUT_SUFFIXES, Interrupts, check_outputs, earlier_prediction, file_ids
+from segtrain.writeguard import OUTPUT_SUFFIXES, check_outputs, earlier_prediction, file_ids
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,7 +56,7 @@ def check_input(spec: str) -> Path:
         raise ConfigError(f"input={spec!r} is blank: give an image, a folder or a glob like 'photos/*.jpg'")
     path = Path(os.path.expanduser(spec))
     what = describe(path)
-    if what is not None and what != "a directory":
+    if what is not None and not path.is_dir():
         raise DataError(f"input={spec} is {what}, not an image file or a folder of images")
     if what is None and path.is_file() and is_checkpoint(path):
         raise DataError(f"input={spec} is a checkpoint, not an image: give it as ckpt=, and images as input=")
@@ -159,7 +160,7 @@ def check_out_dir(out_dir: Path, key: str) -> None:
     """An OutputError (exit 4) before the model loads when ``out_dir`` cannot be a folder this process writes in."""
 
     what = "a file" if out_dir.exists() and describe(out_dir) is None else describe(out_dir)
-    if what is not None and what != "a directory":
+    if what is not None and not out_dir.is_dir():
         raise OutputError(f"{key} is {what}; segtrain-predict writes its masks into a folder: choose another output=")
     above = next((d for d in [out_dir, *out_dir.absolute().parents] if os.path.lexists(d)), Path("/"))
     if not above.is_dir():

@@ -27,7 +27,6 @@ import atexit
 import shlex
 import shutil
 import signal
-import threading
 import time
 
 import hydra  # noqa: E402
@@ -37,14 +36,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from segtrain import console, distributed  # noqa: E402
+from segtrain import (  # noqa: E402
+    console,
+    distributed,
+    signals,  # noqa: E402
+)
 from segtrain.apps import sweep  # noqa: E402
 from segtrain.apps.guard import Refused  # noqa: E402
 from segtrain.apps.sweep import write_status  # noqa: E402
 from segtrain.config import APP_SCHEMAS, config_dir, override, register_configs  # noqa: E402
 from segtrain.config.validate import deletion_error, schema_keys, unknown_key  # noqa: E402
 from segtrain.console import oom_message  # noqa: E402
-from segtrain.errors import Preempted, SegtrainError  # noqa: E402
+from segtrain.errors import Preempted, SegtrainError, cause_chain  # noqa: E402
 
 log = logging.getLogger("segtrain")
 
@@ -148,16 +151,28 @@ OUTPUT_ERRNOS = (  # disk full, quota, file size limit (ulimit -f), read-only, p
 
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError about a file (disk full, read-only, permissions ...) in ``exc``'s chain, if any."""
-    e: BaseException | None = exc
-    for _ in range(5):
-        if e is None:
-            return None
-        if isinstance(e, OSError) and (
-            e.errno in OUTPUT_ERRNOS or isinstance(e, (FileExistsError, NotADirectoryError))
-        ):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    files = (FileExistsError, NotADirectoryError)
+    found = (
+        e for e in cause_chain(exc) if isinstance(e, OSError) and (e.errno in OUTPUT_ERRNOS or isinstance(e, files))
+    )
+    return next(found, None)
+
+
+def _multirun() -> bool:
+    """Whether the command line asks for a sweep (``-m``)."""
+    return bool({"-m", "--multirun"} & set(sys.argv[1:]))
+
+
+def _file_error(err: OSError, in_job: bool) -> str:
+    """The line for an OSError about a file (:func:`_os_error`): in a job (``in_job``), a file it could not write;
+    before one, the run dir Hydra could not create or log into.  It names the path and the system's reason, and
+    the fix: free space (a full disk or quota), or another run dir (``hydra.sweep.dir`` for a sweep)."""
+    key = "hydra.sweep.dir" if _multirun() else "hydra.run.dir"
+    fix = f"free space, or change {key}" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"change {key}"
+    if in_job:
+        where = f" {console.short_path(err.filename)}" if err.filename else ""
+        return f"cannot write{where}: {err.strerror or err}; {fix}"
+    return f"cannot use {console.short_path(err.filename or 'the run dir')}: {err.strerror or err}; {fix}"
 
 
 def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "segtrain") -> tuple[str, int]:
@@ -167,8 +182,7 @@ def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "se
         return oom_message(cfg, None, "", prog, memory), 5
     os_err = _os_error(exc)
     if os_err is not None:
-        where = f" {console.short_path(os_err.filename)}" if os_err.filename else ""
-        return f"cannot write{where}: {os_err.strerror or os_err}; free space, or change hydra.run.dir", 4
+        return _file_error(os_err, in_job=True), 4
     if type(exc).__module__.split(".")[0] == "omegaconf":  # a config value read by the task
         return f"{_one_line(exc)}{_hint(str(exc))}", 2
     if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
@@ -211,29 +225,24 @@ def _guarded(task, full_errors: bool, prog: str):
 
         def terminated(signum, frame):  # SIGTERM outside the training loop (which handles it): record, then die
             status("aborted", f"{signal.Signals(signum).name} outside the training loop")
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            signals.die_of(signum)
 
         status("running", None)  # replaces an earlier run's record: status.json is always this run's
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
-        try:
-            result = task(cfg)
-            result, details = result if isinstance(result, tuple) else (result, None)
-            status("done", None, result, details)
-            return result
-        except SegtrainError as e:
-            err, msg, code = e, _user_message(e), e.exit_code
-            kind = "stopped" if isinstance(e, Preempted) else "error"  # resumable, not a failure of the config
-        except KeyboardInterrupt:
-            status("aborted", "interrupted")
-            raise
-        except Exception as e:  # a bug or an environment fault: one line, the trace on request
-            err, kind = e, "error"
-            msg, code = _classify(e, cfg, prog)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        with signals.Handling(terminated, [signal.SIGTERM]):
+            try:
+                result = task(cfg)
+                result, details = result if isinstance(result, tuple) else (result, None)
+                status("done", None, result, details)
+                return result
+            except SegtrainError as e:
+                err, msg, code = e, _user_message(e), e.exit_code
+                kind = "stopped" if isinstance(e, Preempted) else "error"  # resumable, not a failure of the config
+            except KeyboardInterrupt:
+                status("aborted", "interrupted")
+                raise
+            except Exception as e:  # a bug or an environment fault: one line, the trace on request
+                err, kind = e, "error"
+                msg, code = _classify(e, cfg, prog)
         line = _stop_line(f"{prog}: {kind}: ", msg, err)
         status("failed" if kind == "error" else "stopped", line.split(": ", 2)[-1])
         if full_errors or OmegaConf.select(cfg, "trainer.debug_errors", default=False):
@@ -360,7 +369,7 @@ def _override_error(exc: Exception, msg: str, prog: str, config_name: str) -> st
     """Hydra's and OmegaConf's errors about one override, in segtrain's words (None: not one of them).
     Never Hydra's advice to add a key with +KEY=VALUE: the config takes no key of its own (check_keys)."""
 
-    multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+    multirun = _multirun()
     if type(exc).__name__ == "OverrideParseException" or (not multirun and "Ambiguous value for argument" in msg):
         return _unquoted(multirun)
     m = re.search(r"Could not override '([^']+)'\.? ?;? ?No match in the defaults list", msg)
@@ -399,10 +408,7 @@ def _app_failed(exc: Exception, prog: str, config_name: str = "config") -> int:
     elif isinstance(exc, SegtrainError):
         msg, code = _user_message(exc), exc.exit_code
     elif _os_error(exc) is not None:  # Hydra could not create the run dir or its log file
-        os_err = _os_error(exc)
-        where = console.short_path(os_err.filename or "the run dir")
-        key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv[1:]) else "hydra.run.dir"
-        msg, code = f"cannot use {where}: {os_err.strerror or os_err}; change {key}", 4
+        msg, code = _file_error(_os_error(exc), in_job=False), 4
     else:
         msg = _one_line(exc)
         if "Could not find" in msg:
@@ -421,7 +427,7 @@ def _speed_up_help() -> None:
     """Hydra's ``--help`` lists every config group through a fresh deep copy of the whole config repository
     per group (about 100 copies, seconds on a small CPU); one copy serves them all, with the same result."""
     try:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl  # Hydra's internals: only to speed up --help
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
         original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
     except (ImportError, AttributeError):  # another Hydra version: keep its own way

@@ -123,10 +123,11 @@ def _prepare_on_disk(cfg: DictConfig, train: DiskDataset | None, val: DiskDatase
 
 
 def _stop_workers_at_exit() -> None:
-    """Loader workers ignore SIGTERM (below), so multiprocessing's exit handler, which terminates daemonic
+    """Training's loader workers ignore SIGTERM (:func:`worker_init`), so multiprocessing's exit handler, which terminates daemonic
     children with SIGTERM and waits, would wait forever for any still alive at exit (a loader kept alive by
     an exception's traceback): kill them first (they only read data).  Registered after multiprocessing's
     handler, so it runs before it."""
+    import signal
 
     children = [c for c in multiprocessing.active_children() if c.daemon]
     if children:
@@ -138,12 +139,16 @@ def _stop_workers_at_exit() -> None:
 atexit.register(_stop_workers_at_exit)
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int, stop_on_sigterm: bool = False) -> None:
+    """A loader worker's set-up (``worker_init_fn``): Ctrl-C ignored (it reaches the whole process group; the main
+    process handles it and shuts the loader down); SIGTERM ignored too while training (the main process finishes
+    its step and writes last.pt first: a worker dying before would crash the loader), or, ``stop_on_sigterm``
+    (prediction, which has nothing to finish), the default action: the worker dies of it, rather than running the
+    main process's handler that it inherited.  One OpenCV and one torch thread: the workers are the parallelism."""
 
-    # Ctrl-C / SIGTERM reach the whole process group: the main process handles them (finishes its step,
-    # writes last.pt) and shuts the workers down; a worker dying first would crash the loader instead.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from segtrain.signals import worker_signals
+
+    worker_signals(sigterm=signal.SIG_DFL if stop_on_sigterm else signal.SIG_IGN)
     cv2.setNumThreads(0)  # one OpenCV thread per worker: workers are the parallelism
     cv2.ocl.setUseOpenCL(False)
     torch.set_num_threads(1)
@@ -181,7 +186,7 @@ def build_loader(
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and workers > 0,
         drop_last=train and len(sampler) >= batch * 2,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         # Its own generator: creating an iterator then draws worker seeds without touching the global torch
         # RNG (dropout's), so a resumed run consumes that RNG exactly as an uninterrupted one.  Augmentation

@@ -17,7 +17,7 @@ import numpy as np
 
 from segtrain.data.fingerprint import class_name, describe
 from segtrain.data.palette import default_palette
-from segtrain.outputs import write_png
+from segtrain.outputs import display_rgb, overlay, write_png
 
 CARD_WIDTH = 1000
 TITLE_H, LINE_H, TEXT_LINES = 30, 15, 20
@@ -40,43 +40,12 @@ def _text(
     cv2.putText(canvas, text, xy, FONT, scale, colour, 1, cv2.LINE_AA)
 
 
-def display(image: np.ndarray) -> np.ndarray:
-    """An HxWx3 uint8 RGB picture of an image of any bands and type: 3-band uint8 as it is; otherwise the
-    first three bands (one or two bands: the first as gray) stretched from their 2nd to 98th percentile."""
-    img = image if image.ndim == 3 else image[..., None]
-    x = img[..., :3] if img.shape[2] >= 3 else np.repeat(img[..., :1], 3, axis=2)
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    x = x.astype(np.float32)
-    lo, hi = np.percentile(x, [2, 98])
-    return ((x - lo) / max(float(hi - lo), 1e-12) * 255).clip(0, 255).astype(np.uint8)
-
-
 def _palette(fp: dict) -> np.ndarray:
     pal = default_palette(256)
     if fp.get("palette"):
         given = np.asarray(fp["palette"], np.uint8).reshape(-1, 3)[:256]
         pal[: len(given)] = given
     return pal
-
-
-def overlay(
-    image: np.ndarray, mask: np.ndarray, palette: np.ndarray, ignore_index: int, alpha: float = 0.45
-) -> np.ndarray:
-    """``image`` (HxWx3 uint8 RGB) with ``mask``'s classes blended in their colours (black ones left out),
-    their outlines drawn, and ignored pixels whitened."""
-    out = image.astype(np.float32)
-    colours = palette[mask].astype(np.float32)
-    tinted = (colours.sum(-1) > 0) | (mask == ignore_index)
-    colours[mask == ignore_index] = 255.0
-    out[tinted] = out[tinted] * (1 - alpha) + colours[tinted] * alpha
-    out = out.clip(0, 255).astype(np.uint8)
-    for v in np.unique(mask).tolist():
-        if v == ignore_index or not palette[v].any():
-            continue
-        contours, _ = cv2.findContours((mask == v).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in palette[v]), 1)
-    return out
 
 
 def _fit(img: np.ndarray, mask: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,8 +111,8 @@ def _size_histogram(canvas: np.ndarray, fp: dict, x0: int, y0: int, width: int) 
 def _samples(canvas: np.ndarray, fp: dict, samples: list, y0: int) -> None:
     pal, ignore = _palette(fp), fp.get("ignore_index", 255)
     for k, (image, mask) in enumerate(samples[: COLS * ROWS]):
-        img, m = _fit(display(image), np.asarray(mask, np.uint8), TILE_W, TILE_H)
-        tile = overlay(img, m, pal, ignore)
+        img, m = _fit(display_rgb(image), np.asarray(mask, np.uint8), TILE_W, TILE_H)
+        tile = overlay(img, m, pal, ignore, alpha=0.45, outline=True)
         r, c = divmod(k, COLS)
         y = y0 + r * (TILE_H + 6) + (TILE_H - tile.shape[0]) // 2
         x = 6 + c * (TILE_W + 6) + (TILE_W - tile.shape[1]) // 2
@@ -178,7 +147,6 @@ def card_image(fp: dict, plan: Any = None, samples: list | None = None, title: s
 
 def write_card(fingerprint: dict, plan: Any, samples: list | None, path: str | Path, title: str | None = None) -> Path:
     """Write :func:`card_image` as a PNG at ``path`` (atomically); returns the path."""
-
     path = Path(path)
     write_png(path, card_image(fingerprint, plan, samples, title))
     return path

@@ -18,15 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segtrain.data.disk import (
-    EXIF_ORIENTATION,
-    TIFF_EXTS,
-    DiskDataset,
-    open_pil,
-    size_message,
-    valid_values,
-    value_problem,
-)
+from segtrain.data.disk import DiskDataset, open_pil, size_message, valid_values, value_problem
+from segtrain.data.images import EXIF_ORIENTATION, TIFF_EXTS
 from segtrain.errors import DataError
 from segtrain.utils import atomic_write, files_digest
 

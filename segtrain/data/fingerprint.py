@@ -43,8 +43,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from segtrain.data.build import open_datasets
 from segtrain.data.checks import cache_dir as labelcheck_dir
-from segtrain.data.disk import read_header, resolve_root
+from segtrain.data.disk import resolve_root
 from segtrain.data.folder import LAYOUT, read_classes
+from segtrain.data.images import read_header
 from segtrain.errors import DataError
 from segtrain.utils import atomic_write, files_digest
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from segtrain.console import first_line, out_of_memory
 from segtrain.errors import DataError, OutputError, ResourceError
+from segtrain.signals import worker_signals
 from segtrain.utils import atomic_write, download
 
 PROG = "segtrain-data"
@@ -313,11 +314,6 @@ def _conversion_error(src: str, dst: str, e: Exception) -> str:
     return f"cannot convert {src}: {type(e).__name__}: {first_line(e, 100)}"
 
 
-def _default_sigterm() -> None:
-    """In a conversion worker: SIGTERM kills it quietly (main's handler, inherited by fork, would raise)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
     if not jobs:
         return
@@ -325,7 +321,8 @@ def _run_jobs(fn, jobs: list[tuple[str, str]], workers: int) -> None:
     if workers <= 1:
         errors = [r for r in map(fn, jobs) if r]
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_default_sigterm)
+        # SIGTERM kills a conversion worker quietly (main's handler, inherited by fork, would raise in it)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_signals, initargs=(signal.SIG_DFL, None))
         try:
             errors = [r for r in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))) if r]
         finally:  # stopped (Ctrl-C, SIGTERM) or failed: the jobs not yet started are dropped, not run

@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 
 from segtrain.data.checks import cache_dir as labelcheck_dir
 from segtrain.data.checks import read_cache, write_cache
-from segtrain.data.disk import DiskDataset, band_message, header_bands_fit, read_header
+from segtrain.data.disk import DiskDataset
+from segtrain.data.images import band_message, header_bands_fit, read_header
 from segtrain.errors import ConfigError, DataError
 from segtrain.utils import files_digest
 

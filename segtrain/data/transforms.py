@@ -40,16 +40,21 @@ def synthetic_train(cfg: DictConfig) -> A.Compose:
 # On-disk data sets: the standard recipe (mmseg-style) and custom pipelines.
 
 
-def _target_size(h: int, w: int, size: tuple[int, int] | int, ratio: float = 1.0) -> tuple[int, int]:
-    """(h, w) after a keep-ratio rescale: an int sets the short side; [h, w] fits the image into
-    (long, short) = (max, min) of that box, as mmseg's ``Resize(keep_ratio=True)``."""
+def scale_factor(h: float, w: float, size: Any, ratio: float = 1.0) -> float:
+    """The keep-ratio factor that takes an ``h x w`` image to ``size`` times ``ratio``: None keeps its own size;
+    an int sets the short side; [h, w] fits the image into (long, short) = (max, min) of that box, as mmseg's
+    ``Resize(keep_ratio=True)``.  The one rule of training's rescale, validation's, prediction's and the scale
+    report's."""
     if size is None:
-        scale = ratio
-    elif isinstance(size, int):
-        scale = size * ratio / min(h, w)
-    else:
-        long_edge, short_edge = max(size) * ratio, min(size) * ratio
-        scale = min(long_edge / max(h, w), short_edge / min(h, w))
+        return ratio
+    if isinstance(size, int):
+        return size * ratio / min(h, w)
+    return min(max(size) * ratio / max(h, w), min(size) * ratio / min(h, w))
+
+
+def rescaled_size(h: int, w: int, size: Any, ratio: float = 1.0) -> tuple[int, int]:
+    """(h, w) of an ``h x w`` image after the keep-ratio rescale of :func:`scale_factor` (rounded, at least 1)."""
+    scale = scale_factor(h, w, size, ratio)
     return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
@@ -68,7 +73,7 @@ class RescaleKeepRatio(A.DualTransform):
         h, w = params["shape"][:2]
         lo, hi = self.ratio_range
         ratio = self.py_random.uniform(lo, hi) if hi > lo else lo
-        return {"out_hw": _target_size(h, w, self.size, ratio)}
+        return {"out_hw": rescaled_size(h, w, self.size, ratio)}
 
     def apply(self, img: np.ndarray, out_hw: tuple[int, int] = (1, 1), **params: Any) -> np.ndarray:
         if img.shape[:2] == out_hw:
@@ -222,15 +227,6 @@ def standard_val(cfg: DictConfig) -> A.Compose | None:
 
 # ---------------------------------------------------------------------------
 # The scale report: what training and validation do to the median training image.
-
-
-def scale_factor(h: float, w: float, size: Any) -> float:
-    """The keep-ratio factor that takes an ``h x w`` image to ``size`` (int: short side; (h, w): fit into it)."""
-    if size is None:
-        return 1.0
-    if isinstance(size, int):
-        return size / min(h, w)
-    return min(max(size) / max(h, w), min(size) / min(h, w))
 
 
 def _shown(size: Any) -> str:
