@@ -89,8 +89,6 @@ def overlay(
     out = image.astype(np.float32) * np.float32(1 - alpha) + colours * np.float32(alpha)
     out = np.clip(out, 0, 255).astype(np.uint8)
     if outline:
-        import cv2
-
         for v in np.unique(lab[~ignore]).tolist():
             if pal[v].any():
                 contours, _ = cv2.findContours((lab == v).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

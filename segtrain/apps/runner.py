@@ -427,7 +427,7 @@ def _speed_up_help() -> None:
     """Hydra's ``--help`` lists every config group through a fresh deep copy of the whole config repository
     per group (about 100 copies, seconds on a small CPU); one copy serves them all, with the same result."""
     try:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl  # Hydra's internals: only to speed up --help
 
         original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
     except (ImportError, AttributeError):  # another Hydra version: keep its own way

@@ -21,6 +21,7 @@ import difflib
 import functools
 import importlib.util
 import math
+import os
 import re
 import typing
 from typing import Any
@@ -728,6 +729,10 @@ def check_model(m: DictConfig) -> None:
     _check(
         isinstance(m.pretrained, (bool, str)) and m.pretrained != "",
         f"model.pretrained must be true, false or the PATH of a weights file, got {m.pretrained!r}",
+    )
+    _check(
+        not isinstance(m.pretrained, str) or os.path.exists(os.path.expanduser(m.pretrained)),
+        f"model.pretrained={m.pretrained}: no such file or folder; give true, false or the PATH of a weights file",
     )
     reads = set(NETWORKS[m.name])
     if m.name == "unet" and m.backbone is None:  # the from-scratch U-Net: no encoder to set up

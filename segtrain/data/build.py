@@ -28,6 +28,7 @@ from segtrain.data.checks import check_labels
 from segtrain.data.palette import palette_array
 from segtrain.data.stats import resolve_auto, scan_images
 from segtrain.errors import ConfigError
+from segtrain.signals import worker_signals
 
 if TYPE_CHECKING:
     from segtrain.data.disk import DiskDataset
@@ -127,7 +128,6 @@ def _stop_workers_at_exit() -> None:
     children with SIGTERM and waits, would wait forever for any still alive at exit (a loader kept alive by
     an exception's traceback): kill them first (they only read data).  Registered after multiprocessing's
     handler, so it runs before it."""
-    import signal
 
     children = [c for c in multiprocessing.active_children() if c.daemon]
     if children:
@@ -145,8 +145,6 @@ def worker_init(worker_id: int, stop_on_sigterm: bool = False) -> None:
     its step and writes last.pt first: a worker dying before would crash the loader), or, ``stop_on_sigterm``
     (prediction, which has nothing to finish), the default action: the worker dies of it, rather than running the
     main process's handler that it inherited.  One OpenCV and one torch thread: the workers are the parallelism."""
-
-    from segtrain.signals import worker_signals
 
     worker_signals(sigterm=signal.SIG_DFL if stop_on_sigterm else signal.SIG_IGN)
     cv2.setNumThreads(0)  # one OpenCV thread per worker: workers are the parallelism

@@ -166,7 +166,7 @@ def _unreadable(path: Path, detail: str = "") -> DataError:
 
 def _tifffile():
     try:
-        import tifffile
+        import tifffile  # an optional package (segtrain[tiff])
 
         return tifffile
     except ImportError:
