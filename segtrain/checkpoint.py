@@ -132,8 +132,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]  # older checkpoints hold a list, one per visible GPU: the first
-        torch.cuda.set_rng_state((cuda[0] if isinstance(cuda, (list, tuple)) else cuda).cpu())
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:

@@ -231,8 +231,13 @@ def check_export(path: Path, fmt: str, model: nn.Module, sizes: list, tolerance:
             )
         results.append({"input_shape": list(x.shape), "max_abs_diff": float(np.abs(out - ref.numpy()).max())})
     largest = float(np.max([r["max_abs_diff"] for r in results]))  # NaN stays NaN (and fails)
-    return {"runtime": runtime, "tolerance": tolerance, "max_abs_diff": largest, "passed": largest <= tolerance,
-            "results": results}  # fmt: skip
+    return {
+        "runtime": runtime,
+        "tolerance": tolerance,
+        "max_abs_diff": largest,
+        "passed": largest <= tolerance,
+        "results": results,
+    }
 
 
 def sidecar(cfg: DictConfig, state: dict, fmt: str, path: Path, opset: int | None, check: dict) -> dict:

@@ -269,6 +269,8 @@ def format_info(info: dict) -> str:
             f"{r['images_per_sec']:9.1f} img/s"
             + (f"  peak {r['peak_memory_mb']:.0f} MiB" if "peak_memory_mb" in r else "")
         )
-    lines.append(f"device       {info['device_name']} ({info['device']}), {info['precision']}, channels_last "
-                 f"{info['channels_last']}, compile {info['compile']}, torch {info['torch']}")  # fmt: skip
+    lines.append(
+        f"device       {info['device_name']} ({info['device']}), {info['precision']}, channels_last "
+        f"{info['channels_last']}, compile {info['compile']}, torch {info['torch']}"
+    )
     return "\n".join(lines)

@@ -363,8 +363,12 @@ class Loggers:
                 what = " ".join(str(e).split())[:200]
                 if isinstance(e, OSError) and not e.filename and b.where():  # a full disk: say where
                     what += f" (writing {b.where()})"
-                log.warning("logger %s failed (%s: %s); it is switched off for the rest of the run", b.name,
-                            type(e).__name__, what)  # fmt: skip
+                log.warning(
+                    "logger %s failed (%s: %s); it is switched off for the rest of the run",
+                    b.name,
+                    type(e).__name__,
+                    what,
+                )
                 self.backends.remove(b)
                 if method != "close":  # its files flushed, its W&B / MLflow run marked failed
                     with contextlib.suppress(Exception):

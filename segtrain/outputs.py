@@ -242,8 +242,9 @@ def confusion_matrix_png(cm: torch.Tensor | np.ndarray, class_names: list[str], 
     write_png(path, confusion_matrix_image(cm, class_names))
 
 
-def validation_pictures(loggers, run_dir, cm, metrics: dict, vis, class_names: list[str], palette, ignore_index: int,
-                        step: int) -> None:  # fmt: skip
+def validation_pictures(
+    loggers, run_dir, cm, metrics: dict, vis, class_names: list[str], palette, ignore_index: int, step: int
+) -> None:
     """The pictures of a validation, logged as images (``val/confusion_matrix``, ``val/per_class_iou``,
     ``val/input_gt_pred``) and written to ``run_dir`` as ``confusion_matrix.png``, ``per_class_iou.png`` and
     ``predictions.png`` (rewritten at every validation, so the run dir holds the latest).  ``run_dir`` None
@@ -256,8 +257,11 @@ def validation_pictures(loggers, run_dir, cm, metrics: dict, vis, class_names: l
     }
     if vis is not None:
         pictures["predictions"] = prediction_grid(*vis, palette, ignore_index).permute(1, 2, 0).cpu().numpy()
-    tags = {"confusion_matrix": "val/confusion_matrix", "per_class_iou": "val/per_class_iou",
-            "predictions": "val/input_gt_pred"}  # fmt: skip
+    tags = {
+        "confusion_matrix": "val/confusion_matrix",
+        "per_class_iou": "val/per_class_iou",
+        "predictions": "val/input_gt_pred",
+    }
     for name, image in pictures.items():
         loggers.image(tags[name], torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), step)
         write_png(Path(run_dir) / f"{name}.png", image)

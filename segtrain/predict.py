@@ -340,9 +340,12 @@ def predict_files(predictor: Predictor, files: list[Path], stems: list[Path], ou
         log.warning("%s: %s", files[i], note)
     workers = num_workers(cfg.data.num_workers)  # auto: the CPUs this process may use
     loader = torch.utils.data.DataLoader(
-        _Images(files, predictor.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
+        _Images(files, predictor.read),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=list,
         worker_init_fn=partial(worker_init, stop_on_sigterm=True) if workers > 0 else None,
-    )  # fmt: skip
+    )
     counts, done = np.zeros(predictor.mask_classes, np.int64), 0
     bar = tqdm(
         total=len(files) - len(skipped), desc="predict", unit="img", disable=not bars_wanted(cfg.trainer.progress)

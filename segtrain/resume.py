@@ -23,8 +23,18 @@ from segtrain.files import checkpoint_file
 log = logging.getLogger("segtrain")
 
 # Keys whose change on resume is expected (run length, logging, paths), so not worth a warning.
-_UNWARNED = {"resume", "stop_at", "progress", "debug_errors", "num_workers", "root", "max_iters", "max_epochs",
-             "val_interval", "log_interval"}  # fmt: skip
+_UNWARNED = {
+    "resume",
+    "stop_at",
+    "progress",
+    "debug_errors",
+    "num_workers",
+    "root",
+    "max_iters",
+    "max_epochs",
+    "val_interval",
+    "log_interval",
+}
 
 
 def _candidates(resume: str, ckpt_dir: Path, keep_last: int) -> list[Path]:
@@ -143,5 +153,11 @@ def init_from(model: nn.Module, path_str: str, network: str) -> None:
     log.info(
         "model.init_from=%s: loaded %d of %d tensors; kept fresh: %d (shape differs: %s; not in the file: %d); "
         "unused from the file: %d",
-        path, len(load), len(ours), len(ours) - len(load), ", ".join(shape[:4]) or "none", len(absent), len(unused),
-    )  # fmt: skip
+        path,
+        len(load),
+        len(ours),
+        len(ours) - len(load),
+        ", ".join(shape[:4]) or "none",
+        len(absent),
+        len(unused),
+    )

@@ -240,8 +240,14 @@ def _export_staged(cfg: DictConfig, fmt: str, ckpt: Path, target: Path, staging:
 
 
 def _short_meta(cfg: DictConfig, state: dict) -> dict:
-    return {"model": cfg.model.name, "num_classes": cfg.data.num_classes, "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std), "step": state.get("step"), "segtrain_version": __version__}  # fmt: skip
+    return {
+        "model": cfg.model.name,
+        "num_classes": cfg.data.num_classes,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "step": state.get("step"),
+        "segtrain_version": __version__,
+    }
 
 
 def _log_check(check: dict, fmt: str) -> None:
@@ -251,8 +257,12 @@ def _log_check(check: dict, fmt: str) -> None:
     verdict = "ok" if check["passed"] else "FAILED"
     log.info(
         "self-check %s vs PyTorch (fp32, max |logit difference|): %s | largest %.2e, tolerance %g: %s",
-        check["runtime"], parts, check["max_abs_diff"], check["tolerance"], verdict,
-    )  # fmt: skip
+        check["runtime"],
+        parts,
+        check["max_abs_diff"],
+        check["tolerance"],
+        verdict,
+    )
 
 
 def _require_onnx() -> None:

@@ -150,8 +150,14 @@ def resume_command(run_dir: Path, limit: int | None = 160) -> str:
     """The command line of this run, with trainer.resume=auto and its run dir: in a sweep (``-m``) the sweep
     dir, which resumes every job; under torchrun on one node with ``torchrun``.  A short form when the command
     is longer than ``limit`` characters, so that the stop line stays one short line."""
-    drop = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.dir=", "trainer.stop_at=", "run_dir=",
-            "trainer.overwrite=")  # fmt: skip
+    drop = (
+        "trainer.resume=",
+        "hydra.run.dir=",
+        "hydra.sweep.dir=",
+        "trainer.stop_at=",
+        "run_dir=",
+        "trainer.overwrite=",
+    )
     args = [a for a in sys.argv[1:] if not a.startswith(drop)]
 
     where = override("hydra.run.dir", str(run_dir))  # quoted for Hydra where the path needs it (spaces, '=', é)

@@ -239,10 +239,16 @@ def _run_predict(cfg: DictConfig) -> dict:
     e = pcfg.eval
     log.info(
         "predicting %d file(s) from %s with %s (%s, step %s) | eval %s%s | %s %s",
-        len(items), cfg.input, cfg.ckpt, pcfg.model.name, state.get("step"), e.mode,
+        len(items),
+        cfg.input,
+        cfg.ckpt,
+        pcfg.model.name,
+        state.get("step"),
+        e.mode,
         f" scales {list(e.scales)} flip {e.flip}" if (list(e.scales) != [1.0] or e.flip) else "",
-        predictor.device, predictor.precision,
-    )  # fmt: skip
+        predictor.device,
+        predictor.precision,
+    )
     files = [f for f, _ in items]
     t0 = time.perf_counter()
     from segtrain.predict import predict_files  # loaded with the network by _prepare
@@ -270,13 +276,20 @@ def _run_predict(cfg: DictConfig) -> dict:
     write_json(run_dir / "predict.json", summary)
     if done == 0:
         path, why = next(iter(summary["skipped"].items()))
-        raise DataError(f"no image could be read from input={cfg.input}: {len(skipped_all)} file(s) skipped "
-                        f"(first: {path}: {why})"[:290])  # fmt: skip
+        raise DataError(
+            f"no image could be read from input={cfg.input}: {len(skipped_all)} file(s) skipped (first: {path}: {why})"[
+                :290
+            ]
+        )
     log.info(
         "%d image(s) predicted, %d skipped | %.1f images/s (%s, %s) | outputs in %s",
-        done, len(skipped_all), summary["images_per_sec"] or float("nan"), predictor.device, predictor.precision,
+        done,
+        len(skipped_all),
+        summary["images_per_sec"] or float("nan"),
+        predictor.device,
+        predictor.precision,
         summary["output"],
-    )  # fmt: skip
+    )
     log.info(_histogram_lines(counts, predictor.class_names))
     return summary
 

@@ -108,8 +108,10 @@ def _off_node(msg: str) -> str:
     if not keys:
         return msg
     backend = keys[0].split(".")[1]
-    return (f"{keys[0]} is a key of the {backend} logger, which is off: add logger={backend} "
-            f"(or several: 'logger=[tensorboard,{backend}]')")  # fmt: skip
+    return (
+        f"{keys[0]} is a key of the {backend} logger, which is off: add logger={backend} "
+        f"(or several: 'logger=[tensorboard,{backend}]')"
+    )
 
 
 class _Failures:
@@ -168,11 +170,12 @@ def _file_error(err: OSError, in_job: bool) -> str:
     before one, the run dir Hydra could not create or log into.  It names the path and the system's reason, and
     the fix: free space (a full disk or quota), or another run dir (``hydra.sweep.dir`` for a sweep)."""
     key = "hydra.sweep.dir" if _multirun() else "hydra.run.dir"
-    fix = f"free space, or change {key}" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"change {key}"
-    if in_job:
-        where = f" {console.short_path(err.filename)}" if err.filename else ""
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit
+    fix = f"free space, or change {key}" if err.errno in full else f"change {key}"
+    if in_job:  # the whole path (error_line shortens it only where the line would pass 300 characters)
+        where = f" {err.filename}" if err.filename else ""
         return f"cannot write{where}: {err.strerror or err}; {fix}"
-    return f"cannot use {console.short_path(err.filename or 'the run dir')}: {err.strerror or err}; {fix}"
+    return f"cannot use {err.filename or 'the run dir'}: {err.strerror or err}; {fix}"
 
 
 def _classify(exc: BaseException, cfg: DictConfig | None = None, prog: str = "segtrain") -> tuple[str, int]:
