@@ -59,7 +59,8 @@ def configure_backends(device: torch.device, deterministic: bool, cudnn_benchmar
     next (TF32 is deterministic too)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic or torch.are_deterministic_algorithms_enabled():  # else already off: the call would only
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)  # import torch._inductor (seconds on a CPU)
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic and device.type == "cuda"
     if device.type == "cuda" and not deterministic:
         torch.backends.cuda.matmul.allow_tf32 = True

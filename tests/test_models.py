@@ -624,3 +624,30 @@ def test_timm_convnext_deeplabv3plus_trains_in_a_smoke_run(tmp_path):
     assert summary["step"] == 2 and 0 <= summary["best_miou"] <= 1
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert any(k.startswith("backbone.model.stages_3") for k in state["model"])
+
+
+def test_a_plain_unet_loads_neither_torchvision_nor_the_compiler():
+    """A U-Net is built (every network's module imported), and the backends set, without importing torchvision or
+    torch._dynamo (which torchvision and torch.use_deterministic_algorithms import): seconds of start-up of every
+    command on a small CPU."""
+    import subprocess
+
+    code = (
+        "import sys, torch\n"
+        "from omegaconf import OmegaConf\n"
+        "from segtrain.config import ModelConfig\n"
+        "from segtrain.models.build import build_model\n"
+        "from segtrain.runtime import configure_backends\n"
+        "build_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), {'name': 'unet'}), 3)\n"
+        "configure_backends(torch.device('cpu'), False, False)\n"
+        "heavy = [m for m in ('torchvision', 'torch._dynamo', 'torch._inductor') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "configure_backends(torch.device('cpu'), True, False)\n"
+        "assert torch.are_deterministic_algorithms_enabled()\n"
+        "configure_backends(torch.device('cpu'), False, False)\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "from segtrain.models.backbones import imagenet_weights\n"
+        "assert 'resnet18' in imagenet_weights('resnet18').url\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -41,14 +41,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torchvision import models as tvm
 
 from segtrain.errors import ConfigError, missing_extra
 from segtrain.models.blocks import SafeBatchNorm2d
@@ -61,21 +59,30 @@ log = logging.getLogger("segtrain")
 # Seconds to wait for the weights server (connection, then each read) before giving up.
 DOWNLOAD_TIMEOUT = float(os.environ.get("SEGTRAIN_DOWNLOAD_TIMEOUT", "10"))
 
-RESNETS: dict[str, tuple[Callable[..., tvm.ResNet], Any]] = {
-    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
-    "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1),
+# name: (its torchvision.models constructor, its Weights enum), looked up in torchvision.models when used (:func:`_tvm`)
+RESNETS: dict[str, tuple[str, str]] = {
+    "resnet18": ("resnet18", "ResNet18_Weights"),
+    "resnet34": ("resnet34", "ResNet34_Weights"),
+    "resnet50": ("resnet50", "ResNet50_Weights"),
+    "resnet101": ("resnet101", "ResNet101_Weights"),
 }
-VGGS: dict[str, tuple[bool, Any]] = {  # name: (batch norm, weights)
-    "vgg16": (False, tvm.VGG16_Weights.IMAGENET1K_V1),
-    "vgg16_bn": (True, tvm.VGG16_BN_Weights.IMAGENET1K_V1),
+VGGS: dict[str, tuple[bool, str]] = {  # name: (batch norm, weights)
+    "vgg16": (False, "VGG16_Weights"),
+    "vgg16_bn": (True, "VGG16_BN_Weights"),
 }
-MOBILENETS: dict[str, tuple[Callable[..., tvm.MobileNetV3], Any]] = {
-    "mobilenet_v3_large": (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+MOBILENETS: dict[str, tuple[str, str]] = {
+    "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNet_V3_Large_Weights"),
 }
 NAMES = [*RESNETS, *VGGS, *MOBILENETS]
 CLASSIFIERS = ("fc.", "classifier.")  # torchvision's classifier layers (ResNet; VGG, MobileNetV3): no encoder part
+
+
+def _tvm(attribute: str) -> Any:
+    """``torchvision.models.ATTRIBUTE``, imported when a torchvision backbone is built or its weights looked up."""
+    # torchvision imports torch._dynamo: seconds of start-up on a small CPU that a U-Net, DeconvNet or SegFormer never needs
+    from torchvision import models
+
+    return getattr(models, attribute)
 
 
 class Backbone(nn.Module):
@@ -125,7 +132,7 @@ def _dilate_basic_blocks(layer: nn.Sequential, previous: int, dilation: int) -> 
 
 
 def resnet(name: str, output_stride: int = 32, state: dict | None = None) -> Backbone:
-    make, _ = RESNETS[name]
+    make = _tvm(RESNETS[name][0])
     dilate = [output_stride <= 4, output_stride <= 8, output_stride <= 16]  # layer2, layer3, layer4
     bottleneck = name in ("resnet50", "resnet101")
     net = make(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)
@@ -200,7 +207,7 @@ def _dilate_inverted_residuals(blocks: nn.Sequential, dilation: int) -> None:
 
 
 def mobilenet(name: str, output_stride: int = 32, state: dict | None = None) -> Backbone:
-    make, _ = MOBILENETS[name]
+    make = _tvm(MOBILENETS[name][0])
     net = make(weights=None)
     if state is not None:
         _load_classifier(net, state)
@@ -384,7 +391,7 @@ def imagenet_weights(name: str) -> Any:
     """The torchvision ``Weights`` entry of backbone ``name`` (not timm)."""
     for table in (RESNETS, VGGS, MOBILENETS):
         if name in table:
-            return table[name][1]
+            return _tvm(table[name][1]).IMAGENET1K_V1
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of: {', '.join(NAMES)}, or timm:NAME")
 
 
@@ -398,7 +405,7 @@ def torchvision_state(name: str, pretrained: bool | str) -> dict[str, torch.Tens
 
     table = RESNETS if name in RESNETS else MOBILENETS if name in MOBILENETS else None
     with torch.device("meta"):  # names and shapes only
-        net = table[name][0]() if table is not None else tvm.vgg16_bn() if VGGS[name][0] else tvm.vgg16()
+        net = _tvm(table[name][0] if table is not None else "vgg16_bn" if VGGS[name][0] else "vgg16")()
     wanted = {k: v.shape for k, v in net.state_dict().items()}
     return match(read_weights(pretrained), wanted, f"torchvision's {name}", pretrained, optional=CLASSIFIERS)
 
