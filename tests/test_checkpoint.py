@@ -1,17 +1,19 @@
 """segtrain.checkpoint: atomic, rotating saves that leave a loadable last.pt whatever moment a kill comes, and safe
 loading (text files named, pickled code refused and never run)."""
 
+import multiprocessing
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import console_script, one_line_error, run_cli, start_cli
+from conftest import console_script, one_line_error, run_cli
+from test_config import composed
 
-from segtrain import checkpoint
+from segtrain import checkpoint, rundir
+from segtrain.build import build_trainer
 from segtrain.errors import CheckpointError
 
 
@@ -29,28 +31,41 @@ def test_save_rotating_never_leaves_the_target_missing(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def _train(cfg, run: Path) -> None:
+    """A forked child's run (one thread: OpenMP is not fork-safe with more)."""
+    torch.set_num_threads(1)
+    build_trainer(cfg, run).fit()
+
+
 def test_kill_9_never_leaves_a_corrupt_checkpoint(tmp_path):
-    """SIGKILL at arbitrary moments of a run that writes last.pt every step: last.pt always loads."""
+    """SIGKILL at arbitrary moments of a run that writes last.pt every step: last.pt always loads.  Each run is
+    segtrain's trainer in a child forked from this process (torch already imported: no start-up of a command)."""
     args = [
         "debug=smoke",
+        "device=cpu",  # a forked child cannot use CUDA once the parent has initialised it
         "trainer.max_iters=100000",
         "trainer.val_interval=1",
         "trainer.progress=false",
         "trainer.num_vis=0",
-        "hydra.run.dir=run",
         "trainer.resume=auto",
     ]
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    cfg, run = composed(*args), tmp_path / "run"
+    last = run / "checkpoints" / "last.pt"
     steps = []
     for delay in (0.7, 1.3, 0.45):
-        proc = start_cli(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = multiprocessing.get_context("fork").Process(target=_train, args=(cfg, run), daemon=True)
         seen = last.stat().st_mtime_ns if last.is_file() else None
-        deadline = time.time() + 120
-        while time.time() < deadline and (not last.is_file() or last.stat().st_mtime_ns == seen):
-            time.sleep(0.05)  # until this process has written its first checkpoint
-        time.sleep(delay)  # somewhere in a step, a validation or a checkpoint write
-        proc.kill()
-        proc.wait()
+        proc.start()
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and (not last.is_file() or last.stat().st_mtime_ns == seen):
+                assert proc.exitcode is None, f"the run ended ({proc.exitcode}) before writing a checkpoint"
+                time.sleep(0.05)  # until this process has written its first checkpoint
+            time.sleep(delay)  # somewhere in a step, a validation or a checkpoint write
+        finally:
+            proc.kill()  # SIGKILL
+            proc.join()
+        assert proc.exitcode == -9
         steps.append(checkpoint.load(last)["step"])  # never torn
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each start resumed where the last one died
 
@@ -84,8 +99,12 @@ def test_pickled_code_is_refused_and_not_run(tmp_path):
     one_line_error(proc, "refusing to load", "evil.pt")
     proc = run_cli([f"ckpt={evil}"], tmp_path, exe=console_script("segtrain-eval"))
     one_line_error(proc, "refusing to load", "it would call posix.system", prog="segtrain-eval")
-    proc = run_cli(["debug=smoke", f"model.init_from={evil}"], tmp_path)
-    one_line_error(proc, "refusing to load")
+    # model.init_from: the same load (segtrain.checkpoint.load, from segtrain.resume.init_from) in this process
+    try:
+        with pytest.raises(CheckpointError, match="refusing to load"):
+            build_trainer(composed("debug=smoke", f"model.init_from={evil}"), tmp_path / "run")
+    finally:
+        rundir.release(tmp_path / "run")  # the lock build_trainer took
     assert not MARKER.exists(), "the pickle ran code"
 
 

@@ -4,13 +4,20 @@ the tensors that fit."""
 
 import json
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import cli_env, one_line_error, segtrain_exe
+from test_config import composed
 
-from segtrain import checkpoint
+from segtrain import checkpoint, rundir
+from segtrain.build import build_trainer
+from segtrain.config import config_dir
+from segtrain.config.explicit import explicit_keys
+from segtrain.errors import CheckpointError
 
 
 def model_tensors(run: Path, name: str = "last.pt") -> dict:
@@ -32,7 +39,13 @@ DETERMINISTIC = [
 
 
 def test_resume_mid_epoch_is_bitwise_identical(cli):
-    _, straight = cli(*DETERMINISTIC, run_dir="straight")
+    # The uninterrupted reference run in this process, built as the command line builds it (the config that the
+    # same overrides compose, planned from the keys they set): the stopped and resumed run is the commands'.
+    straight, deterministic = cli.cwd / "straight", torch.are_deterministic_algorithms_enabled()
+    try:
+        build_trainer(composed(*DETERMINISTIC), straight, explicit=explicit_keys(DETERMINISTIC, [config_dir()])).fit()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # trainer.deterministic: not for the next tests
     name = "part é=1, x"  # a run dir that the shell and Hydra must both have quoted
     proc, _ = cli(*DETERMINISTIC, "trainer.stop_at=5", run_dir=f'"{name}"', check=False)
     part = cli.cwd / name
@@ -58,18 +71,22 @@ def test_resume_mid_epoch_is_bitwise_identical(cli):
     ]
 
 
-def test_keep_last_and_fallback_when_last_is_corrupt(cli):
-    _, run = cli("debug=smoke", "trainer.max_iters=8", "trainer.val_interval=4", "trainer.keep_last=2")
+def test_keep_last_and_fallback_when_last_is_corrupt(tmp_path, caplog):
+    """segtrain.checkpoint's rotation and segtrain.resume's fallback, in this process (the command line's
+    trainer.resume=auto: test_resume_mid_epoch_is_bitwise_identical, tests/test_cli.py)."""
+    run = tmp_path / "run"
+    args = ["debug=smoke", "trainer.val_interval=4", "trainer.keep_last=2", "trainer.num_vis=0",
+            "trainer.progress=false"]  # fmt: skip
+    build_trainer(composed(*args, "trainer.max_iters=8"), run).fit()
     ck = run / "checkpoints"
     assert (ck / "last-1.pt").is_file() and not (ck / "last-2.pt").exists()
     assert checkpoint.load(ck / "last-1.pt")["step"] == 4 and checkpoint.load(ck / "last.pt")["step"] == 8
     data = (ck / "last.pt").read_bytes()
     (ck / "last.pt").write_bytes(data[: len(data) // 3])  # a torn file (e.g. copied off a dying node)
     (ck / ".last.pt.abc.tmp").write_bytes(b"partial")  # what kill -9 during a write leaves
-    proc, run = cli(
-        "debug=smoke", "trainer.max_iters=10", "trainer.val_interval=4", "trainer.resume=auto", "trainer.keep_last=2"
-    )
-    assert "trying" in proc.stdout + proc.stderr and "at step 4" in proc.stdout
+    with caplog.at_level("INFO", logger="segtrain"):
+        build_trainer(composed(*args, "trainer.max_iters=10", "trainer.resume=auto"), run).fit()
+    assert "trying" in caplog.text and f"resumed from {ck / 'last-1.pt'} at step 4" in caplog.text
     assert checkpoint.load(ck / "last.pt")["step"] == 10
     assert not (ck / ".last.pt.abc.tmp").exists()
 
@@ -86,36 +103,27 @@ def test_foreign_checkpoint_lists_differences(cli, finished_run):
     one_line_error(proc, "cannot resume", "num_classes 6 (here 3)", "model.base_channels 8 (here 4)", "shape")
 
 
-def test_init_from_loads_what_fits(cli, finished_run):
+def test_init_from_loads_what_fits(cli, finished_run, caplog):
     run = finished_run[1]  # a debug=smoke run (unet, 6 classes), only read
-    proc, _ = cli(
-        "debug=smoke",
-        "trainer.max_iters=2",
-        "data.num_classes=3",
-        f"model.init_from={run / 'checkpoints' / 'best.pt'}",
-        run_dir="dst",
-    )
-    log = proc.stdout
+    best = run / "checkpoints" / "best.pt"
+    # segtrain.resume.init_from in this process; its refusal below goes through the command line
+    cfg = composed("debug=smoke", "trainer.max_iters=2", "data.num_classes=3", "trainer.num_vis=0",
+                   "trainer.progress=false", f"model.init_from={best}")  # fmt: skip
+    with caplog.at_level("INFO", logger="segtrain"):
+        build_trainer(cfg, cli.cwd / "dst").fit()
+    log = caplog.text
     assert "model.init_from=" in log and "shape differs: classifier.weight" in log
     ours = model_tensors(run)
     theirs = model_tensors(cli.cwd / "dst", "last.pt")
     assert theirs["classifier.weight"].shape[0] == 3 and ours["classifier.weight"].shape[0] == 6
-    proc, _ = cli(
-        "debug=smoke",
-        "model=fcn",
-        "model.backbone=resnet18",
-        f"model.init_from={run / 'checkpoints' / 'best.pt'}",
-        check=False,
-    )
+    proc, _ = cli("debug=smoke", "model=fcn", "model.backbone=resnet18", f"model.init_from={best}", check=False)
     one_line_error(proc, "no tensor matches")
 
 
 def test_resume_into_fp16_from_a_run_without_a_grad_scaler(tmp_path):
     """A checkpoint of a bf16/fp32 run (its GradScaler off: an empty state) resumes under fp16 (as on a GPU,
     precision=auto) with a fresh scaler, not PyTorch's 'source state dict is empty'."""
-    from segtrain.build import build_trainer
     from segtrain.config import validate
-    from tests.test_config import composed
 
     args = ["debug=smoke", "device=cpu", "trainer.num_vis=0", "trainer.progress=false", "data.num_train=8"]
     cfg = composed(*args, "device.precision=bf16", "trainer.max_iters=2")
@@ -129,12 +137,22 @@ def test_resume_into_fp16_from_a_run_without_a_grad_scaler(tmp_path):
     assert last["step"] == 3 and last["scaler"]["scale"] > 0
 
 
-def test_resume_with_another_optimizer_is_one_line(cli):
+def test_resume_with_another_optimizer_is_one_line(cli, tiny_run):
     """Its state (momenta, parameter groups) cannot carry over: refused before training, with the way out."""
-    _, run = cli("debug=smoke", "trainer.max_iters=2", "trainer.num_vis=0", "trainer.progress=false", run_dir="r")
-    for change in ("optimizer=sgd", "optimizer.no_decay_norm_bias=true"):
-        proc, _ = cli("debug=smoke", "trainer.max_iters=4", "trainer.progress=false", change, "trainer.resume=auto",
-                      run_dir="r", check=False)  # fmt: skip
-        line = one_line_error(proc, "cannot resume from", "parameter group", "model.init_from=")
-        assert proc.returncode == 2, line
+    run = cli.cwd / "r"
+    shutil.copytree(tiny_run, run)  # a finished debug=smoke run: model.base_channels=4, 2 iterations
+    common = ["debug=smoke", "model.base_channels=4", "trainer.max_iters=4", "trainer.progress=false",
+              "trainer.resume=auto"]  # fmt: skip
+    proc, _ = cli(*common, "optimizer=sgd", run_dir="r", check=False)  # another optimizer: the command's line
+    line = one_line_error(proc, "cannot resume from", "parameter group", "model.init_from=")
+    assert proc.returncode == 2, line
+    # other parameter groups: the same check (segtrain.resume.resume_state) in this process
+    try:
+        with pytest.raises(CheckpointError) as e:
+            build_trainer(composed(*common, "optimizer.no_decay_norm_bias=true"), run)
+    finally:
+        rundir.release(run)  # the lock build_trainer took
+    for needle in ("cannot resume from", "parameter group", "model.init_from="):
+        assert needle in str(e.value), str(e.value)
+    assert e.value.exit_code == 2
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 2  # untouched

@@ -3,6 +3,7 @@ Throughput, StopSignals (first signal noted, second aborts), DivergenceGuard (a 
 with its checkpoints kept; fp16 overflow steps skipped) and the out-of-memory advice."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,11 +92,13 @@ with StopSignals() as s:
     assert "stopping after this step" in proc.stderr
 
 
-def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli):
-    _, run = cli("debug=smoke", "trainer.max_iters=4", run_dir="r")
+def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli, tiny_run):
+    run = cli.cwd / "r"
+    shutil.copytree(tiny_run, run)  # a finished debug=smoke run: model.base_channels=4, 2 iterations
     before = (run / "checkpoints" / "last.pt").read_bytes()
     proc, _ = cli(
         "debug=smoke",
+        "model.base_channels=4",
         "data.std=[1e-45,1e-45,1e-45]",  # inputs become inf/NaN (a resume keeps the checkpoint's lr)
         "device.precision=fp32",
         "trainer.max_iters=8",
@@ -105,7 +108,7 @@ def test_nan_in_fp32_stops_with_one_line_and_keeps_checkpoints(cli):
         check=False,
     )  # the same run dir, continued: its checkpoints must survive the divergence
     line = one_line_error(proc, "non-finite", "optimizer.lr", "device.precision")
-    assert proc.returncode == 3 and "at step 5" in line
+    assert proc.returncode == 3 and "at step 3" in line
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 

@@ -9,12 +9,13 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli, start_cli
+from conftest import start_cli
 from test_config import composed
 
 from segtrain import checkpoint
 from segtrain.build import build_trainer
 from segtrain.config import validate
+from segtrain.errors import Preempted
 
 # The overrides of each network family and variant; each run is the CLI's (config.validate, then
 # build_trainer(cfg, run_dir).fit()) in this process: ~5 s of imports less per network than a subprocess.
@@ -37,23 +38,25 @@ MODELS = [
 
 @pytest.mark.parametrize("overrides", MODELS, ids=lambda o: "-".join(x.split("=")[1] for x in o))
 def test_every_model_trains(tmp_path, overrides):
-    cfg = composed("debug=smoke", "trainer.num_vis=1", *overrides)
+    # 8 training images: 2 epochs of 2 steps (the checkpoints written at each validation cost as much as the steps)
+    cfg = composed("debug=smoke", "trainer.num_vis=1", "data.num_train=8", *overrides)
     validate(cfg)
     run = tmp_path / "run"
     summary = build_trainer(cfg, run).fit()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["step"] == 8 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
-    assert summary["step"] == 8 and summary["model"] == cfg.model.name
+    assert metrics["step"] == 4 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
+    assert summary["step"] == 4 and summary["model"] == cfg.model.name
     # fp16 (CUDA) may skip its first steps while the GradScaler finds its scale; bf16/fp32 never skip
-    assert summary["skipped_steps"] == 0 or (torch.cuda.is_available() and summary["skipped_steps"] < 8)
-    assert [h["step"] for h in metrics["history"]] == [4, 8]  # debug=smoke: a validation per epoch of 4 steps
+    assert summary["skipped_steps"] == 0 or (torch.cuda.is_available() and summary["skipped_steps"] < 4)
+    assert [h["step"] for h in metrics["history"]] == [2, 4]  # debug=smoke: a validation per epoch (2 steps here)
     assert all(math.isfinite(h["loss"]) and 0 <= h["miou"] <= 1 for h in metrics["history"])
-    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 8
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 4
     assert (run / "checkpoints" / "best.pt").is_file()
     assert list((run / "tb").iterdir())  # the TensorBoard events
 
 
-def test_accumulate_matches_a_bigger_batch(cli):
+def test_accumulate_matches_a_bigger_batch(tmp_path):
+    """The trainer's accumulation, in this process (one build_trainer(cfg).fit() per run)."""
     common = [
         "debug=smoke",
         "model.norm=none",
@@ -61,48 +64,53 @@ def test_accumulate_matches_a_bigger_batch(cli):
         "device.precision=fp32",
         "trainer.max_iters=1",
         "trainer.progress=false",
+        "trainer.num_vis=0",
         "data.augment=false",
         "optimizer=sgd",
         "trainer.deterministic=true",
     ]
-    _, big = cli(*common, "data.batch_size=4", run_dir="big")
-    _, acc = cli(*common, "data.batch_size=2", "trainer.accumulate=2", run_dir="acc")
-    _, small = cli(*common, "data.batch_size=2", run_dir="small")
-    load = lambda d: torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"]  # noqa: E731
-    a, b, c = load(big), load(acc), load(small)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for name, batch in (("big", ["data.batch_size=4"]), ("acc", ["data.batch_size=2", "trainer.accumulate=2"]),
+                            ("small", ["data.batch_size=2"])):  # fmt: skip
+            build_trainer(composed(*common, *batch), tmp_path / name).fit()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # trainer.deterministic: not for the next tests
+    load = lambda d: torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"]  # noqa: E731
+    a, b, c = load("big"), load("acc"), load("small")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # the test can fail: batch 2 alone differs
 
 
-def test_sigterm_writes_last_and_resume_continues(tmp_path):
+def test_sigterm_writes_last_and_resume_continues(tmp_path, caplog):
     args = [
         "debug=smoke",
         "trainer.max_iters=100000",
         "trainer.val_interval=100000",
         "data.num_workers=2",
         "trainer.progress=false",
-        "hydra.run.dir=run",
     ]
-    proc = start_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tb = tmp_path / "run" / "tb"
+    proc = start_cli([*args, "hydra.run.dir=run"], tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (tb.is_dir() and any(tb.iterdir())):  # training has started
-        time.sleep(0.5)
-    time.sleep(3)
+    for line in proc.stdout:
+        if line.startswith("step 2/") or time.time() > deadline:  # training runs, its loader workers too
+            break
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert time.time() - t0 < 60
     assert proc.returncode == 75, out + err
     assert "segtrain: stopped: stopped by SIGTERM" in err and "trainer.resume=auto" in err and "Traceback" not in err
-    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
-    step = state["step"]
-    assert step >= 1
-    again = run_cli([*args, "trainer.resume=auto", f"trainer.stop_at={step + 2}"], tmp_path)
-    assert again.returncode == 75, again.stderr
-    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at step {step}" in again.stdout
-    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == step + 2
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    step = checkpoint.load(last)["step"]
+    assert step >= 2
+    # the resume, in this process (the command line's resume=auto: tests/test_resume.py, tests/test_cli.py)
+    cfg = composed(*args, "trainer.resume=auto", f"trainer.stop_at={step + 2}")
+    with caplog.at_level("INFO", logger="segtrain"), pytest.raises(Preempted, match="stopped by trainer.stop_at"):
+        build_trainer(cfg, tmp_path / "run").fit()
+    assert f"resumed from {last} at step {step}" in caplog.text
+    assert checkpoint.load(last)["step"] == step + 2
 
 
 def test_sigterm_during_validation_stops_at_the_next_batch(tmp_path):
@@ -193,8 +201,6 @@ def _objects_trainer(run_dir, *overrides):
 
 
 def test_a_trainer_from_objects_trains_checkpoints_and_resumes_bitwise(tmp_path):
-    from segtrain.errors import Preempted
-
     straight = _objects_trainer(tmp_path / "straight")
     summary = straight.fit()
     assert summary["step"] == 6 and [h["step"] for h in summary["history"]] == [2, 4, 6]
