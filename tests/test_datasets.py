@@ -1,12 +1,14 @@
 """On-disk data sets (VOC, Cityscapes, ADE20K, folder), the standard pipelines and the label check,
 on miniature real trees written by ``fake_datasets``."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fake_datasets import FOLDER_PALETTE, data_cfg, write_ade, write_cityscapes, write_folder, write_png, write_voc
 from PIL import Image
+from test_evaluate import command_in_process
 
 from segtrain.data import transforms as T
 from segtrain.data.base import seed_pipeline
@@ -292,6 +294,21 @@ FAST = [
 ]
 
 
+def segtrain_in_process(cwd: Path, *args: str, run_dir: str = "run", capsys=None):
+    """``segtrain ARGS hydra.run.dir=RUN_DIR`` in this process (the command's own entry point, without a process
+    start-up of seconds): (CompletedProcess, run dir)."""
+    proc = command_in_process("segtrain", [*args, f"hydra.run.dir={run_dir}"], cwd, capsys)
+    assert proc.returncode == 0, f"segtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc, cwd / run_dir
+
+
+def eval_in_process(cwd: Path, *args: str, run_dir: str = "ev") -> dict:
+    """``segtrain-eval ARGS hydra.run.dir=RUN_DIR`` in this process: its metrics.json."""
+    proc = command_in_process("segtrain-eval", [*args, f"hydra.run.dir={run_dir}", "trainer.progress=false"], cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((cwd / run_dir / "metrics.json").read_text())
+
+
 @pytest.mark.parametrize(
     "name,writer,extra",
     [
@@ -301,40 +318,31 @@ FAST = [
         ("folder", write_folder, ["data.num_classes=3"]),
     ],
 )
-def test_cli_trains_on_each_tree(cli, name, writer, extra):
-    root = cli.cwd / "data"
+def test_cli_trains_on_each_tree(tmp_path, name, writer, extra):
+    """``segtrain data=NAME data.root=ROOT``, through the command's entry point in this process (the command as a
+    subprocess: tests/conftest.py's finished_run, and test_cli_bad_masks_one_line_error_then_label_map_trains)."""
+    root = tmp_path / "data"
     writer(root)
-    proc, run = cli(f"data={name}", f"data.root={root}", *FAST, *extra, env={"SEGTRAIN_CACHE": str(cli.cwd / "cache")})
+    proc, run = segtrain_in_process(tmp_path, f"data={name}", f"data.root={root}", *FAST, *extra)
     assert (run / "metrics.json").is_file(), proc.stdout
 
 
-def test_val_size_scores_at_the_original_mask_size(cli):
+def test_val_size_scores_at_the_original_mask_size(tmp_path):
     """data.val_size rescales validation images only; the predictions are resized back to each mask (mmseg)."""
-    import json
-
-    from tests.conftest import console_script, run_cli
-
-    root = cli.cwd / "data"
+    root = tmp_path / "data"
     expected = write_voc(root)
-    env = {"SEGTRAIN_CACHE": str(cli.cwd / "cache")}
     fast = [a for a in FAST if not a.startswith("trainer.num_vis")]
-    _, run = cli("data=voc", f"data.root={root}", *fast, "data.val_size=24", "trainer.num_vis=2", env=env)
-    assert (run / "metrics.json").is_file()
-    exe = console_script("segtrain-eval")
-    proc = run_cli(
-        [f"ckpt={run / 'checkpoints' / 'last.pt'}", "hydra.run.dir=ev", "trainer.progress=false"],
-        cli.cwd,
-        exe=exe,
-        env=env,
+    _, run = segtrain_in_process(
+        tmp_path, "data=voc", f"data.root={root}", *fast, "data.val_size=24", "trainer.num_vis=2"
     )
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads((cli.cwd / "ev" / "metrics.json").read_text())
+    assert (run / "metrics.json").is_file()
+    m = eval_in_process(tmp_path, f"ckpt={run / 'checkpoints' / 'last.pt'}")
     val = sorted(expected)[-2:]  # write_voc: the last n_val=2 ids are the val split
     labelled = sum(int((expected[n] != 255).sum()) for n in val)
     assert sum(map(sum, m["confusion_matrix"])) == labelled
 
 
-def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
+def test_cli_bad_masks_one_line_error_then_label_map_trains(cli, capsys):
     root = cli.cwd / "data"
     write_folder(root, masks="binary", classes_yaml=False)
     env = {"SEGTRAIN_CACHE": str(cli.cwd / "cache")}
@@ -350,22 +358,19 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
         and "img_0" in err[0]
         and "data.label_map={255:1}" in err[0]
     )
-    proc, run = cli("data=folder", f"data.root={root}", *FAST, env=env, run_dir="planned")
+    # planned, it trains (in this process, through the command's entry point: a process start-up saved); an explicit
+    # data.label_map={255:1} trains as well (tests/test_recipes.py's medical recipe)
+    proc, run = segtrain_in_process(
+        cli.cwd, "data=folder", f"data.root={root}", *FAST, run_dir="planned", capsys=capsys
+    )
     assert (run / "metrics.json").is_file() and "plan: data.label_map={255: 1}" in proc.stdout + proc.stderr
-    proc, run = cli("data=folder", f"data.root={root}", *FAST, "data.label_map={255:1}", env=env)
-    assert (run / "metrics.json").is_file()
     # segtrain-eval on a separate test folder of the same kind: the checkpoint's label_map carries over, and
-    # data.val_fraction=1 scores every image (docs/recipes.md)
-    import json
-
-    from tests.conftest import console_script, run_cli
-
+    # data.val_fraction=1 scores every image (docs/recipes.md); in this process too (the command as a subprocess:
+    # tests/test_evaluate.py)
     test = cli.cwd / "test"
     write_folder(test, masks="binary", classes_yaml=False, n=3)
     args = [f"ckpt={run / 'checkpoints' / 'last.pt'}", "data=folder", f"data.root={test}", "data.val_fraction=1"]
-    proc = run_cli([*args, "hydra.run.dir=ev"], cli.cwd, exe=console_script("segtrain-eval"), env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((cli.cwd / "ev" / "metrics.json").read_text())["num_images"] == 3
+    assert eval_in_process(cli.cwd, *args)["num_images"] == 3
 
 
 # --- the messages of issue 16 ---------------------------------------------------------------------

@@ -32,17 +32,59 @@ def _env(tmp_path, monkeypatch):
     root.handlers[:], root.level = handlers, level
 
 
-def segtrain_eval(monkeypatch, tmp_path, name: str, *args: str) -> dict:
-    from segtrain.apps.evaluate import main
+def command_in_process(prog: str, args, cwd, capsys=None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command ``prog`` (``segtrain``, ``segtrain-eval`` ...) in this process: the ``main()`` its console script
+    runs (Hydra, the run-dir guard, the job, the one-line errors and exit codes), in ``cwd``, with ``args``.  Returns
+    a CompletedProcess: the exit code (0, or what it exits with) and, given ``capsys``, what it printed.  It saves a
+    process's start-up (torch, albumentations, Hydra: seconds); what the command leaves in the process (Hydra's log
+    handlers and config, HYDRA_FULL_ERROR, torch's threads, the wrapped standard streams) is undone."""
+    import importlib
 
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    module = {"segtrain": "train", "segtrain-eval": "evaluate"}.get(prog, prog.removeprefix("segtrain-"))
+    main = importlib.import_module(f"segtrain.apps.{module}").main
+    root = logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    hydra_cfg, initialized = HydraConfig.instance().cfg, GlobalHydra.instance().is_initialized()
+    if capsys is not None:
+        capsys.readouterr()
+    code = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setattr(sys, "argv", [prog, *map(str, args)])
+        mp.setattr(sys, "stdout", sys.stdout)  # (the command wraps the standard streams)
+        mp.setattr(sys, "stderr", sys.stderr)
+        mp.setenv("HYDRA_FULL_ERROR", "0")  # the command sets it to 1 (Hydra re-raises, the command prints one line)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+            for handler in set(root.handlers) - set(handlers):  # Hydra's job logging (the run dir's log file)
+                handler.close()
+            root.handlers[:], root.level = handlers, level
+            HydraConfig.instance().cfg = hydra_cfg  # the other tests see no Hydra run
+            if not initialized:
+                GlobalHydra.instance().clear()
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return subprocess.CompletedProcess([prog, *args], code, out, err)
+
+
+def segtrain_eval(tmp_path, name: str, *args: str) -> dict:
+    """``segtrain-eval ARGS`` in this process: its metrics.json."""
     out = tmp_path / name
-    argv = ["segtrain-eval", *args, f"hydra.run.dir={out}", "trainer.progress=false", "device=cpu"]
-    monkeypatch.setattr(sys, "argv", argv)
-    main()
+    argv = [*args, f"hydra.run.dir={out}", "trainer.progress=false", "device=cpu"]
+    proc = command_in_process("segtrain-eval", argv, tmp_path)
+    assert proc.returncode == 0, proc
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_eval_validates_at_the_checkpoints_training_scale(tmp_path, monkeypatch):
+def test_eval_validates_at_the_checkpoints_training_scale(tmp_path):
     from segtrain.build import build_trainer
 
     write_voc(tmp_path / "voc", n_train=4, n_val=2)
@@ -55,18 +97,19 @@ def test_eval_validates_at_the_checkpoints_training_scale(tmp_path, monkeypatch)
     summary = build_trainer(cfg, tmp_path / "run").fit()
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
 
-    m = segtrain_eval(monkeypatch, tmp_path, "eval", f"ckpt={ckpt}")
+    m = segtrain_eval(tmp_path, "eval", f"ckpt={ckpt}")
     assert m["val_scale"] == [56, 76]  # the median training size, from the checkpoint (no auto left there)
     assert m["miou"] == pytest.approx(summary["best_miou"], abs=1e-6)  # the same scale as validation in training
 
-    m = segtrain_eval(monkeypatch, tmp_path, "eval_val_size", f"ckpt={ckpt}", "data.val_size=40")
+    m = segtrain_eval(tmp_path, "eval_val_size", f"ckpt={ckpt}", "data.val_size=40")
     assert m["val_scale"] == 40  # an explicit data.val_size wins
-    m = segtrain_eval(monkeypatch, tmp_path, "eval_auto", f"ckpt={ckpt}", "data.mean=auto", "data.base_size=auto")
+    m = segtrain_eval(tmp_path, "eval_auto", f"ckpt={ckpt}", "data.mean=auto", "data.base_size=auto")
     assert m["val_scale"] == [56, 76] and m["miou"] == pytest.approx(summary["best_miou"], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------
-# segtrain-eval as a subprocess, on a checkpoint of a tiny training run.
+# segtrain-eval on the checkpoint of a tiny training run: as a subprocess (the command a user types), and in this
+# process through the same entry point (the other modes; each process start costs seconds).
 
 
 def _eval_exe() -> list[str]:
@@ -75,18 +118,27 @@ def _eval_exe() -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    # cuDNN's autotuner off: on CUDA, validation and segtrain-eval then run the same kernels (the same last bits)
-    args = ["debug=smoke", "trainer.max_iters=8", "trainer.progress=false", "device.cudnn_benchmark=false"]
-    proc = run_cli([*args, "hydra.run.dir=run"], root)
-    assert proc.returncode == 0, proc.stderr
-    return root / "run" / "checkpoints" / "best.pt"
+    """The best checkpoint of a tiny ``debug=smoke`` run (a U-Net, base_channels 4, 2 steps), trained in this
+    process; cuDNN's autotuner off: on CUDA, validation and segtrain-eval then run the same kernels (the same last
+    bits)."""
+    from segtrain.build import build_trainer
+
+    run = tmp_path_factory.mktemp("train") / "run"
+    args = ("debug=smoke", "trainer.max_iters=2", "trainer.progress=false", "trainer.num_vis=0",
+            "model.base_channels=4", "device.cudnn_benchmark=false")  # fmt: skip
+    build_trainer(composed(*args), run).fit()
+    return run / "checkpoints" / "best.pt"
 
 
-def _evaluate(ckpt: Path, tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    proc = run_cli(
-        [f"ckpt={ckpt}", f"hydra.run.dir={name}", "trainer.progress=false", *args], tmp_path, exe=_eval_exe()
-    )
+def _evaluate(
+    ckpt: Path, tmp_path: Path, name: str, *args: str, capsys=None
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """``segtrain-eval ckpt=CKPT ARGS``: as a subprocess, or, given ``capsys``, in this process."""
+    argv = [f"ckpt={ckpt}", f"hydra.run.dir={name}", "trainer.progress=false", *args]
+    if capsys is None:
+        proc = run_cli(argv, tmp_path, exe=_eval_exe())
+    else:
+        proc = command_in_process("segtrain-eval", argv, tmp_path, capsys)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / name
     assert (out / "confusion_matrix.png").stat().st_size > 500
@@ -96,22 +148,26 @@ def _evaluate(ckpt: Path, tmp_path: Path, name: str, *args: str) -> tuple[subpro
     return proc, json.loads((out / "metrics.json").read_text())
 
 
-def test_eval_modes(trained, tmp_path):
-    proc, whole = _evaluate(trained, tmp_path, "whole")
+def test_eval_modes(trained, tmp_path, capsys):
+    """Whole, covering slide, small slide in this process (the same threads as the training run: bit-equal
+    comparisons); the multi-scale + flip run through the command a user types."""
+    proc, whole = _evaluate(trained, tmp_path, "whole", capsys=capsys)
     assert "mean" in proc.stdout and "IoU" in proc.stdout  # the per-class table
     assert {"miou", "aacc", "macc", "per_class_iou"} <= set(whole)
     assert whole["eval"]["mode"] == "whole" and whole["num_images"] == 8
     trained_metrics = json.loads((trained.parents[1] / "metrics.json").read_text())
     assert whole["miou"] == pytest.approx(trained_metrics["best_miou"], abs=1e-3)
 
-    _, covering = _evaluate(trained, tmp_path, "cover", "eval.mode=slide", "eval.crop_size=64")
+    _, covering = _evaluate(trained, tmp_path, "cover", "eval.mode=slide", "eval.crop_size=64", capsys=capsys)
     assert covering["miou"] == pytest.approx(whole["miou"], abs=1e-9)
     assert covering["confusion_matrix"] == whole["confusion_matrix"]
 
-    _, small = _evaluate(trained, tmp_path, "small", "eval.mode=slide", "eval.crop_size=32", "eval.stride=16")
+    _, small = _evaluate(trained, tmp_path, "small", "eval.mode=slide", "eval.crop_size=32", "eval.stride=16",
+                         capsys=capsys)  # fmt: skip
     assert small["eval"]["crop_size"] == 32 and 0 <= small["miou"] <= 1
 
-    _, tta = _evaluate(trained, tmp_path, "tta", "eval.scales=[0.75,1.0,1.25]", "eval.flip=true")
+    proc, tta = _evaluate(trained, tmp_path, "tta", "eval.scales=[0.75,1.0,1.25]", "eval.flip=true")
+    assert "mean" in proc.stdout and "IoU" in proc.stdout
     assert tta["eval"]["flip"] and tta["eval"]["scales"] == [0.75, 1.0, 1.25] and 0 <= tta["miou"] <= 1
     assert sum(map(sum, tta["confusion_matrix"])) == sum(map(sum, whole["confusion_matrix"]))
 

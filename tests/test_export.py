@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import console_script, run_cli
+from conftest import console_script
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -48,13 +48,34 @@ def tiny_segformer(monkeypatch):
     monkeypatch.setitem(segformer.VARIANTS, "tiny", ((16, 32, 80, 128), (1, 1, 1, 1), 64))
 
 
+def _resnet10(weights=None, **kw) -> nn.Module:
+    """torchvision's ResNet-18 with one BasicBlock per stage: its stem, stages, widths, strides, downsampling and
+    (segtrain's) dilation rule, half its blocks to export."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    assert weights is None
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kw)
+
+
+def build_shallow(cfg, num_classes: int, **kw) -> nn.Module:
+    """``build_model`` with ``resnet18`` backbones of one block per stage (:func:`_resnet10`): the exporters' time
+    grows with the graph."""
+    from unittest import mock
+
+    import torchvision.models
+
+    with mock.patch.object(torchvision.models, "resnet18", _resnet10):
+        return build_model(cfg, num_classes, **kw)
+
+
 def network(spec: dict) -> nn.Module:
-    """A randomly initialised network with random BatchNorm statistics (nothing trivially zero)."""
+    """A randomly initialised network (:func:`build_shallow`) with random BatchNorm statistics (nothing trivially
+    zero)."""
     if spec.get("backbone", "").startswith("timm:"):
         pytest.importorskip("timm")
     torch.manual_seed(0)
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), spec)
-    model = build_model(cfg, 3)
+    model = build_shallow(cfg, 3)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -104,7 +125,7 @@ def test_four_bands_and_one_sigmoid_logit_export(tmp_path):
     """data.in_channels=4 and data.num_classes=1: the exported file takes 4 bands and returns one logit."""
     torch.manual_seed(0)
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "deeplabv3plus", "backbone": "resnet18"})
-    model = build_model(cfg, 1, in_channels=4).eval()
+    model = build_shallow(cfg, 1, in_channels=4).eval()
     export_torchscript(exportable(model), tmp_path / "m.pt", channels=4)
     check = check_export(tmp_path / "m.pt", "torchscript", model, SIZES, 1e-3, channels=4)
     assert check["passed"], check
@@ -129,12 +150,15 @@ def test_exportable_replaces_pyramid_pools_only():
         exportable(nn.Sequential(nn.AdaptiveAvgPool2d((None, 3))))
 
 
-def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path):
-    """A U-Net checkpoint (base_channels 4) through the command: checked at 97x131, 75x109 (batch 2) and
-    160x96 by default."""
+def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path, capsys):
+    """A U-Net checkpoint (base_channels 4) through the command's entry point, in this process (a process start-up
+    saved; the command as a subprocess: test_segtrain_export_stops_cleanly_on_signals): checked at 97x131, 75x109
+    (batch 2) and 160x96 by default."""
+    from test_evaluate import command_in_process
+
     ckpt = tiny_run / "checkpoints" / "best.pt"
-    proc = run_cli([f"ckpt={ckpt}", "output=deploy/model.onnx", "hydra.run.dir=run"], tmp_path,
-                   exe=console_script("segtrain-export"))  # fmt: skip
+    args = [f"ckpt={ckpt}", "output=deploy/model.onnx", "hydra.run.dir=run"]
+    proc = command_in_process("segtrain-export", args, tmp_path, capsys)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "self-check onnxruntime" in proc.stdout and "largest" in proc.stdout
     side = json.loads((tmp_path / "deploy" / "model.onnx.json").read_text())

@@ -4,6 +4,7 @@ import json
 
 import torch
 from omegaconf import OmegaConf
+from test_evaluate import command_in_process
 from torch import nn
 
 from segtrain import checkpoint
@@ -53,7 +54,7 @@ def info_exe() -> list[str]:
     return console_script("segtrain-info")
 
 
-def test_segtrain_info_on_a_checkpoint(tmp_path):
+def test_segtrain_info_on_a_checkpoint(tmp_path, capsys):
     """``segtrain-info ckpt=PATH``: the stored network, its parameter count and FLOPs, latency at batch 1 and N."""
     cfg = composed("model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "data.image_size=40")
     torch.manual_seed(0)
@@ -72,15 +73,17 @@ def test_segtrain_info_on_a_checkpoint(tmp_path):
     assert [r["batch_size"] for r in info["latency"]] == [1, 2]
     assert all(r["ms_mean"] > 0 and r["images_per_sec"] > 0 for r in info["latency"])
     assert "GFLOPs" in proc.stdout and "img/s" in proc.stdout
-    bad = run_cli(["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, exe=info_exe())
+    # the refusal through the same entry point, in this process (a process start-up saved)
+    bad = command_in_process("segtrain-info", ["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, capsys)
     assert bad.returncode == 2 and "takes model from the checkpoint" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_segtrain_info_without_a_checkpoint(tmp_path):
-    """``segtrain-info model=...`` (the README's example, smaller): the configured network, built from scratch."""
+    """``segtrain-info model=...`` (the README's example, smaller): the configured network, built from scratch;
+    through the command's entry point in this process (as a subprocess: test_segtrain_info_on_a_checkpoint)."""
     args = ["model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "info.latency=false",
             "info.size=64", "device=cpu", "hydra.run.dir=info"]  # fmt: skip
-    proc = run_cli(args, tmp_path, exe=info_exe())
+    proc = command_in_process("segtrain-info", args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = json.loads((tmp_path / "info" / "info.json").read_text())
     model = build_model(composed("model=deeplabv3plus", "model.backbone=resnet18").model, 3).eval()

@@ -10,6 +10,7 @@ from conftest import console_script, one_line_error, run_cli
 from fake_datasets import write_png
 from omegaconf import OmegaConf
 from PIL import Image
+from test_evaluate import command_in_process
 
 from segtrain.apps.predict import check_no_overwrite, list_inputs, output_stems
 from segtrain.data.images import read_image
@@ -88,6 +89,12 @@ def test_predict_folder_of_every_kind(ckpt, tmp_path):
     assert "images/s" in out and "class histogram" in out and str(tmp_path / "out") in out
 
 
+def predict_in_process(cwd, capsys, *args):
+    """``segtrain-predict ARGS hydra.run.dir=run`` through the command's entry point in this process (a process
+    start-up saved; the command as a subprocess: test_predict_folder_of_every_kind): a CompletedProcess."""
+    return command_in_process("segtrain-predict", [*args, "hydra.run.dir=run"], cwd, capsys)
+
+
 def with_stored(ckpt, dest, **data):
     """A copy of ``ckpt`` at ``dest`` whose stored config has these ``data.*`` values (as if trained with them)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -98,23 +105,21 @@ def with_stored(ckpt, dest, **data):
     return dest
 
 
-def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path):
+def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path, capsys):
     """data.num_workers=auto (the training default) is resolved to a number of loader workers."""
     auto = with_stored(ckpt, tmp_path / "auto.pt", num_workers="auto")
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "a.png")
-    proc = run_cli([f"ckpt={auto}", "input=a.png", "output=out", "hydra.run.dir=run"], tmp_path,
-                   exe=console_script("segtrain-predict"))  # fmt: skip
+    proc = predict_in_process(tmp_path, capsys, f"ckpt={auto}", "input=a.png", "output=out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "out" / "a.png").is_file()
 
 
-def test_predict_skips_images_too_small_for_the_network(ckpt, tmp_path):
+def test_predict_skips_images_too_small_for_the_network(ckpt, tmp_path, capsys):
     """An 8x8 icon among photos (the U-Net needs 16 px): skipped with its reason, the others predicted."""
     (tmp_path / "in").mkdir()
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "in" / "photo.png")
     Image.fromarray(_pixels(8, 8, 1)).save(tmp_path / "in" / "icon.png")
-    proc = run_cli([f"ckpt={ckpt}", "input=in", "output=out", "hydra.run.dir=run"], tmp_path,
-                   exe=console_script("segtrain-predict"))  # fmt: skip
+    proc = predict_in_process(tmp_path, capsys, f"ckpt={ckpt}", "input=in", "output=out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped in/icon.png: 8x8 px, smaller than the 16 px model=unet needs" in proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "run" / "predict.json").read_text())
@@ -133,10 +138,10 @@ def test_predictor_too_small(ckpt, predictor):
     assert "(predicted at 12 px)" in halved.too_small(24, 40) and halved.too_small(32, 40) is None
 
 
-def test_predict_nothing_readable_fails(ckpt, tmp_path):
+def test_predict_nothing_readable_fails(ckpt, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    proc = run_cli([f"ckpt={ckpt}", "input=in", "hydra.run.dir=run"], tmp_path, exe=console_script("segtrain-predict"))
+    proc = predict_in_process(tmp_path, capsys, f"ckpt={ckpt}", "input=in")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("segtrain-predict: error: no image could be read") and "broken.png" in lines[-1]
@@ -179,13 +184,12 @@ def test_list_inputs_layouts(tmp_path):
     assert not any(str(r).startswith("sub/") for _, r in nested)
 
 
-def test_predict_refuses_to_overwrite_an_input(ckpt, tmp_path):
+def test_predict_refuses_to_overwrite_an_input(ckpt, tmp_path, capsys):
     """input=photos/cat.png output=photos: its mask would be photos/cat.png; refused before anything is written."""
     (tmp_path / "photos").mkdir()
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "photos" / "cat.png")
     before = (tmp_path / "photos" / "cat.png").read_bytes()
-    args = [f"ckpt={ckpt}", "input=photos/cat.png", "output=photos", "hydra.run.dir=run"]
-    proc = run_cli(args, tmp_path, exe=console_script("segtrain-predict"))
+    proc = predict_in_process(tmp_path, capsys, f"ckpt={ckpt}", "input=photos/cat.png", "output=photos")
     assert proc.returncode == 4
     one_line_error(proc, "photos/cat.png", "output=", prog="segtrain-predict")
     assert (tmp_path / "photos" / "cat.png").read_bytes() == before
