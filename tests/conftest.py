@@ -1,6 +1,9 @@
+import io
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,94 @@ def http_server():
     yield f"http://127.0.0.1:{server.server_address[1]}", routes
     server.shutdown()
     server.server_close()
+
+
+# Python's own warning filters (a fresh interpreter's, as the commands start with), last applied first
+PYTHON_WARNING_FILTERS = [("ignore", ResourceWarning, ""), ("ignore", ImportWarning, ""),
+                          ("ignore", PendingDeprecationWarning, ""), ("ignore", DeprecationWarning, ""),
+                          ("default", DeprecationWarning, "__main__")]  # fmt: skip
+APP_MODULES = {"segtrain": "train", "segtrain-eval": "evaluate"}  # segtrain-NAME: segtrain.apps.NAME
+
+
+def in_process(args: list[str], cwd, prog: str = "segtrain", env: dict | None = None) -> subprocess.CompletedProcess:
+    """``PROG ARGS`` in ``cwd`` through the command's own entry point (``segtrain.apps.*.main``), in this process:
+    the same code as the console script (Hydra's composition, the run-dir guard, the job, the one-line error and
+    the exit code) without the seconds of interpreter, torch and Hydra start-up of a subprocess.  It gets what
+    :func:`conftest.run_cli` gives a subprocess (argv, cwd, the environment without HYDRA_FULL_ERROR, fresh
+    standard streams, Python's default warning filters, warnings printed on stderr) and returns its exit code,
+    stdout and stderr; whatever the command changes in the process (streams, hooks, logging, the environment,
+    Hydra's and segtrain's per-process state, signal handlers, run-dir locks) is put back."""
+    import importlib
+    import logging
+    import threading
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain import rundir
+
+    main = importlib.import_module("segtrain.apps." + APP_MODULES.get(prog, prog.removeprefix("segtrain-"))).main
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_sys = {name: getattr(sys, name) for name in ("argv", "stdin", "stdout", "stderr", "unraisablehook")}
+    saved_hooks = threading.excepthook, logging.raiseExceptions
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP]
+    saved_signals = {s: signal.getsignal(s) for s in signals}
+    root = logging.getLogger()
+    saved_logging = list(root.handlers), root.level
+    saved_state = dict(rundir._unique), dict(rundir._made), set(rundir._locks), HydraConfig.instance().cfg
+    _fresh_process_state()
+    os.environ.clear()
+    os.environ.update(cli_env(env))
+    os.chdir(cwd)
+    sys.argv, sys.stdout, sys.stderr = [str(prog), *args], out, err
+    code = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in PYTHON_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _warning_on_stderr
+            main()
+    except SystemExit as e:
+        if isinstance(e.code, str):  # as the interpreter does with it
+            print(e.code, file=err)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        for name, value in saved_sys.items():
+            setattr(sys, name, value)
+        threading.excepthook, logging.raiseExceptions = saved_hooks
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+        for handler in set(root.handlers) - set(saved_logging[0]):  # Hydra's job log in the run dir
+            handler.close()
+        root.handlers[:] = saved_logging[0]
+        root.setLevel(saved_logging[1])
+        for key in set(rundir._locks) - saved_state[2]:  # the run dir of a run that ended in here
+            rundir.release(key)
+        _fresh_process_state()
+        rundir._unique.update(saved_state[0])
+        rundir._made.update(saved_state[1])
+        HydraConfig.instance().cfg = saved_state[3]
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(
+        [prog, *args], code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
+    )
+
+
+def _warning_on_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _fresh_process_state() -> None:
+    """segtrain's per-process memory of the commands run in it: the default run dirs it made (another test's
+    outputs/DATE/TIME of the same second is not this one's), the sweep it ran and its failed jobs."""
+    from segtrain import rundir
+    from segtrain.apps import runner, sweep
+
+    rundir._unique.clear()
+    rundir._made.clear()
+    sweep._current.clear()
+    runner._Failures.jobs.clear()
+    runner._DEBUG_ERRORS.clear()

@@ -1,11 +1,32 @@
-"""End-to-end CLI tests: ``segtrain ...`` as a subprocess, as a user runs it."""
+"""End-to-end CLI tests: ``segtrain ...`` as a subprocess, as a user runs it; the many one-line error cases run
+the same entry point in this process (:func:`in_process`), one case of each kind as a subprocess."""
 
 import json
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 import yaml
-from conftest import console_script, one_line_error, run_cli
+from conftest import console_script, in_process, one_line_error, run_cli
+
+# The error cases below that run as a process of their own, the command as typed: one of each kind of mistake per
+# test (an option Hydra cannot find, a value of the wrong type, a value config.validate refuses, a checkpoint path,
+# an error inside the job, segtrain-eval, -m, non-ASCII text on the console); the others run in_process.
+TYPED = {
+    ("model=nonexistent",), ("optimizer.lr=abc",), ("optimizer.lr=-1",),  # test_bad_input_is_one_line
+    ("trainer.resume={truncated}",), ("data=voc", "data.root=/nonexistent/voc"),  # test_more_bad_inputs_are_one_line
+    ("eval.mode=slide", "eval.crop_size=32", "eval.stride=100"),  # test_config_mistakes_fail_before_anything_runs
+    ("trainer.max_iter=5",), ("data.root=/data/données",), ("ckpt=x.pt", "model=fcn"),  # ..._naming_the_key
+    ("optimizer.lr=inf",), ("-m", "hydra.sweep.dir="), ("ckpt=/dev/null",),  # ..._before_any_file_is_written
+}  # fmt: skip
+
+
+def segtrain(args: list[str], cwd, prog: str = "segtrain", typed: bool = False) -> subprocess.CompletedProcess:
+    """``PROG ARGS`` in ``cwd``: a process of its own when ``typed``, else :func:`in_process`."""
+    return run_cli(args, cwd, exe=console_script(prog)) if typed else in_process(args, cwd, prog)
 
 
 def scalar_tags(tb_dir):
@@ -44,20 +65,22 @@ def test_smoke_run_writes_everything(cli):
     assert "mean" in proc.stdout and "circle" in proc.stdout and "best val mIoU" in proc.stdout
 
 
-def test_max_iters_wins_over_epochs(cli):
-    _, run = cli("debug=smoke", "trainer.max_iters=12", "trainer.val_interval=5", "trainer.num_vis=0")
-    metrics = json.loads((run / "metrics.json").read_text())
+def test_max_iters_wins_over_epochs(tmp_path):
+    args = ["debug=smoke", "trainer.max_iters=12", "trainer.val_interval=5", "trainer.num_vis=0", "hydra.run.dir=run"]
+    proc = in_process(args, tmp_path)  # the trainer's rule: test_smoke_run_writes_everything runs the command
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["step"] == 12
     assert [h["step"] for h in metrics["history"]] == [5, 10, 12]
 
 
-def test_checkpoint_round_trip(cli):
-    _, run = cli("debug=smoke", "model.base_channels=4")
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+def test_checkpoint_round_trip(finished_run):
+    """The checkpoint of conftest's finished ``segtrain debug=smoke trainer.max_iters=1 ...`` run (only read)."""
+    state = torch.load(finished_run[1] / "checkpoints" / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "config"):
         assert key in state
     cfg = yaml.safe_load(state["config"])
-    assert cfg["model"]["name"] == "unet" and cfg["model"]["base_channels"] == 4
+    assert cfg["model"]["name"] == "unet" and cfg["trainer"]["max_iters"] == 1  # as given on the command line
     from omegaconf import OmegaConf
 
     from segtrain.models.build import build_model
@@ -68,20 +91,17 @@ def test_checkpoint_round_trip(cli):
     assert model(torch.zeros(1, 3, 50, 70)).shape == (1, 6, 50, 70)
 
 
-def test_resume_auto_continues(cli):
-    cli("debug=smoke", "trainer.max_iters=4", run_dir="r")
-    proc, run = cli("debug=smoke", "trainer.max_iters=10", "trainer.resume=auto", run_dir="r")
+def test_resume_auto_continues(cli, finished_run):
+    import shutil
+
+    shutil.copytree(finished_run[1], cli.cwd / "r")  # a finished `debug=smoke trainer.max_iters=1` run
+    proc, run = cli("debug=smoke", "trainer.max_iters=4", "trainer.num_vis=0", "trainer.resume=auto", run_dir="r")
     assert "resumed from" in proc.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["step"] == 10 and metrics["history"][0]["step"] == 4
+    assert metrics["step"] == 4 and metrics["history"][0]["step"] == 1
 
 
-def test_multirun_two_jobs(cli):
-    proc, _ = cli("-m", "optimizer.lr=0.01,0.001", "debug=smoke", "trainer.num_vis=0", "hydra.sweep.dir=sweep")
-    jobs = sorted((cli.cwd / "sweep").glob("*/metrics.json"))
-    assert len(jobs) == 2, proc.stdout
-    lrs = {yaml.safe_load((j.parent / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] for j in jobs}
-    assert lrs == {0.01, 0.001}
+# (the two jobs of a multirun, each with its value: tests/test_sweep.py::test_basic_sweep_goes_on_after_a_failed_job...)
 
 
 def test_help_lists_groups(tmp_path):
@@ -116,7 +136,7 @@ def test_help_lists_groups(tmp_path):
 def test_bad_input_is_one_line(tmp_path, args, expect):
     if args == ["device=cuda"] and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = run_cli([*args, "debug=smoke"], tmp_path)
+    proc = segtrain([*args, "debug=smoke"], tmp_path, typed=tuple(args) in TYPED)
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert "Traceback" not in err and "Traceback" not in proc.stdout
@@ -129,8 +149,6 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
 def ckpts(tmp_path_factory, finished_run):
     """A good checkpoint (conftest's finished run, only read), a truncated copy, a file of foreign tensors, the
     halves of a checkpoint, a TorchScript and an ONNX export (its header), a FIFO and the run dir."""
-    import os
-    import warnings
 
     root = tmp_path_factory.mktemp("ckpts")
     good = finished_run[1] / "checkpoints" / "last.pt"
@@ -172,8 +190,9 @@ def ckpts(tmp_path_factory, finished_run):
     ],
 )
 def test_more_bad_inputs_are_one_line(tmp_path, ckpts, args, expect):
+    typed = tuple(args) in TYPED
     args = [a.format(**ckpts) for a in args]
-    proc = run_cli([*args, "debug=smoke"], tmp_path)
+    proc = segtrain([*args, "debug=smoke"], tmp_path, typed=typed)
     one_line_error(proc, expect)
 
 
@@ -188,9 +207,11 @@ def test_debug_errors_shows_traceback(tmp_path):
 def test_a_backbone_network_trains_through_the_cli(cli):
     """The console script end to end on a non-default network (tests/test_trainer.py::test_every_model_trains
     runs every network in-process)."""
-    _, run = cli("debug=smoke", "trainer.num_vis=1", "model=deeplabv3plus", "model.backbone=resnet18")
+    _, run = cli(
+        "debug=smoke", "trainer.max_iters=2", "trainer.num_vis=1", "model=deeplabv3plus", "model.backbone=resnet18"
+    )
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["step"] == 8 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
+    assert metrics["step"] == 2 and metrics["num_params"] > 0 and 0 <= metrics["best_miou"] <= 1
     assert metrics["model"] == "deeplabv3plus"
 
 
@@ -217,7 +238,9 @@ def test_config_mistakes_fail_before_anything_runs(finished_run, args, expect):
     run's dir stays byte for byte as it was."""
     root, run = finished_run
     before = _snapshot(run)
-    proc = run_cli(["debug=smoke", *args, "trainer.resume=auto", "hydra.run.dir=run"], root)
+    proc = segtrain(
+        ["debug=smoke", *args, "trainer.resume=auto", "hydra.run.dir=run"], root, typed=tuple(args) in TYPED
+    )
     assert expect in _one_line(proc, 2)
     assert _snapshot(root / "run") == before  # a new dir is not even created (tests/test_sweep.py)
 
@@ -226,8 +249,8 @@ def _snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _eval_cli(args, cwd):
-    return run_cli(args, cwd, exe=console_script("segtrain-eval"))
+def _eval_cli(args, cwd, typed=False):
+    return segtrain(args, cwd, "segtrain-eval", typed)
 
 
 def test_segtrain_eval_errors_carry_its_name(tmp_path, finished_run):
@@ -237,26 +260,24 @@ def test_segtrain_eval_errors_carry_its_name(tmp_path, finished_run):
     assert "notes.txt is a text file, not a checkpoint" in line and "unsafe" not in line
     root, run = finished_run  # its results into a training run's dir: refused, the run's metrics.json kept
     before = _snapshot(run)
-    proc = _eval_cli(["ckpt=run/checkpoints/last.pt", "hydra.run.dir=run"], root)
+    proc = _eval_cli(["ckpt=run/checkpoints/last.pt", "hydra.run.dir=run"], root, typed=True)
     assert "holds a training run" in _one_line(proc, 4, "segtrain-eval: error: ")
     assert _snapshot(root / "run") == before
 
 
-def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(tmp_path):
+def test_torch_compile_failure_is_one_line_with_the_compiler_output_in_the_log(tmp_path, monkeypatch):
     """A real dynamo BackendCompilerFailed (a backend that fails with 100 KB of output, as a missing C++
-    compiler does) through the real CLI."""
-    code = (
-        "import functools, sys, torch\n"
-        "def failing(gm, example_inputs):\n"
-        "    raise RuntimeError('C++ compile error\\n' + 'error: in generated kernel\\n' * 4000)\n"
-        "torch.compile = functools.partial(torch.compile, backend=failing)\n"
-        "from segtrain.apps.train import main\n"
-        "sys.argv = ['segtrain', 'debug=smoke', 'trainer.max_iters=1', 'device.compile=true', 'hydra.run.dir=run']\n"
-        "main()\n"
-    )
-    import sys
+    compiler does) through the real CLI (its entry point, in this process)."""
+    import functools
 
-    proc = run_cli(["-c", code], tmp_path, exe=[sys.executable])
+    def failing(gm, example_inputs):
+        raise RuntimeError("C++ compile error\n" + "error: in generated kernel\n" * 4000)
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing))
+    try:
+        proc = in_process(["debug=smoke", "trainer.max_iters=1", "device.compile=true", "hydra.run.dir=run"], tmp_path)
+    finally:
+        torch._dynamo.reset()  # what dynamo holds of the failed compilation: not another test's
     line = _one_line(proc, 2)
     assert "torch.compile failed (BackendCompilerFailed" in line and "C++ compile error" in line
     assert "set device.compile=false" in line and "cli.log" in line
@@ -268,7 +289,6 @@ def test_cli_and_schema_load_without_torch():
     """`segtrain --help` stays fast: the entry points and the typed schema import Hydra and OmegaConf only (and the
     RunDirGuard, checkpoint paths included, checks before torch loads)."""
     import subprocess
-    import sys
 
     code = (
         "import sys, segtrain.apps.train, segtrain.apps.evaluate, segtrain.apps.guard, segtrain.config, segtrain.files\n"
@@ -315,7 +335,7 @@ def _nothing_written(cwd) -> None:
 )
 def test_command_line_mistakes_are_one_line_naming_the_key(tmp_path, prog, args, expect):
     """Hydra's own messages replaced: the key, the nearest real one or the quoting that works, never '+KEY'."""
-    line = one_line_error(run_cli(args, tmp_path, exe=console_script(prog)), expect, prog=prog)
+    line = one_line_error(segtrain(args, tmp_path, prog, typed=tuple(args) in TYPED), expect, prog=prog)
     assert "+" not in line, line
     _nothing_written(tmp_path)
 
@@ -339,7 +359,7 @@ def test_command_line_mistakes_are_one_line_naming_the_key(tmp_path, prog, args,
 def test_bad_values_are_refused_before_any_file_is_written(tmp_path, prog, args, expect):
     """With the default run dir (outputs/DATE/TIME): a bad value, key or path leaves the working dir as it was.
     (segtrain-predict, -export and -info run the same checks: tests/test_config.py, and the cases below.)"""
-    one_line_error(run_cli(args, tmp_path, exe=console_script(prog)), expect, prog=prog)
+    one_line_error(segtrain(args, tmp_path, prog, typed=tuple(args) in TYPED), expect, prog=prog)
     _nothing_written(tmp_path)
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import in_process
 from fake_datasets import FOLDER_PALETTE, data_cfg, write_ade, write_cityscapes, write_folder, write_png, write_voc
 from PIL import Image
-from test_evaluate import command_in_process
 
 from segtrain.data import transforms as T
 from segtrain.data.base import seed_pipeline
@@ -297,14 +297,14 @@ FAST = [
 def segtrain_in_process(cwd: Path, *args: str, run_dir: str = "run", capsys=None):
     """``segtrain ARGS hydra.run.dir=RUN_DIR`` in this process (the command's own entry point, without a process
     start-up of seconds): (CompletedProcess, run dir)."""
-    proc = command_in_process("segtrain", [*args, f"hydra.run.dir={run_dir}"], cwd, capsys)
+    proc = in_process([*args, f"hydra.run.dir={run_dir}"], cwd, "segtrain")
     assert proc.returncode == 0, f"segtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc, cwd / run_dir
 
 
 def eval_in_process(cwd: Path, *args: str, run_dir: str = "ev") -> dict:
     """``segtrain-eval ARGS hydra.run.dir=RUN_DIR`` in this process: its metrics.json."""
-    proc = command_in_process("segtrain-eval", [*args, f"hydra.run.dir={run_dir}", "trainer.progress=false"], cwd)
+    proc = in_process([*args, f"hydra.run.dir={run_dir}", "trainer.progress=false"], cwd, "segtrain-eval")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads((cwd / run_dir / "metrics.json").read_text())
 

@@ -5,12 +5,11 @@ stored config (in-process through its Hydra entry point)."""
 import json
 import logging
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import console_script, run_cli
+from conftest import console_script, in_process, run_cli
 from fake_datasets import write_voc
 from test_config import composed
 
@@ -32,54 +31,11 @@ def _env(tmp_path, monkeypatch):
     root.handlers[:], root.level = handlers, level
 
 
-def command_in_process(prog: str, args, cwd, capsys=None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The command ``prog`` (``segtrain``, ``segtrain-eval`` ...) in this process: the ``main()`` its console script
-    runs (Hydra, the run-dir guard, the job, the one-line errors and exit codes), in ``cwd``, with ``args``.  Returns
-    a CompletedProcess: the exit code (0, or what it exits with) and, given ``capsys``, what it printed.  It saves a
-    process's start-up (torch, albumentations, Hydra: seconds); what the command leaves in the process (Hydra's log
-    handlers and config, HYDRA_FULL_ERROR, torch's threads, the wrapped standard streams) is undone."""
-    import importlib
-
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    module = {"segtrain": "train", "segtrain-eval": "evaluate"}.get(prog, prog.removeprefix("segtrain-"))
-    main = importlib.import_module(f"segtrain.apps.{module}").main
-    root = logging.getLogger()
-    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
-    hydra_cfg, initialized = HydraConfig.instance().cfg, GlobalHydra.instance().is_initialized()
-    if capsys is not None:
-        capsys.readouterr()
-    code = 0
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        mp.setattr(sys, "argv", [prog, *map(str, args)])
-        mp.setattr(sys, "stdout", sys.stdout)  # (the command wraps the standard streams)
-        mp.setattr(sys, "stderr", sys.stderr)
-        mp.setenv("HYDRA_FULL_ERROR", "0")  # the command sets it to 1 (Hydra re-raises, the command prints one line)
-        for key, value in (env or {}).items():
-            mp.setenv(key, value)
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code
-        finally:
-            torch.set_num_threads(threads)
-            for handler in set(root.handlers) - set(handlers):  # Hydra's job logging (the run dir's log file)
-                handler.close()
-            root.handlers[:], root.level = handlers, level
-            HydraConfig.instance().cfg = hydra_cfg  # the other tests see no Hydra run
-            if not initialized:
-                GlobalHydra.instance().clear()
-    out, err = capsys.readouterr() if capsys is not None else ("", "")
-    return subprocess.CompletedProcess([prog, *args], code, out, err)
-
-
 def segtrain_eval(tmp_path, name: str, *args: str) -> dict:
     """``segtrain-eval ARGS`` in this process: its metrics.json."""
     out = tmp_path / name
     argv = [*args, f"hydra.run.dir={out}", "trainer.progress=false", "device=cpu"]
-    proc = command_in_process("segtrain-eval", argv, tmp_path)
+    proc = in_process(argv, tmp_path, "segtrain-eval")
     assert proc.returncode == 0, proc
     return json.loads((out / "metrics.json").read_text())
 
@@ -138,7 +94,7 @@ def _evaluate(
     if capsys is None:
         proc = run_cli(argv, tmp_path, exe=_eval_exe())
     else:
-        proc = command_in_process("segtrain-eval", argv, tmp_path, capsys)
+        proc = in_process(argv, tmp_path, "segtrain-eval")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / name
     assert (out / "confusion_matrix.png").stat().st_size > 500

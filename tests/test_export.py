@@ -154,11 +154,11 @@ def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path, capsys):
     """A U-Net checkpoint (base_channels 4) through the command's entry point, in this process (a process start-up
     saved; the command as a subprocess: test_segtrain_export_stops_cleanly_on_signals): checked at 97x131, 75x109
     (batch 2) and 160x96 by default."""
-    from test_evaluate import command_in_process
+    from conftest import in_process
 
     ckpt = tiny_run / "checkpoints" / "best.pt"
     args = [f"ckpt={ckpt}", "output=deploy/model.onnx", "hydra.run.dir=run"]
-    proc = command_in_process("segtrain-export", args, tmp_path, capsys)
+    proc = in_process(args, tmp_path, "segtrain-export")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "self-check onnxruntime" in proc.stdout and "largest" in proc.stdout
     side = json.loads((tmp_path / "deploy" / "model.onnx.json").read_text())

@@ -126,10 +126,28 @@ def _commands(ckpt: Path, photos: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hostile_runs(tmp_path_factory, finished_run):
+def hostile_runs(request, tmp_path_factory):
     """Every command once, all at the same time, each with hostile standard streams and in its own sandbox
     (cwd, HOME, SEGTRAIN_CACHE, TMPDIR), reading the shared inputs (the checkpoint's run, the photos).
-    Returns {command: its return code, sandbox, snapshots before and after, allowed changes ...}."""
+    Returns {command: its return code, sandbox, snapshots before and after, allowed changes ...}.
+    Once per test session: under pytest-xdist the first worker to need it runs it and leaves its record in the
+    session's temp dir, which the other workers read (they wait for it while it runs)."""
+    if not hasattr(request.config, "workerinput"):  # not a pytest-xdist worker
+        return _hostile_runs(tmp_path_factory, request.getfixturevalue("finished_run"))
+    import fcntl
+    import pickle
+
+    record = tmp_path_factory.getbasetemp().parent / "hostile_runs.pickle"  # the session's dir, above each worker's
+    with open(record.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file():
+            return pickle.loads(record.read_bytes())
+        runs = _hostile_runs(tmp_path_factory, request.getfixturevalue("finished_run"))
+        record.write_bytes(pickle.dumps(runs))
+        return runs
+
+
+def _hostile_runs(tmp_path_factory, finished_run) -> dict:
     box = tmp_path_factory.mktemp("hostile")
     photos = box / "photos"
     for i, name in enumerate(("a", "b")):

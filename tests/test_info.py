@@ -3,8 +3,8 @@
 import json
 
 import torch
+from conftest import in_process
 from omegaconf import OmegaConf
-from test_evaluate import command_in_process
 from torch import nn
 
 from segtrain import checkpoint
@@ -74,7 +74,7 @@ def test_segtrain_info_on_a_checkpoint(tmp_path, capsys):
     assert all(r["ms_mean"] > 0 and r["images_per_sec"] > 0 for r in info["latency"])
     assert "GFLOPs" in proc.stdout and "img/s" in proc.stdout
     # the refusal through the same entry point, in this process (a process start-up saved)
-    bad = command_in_process("segtrain-info", ["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, capsys)
+    bad = in_process(["ckpt=best.pt", "model=unet", "hydra.run.dir=bad"], tmp_path, "segtrain-info")
     assert bad.returncode == 2 and "takes model from the checkpoint" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -83,7 +83,7 @@ def test_segtrain_info_without_a_checkpoint(tmp_path):
     through the command's entry point in this process (as a subprocess: test_segtrain_info_on_a_checkpoint)."""
     args = ["model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "info.latency=false",
             "info.size=64", "device=cpu", "hydra.run.dir=info"]  # fmt: skip
-    proc = command_in_process("segtrain-info", args, tmp_path)
+    proc = in_process(args, tmp_path, "segtrain-info")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = json.loads((tmp_path / "info" / "info.json").read_text())
     model = build_model(composed("model=deeplabv3plus", "model.backbone=resnet18").model, 3).eval()

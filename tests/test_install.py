@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, in_process, run_cli
 
 
 def test_regular_install_trains_from_another_directory(tmp_path):
@@ -65,17 +65,17 @@ def test_regular_install_trains_from_another_directory(tmp_path):
     assert (work / "out" / "metrics.json").is_file()
 
 
-def test_user_config_dir(cli, tmp_path):
+def test_user_config_dir(tmp_path):
+    """``segtrain --config-dir DIR`` (its entry point in this process: test_cli.in_process) finds an option of its own
+    there."""
     extra = tmp_path / "myconfigs" / "model"
     extra.mkdir(parents=True)
     (extra / "wide_unet.yaml").write_text("name: unet\nnorm: none\n")
-    proc, run = cli(
-        "--config-dir",
-        str(tmp_path / "myconfigs"),
-        "model=wide_unet",
-        "debug=smoke",
-        "trainer.max_iters=1",
-        "trainer.num_vis=0",
-    )
+    proc = in_process(
+        ["--config-dir", str(tmp_path / "myconfigs"), "model=wide_unet", "debug=smoke", "trainer.max_iters=1",
+         "trainer.num_vis=0", "hydra.run.dir=run"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
     assert "model unet" in proc.stdout
-    assert (run / ".hydra" / "config.yaml").read_text().count("norm: none") == 1
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text().count("norm: none") == 1

@@ -116,9 +116,14 @@ def test_csv_header_grows_and_resume_drops_later_rows(tmp_path):
     assert list(csv.DictReader((tmp_path / "metrics.csv").open())) == []
 
 
-def test_tensorboard_resume_keeps_the_resumed_steps_events(tmp_path):
+def test_tensorboard_resume_keeps_the_resumed_steps_events(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
 
+    # TensorBoard reads a dir's event files in name order: TIME.HOST.PID.N, N counting the writers of the process.
+    # The two writers below start in one second and one process, as a resumed run never does; a count from 0 keeps
+    # their names in the order they were made (after other writers in this process, ...9 then ...10 would not be).
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
     cfg = composed("logger=tensorboard")
     first = Loggers(cfg, tmp_path)
     for step, values in [

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import in_process
 from fake_datasets import write_png
 from omegaconf import OmegaConf
 
@@ -328,29 +329,30 @@ def test_class_frequencies_reads_disk_masks_without_images(tmp_path):
 # --- end to end -------------------------------------------------------------------------
 
 
-def test_cli_ce_dice_smoke(cli):
-    _, run = cli("debug=smoke", "loss=ce_dice", "trainer.num_vis=0", "trainer.max_epochs=1")
-    metrics = json.loads((run / "metrics.json").read_text())
+# segtrain's entry point in this process (test_cli.in_process: the command's code, without its start-up)
+
+
+def test_cli_ce_dice_smoke(tmp_path):
+    args = ["debug=smoke", "loss=ce_dice", "trainer.num_vis=0", "trainer.max_epochs=1", "hydra.run.dir=run"]
+    proc = in_process(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["step"] == 4 and 0.0 <= metrics["last_miou"] <= 1.0
 
 
-def test_cli_unknown_term_is_one_line(cli):
-    proc, _ = cli("debug=smoke", "loss.name=ce+lovasz", check=False)
+def test_cli_unknown_term_is_one_line(tmp_path):
+    proc = in_process(["debug=smoke", "loss.name=ce+lovasz", "hydra.run.dir=run"], tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("segtrain: error:") and "ce, ohem, dice, focal" in lines[0]
 
 
-def test_cli_ohem_auto_class_weights(cli):
-    proc, run = cli(
-        "debug=smoke",
-        "loss=ohem",
-        "loss.class_weights=auto",
-        "loss.ohem_min_kept=1000",
-        "trainer.num_vis=0",
-        "trainer.max_epochs=1",
-    )
-    assert (run / "metrics.json").is_file()
+def test_cli_ohem_auto_class_weights(tmp_path):
+    args = ["debug=smoke", "loss=ohem", "loss.class_weights=auto", "loss.ohem_min_kept=1000", "trainer.num_vis=0",
+            "trainer.max_epochs=1", "hydra.run.dir=run"]  # fmt: skip
+    proc = in_process(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
     assert "median frequency" in proc.stdout + proc.stderr
 
 

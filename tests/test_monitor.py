@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import in_process
 from omegaconf import OmegaConf
 
 from segtrain.config import TrainerConfig, validate
@@ -147,11 +148,15 @@ def test_unknown_monitor_key_is_one_line(tmp_path):
         validate(composed("trainer.early_stop_patience=0"))
 
 
-def test_early_stop_cli_says_why_and_csv_has_every_row(cli):
+def test_early_stop_cli_says_why_and_csv_has_every_row(tmp_path):
     """A plateau (nothing beats the first validation by more than 0.5) stops at the third validation;
-    metrics.csv (logger=csv) holds the training rows and one row per validation."""
-    proc, run = cli("debug=smoke", "logger=csv", "trainer.early_stop_patience=2", "trainer.early_stop_min_delta=0.5",
-                    "trainer.val_interval=2", "trainer.max_iters=20", "trainer.num_vis=0", "data.num_val=4")  # fmt: skip
+    metrics.csv (logger=csv) holds the training rows and one row per validation.  (segtrain's entry point in this
+    process: test_cli.in_process.)"""
+    proc = in_process(["debug=smoke", "logger=csv", "trainer.early_stop_patience=2", "trainer.early_stop_min_delta=0.5",
+                       "trainer.val_interval=2", "trainer.max_iters=20", "trainer.num_vis=0", "data.num_val=4",
+                       "hydra.run.dir=run"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "done" and status["stop_reason"].startswith("early stopping: val/mIoU did not improve")
     assert "trainer.early_stop_patience=2" in status["stop_reason"]

@@ -6,11 +6,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import console_script, one_line_error, run_cli
+from conftest import console_script, in_process, one_line_error, run_cli
 from fake_datasets import write_png
 from omegaconf import OmegaConf
 from PIL import Image
-from test_evaluate import command_in_process
 
 from segtrain.apps.predict import check_no_overwrite, list_inputs, output_stems
 from segtrain.data.images import read_image
@@ -92,7 +91,7 @@ def test_predict_folder_of_every_kind(ckpt, tmp_path):
 def predict_in_process(cwd, capsys, *args):
     """``segtrain-predict ARGS hydra.run.dir=run`` through the command's entry point in this process (a process
     start-up saved; the command as a subprocess: test_predict_folder_of_every_kind): a CompletedProcess."""
-    return command_in_process("segtrain-predict", [*args, "hydra.run.dir=run"], cwd, capsys)
+    return in_process([*args, "hydra.run.dir=run"], cwd, "segtrain-predict")
 
 
 def with_stored(ckpt, dest, **data):

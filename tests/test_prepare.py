@@ -264,11 +264,11 @@ def test_sbd_conversion_and_training(prep, tmp_path, archives):
     proc = prep("sbd", "--root", str(root), "--workers", "1")
     assert proc.returncode == 0 and "benchmark.tgz" not in proc.stdout, proc.stderr
     # the converted tree trains with data=voc_aug (segtrain's entry point in this process: a start-up saved)
-    from test_evaluate import command_in_process
+    from conftest import in_process
 
     args = ["data=voc_aug", f"data.root={root}", "debug=smoke", "data.crop_size=48", "trainer.max_iters=2",
             "model.base_channels=4", "hydra.run.dir=run"]  # fmt: skip
-    train = command_in_process("segtrain", args, tmp_path)
+    train = in_process(args, tmp_path, "segtrain")
     assert train.returncode == 0, train
 
 

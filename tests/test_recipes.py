@@ -106,7 +106,7 @@ def test_cfg_job_prints_the_pspnet_recipe(tmp_path):
 def test_medical_recipe_trains_on_a_folder_dataset(tmp_path):
     """``segtrain experiment=medical_unet_ce_dice data.root=...`` through the command's entry point, in this process
     (a process start-up costs seconds; the recipe printed by the command as a subprocess: the test above)."""
-    from test_evaluate import command_in_process
+    from conftest import in_process
 
     root = tmp_path / "scans"
     write_folder(root, masks="binary", n=6, num_classes=2, classes_yaml=False)
@@ -126,7 +126,7 @@ def test_medical_recipe_trains_on_a_folder_dataset(tmp_path):
         "model.norm=bn",
         "hydra.run.dir=run",
     ]
-    proc = command_in_process("segtrain", args, tmp_path, env={"SEGTRAIN_CACHE": str(tmp_path / "cache")})
+    proc = in_process(args, tmp_path, "segtrain", env={"SEGTRAIN_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["step"] == 3 and m["best_miou"] is not None

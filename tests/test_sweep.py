@@ -5,6 +5,8 @@ import json
 import time
 
 import pytest
+import yaml
+from conftest import in_process
 
 from segtrain.apps import sweep
 
@@ -51,13 +53,14 @@ def test_collect_and_write_summary_sort_best_first_failed_last(tmp_path):
     assert sweep.failed_jobs(tmp_path, since=time.time() + 60) == []  # an earlier sweep's failures do not count
 
 
-def test_single_run_writes_status(cli):
-    proc, run = cli("data=folder", f"data.root={cli.cwd / 'nowhere'}", *FAST, check=False)
-    assert proc.returncode == 2
-    status = json.loads((run / "status.json").read_text())
+def test_single_run_writes_status(tmp_path):
+    # segtrain's entry point in this process (test_cli.in_process): the job's record, not the command, is tested
+    proc = in_process(["data=folder", f"data.root={tmp_path / 'nowhere'}", *FAST, "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "data.root=" in status["error"] and "data=folder" in status["overrides"]
-    proc, run = cli("optimizer.lr=-1", *FAST, run_dir="typo", check=False)  # a config mistake: no dir at all
-    assert proc.returncode == 2 and not run.exists()
+    proc = in_process(["optimizer.lr=-1", *FAST, "hydra.run.dir=typo"], tmp_path)  # a config mistake: no dir at all
+    assert proc.returncode == 2 and not (tmp_path / "typo").exists(), proc.stderr
 
 
 def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
@@ -73,13 +76,16 @@ def test_basic_sweep_goes_on_after_a_failed_job_and_summarises(cli):
     assert (sw / "summary.md").is_file() and "| job | status |" in proc.stdout
     assert json.loads((sw / "0" / "status.json").read_text())["status"] == "done"
     assert list((sw / "0" / "tb").glob("events.out.tfevents.*"))  # tensorboard --logdir SWEEP_DIR sees every job
+    lrs = [yaml.safe_load((sw / job / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] for job in "02"]
+    assert lrs == [0.01, 0.001]  # each job its own value
 
 
 def test_a_sweep_into_a_used_sweep_dir_is_refused_untouched_then_overwrite_keeps_the_old_runs(cli):
     """Hydra rewrites a job's .hydra/ and log before the job starts: the sweep dir is checked before that."""
     sw = cli.cwd / "sw"
     args = ["-m", "optimizer.lr=0.01,0.02", *FAST, f"hydra.sweep.dir={sw}"]
-    cli(*args)
+    proc = in_process(args, cli.cwd)  # the used sweep dir: made by segtrain's entry point in this process
+    assert proc.returncode == 0, proc.stderr
     before = {p.relative_to(sw).as_posix(): p.read_bytes() for p in sorted(sw.rglob("*")) if p.is_file()}
     proc, _ = cli(*args, check=False)
     assert proc.returncode == 4 and "already holds runs (job dir(s) 0, 1)" in proc.stderr, proc.stderr
@@ -91,7 +97,8 @@ def test_a_sweep_into_a_used_sweep_dir_is_refused_untouched_then_overwrite_keeps
     kept = {p.relative_to(previous).as_posix(): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
     assert kept == {k[2:]: v for k, v in before.items() if k.startswith("0/")}  # the old job 0, whole
     assert [r["job"] for r in read_summary(sw)] in (["0", "1"], ["1", "0"])  # previous-* runs are not jobs
-    cli(*args, "trainer.resume=auto")  # continues each job (finished: nothing left to train)
+    proc = in_process([*args, "trainer.resume=auto"], cli.cwd)  # continues each job (finished: nothing left to train)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_signal_stops_the_whole_sweep_with_75(cli):
@@ -166,20 +173,16 @@ def test_optuna_search_runs_trials_and_summarises(cli):
     assert (sw / "optimization_results.yaml").is_file()
 
 
-def test_optuna_failed_trials_are_recorded_and_the_study_goes_on(cli):
+def test_optuna_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     # A failed job returns None (a FAILED trial); NaN would make the sweeper abort at the first failure.
+    # (segtrain's entry point in this process: test_optuna_search_runs_trials_and_summarises runs the command)
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc, _ = cli(
-        "-m",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        "model=unet",
-        "optimizer.lr=choice(-1,-2)",
-        *FAST,
-        f"hydra.sweep.dir={cli.cwd / 'opt'}",
-        check=False,
-    )
+    proc = in_process(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "model=unet", "optimizer.lr=choice(-1,-2)", *FAST,
+         f"hydra.sweep.dir={tmp_path / 'opt'}"],
+        tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "2 job(s) of the sweep failed: [0] optimizer.lr must be > 0" in proc.stderr, proc.stderr
-    rows = read_summary(cli.cwd / "opt")  # written although Optuna ends with "No trials are completed yet"
+    rows = read_summary(tmp_path / "opt")  # written although Optuna ends with "No trials are completed yet"
     assert [r["status"] for r in rows] == ["failed", "failed"] and all("optimizer.lr" in r["error"] for r in rows)
