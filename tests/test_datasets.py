@@ -1,7 +1,6 @@
 """On-disk data sets (VOC, Cityscapes, ADE20K, folder), the standard pipelines and the label check,
 on miniature real trees written by ``fake_datasets``."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 from conftest import in_process
 from fake_datasets import FOLDER_PALETTE, data_cfg, write_ade, write_cityscapes, write_folder, write_png, write_voc
 from PIL import Image
+from test_evaluate import segtrain_eval
 
 from segtrain.data import transforms as T
 from segtrain.data.base import seed_pipeline
@@ -294,19 +294,12 @@ FAST = [
 ]
 
 
-def segtrain_in_process(cwd: Path, *args: str, run_dir: str = "run", capsys=None):
+def segtrain_in_process(cwd: Path, *args: str, run_dir: str = "run"):
     """``segtrain ARGS hydra.run.dir=RUN_DIR`` in this process (the command's own entry point, without a process
     start-up of seconds): (CompletedProcess, run dir)."""
     proc = in_process([*args, f"hydra.run.dir={run_dir}"], cwd, "segtrain")
     assert proc.returncode == 0, f"segtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc, cwd / run_dir
-
-
-def eval_in_process(cwd: Path, *args: str, run_dir: str = "ev") -> dict:
-    """``segtrain-eval ARGS hydra.run.dir=RUN_DIR`` in this process: its metrics.json."""
-    proc = in_process([*args, f"hydra.run.dir={run_dir}", "trainer.progress=false"], cwd, "segtrain-eval")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads((cwd / run_dir / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -336,13 +329,13 @@ def test_val_size_scores_at_the_original_mask_size(tmp_path):
         tmp_path, "data=voc", f"data.root={root}", *fast, "data.val_size=24", "trainer.num_vis=2"
     )
     assert (run / "metrics.json").is_file()
-    m = eval_in_process(tmp_path, f"ckpt={run / 'checkpoints' / 'last.pt'}")
+    m = segtrain_eval(tmp_path, "ev", f"ckpt={run / 'checkpoints' / 'last.pt'}")
     val = sorted(expected)[-2:]  # write_voc: the last n_val=2 ids are the val split
     labelled = sum(int((expected[n] != 255).sum()) for n in val)
     assert sum(map(sum, m["confusion_matrix"])) == labelled
 
 
-def test_cli_bad_masks_one_line_error_then_label_map_trains(cli, capsys):
+def test_cli_bad_masks_one_line_error_then_label_map_trains(cli):
     root = cli.cwd / "data"
     write_folder(root, masks="binary", classes_yaml=False)
     env = {"SEGTRAIN_CACHE": str(cli.cwd / "cache")}
@@ -360,9 +353,7 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli, capsys):
     )
     # planned, it trains (in this process, through the command's entry point: a process start-up saved); an explicit
     # data.label_map={255:1} trains as well (tests/test_recipes.py's medical recipe)
-    proc, run = segtrain_in_process(
-        cli.cwd, "data=folder", f"data.root={root}", *FAST, run_dir="planned", capsys=capsys
-    )
+    proc, run = segtrain_in_process(cli.cwd, "data=folder", f"data.root={root}", *FAST, run_dir="planned")
     assert (run / "metrics.json").is_file() and "plan: data.label_map={255: 1}" in proc.stdout + proc.stderr
     # segtrain-eval on a separate test folder of the same kind: the checkpoint's label_map carries over, and
     # data.val_fraction=1 scores every image (docs/recipes.md); in this process too (the command as a subprocess:
@@ -370,7 +361,7 @@ def test_cli_bad_masks_one_line_error_then_label_map_trains(cli, capsys):
     test = cli.cwd / "test"
     write_folder(test, masks="binary", classes_yaml=False, n=3)
     args = [f"ckpt={run / 'checkpoints' / 'last.pt'}", "data=folder", f"data.root={test}", "data.val_fraction=1"]
-    assert eval_in_process(cli.cwd, *args)["num_images"] == 3
+    assert segtrain_eval(cli.cwd, "ev", *args)["num_images"] == 3
 
 
 # --- the messages of issue 16 ---------------------------------------------------------------------

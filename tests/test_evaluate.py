@@ -19,7 +19,6 @@ from segtrain.config import validate
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # run_hydra_app sets it; monkeypatch restores it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = logging.getLogger()
@@ -87,11 +86,11 @@ def trained(tmp_path_factory):
 
 
 def _evaluate(
-    ckpt: Path, tmp_path: Path, name: str, *args: str, capsys=None
+    ckpt: Path, tmp_path: Path, name: str, *args: str, in_this_process: bool = False
 ) -> tuple[subprocess.CompletedProcess, dict]:
-    """``segtrain-eval ckpt=CKPT ARGS``: as a subprocess, or, given ``capsys``, in this process."""
+    """``segtrain-eval ckpt=CKPT ARGS``: as a subprocess, or in this process (:func:`conftest.in_process`)."""
     argv = [f"ckpt={ckpt}", f"hydra.run.dir={name}", "trainer.progress=false", *args]
-    if capsys is None:
+    if not in_this_process:
         proc = run_cli(argv, tmp_path, exe=_eval_exe())
     else:
         proc = in_process(argv, tmp_path, "segtrain-eval")
@@ -104,22 +103,22 @@ def _evaluate(
     return proc, json.loads((out / "metrics.json").read_text())
 
 
-def test_eval_modes(trained, tmp_path, capsys):
+def test_eval_modes(trained, tmp_path):
     """Whole, covering slide, small slide in this process (the same threads as the training run: bit-equal
     comparisons); the multi-scale + flip run through the command a user types."""
-    proc, whole = _evaluate(trained, tmp_path, "whole", capsys=capsys)
+    proc, whole = _evaluate(trained, tmp_path, "whole", in_this_process=True)
     assert "mean" in proc.stdout and "IoU" in proc.stdout  # the per-class table
     assert {"miou", "aacc", "macc", "per_class_iou"} <= set(whole)
     assert whole["eval"]["mode"] == "whole" and whole["num_images"] == 8
     trained_metrics = json.loads((trained.parents[1] / "metrics.json").read_text())
     assert whole["miou"] == pytest.approx(trained_metrics["best_miou"], abs=1e-3)
 
-    _, covering = _evaluate(trained, tmp_path, "cover", "eval.mode=slide", "eval.crop_size=64", capsys=capsys)
+    _, covering = _evaluate(trained, tmp_path, "cover", "eval.mode=slide", "eval.crop_size=64", in_this_process=True)
     assert covering["miou"] == pytest.approx(whole["miou"], abs=1e-9)
     assert covering["confusion_matrix"] == whole["confusion_matrix"]
 
     _, small = _evaluate(trained, tmp_path, "small", "eval.mode=slide", "eval.crop_size=32", "eval.stride=16",
-                         capsys=capsys)  # fmt: skip
+                         in_this_process=True)  # fmt: skip
     assert small["eval"]["crop_size"] == 32 and 0 <= small["miou"] <= 1
 
     proc, tta = _evaluate(trained, tmp_path, "tta", "eval.scales=[0.75,1.0,1.25]", "eval.flip=true")

@@ -150,7 +150,7 @@ def test_exportable_replaces_pyramid_pools_only():
         exportable(nn.Sequential(nn.AdaptiveAvgPool2d((None, 3))))
 
 
-def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path, capsys):
+def test_segtrain_export_onnx_with_sidecar(tiny_run, tmp_path):
     """A U-Net checkpoint (base_channels 4) through the command's entry point, in this process (a process start-up
     saved; the command as a subprocess: test_segtrain_export_stops_cleanly_on_signals): checked at 97x131, 75x109
     (batch 2) and 160x96 by default."""

@@ -54,7 +54,7 @@ def info_exe() -> list[str]:
     return console_script("segtrain-info")
 
 
-def test_segtrain_info_on_a_checkpoint(tmp_path, capsys):
+def test_segtrain_info_on_a_checkpoint(tmp_path):
     """``segtrain-info ckpt=PATH``: the stored network, its parameter count and FLOPs, latency at batch 1 and N."""
     cfg = composed("model=deeplabv3plus", "model.backbone=resnet18", "data.num_classes=3", "data.image_size=40")
     torch.manual_seed(0)

@@ -88,7 +88,7 @@ def test_predict_folder_of_every_kind(ckpt, tmp_path):
     assert "images/s" in out and "class histogram" in out and str(tmp_path / "out") in out
 
 
-def predict_in_process(cwd, capsys, *args):
+def predict_in_process(cwd, *args):
     """``segtrain-predict ARGS hydra.run.dir=run`` through the command's entry point in this process (a process
     start-up saved; the command as a subprocess: test_predict_folder_of_every_kind): a CompletedProcess."""
     return in_process([*args, "hydra.run.dir=run"], cwd, "segtrain-predict")
@@ -104,21 +104,21 @@ def with_stored(ckpt, dest, **data):
     return dest
 
 
-def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path, capsys):
+def test_predict_checkpoint_trained_with_auto_workers(ckpt, tmp_path):
     """data.num_workers=auto (the training default) is resolved to a number of loader workers."""
     auto = with_stored(ckpt, tmp_path / "auto.pt", num_workers="auto")
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "a.png")
-    proc = predict_in_process(tmp_path, capsys, f"ckpt={auto}", "input=a.png", "output=out")
+    proc = predict_in_process(tmp_path, f"ckpt={auto}", "input=a.png", "output=out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "out" / "a.png").is_file()
 
 
-def test_predict_skips_images_too_small_for_the_network(ckpt, tmp_path, capsys):
+def test_predict_skips_images_too_small_for_the_network(ckpt, tmp_path):
     """An 8x8 icon among photos (the U-Net needs 16 px): skipped with its reason, the others predicted."""
     (tmp_path / "in").mkdir()
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "in" / "photo.png")
     Image.fromarray(_pixels(8, 8, 1)).save(tmp_path / "in" / "icon.png")
-    proc = predict_in_process(tmp_path, capsys, f"ckpt={ckpt}", "input=in", "output=out")
+    proc = predict_in_process(tmp_path, f"ckpt={ckpt}", "input=in", "output=out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipped in/icon.png: 8x8 px, smaller than the 16 px model=unet needs" in proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "run" / "predict.json").read_text())
@@ -137,10 +137,10 @@ def test_predictor_too_small(ckpt, predictor):
     assert "(predicted at 12 px)" in halved.too_small(24, 40) and halved.too_small(32, 40) is None
 
 
-def test_predict_nothing_readable_fails(ckpt, tmp_path, capsys):
+def test_predict_nothing_readable_fails(ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    proc = predict_in_process(tmp_path, capsys, f"ckpt={ckpt}", "input=in")
+    proc = predict_in_process(tmp_path, f"ckpt={ckpt}", "input=in")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("segtrain-predict: error: no image could be read") and "broken.png" in lines[-1]
@@ -183,12 +183,12 @@ def test_list_inputs_layouts(tmp_path):
     assert not any(str(r).startswith("sub/") for _, r in nested)
 
 
-def test_predict_refuses_to_overwrite_an_input(ckpt, tmp_path, capsys):
+def test_predict_refuses_to_overwrite_an_input(ckpt, tmp_path):
     """input=photos/cat.png output=photos: its mask would be photos/cat.png; refused before anything is written."""
     (tmp_path / "photos").mkdir()
     Image.fromarray(_pixels(40, 52)).save(tmp_path / "photos" / "cat.png")
     before = (tmp_path / "photos" / "cat.png").read_bytes()
-    proc = predict_in_process(tmp_path, capsys, f"ckpt={ckpt}", "input=photos/cat.png", "output=photos")
+    proc = predict_in_process(tmp_path, f"ckpt={ckpt}", "input=photos/cat.png", "output=photos")
     assert proc.returncode == 4
     one_line_error(proc, "photos/cat.png", "output=", prog="segtrain-predict")
     assert (tmp_path / "photos" / "cat.png").read_bytes() == before
